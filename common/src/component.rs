@@ -1,0 +1,154 @@
+//! What process servers, master targets and agents share: the `register` command, the
+//! heartbeat loop that keeps the configuration server informed, and the revocation list the
+//! heartbeat brings back so that servers refuse revoked callers within one interval.
+use crate::identity::Identity;
+use crate::register::{register, Registration};
+use crate::role::Role;
+use crate::tls;
+use lifeboat_proto::v1::{self, component_client::ComponentClient};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Flags of every component's `register` command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegisterArgs {
+    /// Configuration server address(es), host:port; repeat or comma-separate for a cluster.
+    #[arg(long = "cs", required = true, value_delimiter = ',')]
+    pub cs: Vec<String>,
+    /// File holding the connection passphrase (from `config-server init`).
+    #[arg(long)]
+    pub passphrase_file: PathBuf,
+    /// Name of this component, unique for its role (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Register again even if this data directory already has an identity.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Registers and saves the identity in `data_dir`. Refuses to overwrite an identity unless
+/// `force`, so a mistyped command cannot orphan a registered component.
+pub async fn register_command(
+    role: Role,
+    args: &RegisterArgs,
+    data_dir: &Path,
+    facts: v1::ComponentFacts,
+) -> anyhow::Result<Identity> {
+    if Identity::exists(data_dir) && !args.force {
+        let existing = Identity::load(data_dir)?;
+        anyhow::bail!(
+            "{} is already registered as {} {} ({}); pass --force to register again",
+            data_dir.display(),
+            existing.info.role,
+            existing.info.name,
+            existing.info.id
+        );
+    }
+    let passphrase = crate::config::read_passphrase_file(&args.passphrase_file)?;
+    let name = args.name.clone().unwrap_or_else(crate::facts::hostname);
+    crate::fsutil::create_private_dir(data_dir)?;
+    let identity = register(Registration {
+        cs_addresses: &args.cs,
+        passphrase: &passphrase,
+        role,
+        name: &name,
+        facts,
+    })
+    .await?;
+    identity.save(data_dir)?;
+    Ok(identity)
+}
+
+/// Identities the configuration server reports as revoked.
+#[derive(Debug, Clone, Default)]
+pub struct RevocationList(Arc<RwLock<HashSet<String>>>);
+
+impl RevocationList {
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.0.read().map(|set| set.contains(id)).unwrap_or(true)
+    }
+
+    fn replace(&self, ids: Vec<String>) {
+        if let Ok(mut set) = self.0.write() {
+            *set = ids.into_iter().collect();
+        }
+    }
+}
+
+/// Why the heartbeat loop ended.
+#[derive(Debug, thiserror::Error)]
+pub enum HeartbeatStop {
+    #[error("the configuration server no longer accepts this identity ({0}); register again with the current passphrase (`register --force`)")]
+    Revoked(String),
+}
+
+/// Sends a heartbeat every interval until cancelled. Returns `Err` only when the identity has
+/// been revoked: then continuing is pointless and the operator must act.
+pub async fn heartbeat_loop(
+    mut identity: Identity,
+    data_dir: PathBuf,
+    facts: impl Fn() -> v1::ComponentFacts + Send,
+    revocations: RevocationList,
+    cancel: CancellationToken,
+) -> Result<(), HeartbeatStop> {
+    let mut connection: Option<(String, Channel)> = None;
+    let mut interval = Duration::from_secs(identity.info.heartbeat_interval_secs.max(1) as u64);
+    let mut was_connected = None;
+    loop {
+        let result = send_one(&identity, &mut connection, facts()).await;
+        let connected = match result {
+            Ok(response) => {
+                interval = Duration::from_secs(response.heartbeat_interval_secs.max(1) as u64);
+                revocations.replace(response.revoked_identity_ids);
+                if let Err(e) = identity.update_cs_addresses(&data_dir, response.cs_addresses) {
+                    tracing::warn!("cannot save configuration server addresses: {e}");
+                }
+                true
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                return Err(HeartbeatStop::Revoked(status.message().to_string()));
+            }
+            Err(status) => {
+                connection = None;
+                if was_connected != Some(false) {
+                    tracing::warn!("heartbeat failed: {}", status.message());
+                }
+                false
+            }
+        };
+        if was_connected != Some(connected) && connected {
+            tracing::info!("connected to the configuration server");
+        }
+        was_connected = Some(connected);
+        metrics::gauge!("lifeboat_cs_connected").set(if connected { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = cancel.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn send_one(
+    identity: &Identity,
+    connection: &mut Option<(String, Channel)>,
+    facts: v1::ComponentFacts,
+) -> Result<v1::HeartbeatResponse, tonic::Status> {
+    if connection.is_none() {
+        let found = tls::mtls_connect_any(identity, &identity.info.cs_addresses, Role::ConfigServer)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        *connection = Some(found);
+    }
+    let Some((_, channel)) = connection.as_ref() else {
+        return Err(tonic::Status::unavailable("not connected"));
+    };
+    let mut client = ComponentClient::new(channel.clone());
+    client
+        .heartbeat(v1::HeartbeatRequest { facts: Some(facts) })
+        .await
+        .map(|r| r.into_inner())
+}

@@ -1,0 +1,36 @@
+//! Shared pieces of every Lifeboat service: roles, the passphrase handshake, on-disk identities,
+//! TLS, registration and heartbeats of components, configuration, telemetry and shutdown.
+//! Nothing here knows about Raft, replication or the state of the configuration server.
+
+pub mod component;
+pub mod config;
+pub mod facts;
+pub mod fsutil;
+pub mod identity;
+pub mod passphrase;
+pub mod peer;
+pub mod register;
+pub mod role;
+pub mod serve;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+
+pub use identity::Identity;
+pub use role::Role;
+
+/// Formats an error with all its sources: "a: b: c". tonic and hyper hide the useful part of
+/// an error (the TLS or connect failure) in its source chain.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let next = cause.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,28 @@
+//! Building a Lifeboat gRPC server: TLS from the component's identity, the request-metrics
+//! layer, the standard `grpc.health.v1` service, and a listener bound before serving so the
+//! caller learns of a busy port at once.
+use crate::identity::Identity;
+use crate::telemetry::GrpcMetricsLayer;
+use std::net::SocketAddr;
+use tonic::transport::Server;
+
+/// A server builder with TLS and request metrics.
+pub fn grpc_server(
+    identity: &Identity,
+) -> anyhow::Result<Server<tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>>>
+{
+    Ok(Server::builder()
+        .tls_config(crate::tls::server_tls(identity))?
+        .layer(GrpcMetricsLayer))
+}
+
+/// Binds `addr` now (port 0 picks a free port) and returns the stream of connections.
+pub async fn bind(
+    addr: SocketAddr,
+) -> anyhow::Result<(SocketAddr, tokio_stream::wrappers::TcpListenerStream)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    Ok((local, tokio_stream::wrappers::TcpListenerStream::new(listener)))
+}

@@ -1,0 +1,169 @@
+//! TLS for every connection: server configuration with optional client certificates (so the
+//! bootstrap service works before a component has one), mutual-TLS client channels that verify
+//! the server's role name against the pinned cluster CA, and the one unverified channel used to
+//! register — whose server is authenticated afterwards by its passphrase proof instead.
+use crate::identity::Identity;
+use crate::role::Role;
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, ServerTlsConfig, Uri};
+
+/// How long to wait for a TCP + TLS connection before trying the next address.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default deadline of one unary call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Server side: our certificate, and client certificates verified against the cluster CA when
+/// presented. Calls that need one check for it (see `peer`).
+pub fn server_tls(identity: &Identity) -> ServerTlsConfig {
+    ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            &identity.cert_pem,
+            &identity.key_pem,
+        ))
+        .client_ca_root(Certificate::from_pem(&identity.ca_pem))
+        .client_auth_optional(true)
+}
+
+fn endpoint(address: &str, scheme: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("{scheme}://{address}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true))
+}
+
+/// A lazily connected mutual-TLS channel to a server of role `server_role`.
+pub fn mtls_channel(
+    identity: &Identity,
+    address: &str,
+    server_role: Role,
+) -> Result<Channel, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&identity.ca_pem))
+        .identity(tonic::transport::Identity::from_pem(
+            &identity.cert_pem,
+            &identity.key_pem,
+        ))
+        .domain_name(server_role.server_name());
+    Ok(endpoint(address, "https")?.tls_config(tls)?.connect_lazy())
+}
+
+/// Connects (eagerly) to the first reachable address among `addresses`.
+pub async fn mtls_connect_any(
+    identity: &Identity,
+    addresses: &[String],
+    server_role: Role,
+) -> anyhow::Result<(String, Channel)> {
+    let mut errors = Vec::new();
+    for address in addresses {
+        let channel = mtls_channel(identity, address, server_role)?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_now(channel.clone())).await {
+            Ok(Ok(())) => return Ok((address.clone(), channel)),
+            Ok(Err(e)) => errors.push(format!("{address}: {e}")),
+            Err(_) => errors.push(format!("{address}: timed out")),
+        }
+    }
+    anyhow::bail!(
+        "no {server_role} reachable ({}); check the addresses and that the service runs",
+        errors.join("; ")
+    )
+}
+
+/// Forces a lazy channel to connect, surfacing TLS and TCP errors now rather than on first use.
+async fn connect_now(channel: Channel) -> Result<(), String> {
+    use tower::ServiceExt;
+    let mut channel = channel;
+    channel
+        .ready()
+        .await
+        .map(|_| ())
+        .map_err(|e| crate::error_chain(&e))
+}
+
+/// Registration channel: TLS without certificate verification. It carries only the nonce
+/// exchange and the CSR; the CA it returns is trusted only after the server's passphrase proof
+/// checks out, so an impostor learns nothing usable and gains nothing.
+pub async fn bootstrap_channel(address: &str) -> anyhow::Result<Channel> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ProofChecksServer(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let target = address.to_string();
+    let connect = tower::service_fn(move |_: Uri| {
+        let connector = connector.clone();
+        let target = target.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&target).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(Role::ConfigServer.server_name())
+                .map_err(std::io::Error::other)?;
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    // The scheme is http because TLS is done by the connector above.
+    let channel = endpoint(address, "http")?
+        .connect_with_connector(connect)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to configuration server {address}: {}", crate::error_chain(&e)))?;
+    Ok(channel)
+}
+
+/// Accepts any server certificate but still verifies handshake signatures, so the session key is
+/// bound to whatever key the server showed.
+#[derive(Debug)]
+struct ProofChecksServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for ProofChecksServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

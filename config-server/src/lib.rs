@@ -1,0 +1,20 @@
+//! The Lifeboat configuration server: the cluster's single source of truth (registry,
+//! passphrase, audit log; later policies, replication state, jobs, plans), replicated with
+//! openraft over gRPC and stored in sled.
+//!
+//! - `state`: what is stored and how commands change it, independent of Raft and sled;
+//! - `raft`: openraft types, sled log and state machine, gRPC network;
+//! - `node`: a running node (writes with forwarding, authorization);
+//! - `services`: the gRPC handlers; `ca`: certificates; `guard`: bootstrap protections;
+//! - `liveness`: heartbeats in memory; `tasks`: background work; `init`, `server`: lifecycle.
+pub mod ca;
+pub mod guard;
+pub mod init;
+pub mod liveness;
+pub mod node;
+pub mod raft;
+pub mod server;
+pub mod services;
+pub mod settings;
+pub mod state;
+pub mod tasks;

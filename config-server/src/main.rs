@@ -1,0 +1,99 @@
+//! `config-server`: the Lifeboat configuration server. `init` creates a cluster, `join` adds
+//! this node to one, `run` serves.
+use clap::{Parser, Subcommand};
+use lifeboat_common::{shutdown, telemetry};
+use lifeboat_config_server::{init, server, settings::ServeArgs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "config-server", version, about = "Lifeboat configuration server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a new cluster in the data directory: CA, connection passphrase (printed once),
+    /// this node's identity and an admin identity for the `lifeboat` CLI.
+    Init(ServeArgs),
+    /// Serve (after `init` or `join`).
+    Run(ServeArgs),
+    /// Register this node with an existing cluster, then serve; it joins as a learner and is
+    /// promoted to voter once caught up.
+    Join {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Address of a node of the existing cluster (repeat or comma-separate).
+        #[arg(long = "cs", required = true, value_delimiter = ',')]
+        cs: Vec<String>,
+        /// File holding the connection passphrase.
+        #[arg(long)]
+        passphrase_file: PathBuf,
+        /// Name of this node (default: its advertised address).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let settings = args.resolve()?;
+    telemetry::init_logging(settings.log_format);
+    telemetry::init_metrics(settings.metrics_listen)?;
+    server::run(settings, shutdown::on_signal()).await
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init(args) => {
+            let settings = args.resolve()?;
+            let outcome = init::init(&settings)?;
+            let pass_file = init::passphrase_file(&settings.data_dir);
+            println!("Created Lifeboat cluster {} in {}", outcome.cluster_id, settings.data_dir.display());
+            println!();
+            println!("Connection passphrase (shown once; also in {}):", pass_file.display());
+            println!();
+            println!("    {}", outcome.passphrase);
+            println!();
+            println!("Process servers, master targets, agents and new configuration server nodes");
+            println!("need it to register. Admin CLI context: {}", outcome.admin_context.display());
+            println!("  export LIFEBOAT_CONTEXT={}", outcome.admin_context.display());
+            println!("Start this node with: config-server run --data-dir {}", settings.data_dir.display());
+            Ok(())
+        }
+        Command::Run(args) => serve(&args).await,
+        Command::Join {
+            serve: args,
+            cs,
+            passphrase_file,
+            name,
+        } => {
+            let settings = args.resolve()?;
+            let identity = init::join(&settings, &cs, &passphrase_file, name).await?;
+            println!(
+                "Registered as configuration server node {} ({}); joining the cluster",
+                identity.info.node_id, identity.info.id
+            );
+            serve(&args).await
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! One configuration server node at run time: its Raft handle, a view of the applied state,
+//! its identity, and the shared services' plumbing — writes (forwarded to the leader when this
+//! node is a follower), caller authorization against the registry, and cluster addresses.
+use crate::guard::{FailureLimiter, NonceStore};
+use crate::liveness::Liveness;
+use crate::raft::state_machine::StateView;
+use crate::raft::{NodeId, Raft};
+use crate::state::model::IdentityRecord;
+use crate::state::{Command, CommandResult, KvError, StateReader};
+use lifeboat_common::peer::{require_role, Peer};
+use lifeboat_common::{tls, Identity, Role};
+use lifeboat_proto::v1::{cluster_client::ClusterClient, RaftMessage};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// Settings the services need at run time.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub heartbeat_interval_secs: u32,
+    /// A component is shown Disconnected after this long without a heartbeat.
+    pub disconnected_after_ms: i64,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub view: StateView,
+    pub identity: Arc<Identity>,
+    pub settings: NodeSettings,
+    pub liveness: Liveness,
+    pub committed_index: Arc<AtomicU64>,
+    pub nonces: NonceStore,
+    pub failures: FailureLimiter,
+    /// Serialises membership changes requested by joining nodes.
+    pub membership_lock: tokio::sync::Mutex<()>,
+    peers: Mutex<HashMap<String, Channel>>,
+}
+
+pub fn storage_status(e: KvError) -> Status {
+    tracing::error!("state storage: {e}");
+    Status::internal(format!("configuration server storage error: {e}"))
+}
+
+impl Node {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        view: StateView,
+        identity: Arc<Identity>,
+        settings: NodeSettings,
+        committed_index: Arc<AtomicU64>,
+    ) -> Self {
+        Node {
+            id,
+            raft,
+            view,
+            identity,
+            settings,
+            liveness: Liveness::default(),
+            committed_index,
+            nonces: NonceStore::default(),
+            failures: FailureLimiter::default(),
+            membership_lock: tokio::sync::Mutex::new(()),
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn state(&self) -> StateReader<'_, StateView> {
+        StateReader(&self.view)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    /// (leader id, leader address) if a leader is known.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        let address = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())?;
+        Some((leader, address))
+    }
+
+    /// Every member's address (voters and learners), for components to fail over between.
+    pub fn cs_addresses(&self) -> Vec<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let mut addresses: Vec<String> = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(_, n)| n.addr.clone())
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+    }
+
+    /// The caller, if its certificate has one of `roles` and its identity is registered and
+    /// not revoked. Revocation thus takes effect on the next call.
+    pub fn authorize<T>(&self, request: &Request<T>, roles: &[Role]) -> Result<(Peer, IdentityRecord), Status> {
+        let peer = require_role(request, roles)?;
+        let record = self
+            .state()
+            .identity(&peer.id)
+            .map_err(storage_status)?
+            .ok_or_else(|| Status::unauthenticated(format!("identity {} is not registered with this cluster", peer.id)))?;
+        if let Some(revoked) = &record.revoked {
+            return Err(Status::unauthenticated(format!(
+                "identity {} was revoked: {}",
+                peer.id, revoked.reason
+            )));
+        }
+        if record.role != peer.role {
+            return Err(Status::unauthenticated("certificate role does not match the registry"));
+        }
+        Ok((peer, record))
+    }
+
+    /// Proposes `command` and waits until it is committed and applied. On a follower the
+    /// command is forwarded to the leader.
+    pub async fn write(&self, command: Command) -> Result<CommandResult, Status> {
+        match self.raft.client_write(command.clone()).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                let Some(leader) = forward.leader_node else {
+                    return Err(Status::unavailable(
+                        "no configuration server leader is elected right now; retry in a few seconds",
+                    ));
+                };
+                self.forward_write(&leader.addr, &command).await
+            }
+            Err(e) => Err(Status::unavailable(format!("write failed: {e}"))),
+        }
+    }
+
+    /// Leader-side write for a forwarded command: never forwards again (no loops).
+    pub async fn write_local(&self, command: Command) -> Result<CommandResult, Status> {
+        match self.raft.client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Status::unavailable(
+                "leadership changed while forwarding; retry",
+            )),
+            Err(e) => Err(Status::unavailable(format!("write failed: {e}"))),
+        }
+    }
+
+    async fn forward_write(&self, leader: &str, command: &Command) -> Result<CommandResult, Status> {
+        let data = serde_json::to_vec(command).map_err(|e| Status::internal(e.to_string()))?;
+        let mut client = self.peer_client(leader)?;
+        let reply = client.forward_write(RaftMessage { data }).await?.into_inner();
+        let result: Result<CommandResult, String> =
+            serde_json::from_slice(&reply.data).map_err(|e| Status::internal(e.to_string()))?;
+        result.map_err(Status::unavailable)
+    }
+
+    /// A client to another configuration server node, with this node's identity.
+    pub fn peer_client(&self, address: &str) -> Result<ClusterClient<Channel>, Status> {
+        let mut peers = self
+            .peers
+            .lock()
+            .map_err(|_| Status::internal("peer cache poisoned"))?;
+        let channel = match peers.get(address) {
+            Some(c) => c.clone(),
+            None => {
+                let c = tls::mtls_channel(&self.identity, address, Role::ConfigServer)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                peers.insert(address.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(ClusterClient::new(channel))
+    }
+
+    /// Waits until this node knows a leader (used at startup).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> bool {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .await
+            .is_ok()
+    }
+}

@@ -1,0 +1,175 @@
+//! Running a node: open storage, start Raft, serve gRPC, bootstrap or join the cluster, run
+//! the background tasks, and shut down in order on SIGTERM — stop accepting calls, stop Raft,
+//! flush sled.
+use crate::init::{bootstrap_file, passphrase_file};
+use crate::node::{Node, NodeSettings};
+use crate::raft::log_store::SledLogStore;
+use crate::raft::network::GrpcNetworkFactory;
+use crate::raft::state_machine::SledStateMachine;
+use crate::raft::{open_db, raft_config, Raft};
+use crate::services::{admin::AdminService, bootstrap::BootstrapService, cluster::ClusterService, component::ComponentService};
+use crate::settings::Settings;
+use crate::state::{Command, CommandResult};
+use crate::tasks;
+use lifeboat_common::{serve, Identity, Role};
+use lifeboat_proto::v1::{
+    admin_server::AdminServer, bootstrap_server::BootstrapServer, cluster_server::ClusterServer,
+    component_server::ComponentServer, JoinClusterRequest,
+};
+use lifeboat_proto::MAX_MESSAGE_BYTES;
+use openraft::BasicNode;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+    let identity = Identity::load(&settings.data_dir)?;
+    if identity.info.role != Role::ConfigServer || identity.info.node_id == 0 {
+        anyhow::bail!(
+            "{} does not hold a configuration server identity",
+            settings.data_dir.display()
+        );
+    }
+    let identity = Arc::new(identity);
+    let node_id = identity.info.node_id;
+    let db = open_db(&settings.data_dir.join("raft"))
+        .map_err(|e| anyhow::anyhow!("cannot open Raft storage in {}: {e}", settings.data_dir.display()))?;
+    let log = SledLogStore::open(&db)?;
+    let sm = SledStateMachine::open(&db)?;
+    let view = sm.view();
+    let applied = sm.subscribe_applied();
+    let committed = log.committed_index();
+    let raft = Raft::new(
+        node_id,
+        raft_config("lifeboat")?,
+        GrpcNetworkFactory::new(identity.clone()),
+        log,
+        sm,
+    )
+    .await?;
+    let node = Arc::new(Node::new(
+        node_id,
+        raft.clone(),
+        view,
+        identity.clone(),
+        NodeSettings {
+            heartbeat_interval_secs: settings.heartbeat_interval_secs,
+            disconnected_after_ms: 3 * settings.heartbeat_interval_secs as i64 * 1000,
+        },
+        committed,
+    ));
+
+    let (bound, incoming) = serve::bind(settings.listen).await?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let router = serve::grpc_server(&identity)?
+        .add_service(health_service)
+        .add_service(BootstrapServer::new(BootstrapService::new(node.clone())))
+        .add_service(ComponentServer::new(ComponentService::new(node.clone())))
+        .add_service(AdminServer::new(AdminService::new(node.clone())))
+        .add_service(
+            ClusterServer::new(ClusterService::new(node.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+    let server_cancel = cancel.clone();
+    let server = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, server_cancel.cancelled_owned())
+            .await
+    });
+    tracing::info!(node = node_id, listen = %bound, advertise = %settings.advertise, "configuration server serving");
+
+    let background = tokio_util::task::TaskTracker::new();
+    background.spawn(tasks::raft_metrics(node.clone(), cancel.clone()));
+    background.spawn(tasks::summarise_liveness(node.clone(), cancel.clone()));
+    background.spawn(tasks::sync_passphrase_file(
+        node.clone(),
+        applied,
+        passphrase_file(&settings.data_dir),
+        cancel.clone(),
+    ));
+
+    let bootstrap = bootstrap_file(&settings.data_dir);
+    if bootstrap.exists() {
+        if let Err(e) = bootstrap_cluster(&node, &settings, &bootstrap).await {
+            cancel.cancel();
+            let _ = server.await;
+            raft.shutdown().await.ok();
+            return Err(e);
+        }
+    } else if !raft.is_initialized().await? {
+        background.spawn(join_cluster(node.clone(), settings.advertise.clone(), cancel.clone()));
+    }
+
+    cancel.cancelled().await;
+    tracing::info!("stopping: no new calls");
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("gRPC server ended with an error: {e}"),
+        Err(e) => tracing::warn!("gRPC server task failed: {e}"),
+    }
+    background.close();
+    background.wait().await;
+    tracing::info!("stopping Raft");
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!("Raft shutdown: {e}");
+    }
+    db.flush_async().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// First start after `init`: form a single-node cluster and apply the bootstrap command.
+async fn bootstrap_cluster(node: &Node, settings: &Settings, path: &std::path::Path) -> anyhow::Result<()> {
+    let command: Command = serde_json::from_slice(&std::fs::read(path)?)
+        .map_err(|e| anyhow::anyhow!("bootstrap file {} is corrupt: {e}", path.display()))?;
+    if !node.raft.is_initialized().await? {
+        let members = BTreeMap::from([(node.id, BasicNode::new(&settings.advertise))]);
+        node.raft.initialize(members).await?;
+    }
+    if !node.wait_for_leader(Duration::from_secs(30)).await {
+        anyhow::bail!("the new cluster elected no leader within 30s");
+    }
+    if node.state().cluster_meta()?.is_none() {
+        match node.write(command).await {
+            Ok(CommandResult::Done) => tracing::info!("cluster bootstrapped"),
+            Ok(other) => anyhow::bail!("bootstrap refused: {other:?}"),
+            Err(status) => anyhow::bail!("bootstrap failed: {}", status.message()),
+        }
+    }
+    std::fs::remove_file(path)?;
+    lifeboat_common::fsutil::fsync_dir(path.parent().unwrap_or(&settings.data_dir))?;
+    Ok(())
+}
+
+/// A registered node that is not yet a member asks the cluster to add it, until it is.
+async fn join_cluster(node: Arc<Node>, advertise: String, cancel: CancellationToken) {
+    let addresses = node.identity.info.cs_addresses.clone();
+    loop {
+        for address in &addresses {
+            let request = JoinClusterRequest {
+                node_id: node.id,
+                address: advertise.clone(),
+            };
+            let mut client = match node.peer_client(address) {
+                Ok(c) => c,
+                Err(_) => continue,
+            };
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(Duration::from_secs(120));
+            match client.join_cluster(call).await {
+                Ok(reply) => {
+                    tracing::info!(voters = ?reply.into_inner().voters, "joined the cluster as a voter");
+                    return;
+                }
+                Err(status) => tracing::warn!("join via {address} failed: {}", status.message()),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}

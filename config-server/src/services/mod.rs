@@ -1,0 +1,6 @@
+//! gRPC services of the configuration server. Handlers are thin: they authorize the caller,
+//! check the request, and call into `Node` and `state`.
+pub mod admin;
+pub mod bootstrap;
+pub mod cluster;
+pub mod component;

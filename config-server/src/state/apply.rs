@@ -1,0 +1,178 @@
+//! Applying a command to the state: validation that must be identical on every node, then the
+//! writes. Pure logic over `KvRead`; the storage makes the writes atomic.
+use super::command::{AuditDraft, Command, CommandResult};
+use super::keys;
+use super::kv::{KvError, KvOp, KvRead, Overlay};
+use super::model::{IdentityRecord, PassphraseState, Revocation};
+use super::query::StateReader;
+
+/// Applies `command` on top of `state` and returns the writes and the result.
+pub fn apply(command: &Command, state: &impl KvRead) -> Result<(Vec<KvOp>, CommandResult), KvError> {
+    let mut tx = Overlay::new(state);
+    let result = match command {
+        Command::Bootstrap {
+            meta,
+            ca,
+            passphrase,
+            identities,
+        } => {
+            if tx.get::<serde_json::Value>(keys::CLUSTER_META)?.is_some() {
+                CommandResult::Refused("cluster is already bootstrapped".into())
+            } else {
+                tx.writes.put(keys::CLUSTER_META, meta);
+                tx.writes.put(keys::CA, ca);
+                tx.writes.put(
+                    keys::PASSPHRASE,
+                    &PassphraseState {
+                        passphrase: passphrase.clone(),
+                        generation: 1,
+                    },
+                );
+                let mut next_node = 1;
+                for record in identities {
+                    next_node = next_node.max(record.node_id + 1);
+                    put_identity(&mut tx, record);
+                }
+                tx.writes.put(keys::NEXT_NODE_ID, &next_node);
+                audit(&mut tx, AuditDraft {
+                    at_ms: meta.created_at_ms,
+                    kind: "cluster_created".into(),
+                    source: "init".into(),
+                    subject: meta.cluster_id.clone(),
+                    detail: format!("{} identities issued", identities.len()),
+                })?;
+                CommandResult::Done
+            }
+        }
+        Command::Register { record, source } => register(&mut tx, record, source)?,
+        Command::Revoke { id, reason, at_ms, by } => {
+            match StateReader(&tx).identity(id)? {
+                None => CommandResult::NotFound(format!("no identity {id}")),
+                Some(mut record) => {
+                    if record.revoked.is_none() {
+                        record.revoked = Some(Revocation {
+                            at_ms: *at_ms,
+                            reason: reason.clone(),
+                        });
+                        put_identity(&mut tx, &record);
+                        audit(&mut tx, AuditDraft {
+                            at_ms: *at_ms,
+                            kind: "revocation".into(),
+                            source: by.clone(),
+                            subject: format!("{} {} ({})", record.role, record.name, record.id),
+                            detail: reason.clone(),
+                        })?;
+                    }
+                    CommandResult::Done
+                }
+            }
+        }
+        Command::RegeneratePassphrase { passphrase, at_ms, by } => {
+            let reader = StateReader(&tx);
+            let generation = reader.passphrase()?.map(|p| p.generation).unwrap_or(0) + 1;
+            let mut revoked = 0u32;
+            for mut record in reader.identities()? {
+                if record.role.bound_to_passphrase() && record.revoked.is_none() {
+                    record.revoked = Some(Revocation {
+                        at_ms: *at_ms,
+                        reason: format!("passphrase regenerated (generation {generation})"),
+                    });
+                    put_identity(&mut tx, &record);
+                    revoked += 1;
+                }
+            }
+            tx.writes.put(
+                keys::PASSPHRASE,
+                &PassphraseState {
+                    passphrase: passphrase.clone(),
+                    generation,
+                },
+            );
+            audit(&mut tx, AuditDraft {
+                at_ms: *at_ms,
+                kind: "passphrase_regenerated".into(),
+                source: by.clone(),
+                subject: format!("generation {generation}"),
+                detail: format!("{revoked} component identities revoked"),
+            })?;
+            CommandResult::PassphraseChanged { generation, revoked }
+        }
+        Command::RecordLiveness { updates } => {
+            for update in updates {
+                if let Some(mut record) = StateReader(&tx).identity(&update.id)? {
+                    record.last_heartbeat_ms = record.last_heartbeat_ms.max(update.last_heartbeat_ms);
+                    record.facts = update.facts.clone();
+                    put_identity(&mut tx, &record);
+                }
+            }
+            CommandResult::Done
+        }
+        Command::Audit { entry } => {
+            audit(&mut tx, entry.clone())?;
+            CommandResult::Done
+        }
+    };
+    Ok((tx.writes.into_ops(), result))
+}
+
+fn register(
+    tx: &mut Overlay<'_, impl KvRead>,
+    record: &IdentityRecord,
+    source: &str,
+) -> Result<CommandResult, KvError> {
+    let reader = StateReader(&*tx);
+    let current = reader.passphrase()?.map(|p| p.generation).unwrap_or(0);
+    if record.passphrase_generation != current {
+        return Ok(CommandResult::Refused(
+            "the passphrase changed during registration; register again with the current passphrase".into(),
+        ));
+    }
+    if reader.identity(&record.id)?.is_some() {
+        return Ok(CommandResult::Refused(format!("identity {} exists", record.id)));
+    }
+    let superseded: Option<String> = tx.get(&keys::name(record.role, &record.name))?;
+    let mut record = record.clone();
+    if record.role == lifeboat_common::Role::ConfigServer {
+        let next: u64 = tx.get(keys::NEXT_NODE_ID)?.unwrap_or(1);
+        record.node_id = next;
+        tx.writes.put(keys::NEXT_NODE_ID, &(next + 1));
+    }
+    if let Some(old_id) = superseded {
+        if let Some(mut old) = StateReader(&*tx).identity(&old_id)? {
+            if old.revoked.is_none() {
+                old.revoked = Some(Revocation {
+                    at_ms: record.registered_at_ms,
+                    reason: format!("superseded by a new registration ({})", record.id),
+                });
+                put_identity(tx, &old);
+            }
+        }
+    }
+    put_identity(tx, &record);
+    audit(tx, AuditDraft {
+        at_ms: record.registered_at_ms,
+        kind: "registration".into(),
+        source: source.to_string(),
+        subject: format!("{} {} ({})", record.role, record.name, record.id),
+        detail: format!("passphrase generation {}", record.passphrase_generation),
+    })?;
+    Ok(CommandResult::Registered {
+        id: record.id.clone(),
+        node_id: record.node_id,
+    })
+}
+
+fn put_identity(tx: &mut Overlay<'_, impl KvRead>, record: &IdentityRecord) {
+    tx.writes.put(keys::identity(&record.id), record);
+    tx.writes.put(keys::name(record.role, &record.name), &record.id);
+}
+
+fn audit(tx: &mut Overlay<'_, impl KvRead>, draft: AuditDraft) -> Result<(), KvError> {
+    let seq: u64 = tx.get(keys::AUDIT_SEQ)?.unwrap_or(0) + 1;
+    tx.writes.put(keys::AUDIT_SEQ, &seq);
+    tx.writes.put(keys::audit(seq), &draft.numbered(seq));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

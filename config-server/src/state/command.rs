@@ -1,0 +1,85 @@
+//! Commands: every change to the replicated state is one of these, proposed through Raft and
+//! applied identically on every node. Non-deterministic inputs (time, ids, signatures) are made
+//! by the proposer and carried in the command.
+use super::model::{AuditRecord, CaMaterial, ClusterMeta, Facts, IdentityRecord};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Command {
+    /// First entry of a new cluster, written by the node that ran `init`.
+    Bootstrap {
+        meta: ClusterMeta,
+        ca: CaMaterial,
+        passphrase: String,
+        /// The initial configuration server node and the admin identity.
+        identities: Vec<IdentityRecord>,
+    },
+    /// A component proved the passphrase of `record.passphrase_generation` and got a
+    /// certificate. Refused if the passphrase changed since. An older identity of the same role
+    /// and name is revoked (superseded).
+    Register { record: IdentityRecord, source: String },
+    Revoke {
+        id: String,
+        reason: String,
+        at_ms: i64,
+        by: String,
+    },
+    /// New passphrase; revokes every identity bound to the passphrase.
+    RegeneratePassphrase {
+        passphrase: String,
+        at_ms: i64,
+        by: String,
+    },
+    /// Low-rate summary of component liveness and facts (the leader keeps the live copy).
+    RecordLiveness { updates: Vec<LivenessUpdate> },
+    /// An event worth keeping that changes nothing else (refused registrations, ...).
+    Audit { entry: AuditDraft },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LivenessUpdate {
+    pub id: String,
+    pub last_heartbeat_ms: i64,
+    pub facts: Facts,
+}
+
+/// An audit record before the state machine gives it a sequence number.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditDraft {
+    pub at_ms: i64,
+    pub kind: String,
+    pub source: String,
+    pub subject: String,
+    pub detail: String,
+}
+
+impl AuditDraft {
+    pub fn numbered(self, seq: u64) -> AuditRecord {
+        AuditRecord {
+            seq,
+            at_ms: self.at_ms,
+            kind: self.kind,
+            source: self.source,
+            subject: self.subject,
+            detail: self.detail,
+        }
+    }
+}
+
+/// What applying a command produced. Refusals are results, not errors: the entry is committed
+/// either way and every node reaches the same verdict.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub enum CommandResult {
+    #[default]
+    Done,
+    Registered {
+        id: String,
+        node_id: u64,
+    },
+    PassphraseChanged {
+        generation: u64,
+        revoked: u32,
+    },
+    Refused(String),
+    NotFound(String),
+}

@@ -1,0 +1,24 @@
+//! Where each record lives in the state's key space. Keys are ordered strings; numbers are
+//! zero-padded so that byte order is numeric order.
+use lifeboat_common::Role;
+
+pub const CLUSTER_META: &str = "meta/cluster";
+pub const CA: &str = "secret/ca";
+pub const PASSPHRASE: &str = "secret/passphrase";
+pub const AUDIT_SEQ: &str = "meta/audit-seq";
+pub const NEXT_NODE_ID: &str = "meta/next-node-id";
+pub const IDENTITY_PREFIX: &str = "identity/";
+pub const AUDIT_PREFIX: &str = "audit/";
+
+pub fn identity(id: &str) -> String {
+    format!("{IDENTITY_PREFIX}{id}")
+}
+
+/// Index from (role, name) to the identity currently holding that name.
+pub fn name(role: Role, name: &str) -> String {
+    format!("name/{}/{name}", role.as_str())
+}
+
+pub fn audit(seq: u64) -> String {
+    format!("{AUDIT_PREFIX}{seq:020}")
+}

@@ -1,0 +1,144 @@
+//! Records the configuration server keeps in its replicated state. Plain serde structs: the
+//! state machine stores them as JSON values under string keys (see `keys`).
+use lifeboat_common::Role;
+use lifeboat_proto::v1;
+use serde::{Deserialize, Serialize};
+
+/// Created once by `config-server init`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterMeta {
+    pub cluster_id: String,
+    pub created_at_ms: i64,
+}
+
+/// The cluster CA. Replicated so that whichever node leads can sign; it never leaves the
+/// configuration servers (Raft traffic is mutual TLS between config-server identities only).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CaMaterial {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The current connection passphrase and how many times it has been regenerated.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PassphraseState {
+    pub passphrase: String,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Revocation {
+    pub at_ms: i64,
+    pub reason: String,
+}
+
+/// Component facts as last summarised into Raft (the leader holds fresher ones in memory).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Facts {
+    pub version: String,
+    pub address: String,
+    pub hostname: String,
+    pub os: String,
+    pub data_dir: String,
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub disk_slots_total: u32,
+    pub disk_slots_free: u32,
+    pub disks: Vec<DiskFacts>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DiskFacts {
+    pub name: String,
+    pub path: String,
+    pub size_bytes: u64,
+}
+
+/// One issued identity: a configuration server node, process server, master target, agent
+/// or admin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IdentityRecord {
+    pub id: String,
+    pub role: Role,
+    pub name: String,
+    pub registered_at_ms: i64,
+    /// Passphrase generation the registration proved; 0 for identities made by `init`.
+    pub passphrase_generation: u64,
+    /// Raft node id (configuration servers only).
+    #[serde(default)]
+    pub node_id: u64,
+    #[serde(default)]
+    pub revoked: Option<Revocation>,
+    #[serde(default)]
+    pub facts: Facts,
+    /// Last heartbeat as summarised into Raft; 0 if none yet.
+    #[serde(default)]
+    pub last_heartbeat_ms: i64,
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub source: String,
+    pub subject: String,
+    pub detail: String,
+}
+
+impl Facts {
+    pub fn from_proto(f: &v1::ComponentFacts) -> Facts {
+        Facts {
+            version: f.version.clone(),
+            address: f.address.clone(),
+            hostname: f.hostname.clone(),
+            os: f.os.clone(),
+            data_dir: f.data_dir.clone(),
+            free_bytes: f.free_bytes,
+            total_bytes: f.total_bytes,
+            disk_slots_total: f.disk_slots_total,
+            disk_slots_free: f.disk_slots_free,
+            disks: f
+                .disks
+                .iter()
+                .map(|d| DiskFacts {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn to_proto(&self) -> v1::ComponentFacts {
+        v1::ComponentFacts {
+            version: self.version.clone(),
+            address: self.address.clone(),
+            hostname: self.hostname.clone(),
+            os: self.os.clone(),
+            data_dir: self.data_dir.clone(),
+            free_bytes: self.free_bytes,
+            total_bytes: self.total_bytes,
+            disk_slots_total: self.disk_slots_total,
+            disk_slots_free: self.disk_slots_free,
+            disks: self
+                .disks
+                .iter()
+                .map(|d| v1::DiskFacts {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, as stored in records.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

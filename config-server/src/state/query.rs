@@ -1,0 +1,37 @@
+//! Typed reads of the state, shared by the command logic and the API handlers.
+use super::keys;
+use super::kv::{KvError, KvRead};
+use super::model::{AuditRecord, CaMaterial, ClusterMeta, IdentityRecord, PassphraseState};
+
+/// A typed view over any `KvRead`.
+pub struct StateReader<'a, K: KvRead>(pub &'a K);
+
+impl<K: KvRead> StateReader<'_, K> {
+    pub fn cluster_meta(&self) -> Result<Option<ClusterMeta>, KvError> {
+        self.0.get(keys::CLUSTER_META)
+    }
+
+    pub fn ca(&self) -> Result<Option<CaMaterial>, KvError> {
+        self.0.get(keys::CA)
+    }
+
+    pub fn passphrase(&self) -> Result<Option<PassphraseState>, KvError> {
+        self.0.get(keys::PASSPHRASE)
+    }
+
+    pub fn identity(&self, id: &str) -> Result<Option<IdentityRecord>, KvError> {
+        self.0.get(&keys::identity(id))
+    }
+
+    pub fn identities(&self) -> Result<Vec<IdentityRecord>, KvError> {
+        self.0.scan(keys::IDENTITY_PREFIX)
+    }
+
+    /// The newest `limit` audit records at or after `since_ms`, oldest first.
+    pub fn audit(&self, limit: usize, since_ms: i64) -> Result<Vec<AuditRecord>, KvError> {
+        let all: Vec<AuditRecord> = self.0.scan(keys::AUDIT_PREFIX)?;
+        let filtered: Vec<AuditRecord> = all.into_iter().filter(|a| a.at_ms >= since_ms).collect();
+        let skip = filtered.len().saturating_sub(limit);
+        Ok(filtered.into_iter().skip(skip).collect())
+    }
+}

@@ -1,0 +1,95 @@
+//! Background tasks of a node: Raft metrics for Prometheus, the liveness summary (leader only),
+//! and keeping `DATA/private/connection.passphrase` equal to the replicated passphrase.
+use crate::node::Node;
+use crate::state::model::now_ms;
+use crate::state::Command;
+use lifeboat_common::Role;
+use openraft::ServerState;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub async fn raft_metrics(node: Arc<Node>, cancel: CancellationToken) {
+    metrics::describe_gauge!("lifeboat_raft_leader", "1 if this node is the Raft leader");
+    metrics::describe_gauge!("lifeboat_raft_term", "Current Raft term");
+    metrics::describe_gauge!("lifeboat_raft_commit_index", "Highest committed Raft log index");
+    metrics::describe_gauge!("lifeboat_raft_last_applied", "Last Raft log index applied to the state");
+    metrics::describe_gauge!("lifeboat_raft_voters", "Voting members of the cluster");
+    metrics::describe_gauge!("lifeboat_components", "Registered, unrevoked components by role");
+    loop {
+        let m = node.raft.metrics().borrow().clone();
+        metrics::gauge!("lifeboat_raft_leader").set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+        metrics::gauge!("lifeboat_raft_term").set(m.current_term as f64);
+        metrics::gauge!("lifeboat_raft_commit_index").set(node.committed_index.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("lifeboat_raft_last_applied").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+        metrics::gauge!("lifeboat_raft_voters").set(m.membership_config.membership().voter_ids().count() as f64);
+        if let Ok(identities) = node.state().identities() {
+            for role in Role::ALL {
+                let n = identities.iter().filter(|r| r.role == role && r.revoked.is_none()).count();
+                metrics::gauge!("lifeboat_components", "role" => role.as_str()).set(n as f64);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+pub async fn summarise_liveness(node: Arc<Node>, cancel: CancellationToken) {
+    let mut was_leader = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = cancel.cancelled() => return,
+        }
+        let leader = node.is_leader();
+        if was_leader && !leader {
+            node.liveness.reset_summaries();
+        }
+        was_leader = leader;
+        if !leader {
+            continue;
+        }
+        let updates = node.liveness.due(now_ms());
+        if updates.is_empty() {
+            continue;
+        }
+        if let Err(e) = node.write(Command::RecordLiveness { updates }).await {
+            tracing::debug!("liveness summary not written: {}", e.message());
+            node.liveness.reset_summaries();
+        }
+    }
+}
+
+/// Rewrites the passphrase file when the replicated passphrase changes, so every node's file is
+/// the current one (operators read it there).
+pub async fn sync_passphrase_file(
+    node: Arc<Node>,
+    mut applied: watch::Receiver<u64>,
+    path: PathBuf,
+    cancel: CancellationToken,
+) {
+    let mut written = None;
+    loop {
+        if let Ok(Some(state)) = node.state().passphrase() {
+            if written != Some(state.generation) {
+                let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+                if on_disk.trim() != state.passphrase {
+                    match lifeboat_common::fsutil::write_private(&path, format!("{}\n", state.passphrase).as_bytes()) {
+                        Ok(()) => tracing::info!(generation = state.generation, "passphrase file updated"),
+                        Err(e) => tracing::error!("cannot write {}: {e}", path.display()),
+                    }
+                }
+                written = Some(state.generation);
+            }
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Compiles `proto/lifeboat/v1/*.proto` with protox (pure Rust, no system `protoc`).
+use std::{env, fs, path::PathBuf};
+
+const FILES: &[&str] = &[
+    "proto/lifeboat/v1/common.proto",
+    "proto/lifeboat/v1/bootstrap.proto",
+    "proto/lifeboat/v1/component.proto",
+    "proto/lifeboat/v1/admin.proto",
+    "proto/lifeboat/v1/cluster.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for file in FILES {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let fds = protox::compile(FILES, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out.join("lifeboat_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}
