@@ -138,9 +138,10 @@ async fn send_one(
     facts: v1::ComponentFacts,
 ) -> Result<v1::HeartbeatResponse, tonic::Status> {
     if connection.is_none() {
-        let found = tls::mtls_connect_any(identity, &identity.info.cs_addresses, Role::ConfigServer)
-            .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let found =
+            tls::mtls_connect_any(identity, &identity.info.cs_addresses, Role::ConfigServer)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         *connection = Some(found);
     }
     let Some((_, channel)) = connection.as_ref() else {
@@ -151,4 +152,90 @@ async fn send_one(
         .heartbeat(v1::HeartbeatRequest { facts: Some(facts) })
         .await
         .map(|r| r.into_inner())
+}
+
+/// How a component runs: its role, settings, whether it serves gRPC, and its facts.
+pub struct ComponentRun<F> {
+    pub role: Role,
+    pub settings: crate::service_args::CommonSettings,
+    /// Process servers and master targets serve; agents only call out.
+    pub serve: bool,
+    pub facts: F,
+    pub cancel: CancellationToken,
+}
+
+/// Runs a registered component until `cancel`: optional gRPC server (TLS, health) and
+/// heartbeats. Logging and metrics are the caller's (one per process, and `lifeboat up` runs
+/// several components in one). Shutdown order: stop heartbeats, stop accepting calls, return.
+pub async fn run_component<F>(run: ComponentRun<F>) -> anyhow::Result<()>
+where
+    F: Fn() -> v1::ComponentFacts + Send,
+{
+    let settings = &run.settings;
+    let identity = Identity::load(&settings.data_dir)?;
+    if identity.info.role != run.role {
+        anyhow::bail!(
+            "{} holds a {} identity, not a {}'s",
+            settings.data_dir.display(),
+            identity.info.role,
+            run.role
+        );
+    }
+    let cancel = run.cancel.clone();
+    // The server stops with the process, or when heartbeats end on revocation.
+    let server_stop = cancel.child_token();
+    let server = if run.serve {
+        let (bound, incoming) = crate::serve::bind(settings.listen).await?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let router = crate::serve::grpc_server(&identity)?.add_service(health_service);
+        let server_cancel = server_stop.clone();
+        tracing::info!(id = %identity.info.id, listen = %bound, "{} serving", run.role);
+        Some(tokio::spawn(async move {
+            router
+                .serve_with_incoming_shutdown(incoming, server_cancel.cancelled_owned())
+                .await
+        }))
+    } else {
+        tracing::info!(id = %identity.info.id, "{} running", run.role);
+        None
+    };
+    let result = heartbeat_loop(
+        identity,
+        settings.data_dir.clone(),
+        run.facts,
+        RevocationList::default(),
+        cancel.clone(),
+    )
+    .await;
+    server_stop.cancel();
+    if let Some(server) = server {
+        server.await??;
+    }
+    tracing::info!("stopped");
+    result.map_err(Into::into)
+}
+
+/// `main` of every Lifeboat binary: a multi-threaded runtime, errors printed as one line of
+/// context chain, exit status 1 on failure.
+pub fn main_with<Fut>(future: Fut) -> std::process::ExitCode
+where
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -10,7 +10,8 @@ pub fn load_toml<T: DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {} is invalid: {e}", path.display()))
+    toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("config file {} is invalid: {e}", path.display()))
 }
 
 /// Reads a passphrase file, refusing an empty one.

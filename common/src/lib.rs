@@ -12,6 +12,7 @@ pub mod peer;
 pub mod register;
 pub mod role;
 pub mod serve;
+pub mod service_args;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -75,7 +75,13 @@ impl PassphraseKey {
         mac(
             self,
             "lifeboat registration proof",
-            &[server_nonce, client_nonce, role.as_bytes(), name.as_bytes(), csr_der],
+            &[
+                server_nonce,
+                client_nonce,
+                role.as_bytes(),
+                name.as_bytes(),
+                csr_der,
+            ],
         )
         .to_vec()
     }
@@ -93,7 +99,13 @@ impl PassphraseKey {
         let expected = mac(
             self,
             "lifeboat registration proof",
-            &[server_nonce, client_nonce, role.as_bytes(), name.as_bytes(), csr_der],
+            &[
+                server_nonce,
+                client_nonce,
+                role.as_bytes(),
+                name.as_bytes(),
+                csr_der,
+            ],
         );
         constant_time_eq(expected, proof)
     }
@@ -147,7 +159,14 @@ mod tests {
         assert!(!other.verify_registration_proof(b"sn", b"cn", "agent", "web01", b"csr", &proof));
         assert!(!key.verify_registration_proof(b"sn2", b"cn", "agent", "web01", b"csr", &proof));
         assert!(!key.verify_registration_proof(b"sn", b"cn", "admin", "web01", b"csr", &proof));
-        assert!(!key.verify_registration_proof(b"sn", b"cn", "agent", "web01", b"csr", &proof[..5]));
+        assert!(!key.verify_registration_proof(
+            b"sn",
+            b"cn",
+            "agent",
+            "web01",
+            b"csr",
+            &proof[..5]
+        ));
         let sp = key.server_proof(b"cn", "ca", "cert");
         assert!(same.verify_server_proof(b"cn", "ca", "cert", &sp));
         assert!(!other.verify_server_proof(b"cn", "ca", "cert", &sp));

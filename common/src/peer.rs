@@ -13,7 +13,8 @@ pub struct Peer {
 
 /// Reads id (common name) and role (organizational unit) from a DER certificate.
 pub fn peer_from_der(der: &[u8]) -> Result<Peer, String> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
     let subject = cert.subject();
     let id = subject
         .iter_common_name()

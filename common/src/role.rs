@@ -49,10 +49,7 @@ impl Role {
     /// Identities of these roles are issued under the connection passphrase and are revoked
     /// when it is regenerated (configuration servers and admins stay valid).
     pub fn bound_to_passphrase(self) -> bool {
-        matches!(
-            self,
-            Role::ProcessServer | Role::MasterTarget | Role::Agent
-        )
+        matches!(self, Role::ProcessServer | Role::MasterTarget | Role::Agent)
     }
 
     pub fn to_proto(self) -> v1::Role {

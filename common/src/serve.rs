@@ -24,5 +24,8 @@ pub async fn bind(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
-    Ok((local, tokio_stream::wrappers::TcpListenerStream::new(listener)))
+    Ok((
+        local,
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+    ))
 }

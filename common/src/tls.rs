@@ -114,7 +114,12 @@ pub async fn bootstrap_channel(address: &str) -> anyhow::Result<Channel> {
     let channel = endpoint(address, "http")?
         .connect_with_connector(connect)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to configuration server {address}: {}", crate::error_chain(&e)))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to configuration server {address}: {}",
+                crate::error_chain(&e)
+            )
+        })?;
     Ok(channel)
 }
 

@@ -24,7 +24,11 @@ impl NonceStore {
         let nonce = lifeboat_common::passphrase::nonce();
         if let Ok(mut q) = self.inner.lock() {
             let now = Instant::now();
-            while q.front().is_some_and(|(_, t)| now.duration_since(*t) > NONCE_TTL) || q.len() >= MAX_NONCES {
+            while q
+                .front()
+                .is_some_and(|(_, t)| now.duration_since(*t) > NONCE_TTL)
+                || q.len() >= MAX_NONCES
+            {
                 q.pop_front();
             }
             q.push_back((nonce.clone(), now));
@@ -34,7 +38,9 @@ impl NonceStore {
 
     /// True once per issued, unexpired nonce.
     pub fn consume(&self, nonce: &[u8]) -> bool {
-        let Ok(mut q) = self.inner.lock() else { return false };
+        let Ok(mut q) = self.inner.lock() else {
+            return false;
+        };
         let now = Instant::now();
         match q.iter().position(|(n, _)| n == nonce) {
             Some(i) => q
@@ -55,7 +61,10 @@ pub struct FailureLimiter {
 pub enum Admission {
     Allowed,
     /// Refused; `first` is true for the first refusal of this window (worth an audit entry).
-    Limited { retry_after: Duration, first: bool },
+    Limited {
+        retry_after: Duration,
+        first: bool,
+    },
 }
 
 impl FailureLimiter {
@@ -67,7 +76,10 @@ impl FailureLimiter {
         let Some(failures) = map.get_mut(&source) else {
             return Admission::Allowed;
         };
-        while failures.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
+        while failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW)
+        {
             failures.pop_front();
         }
         if failures.len() < MAX_FAILURES {
@@ -115,8 +127,14 @@ mod tests {
             assert_eq!(limiter.check(a), Admission::Allowed);
             limiter.record_failure(a);
         }
-        assert!(matches!(limiter.check(a), Admission::Limited { first: true, .. }));
-        assert!(matches!(limiter.check(a), Admission::Limited { first: false, .. }));
+        assert!(matches!(
+            limiter.check(a),
+            Admission::Limited { first: true, .. }
+        ));
+        assert!(matches!(
+            limiter.check(a),
+            Admission::Limited { first: false, .. }
+        ));
         assert_eq!(limiter.check(b), Admission::Allowed);
     }
 }

@@ -58,7 +58,11 @@ pub fn init(settings: &Settings) -> anyhow::Result<InitOutcome> {
 
     let mut records = Vec::new();
     for (role, dir, name) in [
-        (Role::ConfigServer, data_dir.clone(), settings.advertise.clone()),
+        (
+            Role::ConfigServer,
+            data_dir.clone(),
+            settings.advertise.clone(),
+        ),
         (Role::Admin, admin_dir(data_dir), "admin".to_string()),
     ] {
         let id = new_identity_id(role);
@@ -111,7 +115,10 @@ pub fn init(settings: &Settings) -> anyhow::Result<InitOutcome> {
         passphrase: passphrase.clone(),
         identities: records,
     };
-    fsutil::write_private(&passphrase_file(data_dir), format!("{passphrase}\n").as_bytes())?;
+    fsutil::write_private(
+        &passphrase_file(data_dir),
+        format!("{passphrase}\n").as_bytes(),
+    )?;
     fsutil::write_private(&bootstrap_file(data_dir), &serde_json::to_vec(&command)?)?;
     Ok(InitOutcome {
         passphrase,
@@ -152,6 +159,9 @@ pub async fn join(
     }
     identity.save(data_dir)?;
     fsutil::create_private_dir(&data_dir.join("private"))?;
-    fsutil::write_private(&passphrase_file(data_dir), format!("{passphrase}\n").as_bytes())?;
+    fsutil::write_private(
+        &passphrase_file(data_dir),
+        format!("{passphrase}\n").as_bytes(),
+    )?;
     Ok(identity)
 }

@@ -24,7 +24,9 @@ pub struct Liveness {
 
 impl Liveness {
     pub fn record(&self, id: &str, at_ms: i64, facts: Facts) {
-        let Ok(mut map) = self.inner.lock() else { return };
+        let Ok(mut map) = self.inner.lock() else {
+            return;
+        };
         let entry = map.entry(id.to_string()).or_insert(Live {
             last_ms: at_ms,
             facts: facts.clone(),
@@ -42,7 +44,9 @@ impl Liveness {
 
     /// Updates to summarise into Raft now; marks them summarised.
     pub fn due(&self, now_ms: i64) -> Vec<LivenessUpdate> {
-        let Ok(mut map) = self.inner.lock() else { return Vec::new() };
+        let Ok(mut map) = self.inner.lock() else {
+            return Vec::new();
+        };
         let mut updates = Vec::new();
         for (id, live) in map.iter_mut() {
             let due = match live.summarised_ms {
@@ -81,11 +85,17 @@ mod tests {
         l.record("a", 1_000, Facts::default());
         assert_eq!(l.due(1_000).len(), 1);
         l.record("a", 6_000, Facts::default());
-        assert!(l.due(6_000).is_empty(), "not again within the summary period");
+        assert!(
+            l.due(6_000).is_empty(),
+            "not again within the summary period"
+        );
         l.record("a", 70_000, Facts::default());
         let due = l.due(70_000);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].last_heartbeat_ms, 70_000);
-        assert!(l.due(200_000).is_empty(), "no heartbeat since: nothing new to say");
+        assert!(
+            l.due(200_000).is_empty(),
+            "no heartbeat since: nothing new to say"
+        );
     }
 }

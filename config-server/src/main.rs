@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "config-server", version, about = "Lifeboat configuration server")]
+#[command(
+    name = "config-server",
+    version,
+    about = "Lifeboat configuration server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,21 +42,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    lifeboat_common::component::main_with(run(Cli::parse()))
 }
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
@@ -68,16 +58,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = args.resolve()?;
             let outcome = init::init(&settings)?;
             let pass_file = init::passphrase_file(&settings.data_dir);
-            println!("Created Lifeboat cluster {} in {}", outcome.cluster_id, settings.data_dir.display());
+            println!(
+                "Created Lifeboat cluster {} in {}",
+                outcome.cluster_id,
+                settings.data_dir.display()
+            );
             println!();
-            println!("Connection passphrase (shown once; also in {}):", pass_file.display());
+            println!(
+                "Connection passphrase (shown once; also in {}):",
+                pass_file.display()
+            );
             println!();
             println!("    {}", outcome.passphrase);
             println!();
             println!("Process servers, master targets, agents and new configuration server nodes");
-            println!("need it to register. Admin CLI context: {}", outcome.admin_context.display());
-            println!("  export LIFEBOAT_CONTEXT={}", outcome.admin_context.display());
-            println!("Start this node with: config-server run --data-dir {}", settings.data_dir.display());
+            println!(
+                "need it to register. Admin CLI context: {}",
+                outcome.admin_context.display()
+            );
+            println!(
+                "  export LIFEBOAT_CONTEXT={}",
+                outcome.admin_context.display()
+            );
+            println!(
+                "Start this node with: config-server run --data-dir {}",
+                settings.data_dir.display()
+            );
             Ok(())
         }
         Command::Run(args) => serve(&args).await,

@@ -107,13 +107,22 @@ impl Node {
 
     /// The caller, if its certificate has one of `roles` and its identity is registered and
     /// not revoked. Revocation thus takes effect on the next call.
-    pub fn authorize<T>(&self, request: &Request<T>, roles: &[Role]) -> Result<(Peer, IdentityRecord), Status> {
+    pub fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        roles: &[Role],
+    ) -> Result<(Peer, IdentityRecord), Status> {
         let peer = require_role(request, roles)?;
         let record = self
             .state()
             .identity(&peer.id)
             .map_err(storage_status)?
-            .ok_or_else(|| Status::unauthenticated(format!("identity {} is not registered with this cluster", peer.id)))?;
+            .ok_or_else(|| {
+                Status::unauthenticated(format!(
+                    "identity {} is not registered with this cluster",
+                    peer.id
+                ))
+            })?;
         if let Some(revoked) = &record.revoked {
             return Err(Status::unauthenticated(format!(
                 "identity {} was revoked: {}",
@@ -121,7 +130,9 @@ impl Node {
             )));
         }
         if record.role != peer.role {
-            return Err(Status::unauthenticated("certificate role does not match the registry"));
+            return Err(Status::unauthenticated(
+                "certificate role does not match the registry",
+            ));
         }
         Ok((peer, record))
     }
@@ -147,17 +158,24 @@ impl Node {
     pub async fn write_local(&self, command: Command) -> Result<CommandResult, Status> {
         match self.raft.client_write(command).await {
             Ok(response) => Ok(response.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Status::unavailable(
-                "leadership changed while forwarding; retry",
-            )),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
+                Status::unavailable("leadership changed while forwarding; retry"),
+            ),
             Err(e) => Err(Status::unavailable(format!("write failed: {e}"))),
         }
     }
 
-    async fn forward_write(&self, leader: &str, command: &Command) -> Result<CommandResult, Status> {
+    async fn forward_write(
+        &self,
+        leader: &str,
+        command: &Command,
+    ) -> Result<CommandResult, Status> {
         let data = serde_json::to_vec(command).map_err(|e| Status::internal(e.to_string()))?;
         let mut client = self.peer_client(leader)?;
-        let reply = client.forward_write(RaftMessage { data }).await?.into_inner();
+        let reply = client
+            .forward_write(RaftMessage { data })
+            .await?
+            .into_inner();
         let result: Result<CommandResult, String> =
             serde_json::from_slice(&reply.data).map_err(|e| Status::internal(e.to_string()))?;
         result.map_err(Status::unavailable)

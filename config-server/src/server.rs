@@ -7,7 +7,10 @@ use crate::raft::log_store::SledLogStore;
 use crate::raft::network::GrpcNetworkFactory;
 use crate::raft::state_machine::SledStateMachine;
 use crate::raft::{open_db, raft_config, Raft};
-use crate::services::{admin::AdminService, bootstrap::BootstrapService, cluster::ClusterService, component::ComponentService};
+use crate::services::{
+    admin::AdminService, bootstrap::BootstrapService, cluster::ClusterService,
+    component::ComponentService,
+};
 use crate::settings::Settings;
 use crate::state::{Command, CommandResult};
 use crate::tasks;
@@ -33,8 +36,12 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     }
     let identity = Arc::new(identity);
     let node_id = identity.info.node_id;
-    let db = open_db(&settings.data_dir.join("raft"))
-        .map_err(|e| anyhow::anyhow!("cannot open Raft storage in {}: {e}", settings.data_dir.display()))?;
+    let db = open_db(&settings.data_dir.join("raft")).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open Raft storage in {}: {e}",
+            settings.data_dir.display()
+        )
+    })?;
     let log = SledLogStore::open(&db)?;
     let sm = SledStateMachine::open(&db)?;
     let view = sm.view();
@@ -62,7 +69,9 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
 
     let (bound, incoming) = serve::bind(settings.listen).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let router = serve::grpc_server(&identity)?
         .add_service(health_service)
         .add_service(BootstrapServer::new(BootstrapService::new(node.clone())))
@@ -84,6 +93,12 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(tasks::raft_metrics(node.clone(), cancel.clone()));
     background.spawn(tasks::summarise_liveness(node.clone(), cancel.clone()));
+    background.spawn(tasks::self_heartbeat(
+        node.clone(),
+        settings.advertise.clone(),
+        settings.data_dir.clone(),
+        cancel.clone(),
+    ));
     background.spawn(tasks::sync_passphrase_file(
         node.clone(),
         applied,
@@ -100,7 +115,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
             return Err(e);
         }
     } else if !raft.is_initialized().await? {
-        background.spawn(join_cluster(node.clone(), settings.advertise.clone(), cancel.clone()));
+        background.spawn(join_cluster(
+            node.clone(),
+            settings.advertise.clone(),
+            cancel.clone(),
+        ));
     }
 
     cancel.cancelled().await;
@@ -122,7 +141,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
 }
 
 /// First start after `init`: form a single-node cluster and apply the bootstrap command.
-async fn bootstrap_cluster(node: &Node, settings: &Settings, path: &std::path::Path) -> anyhow::Result<()> {
+async fn bootstrap_cluster(
+    node: &Node,
+    settings: &Settings,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
     let command: Command = serde_json::from_slice(&std::fs::read(path)?)
         .map_err(|e| anyhow::anyhow!("bootstrap file {} is corrupt: {e}", path.display()))?;
     if !node.raft.is_initialized().await? {

@@ -65,13 +65,17 @@ impl ServeArgs {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
-        let advertise = self.advertise.clone().or(file.advertise).unwrap_or_else(|| {
-            if listen.ip().is_unspecified() {
-                format!("127.0.0.1:{}", listen.port())
-            } else {
-                listen.to_string()
-            }
-        });
+        let advertise = self
+            .advertise
+            .clone()
+            .or(file.advertise)
+            .unwrap_or_else(|| {
+                if listen.ip().is_unspecified() {
+                    format!("127.0.0.1:{}", listen.port())
+                } else {
+                    listen.to_string()
+                }
+            });
         let heartbeat_interval_secs = self
             .heartbeat_interval_secs
             .or(file.heartbeat_interval_secs)

@@ -15,20 +15,39 @@ use tokio_util::sync::CancellationToken;
 pub async fn raft_metrics(node: Arc<Node>, cancel: CancellationToken) {
     metrics::describe_gauge!("lifeboat_raft_leader", "1 if this node is the Raft leader");
     metrics::describe_gauge!("lifeboat_raft_term", "Current Raft term");
-    metrics::describe_gauge!("lifeboat_raft_commit_index", "Highest committed Raft log index");
-    metrics::describe_gauge!("lifeboat_raft_last_applied", "Last Raft log index applied to the state");
+    metrics::describe_gauge!(
+        "lifeboat_raft_commit_index",
+        "Highest committed Raft log index"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_raft_last_applied",
+        "Last Raft log index applied to the state"
+    );
     metrics::describe_gauge!("lifeboat_raft_voters", "Voting members of the cluster");
-    metrics::describe_gauge!("lifeboat_components", "Registered, unrevoked components by role");
+    metrics::describe_gauge!(
+        "lifeboat_components",
+        "Registered, unrevoked components by role"
+    );
     loop {
         let m = node.raft.metrics().borrow().clone();
-        metrics::gauge!("lifeboat_raft_leader").set(if m.state == ServerState::Leader { 1.0 } else { 0.0 });
+        metrics::gauge!("lifeboat_raft_leader").set(if m.state == ServerState::Leader {
+            1.0
+        } else {
+            0.0
+        });
         metrics::gauge!("lifeboat_raft_term").set(m.current_term as f64);
-        metrics::gauge!("lifeboat_raft_commit_index").set(node.committed_index.load(Ordering::Relaxed) as f64);
-        metrics::gauge!("lifeboat_raft_last_applied").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
-        metrics::gauge!("lifeboat_raft_voters").set(m.membership_config.membership().voter_ids().count() as f64);
+        metrics::gauge!("lifeboat_raft_commit_index")
+            .set(node.committed_index.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("lifeboat_raft_last_applied")
+            .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+        metrics::gauge!("lifeboat_raft_voters")
+            .set(m.membership_config.membership().voter_ids().count() as f64);
         if let Ok(identities) = node.state().identities() {
             for role in Role::ALL {
-                let n = identities.iter().filter(|r| r.role == role && r.revoked.is_none()).count();
+                let n = identities
+                    .iter()
+                    .filter(|r| r.role == role && r.revoked.is_none())
+                    .count();
                 metrics::gauge!("lifeboat_components", "role" => role.as_str()).set(n as f64);
             }
         }
@@ -79,8 +98,13 @@ pub async fn sync_passphrase_file(
             if written != Some(state.generation) {
                 let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
                 if on_disk.trim() != state.passphrase {
-                    match lifeboat_common::fsutil::write_private(&path, format!("{}\n", state.passphrase).as_bytes()) {
-                        Ok(()) => tracing::info!(generation = state.generation, "passphrase file updated"),
+                    match lifeboat_common::fsutil::write_private(
+                        &path,
+                        format!("{}\n", state.passphrase).as_bytes(),
+                    ) {
+                        Ok(()) => {
+                            tracing::info!(generation = state.generation, "passphrase file updated")
+                        }
                         Err(e) => tracing::error!("cannot write {}: {e}", path.display()),
                     }
                 }
@@ -89,6 +113,27 @@ pub async fn sync_passphrase_file(
         }
         tokio::select! {
             changed = applied.changed() => if changed.is_err() { return },
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// A configuration server node reports its own liveness like any component, so
+/// `servers list` shows every node with its address, version and last heartbeat.
+pub async fn self_heartbeat(
+    node: Arc<Node>,
+    advertise: String,
+    data_dir: PathBuf,
+    cancel: CancellationToken,
+) {
+    let id = node.identity.info.id.clone();
+    loop {
+        let facts = crate::state::model::Facts::from_proto(&lifeboat_common::facts::base_facts(
+            &advertise, &data_dir,
+        ));
+        crate::services::component::accept_heartbeat(&node, &id, facts, true).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(node.settings.heartbeat_interval_secs as u64)) => {}
             _ = cancel.cancelled() => return,
         }
     }

@@ -7,7 +7,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every Lifeboat proto, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lifeboat_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/lifeboat_descriptor.bin"));
 
 /// Largest gRPC message a Lifeboat service accepts or sends (data batches are big).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

@@ -33,7 +33,8 @@ pub(crate) struct Bat {
 }
 
 impl Bat {
-    /// An all-unallocated table of `count` entries at `offset` (for new images).
+    /// An all-unallocated table of `count` entries at `offset`.
+    #[cfg(test)]
     pub(crate) fn empty(offset: u64, count: usize) -> Bat {
         Bat {
             offset,

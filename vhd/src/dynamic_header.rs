@@ -25,9 +25,9 @@ const PARENT_NAME_LEN: usize = 512;
 const OFF_LOCATORS: usize = 576;
 const LOCATOR_ENTRY_SIZE: usize = 24;
 
-/// Smallest block size accepted: one sector bitmap byte covers 8 sectors, and the bitmap is a
-/// whole sector, so smaller blocks waste more than they hold.
-pub const MIN_BLOCK_SIZE: u32 = 4096;
+/// Smallest block size accepted. Real writers use 2 MiB (some old ones 512 KiB); the floor keeps
+/// a hostile header from making the in-memory BAT huge (2040 GiB / 64 KiB = 32 Mi entries).
+pub const MIN_BLOCK_SIZE: u32 = 64 * 1024;
 /// Largest block size accepted (VHDX's maximum; VHD writers all use 2 MiB).
 pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
 
@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn bitmap_sizes() {
-        let h = DynamicHeader::new(1536, 1, 4096);
+        let h = DynamicHeader::new(1536, 1, 64 * 1024);
         assert_eq!(h.bitmap_size(), 512);
         let h = DynamicHeader::new(1536, 1, 16 << 20);
         assert_eq!(h.bitmap_size(), 4096);

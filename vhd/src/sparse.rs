@@ -332,6 +332,13 @@ impl Sparse {
     ///    data, and that data is already durable;
     /// 3. punch out discarded blocks, which the durable BAT no longer references.
     pub(crate) fn flush(&mut self, file: &File) -> Result<()> {
+        self.flush_new_blocks(file)?;
+        self.publish(file)
+    }
+
+    /// Step 1 of [`Sparse::flush`]: new blocks' bitmaps and the footer at the new end, then
+    /// `fdatasync`. Nothing the on-disk BAT references changes.
+    pub(crate) fn flush_new_blocks(&mut self, file: &File) -> Result<()> {
         let bitmap_size = self.bitmap_size as usize;
         for &block in &self.new_blocks {
             if let Some(start) = self.bat.get(block) {
@@ -342,8 +349,12 @@ impl Sparse {
         if self.footer_at != self.next_free {
             write_all_at(file, &self.footer, self.next_free, "write the footer")?;
         }
-        file.sync_data().map_err(Error::io("sync data"))?;
+        file.sync_data().map_err(Error::io("sync data"))
+    }
 
+    /// Steps 2 and 3 of [`Sparse::flush`].
+    fn publish(&mut self, file: &File) -> Result<()> {
+        let bitmap_size = self.bitmap_size as usize;
         let publish = !self.grown.is_empty() || self.bat.is_dirty();
         for &block in &self.grown {
             if let Some(start) = self.bat.get(block) {

@@ -38,8 +38,15 @@ impl SledLogStore {
         self.committed_index.clone()
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError> {
-        let Some(bytes) = self.meta.get(key).map_err(|e| io_error(StorageIOError::read, e))? else {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, StorageError> {
+        let Some(bytes) = self
+            .meta
+            .get(key)
+            .map_err(|e| io_error(StorageIOError::read, e))?
+        else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)
@@ -100,7 +107,11 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId<NodeId>> = self.get_meta(LAST_PURGED)?;
-        let last = match self.log.last().map_err(|e| io_error(StorageIOError::read_logs, e))? {
+        let last = match self
+            .log
+            .last()
+            .map_err(|e| io_error(StorageIOError::read_logs, e))?
+        {
             Some((_, value)) => Some(Self::decode_entry(&value)?.log_id),
             None => last_purged,
         };
@@ -123,7 +134,10 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         self.get_meta(VOTE)
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
         if let Some(id) = committed {
             self.committed_index.fetch_max(id.index, Ordering::Relaxed);
         }
@@ -139,7 +153,11 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         Ok(committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,

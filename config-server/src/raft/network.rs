@@ -70,16 +70,24 @@ impl GrpcNetwork {
                     .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES),
             );
         }
-        self.client.clone().ok_or_else(|| Unreachable::new(&std::io::Error::other("no client")))
+        self.client
+            .clone()
+            .ok_or_else(|| Unreachable::new(&std::io::Error::other("no client")))
     }
 
-    async fn call<Req, Resp, E>(&mut self, method: Method, request: &Req, option: &RPCOption) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        method: Method,
+        request: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let data = serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let data =
+            serde_json::to_vec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut client = self.client()?;
         let mut message = tonic::Request::new(RaftMessage { data });
         message.set_timeout(option.hard_ttl());

@@ -173,8 +173,12 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let bytes = snapshot.into_inner();
-        let data: SnapshotData = serde_json::from_slice(&bytes)
-            .map_err(|e| io_error(|a| StorageIOError::read_snapshot(Some(meta.signature()), a), e))?;
+        let data: SnapshotData = serde_json::from_slice(&bytes).map_err(|e| {
+            io_error(
+                |a| StorageIOError::read_snapshot(Some(meta.signature()), a),
+                e,
+            )
+        })?;
         let mut batch = sled::Batch::default();
         for key in self.view.tree.iter().keys() {
             batch.remove(key.map_err(|e| io_error(StorageIOError::write_state_machine, e))?);
@@ -221,11 +225,19 @@ fn save_snapshot(
         meta: meta.clone(),
         data,
     };
-    tree.insert(CURRENT_SNAPSHOT, json(&stored))
-        .map_err(|e| io_error(|a| StorageIOError::write_snapshot(Some(meta.signature()), a), e))?;
+    tree.insert(CURRENT_SNAPSHOT, json(&stored)).map_err(|e| {
+        io_error(
+            |a| StorageIOError::write_snapshot(Some(meta.signature()), a),
+            e,
+        )
+    })?;
     // The snapshot lets the leader purge its log: it must be on disk before that happens.
-    tree.flush()
-        .map_err(|e| io_error(|a| StorageIOError::write_snapshot(Some(meta.signature()), a), e))?;
+    tree.flush().map_err(|e| {
+        io_error(
+            |a| StorageIOError::write_snapshot(Some(meta.signature()), a),
+            e,
+        )
+    })?;
     Ok(())
 }
 
@@ -239,7 +251,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let entries = std::mem::replace(&mut self.copy, Ok(Vec::new()))
             .map_err(|e| io_error(|a| StorageIOError::read_snapshot(None, a), e))?;
-        let find = |key: &str| entries.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let find = |key: &str| {
+            entries
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+        };
         let last_log_id: Option<LogId<NodeId>> = match find(LAST_APPLIED) {
             Some(v) => serde_json::from_slice(&v)
                 .map_err(|e| io_error(|a| StorageIOError::read_snapshot(None, a), e))?,

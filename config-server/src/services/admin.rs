@@ -49,7 +49,11 @@ impl AdminService {
             .state()
             .identity(id)
             .map_err(storage_status)?
-            .ok_or_else(|| Status::not_found(format!("no server with id {id:?}; see `lifeboat servers list`")))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no server with id {id:?}; see `lifeboat servers list`"
+                ))
+            })
     }
 }
 
@@ -64,7 +68,10 @@ impl Admin for AdminService {
         let role = if req.role == 0 {
             None
         } else {
-            Some(Role::from_proto(req.role).ok_or_else(|| Status::invalid_argument("unknown role"))?)
+            Some(
+                Role::from_proto(req.role)
+                    .ok_or_else(|| Status::invalid_argument("unknown role"))?,
+            )
         };
         let mut servers: Vec<v1::ServerInfo> = self
             .node
@@ -72,7 +79,11 @@ impl Admin for AdminService {
             .identities()
             .map_err(storage_status)?
             .into_iter()
-            .filter(|r| role.is_none_or(|role| r.role == role))
+            // Admin identities are people's keys, not servers: listed only when asked for.
+            .filter(|r| match role {
+                Some(role) => r.role == role,
+                None => r.role != Role::Admin,
+            })
             .filter(|r| req.include_revoked || r.revoked.is_none())
             .map(|r| self.server_info(r))
             .collect();
@@ -200,7 +211,10 @@ impl Admin for AdminService {
             by: admin.id,
         };
         match self.node.write(command).await? {
-            CommandResult::PassphraseChanged { generation, revoked } => {
+            CommandResult::PassphraseChanged {
+                generation,
+                revoked,
+            } => {
                 tracing::info!(generation, revoked, "passphrase regenerated");
                 Ok(Response::new(v1::PassphraseResponse {
                     passphrase: new,
@@ -218,7 +232,11 @@ impl Admin for AdminService {
     ) -> Result<Response<v1::ListAuditResponse>, Status> {
         self.node.authorize(&request, &[Role::Admin])?;
         let req = request.into_inner();
-        let limit = if req.limit == 0 { 100 } else { req.limit.min(10_000) } as usize;
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit.min(10_000)
+        } as usize;
         let entries = self
             .node
             .state()

@@ -69,8 +69,12 @@ impl Bootstrap for BootstrapService {
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
         let remote = request.remote_addr();
-        let source_ip = remote.map(|a| a.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let source = remote.map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let source_ip = remote
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let source = remote
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
         let req = request.into_inner();
 
         if let Admission::Limited { retry_after, first } = self.node.failures.check(source_ip) {
@@ -79,7 +83,10 @@ impl Bootstrap for BootstrapService {
                     "registration_rate_limited",
                     &source,
                     format!("{:?} {}", req.role, req.name),
-                    format!("too many failed attempts; refused for {}s", retry_after.as_secs()),
+                    format!(
+                        "too many failed attempts; refused for {}s",
+                        retry_after.as_secs()
+                    ),
                 )
                 .await;
             }
@@ -101,7 +108,10 @@ impl Bootstrap for BootstrapService {
                 "name must be 1-128 characters of letters, digits, '.', '-', '_' or ':'",
             ));
         }
-        if req.client_nonce.len() != NONCE_LEN || req.csr_der.is_empty() || req.csr_der.len() > 16 * 1024 {
+        if req.client_nonce.len() != NONCE_LEN
+            || req.csr_der.is_empty()
+            || req.csr_der.len() > 16 * 1024
+        {
             return Err(Status::invalid_argument("malformed registration request"));
         }
         if !self.node.nonces.consume(&req.server_nonce) {
@@ -111,10 +121,9 @@ impl Bootstrap for BootstrapService {
         }
 
         let state = self.node.state();
-        let passphrase = state
-            .passphrase()
-            .map_err(storage_status)?
-            .ok_or_else(|| Status::unavailable("this configuration server is not initialised yet"))?;
+        let passphrase = state.passphrase().map_err(storage_status)?.ok_or_else(|| {
+            Status::unavailable("this configuration server is not initialised yet")
+        })?;
         let key = PassphraseKey::derive(&passphrase.passphrase);
         if !key.verify_registration_proof(
             &req.server_nonce,
@@ -138,17 +147,20 @@ impl Bootstrap for BootstrapService {
             ));
         }
 
-        let ca_material = state
-            .ca()
-            .map_err(storage_status)?
-            .ok_or_else(|| Status::unavailable("this configuration server is not initialised yet"))?;
+        let ca_material = state.ca().map_err(storage_status)?.ok_or_else(|| {
+            Status::unavailable("this configuration server is not initialised yet")
+        })?;
         let ca = CertificateAuthority::from_pem(&ca_material.cert_pem, &ca_material.key_pem)
             .map_err(|e| Status::internal(e.to_string()))?;
         let id = new_identity_id(role);
         let certificate_pem = ca
             .sign_csr(&req.csr_der, role, &id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let facts = req.facts.as_ref().map(Facts::from_proto).unwrap_or_default();
+        let facts = req
+            .facts
+            .as_ref()
+            .map(Facts::from_proto)
+            .unwrap_or_default();
         let record = IdentityRecord {
             id: id.clone(),
             role,
@@ -160,13 +172,21 @@ impl Bootstrap for BootstrapService {
             facts,
             last_heartbeat_ms: 0,
         };
-        let node_id = match self.node.write(Command::Register { record, source: source.clone() }).await? {
+        let node_id = match self
+            .node
+            .write(Command::Register {
+                record,
+                source: source.clone(),
+            })
+            .await?
+        {
             CommandResult::Registered { node_id, .. } => node_id,
             CommandResult::Refused(why) => return Err(Status::failed_precondition(why)),
             other => return Err(Status::internal(format!("unexpected result {other:?}"))),
         };
         tracing::info!(%source, %role, name = %req.name, %id, "registered");
-        let server_proof = key.server_proof(&req.client_nonce, &ca_material.cert_pem, &certificate_pem);
+        let server_proof =
+            key.server_proof(&req.client_nonce, &ca_material.cert_pem, &certificate_pem);
         Ok(Response::new(v1::RegisterResponse {
             identity_id: id,
             certificate_pem,

@@ -35,7 +35,10 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         self.node.authorize(&request, &[Role::ConfigServer])?;
         let rpc = decode(request.get_ref())?;
         encode(&self.node.raft.append_entries(rpc).await)
@@ -47,13 +50,19 @@ impl Cluster for ClusterService {
         encode(&self.node.raft.vote(rpc).await)
     }
 
-    async fn install_snapshot(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         self.node.authorize(&request, &[Role::ConfigServer])?;
         let rpc = decode(request.get_ref())?;
         encode(&self.node.raft.install_snapshot(rpc).await)
     }
 
-    async fn forward_write(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn forward_write(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         self.node.authorize(&request, &[Role::ConfigServer])?;
         let command: Command = decode(request.get_ref())?;
         let result = self
@@ -97,7 +106,9 @@ impl Cluster for ClusterService {
             .identities()
             .map_err(storage_status)?
             .into_iter()
-            .any(|r| r.role == Role::ConfigServer && r.node_id == join.node_id && r.revoked.is_none());
+            .any(|r| {
+                r.role == Role::ConfigServer && r.node_id == join.node_id && r.revoked.is_none()
+            });
         if !known || join.address.is_empty() {
             return Err(Status::not_found(format!(
                 "node id {} is not a registered configuration server",
@@ -119,9 +130,12 @@ impl Cluster for ClusterService {
                 .await
                 .map_err(|e| Status::unavailable(format!("cannot add learner: {e}")))?;
             tracing::info!(node = join.node_id, "promoting to voter");
-            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([join.node_id])), false)
-                .await
-                .map_err(|e| Status::unavailable(format!("cannot promote to voter: {e}")))?;
+            raft.change_membership(
+                ChangeMembers::AddVoterIds(BTreeSet::from([join.node_id])),
+                false,
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot promote to voter: {e}")))?;
         }
         let voters = raft
             .metrics()

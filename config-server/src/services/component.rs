@@ -25,8 +25,12 @@ pub async fn accept_heartbeat(node: &Node, id: &str, facts: Facts, forward: bool
     if !forward || node.is_leader() {
         return;
     }
-    let Some((_, leader)) = node.leader() else { return };
-    let Ok(data) = serde_json::to_vec(&facts) else { return };
+    let Some((_, leader)) = node.leader() else {
+        return;
+    };
+    let Ok(data) = serde_json::to_vec(&facts) else {
+        return;
+    };
     match node.peer_client(&leader) {
         Ok(mut client) => {
             let request = ForwardedHeartbeat {
@@ -34,7 +38,10 @@ pub async fn accept_heartbeat(node: &Node, id: &str, facts: Facts, forward: bool
                 data,
             };
             if let Err(e) = client.forward_heartbeat(request).await {
-                tracing::debug!("cannot forward heartbeat to leader {leader}: {}", e.message());
+                tracing::debug!(
+                    "cannot forward heartbeat to leader {leader}: {}",
+                    e.message()
+                );
             }
         }
         Err(e) => tracing::debug!("no client for leader {leader}: {}", e.message()),
@@ -49,7 +56,12 @@ impl Component for ComponentService {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let (peer, _record) = self.node.authorize(
             &request,
-            &[Role::ProcessServer, Role::MasterTarget, Role::Agent, Role::ConfigServer],
+            &[
+                Role::ProcessServer,
+                Role::MasterTarget,
+                Role::Agent,
+                Role::ConfigServer,
+            ],
         )?;
         let facts = request
             .into_inner()

@@ -7,7 +7,10 @@ use super::model::{IdentityRecord, PassphraseState, Revocation};
 use super::query::StateReader;
 
 /// Applies `command` on top of `state` and returns the writes and the result.
-pub fn apply(command: &Command, state: &impl KvRead) -> Result<(Vec<KvOp>, CommandResult), KvError> {
+pub fn apply(
+    command: &Command,
+    state: &impl KvRead,
+) -> Result<(Vec<KvOp>, CommandResult), KvError> {
     let mut tx = Overlay::new(state);
     let result = match command {
         Command::Bootstrap {
@@ -34,40 +37,53 @@ pub fn apply(command: &Command, state: &impl KvRead) -> Result<(Vec<KvOp>, Comma
                     put_identity(&mut tx, record);
                 }
                 tx.writes.put(keys::NEXT_NODE_ID, &next_node);
-                audit(&mut tx, AuditDraft {
-                    at_ms: meta.created_at_ms,
-                    kind: "cluster_created".into(),
-                    source: "init".into(),
-                    subject: meta.cluster_id.clone(),
-                    detail: format!("{} identities issued", identities.len()),
-                })?;
+                audit(
+                    &mut tx,
+                    AuditDraft {
+                        at_ms: meta.created_at_ms,
+                        kind: "cluster_created".into(),
+                        source: "init".into(),
+                        subject: meta.cluster_id.clone(),
+                        detail: format!("{} identities issued", identities.len()),
+                    },
+                )?;
                 CommandResult::Done
             }
         }
         Command::Register { record, source } => register(&mut tx, record, source)?,
-        Command::Revoke { id, reason, at_ms, by } => {
-            match StateReader(&tx).identity(id)? {
-                None => CommandResult::NotFound(format!("no identity {id}")),
-                Some(mut record) => {
-                    if record.revoked.is_none() {
-                        record.revoked = Some(Revocation {
-                            at_ms: *at_ms,
-                            reason: reason.clone(),
-                        });
-                        put_identity(&mut tx, &record);
-                        audit(&mut tx, AuditDraft {
+        Command::Revoke {
+            id,
+            reason,
+            at_ms,
+            by,
+        } => match StateReader(&tx).identity(id)? {
+            None => CommandResult::NotFound(format!("no identity {id}")),
+            Some(mut record) => {
+                if record.revoked.is_none() {
+                    record.revoked = Some(Revocation {
+                        at_ms: *at_ms,
+                        reason: reason.clone(),
+                    });
+                    put_identity(&mut tx, &record);
+                    audit(
+                        &mut tx,
+                        AuditDraft {
                             at_ms: *at_ms,
                             kind: "revocation".into(),
                             source: by.clone(),
                             subject: format!("{} {} ({})", record.role, record.name, record.id),
                             detail: reason.clone(),
-                        })?;
-                    }
-                    CommandResult::Done
+                        },
+                    )?;
                 }
+                CommandResult::Done
             }
-        }
-        Command::RegeneratePassphrase { passphrase, at_ms, by } => {
+        },
+        Command::RegeneratePassphrase {
+            passphrase,
+            at_ms,
+            by,
+        } => {
             let reader = StateReader(&tx);
             let generation = reader.passphrase()?.map(|p| p.generation).unwrap_or(0) + 1;
             let mut revoked = 0u32;
@@ -88,19 +104,26 @@ pub fn apply(command: &Command, state: &impl KvRead) -> Result<(Vec<KvOp>, Comma
                     generation,
                 },
             );
-            audit(&mut tx, AuditDraft {
-                at_ms: *at_ms,
-                kind: "passphrase_regenerated".into(),
-                source: by.clone(),
-                subject: format!("generation {generation}"),
-                detail: format!("{revoked} component identities revoked"),
-            })?;
-            CommandResult::PassphraseChanged { generation, revoked }
+            audit(
+                &mut tx,
+                AuditDraft {
+                    at_ms: *at_ms,
+                    kind: "passphrase_regenerated".into(),
+                    source: by.clone(),
+                    subject: format!("generation {generation}"),
+                    detail: format!("{revoked} component identities revoked"),
+                },
+            )?;
+            CommandResult::PassphraseChanged {
+                generation,
+                revoked,
+            }
         }
         Command::RecordLiveness { updates } => {
             for update in updates {
                 if let Some(mut record) = StateReader(&tx).identity(&update.id)? {
-                    record.last_heartbeat_ms = record.last_heartbeat_ms.max(update.last_heartbeat_ms);
+                    record.last_heartbeat_ms =
+                        record.last_heartbeat_ms.max(update.last_heartbeat_ms);
                     record.facts = update.facts.clone();
                     put_identity(&mut tx, &record);
                 }
@@ -128,7 +151,10 @@ fn register(
         ));
     }
     if reader.identity(&record.id)?.is_some() {
-        return Ok(CommandResult::Refused(format!("identity {} exists", record.id)));
+        return Ok(CommandResult::Refused(format!(
+            "identity {} exists",
+            record.id
+        )));
     }
     let superseded: Option<String> = tx.get(&keys::name(record.role, &record.name))?;
     let mut record = record.clone();
@@ -149,13 +175,16 @@ fn register(
         }
     }
     put_identity(tx, &record);
-    audit(tx, AuditDraft {
-        at_ms: record.registered_at_ms,
-        kind: "registration".into(),
-        source: source.to_string(),
-        subject: format!("{} {} ({})", record.role, record.name, record.id),
-        detail: format!("passphrase generation {}", record.passphrase_generation),
-    })?;
+    audit(
+        tx,
+        AuditDraft {
+            at_ms: record.registered_at_ms,
+            kind: "registration".into(),
+            source: source.to_string(),
+            subject: format!("{} {} ({})", record.role, record.name, record.id),
+            detail: format!("passphrase generation {}", record.passphrase_generation),
+        },
+    )?;
     Ok(CommandResult::Registered {
         id: record.id.clone(),
         node_id: record.node_id,
@@ -164,7 +193,8 @@ fn register(
 
 fn put_identity(tx: &mut Overlay<'_, impl KvRead>, record: &IdentityRecord) {
     tx.writes.put(keys::identity(&record.id), record);
-    tx.writes.put(keys::name(record.role, &record.name), &record.id);
+    tx.writes
+        .put(keys::name(record.role, &record.name), &record.id);
 }
 
 fn audit(tx: &mut Overlay<'_, impl KvRead>, draft: AuditDraft) -> Result<(), KvError> {

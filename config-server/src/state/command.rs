@@ -17,7 +17,10 @@ pub enum Command {
     /// A component proved the passphrase of `record.passphrase_generation` and got a
     /// certificate. Refused if the passphrase changed since. An older identity of the same role
     /// and name is revoked (superseded).
-    Register { record: IdentityRecord, source: String },
+    Register {
+        record: IdentityRecord,
+        source: String,
+    },
     Revoke {
         id: String,
         reason: String,

@@ -100,7 +100,8 @@ impl<K: KvRead> KvRead for Overlay<'_, K> {
     }
 
     fn scan_raw(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
-        let mut merged: BTreeMap<String, Vec<u8>> = self.base.scan_raw(prefix)?.into_iter().collect();
+        let mut merged: BTreeMap<String, Vec<u8>> =
+            self.base.scan_raw(prefix)?.into_iter().collect();
         for (k, v) in self.writes.ops.range(prefix.to_string()..) {
             if !k.starts_with(prefix) {
                 break;

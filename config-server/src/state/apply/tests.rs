@@ -68,7 +68,10 @@ fn bootstrap_happens_once() {
         },
     );
     assert!(matches!(again, CommandResult::Refused(_)));
-    assert_eq!(StateReader(&kv).cluster_meta().unwrap().unwrap().cluster_id, "c1");
+    assert_eq!(
+        StateReader(&kv).cluster_meta().unwrap().unwrap().cluster_id,
+        "c1"
+    );
 }
 
 #[test]
@@ -121,14 +124,30 @@ fn joining_config_servers_get_fresh_node_ids() {
             source: "t".into(),
         },
     );
-    assert_eq!(a, CommandResult::Registered { id: "cs-2".into(), node_id: 2 });
-    assert_eq!(b, CommandResult::Registered { id: "cs-3".into(), node_id: 3 });
+    assert_eq!(
+        a,
+        CommandResult::Registered {
+            id: "cs-2".into(),
+            node_id: 2
+        }
+    );
+    assert_eq!(
+        b,
+        CommandResult::Registered {
+            id: "cs-3".into(),
+            node_id: 3
+        }
+    );
 }
 
 #[test]
 fn regenerating_the_passphrase_revokes_only_component_identities() {
     let mut kv = bootstrapped();
-    for (id, role) in [("ps-1", Role::ProcessServer), ("mt-1", Role::MasterTarget), ("ag-1", Role::Agent)] {
+    for (id, role) in [
+        ("ps-1", Role::ProcessServer),
+        ("mt-1", Role::MasterTarget),
+        ("ag-1", Role::Agent),
+    ] {
         run(
             &mut kv,
             Command::Register {
@@ -145,15 +164,34 @@ fn regenerating_the_passphrase_revokes_only_component_identities() {
             by: "admin-1".into(),
         },
     );
-    assert_eq!(result, CommandResult::PassphraseChanged { generation: 2, revoked: 3 });
+    assert_eq!(
+        result,
+        CommandResult::PassphraseChanged {
+            generation: 2,
+            revoked: 3
+        }
+    );
     let reader = StateReader(&kv);
     assert!(reader.identity("cs-1").unwrap().unwrap().revoked.is_none());
-    assert!(reader.identity("admin-1").unwrap().unwrap().revoked.is_none());
+    assert!(reader
+        .identity("admin-1")
+        .unwrap()
+        .unwrap()
+        .revoked
+        .is_none());
     assert!(reader.identity("ag-1").unwrap().unwrap().revoked.is_some());
     assert_eq!(reader.passphrase().unwrap().unwrap().passphrase, "p2");
-    let kinds: Vec<String> = reader.audit(100, 0).unwrap().into_iter().map(|a| a.kind).collect();
+    let kinds: Vec<String> = reader
+        .audit(100, 0)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.kind)
+        .collect();
     assert_eq!(kinds.first().map(String::as_str), Some("cluster_created"));
-    assert_eq!(kinds.last().map(String::as_str), Some("passphrase_regenerated"));
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("passphrase_regenerated")
+    );
 }
 
 #[test]

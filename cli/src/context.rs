@@ -1,0 +1,86 @@
+//! Where the CLI finds the cluster and its admin identity: a small TOML context file written by
+//! `lifeboat up` (or made by `config-server init` in DATA/admin/context.toml), and connecting to
+//! the cluster with it — preferring the leader, whose view of liveness is the freshest.
+use anyhow::Context as _;
+use lifeboat_common::{tls, Identity, Role};
+use lifeboat_config_server::init::CliContext;
+use lifeboat_proto::v1::{admin_client::AdminClient, Empty};
+use std::path::{Path, PathBuf};
+use tonic::transport::Channel;
+
+/// Global options of every admin command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ContextArgs {
+    /// Context file (CS addresses and admin identity).
+    /// Default: $XDG_CONFIG_HOME/lifeboat/context.toml or ~/.config/lifeboat/context.toml
+    #[arg(long, global = true, env = "LIFEBOAT_CONTEXT")]
+    pub context: Option<PathBuf>,
+    /// Configuration server address(es), overriding the context's.
+    #[arg(long = "cs", global = true, value_delimiter = ',')]
+    pub cs: Vec<String>,
+}
+
+/// The default context file path.
+pub fn default_path() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("lifeboat").join("context.toml")
+}
+
+impl ContextArgs {
+    pub fn path(&self) -> PathBuf {
+        self.context.clone().unwrap_or_else(default_path)
+    }
+
+    pub fn load(&self) -> anyhow::Result<CliContext> {
+        let path = self.path();
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no Lifeboat context at {}: run `lifeboat up`, or set LIFEBOAT_CONTEXT to DATA/admin/context.toml made by `config-server init`",
+                path.display()
+            )
+        })?;
+        let mut context: CliContext = toml::from_str(&text)
+            .with_context(|| format!("context file {} is invalid", path.display()))?;
+        if !self.cs.is_empty() {
+            context.cs = self.cs.clone();
+        }
+        Ok(context)
+    }
+
+    /// An admin client connected to the leader if it can be reached, else any node.
+    pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
+        let context = self.load()?;
+        let identity = Identity::load(&context.identity_dir)?;
+        let (address, channel) =
+            tls::mtls_connect_any(&identity, &context.cs, Role::ConfigServer).await?;
+        let mut client = AdminClient::new(channel);
+        if let Ok(status) = client.cluster_status(Empty {}).await {
+            let leader = status.into_inner().leader_address;
+            if !leader.is_empty() && leader != address {
+                if let Ok((_, channel)) =
+                    tls::mtls_connect_any(&identity, &[leader], Role::ConfigServer).await
+                {
+                    return Ok(AdminClient::new(channel));
+                }
+            }
+        }
+        Ok(client)
+    }
+}
+
+/// Writes a context file (mode 0600: it points at an admin key).
+pub fn save(path: &Path, context: &CliContext) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    lifeboat_common::fsutil::write_private(path, toml::to_string(context)?.as_bytes())?;
+    Ok(())
+}
+
+/// Turns a gRPC error into a one-line message: the server's words, and the code for scripts.
+pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+}

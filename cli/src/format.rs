@@ -1,0 +1,74 @@
+//! Presentation helpers: tables, ages, byte sizes, role names.
+use comfy_table::{presets::NOTHING, ContentArrangement, Table};
+use lifeboat_common::Role;
+
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    t
+}
+
+/// "12s ago", "3m ago", "never".
+pub fn age(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "never".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let secs = ((now - unix_ms).max(0) / 1000) as u64;
+    let d = std::time::Duration::from_secs(secs);
+    format!(
+        "{} ago",
+        humantime::format_duration(d)
+            .to_string()
+            .split(' ')
+            .next()
+            .unwrap_or("0s")
+    )
+}
+
+/// RFC 3339 time of a Unix-milliseconds timestamp.
+pub fn time(unix_ms: i64) -> String {
+    if unix_ms <= 0 {
+        return "-".into();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn role_name(proto_role: i32) -> &'static str {
+    Role::from_proto(proto_role)
+        .map(Role::as_str)
+        .unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_naturally() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+    }
+}

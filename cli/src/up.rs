@@ -1,0 +1,270 @@
+//! `lifeboat up`: a whole Lifeboat on one host — configuration server (single node), process
+//! server and master target in one process, sharing one data directory. The first run
+//! initialises the cluster and registers the two components; later runs resume. A component
+//! whose identity is revoked (passphrase regenerated) registers again with the new passphrase.
+use crate::context::{self, ContextArgs};
+use lifeboat_common::component::{register_command, HeartbeatStop, RegisterArgs};
+use lifeboat_common::service_args::CommonSettings;
+use lifeboat_common::telemetry::{self, LogFormat};
+use lifeboat_common::{tls, Identity, Role};
+use lifeboat_config_server::init::{self as cs_init, CliContext};
+use lifeboat_config_server::settings::Settings as CsSettings;
+use lifeboat_proto::v1::{admin_client::AdminClient, Empty};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Data directory for all three services.
+    #[arg(long, default_value = "./lifeboat-data")]
+    data_dir: PathBuf,
+    /// Configuration server gRPC address.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    cs_listen: SocketAddr,
+    /// Process server gRPC address.
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    ps_listen: SocketAddr,
+    /// Master target gRPC address.
+    #[arg(long, default_value = "127.0.0.1:9444")]
+    mt_listen: SocketAddr,
+    /// Prometheus metrics of all three services.
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    metrics_listen: SocketAddr,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn common(
+    data_dir: &Path,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    log_format: LogFormat,
+) -> CommonSettings {
+    CommonSettings {
+        data_dir: data_dir.to_path_buf(),
+        listen,
+        advertise: listen.to_string(),
+        metrics_listen: metrics,
+        log_format,
+    }
+}
+
+pub async fn run(args: UpArgs, ctx: &ContextArgs) -> anyhow::Result<()> {
+    telemetry::init_logging(args.log_format);
+    lifeboat_common::fsutil::create_private_dir(&args.data_dir)?;
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let cs_settings = CsSettings {
+        data_dir: data_dir.join("config-server"),
+        listen: args.cs_listen,
+        advertise: args.cs_listen.to_string(),
+        metrics_listen: args.metrics_listen,
+        heartbeat_interval_secs: 5,
+        log_format: args.log_format,
+    };
+    let first_run = !Identity::exists(&cs_settings.data_dir);
+    if first_run {
+        let outcome = cs_init::init(&cs_settings)?;
+        println!(
+            "Created Lifeboat cluster {} in {}",
+            outcome.cluster_id,
+            data_dir.display()
+        );
+        println!();
+        println!("Connection passphrase (shown once; kept in the file below):");
+        println!();
+        println!("    {}", outcome.passphrase);
+        println!();
+    }
+    telemetry::init_metrics(args.metrics_listen)?;
+    let cancel = lifeboat_common::shutdown::on_signal();
+    let cs_cancel = CancellationToken::new();
+    let cs_task = tokio::spawn(lifeboat_config_server::server::run(
+        cs_settings.clone(),
+        cs_cancel.clone(),
+    ));
+
+    let admin_dir = cs_init::admin_dir(&cs_settings.data_dir);
+    let cs_addresses = vec![cs_settings.advertise.clone()];
+    if let Err(e) = wait_until_ready(&admin_dir, &cs_addresses, Duration::from_secs(60)).await {
+        cs_cancel.cancel();
+        let _ = cs_task.await;
+        return Err(e);
+    }
+
+    let ps = lifeboat_process_server::Settings {
+        common: common(
+            &data_dir.join("process-server"),
+            args.ps_listen,
+            args.metrics_listen,
+            args.log_format,
+        ),
+        cache_dir: data_dir.join("process-server").join("cache"),
+    };
+    let mt = lifeboat_master_target::Settings {
+        common: common(
+            &data_dir.join("master-target"),
+            args.mt_listen,
+            args.metrics_listen,
+            args.log_format,
+        ),
+        replica_dir: data_dir.join("master-target").join("replicas"),
+        disk_slots: lifeboat_master_target::DEFAULT_DISK_SLOTS,
+    };
+    let passphrase_file = cs_init::passphrase_file(&cs_settings.data_dir);
+    let register = RegisterArgs {
+        cs: cs_addresses.clone(),
+        passphrase_file: passphrase_file.clone(),
+        name: None,
+        force: true,
+    };
+
+    let context_path = ctx.path();
+    context::save(
+        &context_path,
+        &CliContext {
+            cs: cs_addresses.clone(),
+            identity_dir: admin_dir.clone(),
+        },
+    )?;
+
+    let ps_task = {
+        let (facts, dir, settings) = (ps.facts(), ps.common.data_dir.clone(), ps.clone());
+        let run = move |token| {
+            let settings = settings.clone();
+            async move { lifeboat_process_server::run(settings, token).await }
+        };
+        tokio::spawn(supervise(
+            Role::ProcessServer,
+            dir,
+            register.clone(),
+            cancel.clone(),
+            run,
+            facts,
+        ))
+    };
+    let mt_task = {
+        let (facts, dir, settings) = (mt.facts(), mt.common.data_dir.clone(), mt.clone());
+        let run = move |token| {
+            let settings = settings.clone();
+            async move { lifeboat_master_target::run(settings, token).await }
+        };
+        tokio::spawn(supervise(
+            Role::MasterTarget,
+            dir,
+            register.clone(),
+            cancel.clone(),
+            run,
+            facts,
+        ))
+    };
+
+    println!(
+        "Lifeboat is up{}:",
+        if first_run { "" } else { " (resumed)" }
+    );
+    println!(
+        "  configuration server  {}   data {}",
+        cs_settings.advertise,
+        cs_settings.data_dir.display()
+    );
+    println!(
+        "  process server        {}   data {}",
+        args.ps_listen,
+        ps.common.data_dir.display()
+    );
+    println!(
+        "  master target         {}   data {}",
+        args.mt_listen,
+        mt.common.data_dir.display()
+    );
+    println!(
+        "  metrics               http://{}/metrics",
+        args.metrics_listen
+    );
+    println!("  passphrase file       {}", passphrase_file.display());
+    println!("  CLI context           {}", context_path.display());
+    println!();
+    println!("Try `lifeboat servers list` or `lifeboat cluster status`. Ctrl-C stops everything.");
+
+    let mut ps_task = ps_task;
+    let mut mt_task = mt_task;
+    let outcome = tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        r = &mut ps_task => r.map_err(anyhow::Error::from).and_then(|r| r).map_err(|e| e.context("process server stopped")),
+        r = &mut mt_task => r.map_err(anyhow::Error::from).and_then(|r| r).map_err(|e| e.context("master target stopped")),
+    };
+    // Ordered shutdown: components first (they talk to the CS), then the configuration server.
+    cancel.cancel();
+    let _ = ps_task.await;
+    let _ = mt_task.await;
+    cs_cancel.cancel();
+    cs_task.await??;
+    println!(
+        "Lifeboat stopped; run `lifeboat up --data-dir {}` to resume.",
+        args.data_dir.display()
+    );
+    outcome
+}
+
+/// Runs a component, registering it first if it has no identity and again after revocation.
+async fn supervise<F, Fut>(
+    role: Role,
+    data_dir: PathBuf,
+    register: RegisterArgs,
+    cancel: CancellationToken,
+    run: F,
+    facts: lifeboat_proto::v1::ComponentFacts,
+) -> anyhow::Result<()>
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        if !Identity::exists(&data_dir) {
+            lifeboat_common::fsutil::create_private_dir(&data_dir)?;
+            let identity = register_command(role, &register, &data_dir, facts.clone()).await?;
+            tracing::info!(id = %identity.info.id, "{role} registered");
+        }
+        match run(cancel.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.downcast_ref::<HeartbeatStop>().is_some() => {
+                tracing::warn!("{role}: {e}; registering again with the current passphrase");
+                let identity = register_command(role, &register, &data_dir, facts.clone()).await?;
+                tracing::info!(id = %identity.info.id, "{role} registered again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Waits until the configuration server answers with a leader and an initialised state.
+async fn wait_until_ready(
+    admin_dir: &Path,
+    addresses: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let identity = Identity::load(admin_dir)?;
+    let started = Instant::now();
+    loop {
+        if let Ok((_, channel)) =
+            tls::mtls_connect_any(&identity, addresses, Role::ConfigServer).await
+        {
+            let mut admin = AdminClient::new(channel);
+            if let Ok(status) = admin.cluster_status(Empty {}).await {
+                let status = status.into_inner();
+                if status.leader_id != 0 && !status.cluster_id.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "the configuration server did not become ready within {}s",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
