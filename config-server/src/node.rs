@@ -137,6 +137,23 @@ impl Node {
         Ok((peer, record))
     }
 
+    /// Authorization of Raft traffic: a config-server certificate from our CA, not revoked.
+    /// Unlike `authorize`, an identity this node has not seen yet is accepted: a new or
+    /// lagging node learns of its peers' registrations only through the very log entries
+    /// those peers are sending it.
+    pub fn authorize_raft_peer<T>(&self, request: &Request<T>) -> Result<Peer, Status> {
+        let peer = require_role(request, &[Role::ConfigServer])?;
+        if let Some(record) = self.state().identity(&peer.id).map_err(storage_status)? {
+            if let Some(revoked) = record.revoked {
+                return Err(Status::unauthenticated(format!(
+                    "identity {} was revoked: {}",
+                    peer.id, revoked.reason
+                )));
+            }
+        }
+        Ok(peer)
+    }
+
     /// Proposes `command` and waits until it is committed and applied. On a follower the
     /// command is forwarded to the leader.
     pub async fn write(&self, command: Command) -> Result<CommandResult, Status> {

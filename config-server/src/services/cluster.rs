@@ -39,13 +39,13 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        self.node.authorize(&request, &[Role::ConfigServer])?;
+        self.node.authorize_raft_peer(&request)?;
         let rpc = decode(request.get_ref())?;
         encode(&self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
-        self.node.authorize(&request, &[Role::ConfigServer])?;
+        self.node.authorize_raft_peer(&request)?;
         let rpc = decode(request.get_ref())?;
         encode(&self.node.raft.vote(rpc).await)
     }
@@ -54,7 +54,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        self.node.authorize(&request, &[Role::ConfigServer])?;
+        self.node.authorize_raft_peer(&request)?;
         let rpc = decode(request.get_ref())?;
         encode(&self.node.raft.install_snapshot(rpc).await)
     }

@@ -1,0 +1,136 @@
+//! A three-node configuration server cluster on 127.0.0.1: nodes join with the passphrase,
+//! become voters, and after the leader is killed (SIGKILL) a new leader is elected and every
+//! acknowledged write is still there. Writes sent to a follower are forwarded to the leader.
+use lifeboat_e2e::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn status(context: &Path, addr: &str) -> Option<Value> {
+    let out = run(
+        "lifeboat",
+        &["--cs", addr, "cluster", "status", "--json"],
+        &[("LIFEBOAT_CONTEXT", &context.display().to_string())],
+    );
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn voters(s: &Value) -> usize {
+    s["members"].as_array().map(|m| m.iter().filter(|m| m["voter"] == true).count()).unwrap_or(0)
+}
+
+/// Registers an agent named `name` through the node at `addr`: one acknowledged Raft write.
+fn register_agent(tmp: &Path, addr: &str, passphrase_file: &Path, name: &str) {
+    let dir = tmp.join(name);
+    let out = run(
+        "mobility-agent",
+        &[
+            "register", "--data-dir", &dir.display().to_string(), "--cs", addr,
+            "--passphrase-file", &passphrase_file.display().to_string(), "--name", name,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "register {name} via {addr}: {}", text(&out));
+}
+
+fn agent_names(context: &Path, addr: &str) -> Vec<String> {
+    let out = run(
+        "lifeboat",
+        &["--cs", addr, "servers", "list", "--role", "agent", "--json"],
+        &[("LIFEBOAT_CONTEXT", &context.display().to_string())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<String> = v["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, _) = CsNode::init(tmp.path().join("cs1"));
+    let ctx = first.context();
+    let mut nodes = vec![first];
+    for i in 2..=3 {
+        let pf = nodes[0].passphrase_file();
+        let node = CsNode::join(tmp.path().join(format!("cs{i}")), &nodes[0].addr, &pf);
+        nodes.push(node);
+    }
+    wait_until("three voters", WAIT, || status(&ctx, &nodes[0].addr).is_some_and(|s| voters(&s) == 3));
+    let joined = tmp.path().join("cs2").join("private").join("connection.passphrase");
+    assert!(joined.exists(), "a joined node keeps the passphrase file too");
+
+    // Acknowledged writes, some through followers (forwarded to the leader).
+    let pf = nodes[0].passphrase_file();
+    let mut expected = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..3 {
+            let name = format!("agent-{i}-{j}");
+            register_agent(tmp.path(), &node.addr, &pf, &name);
+            expected.push(name);
+        }
+    }
+    expected.sort();
+    for node in &nodes {
+        wait_until("every node applied every write", WAIT, || agent_names(&ctx, &node.addr) == expected);
+    }
+
+    // Kill the leader.
+    let before = status(&ctx, &nodes[0].addr).unwrap();
+    let leader_id = before["leader_id"].as_u64().unwrap();
+    let old_term = before["term"].as_u64().unwrap();
+    let leader_index = nodes
+        .iter()
+        .position(|n| n.addr == before["leader_address"].as_str().unwrap())
+        .expect("leader is one of ours");
+    nodes[leader_index].proc.as_mut().unwrap().kill9();
+    let survivors: Vec<&CsNode> = nodes.iter().enumerate().filter(|(i, _)| *i != leader_index).map(|(_, n)| n).collect();
+
+    wait_until("a new leader", WAIT, || {
+        status(&ctx, &survivors[0].addr).is_some_and(|s| {
+            let l = s["leader_id"].as_u64().unwrap_or(0);
+            l != 0 && l != leader_id
+        })
+    });
+    let after = status(&ctx, &survivors[0].addr).unwrap();
+    assert!(after["term"].as_u64().unwrap() > old_term, "a new term began");
+    for node in &survivors {
+        assert_eq!(agent_names(&ctx, &node.addr), expected, "acknowledged writes survive on {}", node.addr);
+    }
+
+    // The cluster still takes writes, through either survivor.
+    for (i, node) in survivors.iter().enumerate() {
+        let name = format!("after-{i}");
+        register_agent(tmp.path(), &node.addr, &pf, &name);
+        expected.push(name);
+    }
+    expected.sort();
+    for node in &survivors {
+        wait_until("writes after failover applied", WAIT, || agent_names(&ctx, &node.addr) == expected);
+    }
+
+    // The killed node comes back, catches up and agrees.
+    nodes[leader_index].start();
+    let back = nodes[leader_index].addr.clone();
+    wait_until("old leader caught up", WAIT, || {
+        run(
+            "lifeboat",
+            &["--cs", &back, "servers", "list", "--role", "agent", "--json"],
+            &[("LIFEBOAT_CONTEXT", &ctx.display().to_string())],
+        )
+        .status
+        .success()
+            && agent_names(&ctx, &back) == expected
+    });
+}
