@@ -188,17 +188,17 @@ pub async fn run(args: UpArgs, ctx: &ContextArgs) -> anyhow::Result<()> {
     println!();
     println!("Try `lifeboat servers list` or `lifeboat cluster status`. Ctrl-C stops everything.");
 
-    let mut ps_task = ps_task;
-    let mut mt_task = mt_task;
-    let outcome = tokio::select! {
-        _ = cancel.cancelled() => Ok(()),
-        r = &mut ps_task => r.map_err(anyhow::Error::from).and_then(|r| r).map_err(|e| e.context("process server stopped")),
-        r = &mut mt_task => r.map_err(anyhow::Error::from).and_then(|r| r).map_err(|e| e.context("master target stopped")),
-    };
+    // Run until Ctrl-C/SIGTERM, or until a component fails for good.
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = component_finished(&ps_task) => {}
+        _ = component_finished(&mt_task) => {}
+    }
     // Ordered shutdown: components first (they talk to the CS), then the configuration server.
     cancel.cancel();
-    let _ = ps_task.await;
-    let _ = mt_task.await;
+    let outcome = joined(ps_task.await)
+        .map_err(|e| e.context("process server failed"))
+        .and(joined(mt_task.await).map_err(|e| e.context("master target failed")));
     cs_cancel.cancel();
     cs_task.await??;
     println!(
@@ -206,6 +206,17 @@ pub async fn run(args: UpArgs, ctx: &ContextArgs) -> anyhow::Result<()> {
         args.data_dir.display()
     );
     outcome
+}
+
+/// Resolves when a component task has finished (its result is collected at shutdown).
+async fn component_finished(task: &tokio::task::JoinHandle<anyhow::Result<()>>) {
+    while !task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn joined(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    result.map_err(anyhow::Error::from).and_then(|r| r)
 }
 
 /// Runs a component, registering it first if it has no identity and again after revocation.

@@ -75,7 +75,7 @@ impl Proc {
         let err = out.try_clone().expect("clone log file");
         let child = Command::new(bin(binary))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

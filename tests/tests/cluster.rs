@@ -21,7 +21,10 @@ fn status(context: &Path, addr: &str) -> Option<Value> {
 }
 
 fn voters(s: &Value) -> usize {
-    s["members"].as_array().map(|m| m.iter().filter(|m| m["voter"] == true).count()).unwrap_or(0)
+    s["members"]
+        .as_array()
+        .map(|m| m.iter().filter(|m| m["voter"] == true).count())
+        .unwrap_or(0)
 }
 
 /// Registers an agent named `name` through the node at `addr`: one acknowledged Raft write.
@@ -30,12 +33,23 @@ fn register_agent(tmp: &Path, addr: &str, passphrase_file: &Path, name: &str) {
     let out = run(
         "mobility-agent",
         &[
-            "register", "--data-dir", &dir.display().to_string(), "--cs", addr,
-            "--passphrase-file", &passphrase_file.display().to_string(), "--name", name,
+            "register",
+            "--data-dir",
+            &dir.display().to_string(),
+            "--cs",
+            addr,
+            "--passphrase-file",
+            &passphrase_file.display().to_string(),
+            "--name",
+            name,
         ],
         &[],
     );
-    assert!(out.status.success(), "register {name} via {addr}: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "register {name} via {addr}: {}",
+        text(&out)
+    );
 }
 
 fn agent_names(context: &Path, addr: &str) -> Vec<String> {
@@ -67,9 +81,18 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
         let node = CsNode::join(tmp.path().join(format!("cs{i}")), &nodes[0].addr, &pf);
         nodes.push(node);
     }
-    wait_until("three voters", WAIT, || status(&ctx, &nodes[0].addr).is_some_and(|s| voters(&s) == 3));
-    let joined = tmp.path().join("cs2").join("private").join("connection.passphrase");
-    assert!(joined.exists(), "a joined node keeps the passphrase file too");
+    wait_until("three voters", WAIT, || {
+        status(&ctx, &nodes[0].addr).is_some_and(|s| voters(&s) == 3)
+    });
+    let joined = tmp
+        .path()
+        .join("cs2")
+        .join("private")
+        .join("connection.passphrase");
+    assert!(
+        joined.exists(),
+        "a joined node keeps the passphrase file too"
+    );
 
     // Acknowledged writes, some through followers (forwarded to the leader).
     let pf = nodes[0].passphrase_file();
@@ -83,7 +106,9 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
     }
     expected.sort();
     for node in &nodes {
-        wait_until("every node applied every write", WAIT, || agent_names(&ctx, &node.addr) == expected);
+        wait_until("every node applied every write", WAIT, || {
+            agent_names(&ctx, &node.addr) == expected
+        });
     }
 
     // Kill the leader.
@@ -95,7 +120,12 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
         .position(|n| n.addr == before["leader_address"].as_str().unwrap())
         .expect("leader is one of ours");
     nodes[leader_index].proc.as_mut().unwrap().kill9();
-    let survivors: Vec<&CsNode> = nodes.iter().enumerate().filter(|(i, _)| *i != leader_index).map(|(_, n)| n).collect();
+    let survivors: Vec<&CsNode> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader_index)
+        .map(|(_, n)| n)
+        .collect();
 
     wait_until("a new leader", WAIT, || {
         status(&ctx, &survivors[0].addr).is_some_and(|s| {
@@ -104,9 +134,17 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
         })
     });
     let after = status(&ctx, &survivors[0].addr).unwrap();
-    assert!(after["term"].as_u64().unwrap() > old_term, "a new term began");
+    assert!(
+        after["term"].as_u64().unwrap() > old_term,
+        "a new term began"
+    );
     for node in &survivors {
-        assert_eq!(agent_names(&ctx, &node.addr), expected, "acknowledged writes survive on {}", node.addr);
+        assert_eq!(
+            agent_names(&ctx, &node.addr),
+            expected,
+            "acknowledged writes survive on {}",
+            node.addr
+        );
     }
 
     // The cluster still takes writes, through either survivor.
@@ -117,7 +155,9 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
     }
     expected.sort();
     for node in &survivors {
-        wait_until("writes after failover applied", WAIT, || agent_names(&ctx, &node.addr) == expected);
+        wait_until("writes after failover applied", WAIT, || {
+            agent_names(&ctx, &node.addr) == expected
+        });
     }
 
     // The killed node comes back, catches up and agrees.
@@ -126,7 +166,9 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
     wait_until("old leader caught up", WAIT, || {
         run(
             "lifeboat",
-            &["--cs", &back, "servers", "list", "--role", "agent", "--json"],
+            &[
+                "--cs", &back, "servers", "list", "--role", "agent", "--json",
+            ],
             &[("LIFEBOAT_CONTEXT", &ctx.display().to_string())],
         )
         .status

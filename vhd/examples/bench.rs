@@ -40,7 +40,10 @@ impl Rng {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = PathBuf::from(args.get(1).ok_or("usage: bench <work dir> [MiB] [disk GiB]")?);
+    let dir = PathBuf::from(
+        args.get(1)
+            .ok_or("usage: bench <work dir> [MiB] [disk GiB]")?,
+    );
     let mib: u64 = args.get(2).map_or(Ok(1024), |s| s.parse())?;
     let disk_gib: u64 = args.get(3).map_or(Ok(8), |s| s.parse())?;
     let total = mib * MIB;
@@ -81,7 +84,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rand_raw = File::create(dir.join("rand.raw"))?;
     rand_raw.set_len(disk)?;
     let plan: Vec<(u64, Vec<u8>)> = (0..writes)
-        .map(|i| ((rng.next() % (disk / (64 << 10))) * (64 << 10), chunk(i, 64 << 10)))
+        .map(|i| {
+            (
+                (rng.next() % (disk / (64 << 10))) * (64 << 10),
+                chunk(i, 64 << 10),
+            )
+        })
         .collect();
     let mut img = Image::create(dir.join("rand.vhd"), &CreateOptions::dynamic(disk))?;
     let t = Instant::now();
@@ -124,5 +132,8 @@ fn data_bytes(path: &Path) -> std::io::Result<u64> {
 }
 
 fn report(name: &str, bytes: u64, started: Instant) {
-    println!("RESULT {name} {bytes} {:.6}", started.elapsed().as_secs_f64());
+    println!(
+        "RESULT {name} {bytes} {:.6}",
+        started.elapsed().as_secs_f64()
+    );
 }

@@ -199,6 +199,9 @@ mod tests {
         let mut b = vec![0u8; 512];
         set_bits(&mut b, 1, 2);
         let r = runs(&b, 100, 2000);
-        assert_eq!(r, vec![(false, 100, 512), (true, 512, 1536), (false, 1536, 2000)]);
+        assert_eq!(
+            r,
+            vec![(false, 100, 512), (true, 512, 1536), (false, 1536, 2000)]
+        );
     }
 }

@@ -157,8 +157,8 @@ fn check_block_size(block_size: u32) -> Result<()> {
 /// A dynamic header for `size` bytes: exactly as many BAT entries as blocks (qemu refuses
 /// more than 2040 GiB worth).
 fn sparse_header(size: u64, block_size: u32) -> Result<DynamicHeader> {
-    let entries = u32::try_from(size.div_ceil(u64::from(block_size)))
-        .map_err(|_| Error::TooLarge {
+    let entries =
+        u32::try_from(size.div_ceil(u64::from(block_size))).map_err(|_| Error::TooLarge {
             size,
             max: MAX_DISK_SIZE,
         })?;
@@ -179,12 +179,10 @@ fn write_sparse(
         *slot = ParentLocator {
             platform_code: loc.code,
             // The spec counts the reserved space in sectors.
-            data_space: u32::try_from(space / SECTOR_SIZE).map_err(|_| {
-                Error::InvalidArgument("parent path too long for a locator".into())
-            })?,
-            data_length: u32::try_from(loc.bytes.len()).map_err(|_| {
-                Error::InvalidArgument("parent path too long for a locator".into())
-            })?,
+            data_space: u32::try_from(space / SECTOR_SIZE)
+                .map_err(|_| Error::InvalidArgument("parent path too long for a locator".into()))?,
+            data_length: u32::try_from(loc.bytes.len())
+                .map_err(|_| Error::InvalidArgument("parent path too long for a locator".into()))?,
             data_offset: pos,
         };
         pos += space;
@@ -192,11 +190,22 @@ fn write_sparse(
     let file = create_new(path)?;
     let footer_bytes = footer.to_bytes();
     write_all_at(&file, &footer_bytes, 0, "write the footer copy")?;
-    write_all_at(&file, &header.to_bytes(), FOOTER_SIZE, "write the dynamic header")?;
-    let bat_len = usize::try_from(bat_bytes).expect("a BAT of at most 128 MiB (2040 GiB in 64 KiB blocks) fits usize");
+    write_all_at(
+        &file,
+        &header.to_bytes(),
+        FOOTER_SIZE,
+        "write the dynamic header",
+    )?;
+    let bat_len = usize::try_from(bat_bytes)
+        .expect("a BAT of at most 128 MiB (2040 GiB in 64 KiB blocks) fits usize");
     write_all_at(&file, &vec![0xff; bat_len], BAT_OFFSET, "write the BAT")?;
     for (slot, loc) in header.locators.iter().zip(locators) {
-        write_all_at(&file, &loc.bytes, slot.data_offset, "write a parent locator")?;
+        write_all_at(
+            &file,
+            &loc.bytes,
+            slot.data_offset,
+            "write a parent locator",
+        )?;
     }
     write_all_at(&file, &footer_bytes, pos, "write the footer")?;
     finish(&file, path)

@@ -52,15 +52,18 @@ pub(crate) fn locators_for(child: &Path, parent: &Path) -> Result<Vec<LocatorDat
         },
         LocatorData {
             code: *b"MacX",
-            bytes: format!("file://{}", percent_encode(&parent_abs.to_string_lossy()))
-                .into_bytes(),
+            bytes: format!("file://{}", percent_encode(&parent_abs.to_string_lossy())).into_bytes(),
         },
     ])
 }
 
 /// Paths where `child`'s parent may be, best first, decoded from the locators and the parent
 /// name in `header`. Unknown platform codes and over-long locators are skipped.
-pub(crate) fn candidates(child: &Path, file: &File, header: &DynamicHeader) -> Result<Vec<PathBuf>> {
+pub(crate) fn candidates(
+    child: &Path,
+    file: &File,
+    header: &DynamicHeader,
+) -> Result<Vec<PathBuf>> {
     let dir = dir_of(child);
     let mut relative = Vec::new();
     let mut absolute = Vec::new();

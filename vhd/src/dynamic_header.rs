@@ -92,7 +92,7 @@ impl DynamicHeader {
     }
 
     /// Decodes and validates a header read from `offset`: cookie, checksum, version, block
-    /// size. Layout checks (does the BAT fit the file?) belong to [`crate::layout`].
+    /// size. Layout checks (does the BAT fit the file?) happen when an image is opened.
     pub fn parse(buf: &[u8; 1024], offset: u64) -> Result<DynamicHeader> {
         if &buf[0..8] != COOKIE {
             return Err(Error::BadHeaderCookie { offset });

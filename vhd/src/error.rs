@@ -111,7 +111,9 @@ pub enum Error {
     },
 
     /// The file ends inside a block the BAT references: it was cut short.
-    #[error("image truncated: block {block} needs the file to be {needed} bytes, it is {file_len}")]
+    #[error(
+        "image truncated: block {block} needs the file to be {needed} bytes, it is {file_len}"
+    )]
     Truncated {
         /// The block that extends past the end.
         block: u64,

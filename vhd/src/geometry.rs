@@ -87,8 +87,8 @@ const SIZE_BY_CURRENT_SIZE: [&[u8; 4]; 5] = [b"win ", b"qem2", b"d2v ", b"CTXS",
 /// (rounded down to a sector) for the creators in `SIZE_BY_CURRENT_SIZE` and for the maximum
 /// geometry, C×H×S×512 otherwise.
 pub fn visible_size(creator_app: &[u8; 4], geometry: Geometry, current_size: u64) -> u64 {
-    let by_size = SIZE_BY_CURRENT_SIZE.contains(&creator_app)
-        || geometry.sectors() == MAX_GEOMETRY.sectors();
+    let by_size =
+        SIZE_BY_CURRENT_SIZE.contains(&creator_app) || geometry.sectors() == MAX_GEOMETRY.sectors();
     if by_size {
         current_size / SECTOR_SIZE * SECTOR_SIZE
     } else {

@@ -105,10 +105,7 @@ impl Image {
             .write(writable)
             .open(path)
             .map_err(Error::io("open the image"))?;
-        let file_len = file
-            .metadata()
-            .map_err(Error::io("stat the image"))?
-            .len();
+        let file_len = file.metadata().map_err(Error::io("stat the image"))?.len();
         if file_len < FOOTER_SIZE {
             return Err(Error::NotVhd {
                 detail: format!("the file is {file_len} bytes, shorter than a footer"),
@@ -161,7 +158,9 @@ impl Image {
         }
         let copy_damaged = match copy {
             Err(e) if end_valid => {
-                image.notices.push(Notice::FooterCopyUnusable(e.to_string()));
+                image
+                    .notices
+                    .push(Notice::FooterCopyUnusable(e.to_string()));
                 true
             }
             _ => false,
@@ -188,7 +187,12 @@ impl Image {
         let header_offset = self.footer.data_offset;
         layout::check_in_file(Kind::Header, header_offset, HEADER_SIZE, limit)?;
         let mut raw = [0u8; 1024];
-        read_exact_at(&self.file, &mut raw, header_offset, "read the dynamic header")?;
+        read_exact_at(
+            &self.file,
+            &mut raw,
+            header_offset,
+            "read the dynamic header",
+        )?;
         let header = DynamicHeader::parse(&raw, header_offset)?;
         let block_size = u64::from(header.block_size);
         let needed = self.size.div_ceil(block_size);
@@ -239,7 +243,8 @@ impl Image {
             });
         }
         let mut footer_at = if end_valid { limit } else { u64::MAX };
-        if self.writable && (footer_at != next_free || file_len != next_free + FOOTER_SIZE || copy_damaged)
+        if self.writable
+            && (footer_at != next_free || file_len != next_free + FOOTER_SIZE || copy_damaged)
         {
             // Everything past `next_free` is unreferenced, so cutting it is safe; it also
             // guarantees that new blocks are appended over fresh (zero) space.
@@ -250,7 +255,9 @@ impl Image {
             if copy_damaged {
                 write_all_at(&self.file, &footer_bytes, 0, "write the footer copy")?;
             }
-            self.file.sync_data().map_err(Error::io("sync the repair"))?;
+            self.file
+                .sync_data()
+                .map_err(Error::io("sync the repair"))?;
             footer_at = next_free;
             self.notices.push(Notice::Repaired {
                 file_len: next_free + FOOTER_SIZE,
@@ -439,16 +446,19 @@ impl Image {
     }
 
     /// Makes `offset..offset + len` read as zeros: whole blocks of a dynamic image are
-    /// unmapped, the rest is written with zeros (which allocates nothing where the content is
-    /// already zero).
+    /// unmapped; elsewhere zeros are written only where some image in the chain may hold data,
+    /// so zeroing a mostly empty range costs little.
     pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
         self.discard(offset, len)?;
-        const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        let end = offset + len;
+        let step = self.block_size().unwrap_or(1 << 20);
+        let zeros = vec![0u8; step.min(len) as usize];
         let mut pos = offset;
-        while pos < offset + len {
-            let n = CHUNK.min(offset + len - pos);
-            self.write_at(&zeros[..n as usize], pos)?;
+        while pos < end {
+            let n = (step - pos % step).min(end - pos);
+            if self.may_have_data(pos, n) {
+                self.write_at(&zeros[..n as usize], pos)?;
+            }
             pos += n;
         }
         Ok(())
@@ -504,7 +514,7 @@ impl Image {
             return if self.size == 0 {
                 Vec::new()
             } else {
-                vec![0..self.size]
+                std::iter::once(0..self.size).collect()
             };
         };
         let mut ranges = sparse.allocated_ranges();

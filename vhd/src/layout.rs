@@ -92,7 +92,11 @@ pub(crate) fn check(meta: &Metadata, bat: &Bat, span: u64, limit: u64) -> Result
         Ok(())
     };
     push_meta(Kind::FooterCopy, 0, FOOTER_SIZE)?;
-    push_meta(Kind::Header, meta.header_offset, crate::dynamic_header::HEADER_SIZE)?;
+    push_meta(
+        Kind::Header,
+        meta.header_offset,
+        crate::dynamic_header::HEADER_SIZE,
+    )?;
     push_meta(Kind::Bat, meta.bat_offset, meta.bat_bytes)?;
     for &(i, offset, len) in &meta.locators {
         push_meta(Kind::Locator(i), offset, round_up_sector(len).max(1))?;
@@ -156,7 +160,10 @@ mod tests {
         let mut bat = Bat::empty(1536, 4);
         bat.set(0, 4);
         bat.set(2, 4 + 9);
-        assert_eq!(check(&meta(), &bat, 9 * 512, 100_000).expect("valid"), (4 + 18) * 512);
+        assert_eq!(
+            check(&meta(), &bat, 9 * 512, 100_000).expect("valid"),
+            (4 + 18) * 512
+        );
     }
 
     #[test]

@@ -159,8 +159,8 @@ impl Sparse {
                         Bits::Partial(bits) => {
                             let end = in_block + n as u64;
                             for (present, from, to) in bitmap::runs(&bits, in_block, end) {
-                                let sub =
-                                    &mut chunk[(from - in_block) as usize..(to - in_block) as usize];
+                                let sub = &mut chunk
+                                    [(from - in_block) as usize..(to - in_block) as usize];
                                 if present {
                                     read_zero_padded(file, sub, data + from)?;
                                 } else {
@@ -399,7 +399,9 @@ impl Sparse {
     }
 
     fn cache_mut(&mut self) -> &mut BitmapCache {
-        self.bitmaps.get_mut().unwrap_or_else(PoisonError::into_inner)
+        self.bitmaps
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `block`'s bitmap, read from the file on first use.

@@ -60,7 +60,10 @@ pub(crate) fn checksum(bytes: &[u8], field_at: usize) -> u32 {
 /// Seconds since the VHD epoch for `t`, saturating (a clock before 2000 gives 0, one after
 /// 2136 gives `u32::MAX`).
 pub(crate) fn vhd_timestamp(t: SystemTime) -> u32 {
-    let unix = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let unix = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     u32::try_from(unix.saturating_sub(VHD_EPOCH_UNIX)).unwrap_or(u32::MAX)
 }
 
@@ -86,7 +89,12 @@ pub(crate) fn read_exact_at(
 }
 
 /// Writes all of `buf` at `offset`.
-pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64, context: &'static str) -> Result<()> {
+pub(crate) fn write_all_at(
+    file: &File,
+    buf: &[u8],
+    offset: u64,
+    context: &'static str,
+) -> Result<()> {
     file.write_all_at(buf, offset).map_err(Error::io(context))
 }
 

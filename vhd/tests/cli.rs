@@ -59,8 +59,15 @@ fn create_info_check() {
     lifeboat_vhd(&["create", p(&fixed), "--size", "1M", "--type", "fixed"]).expect("fixed");
     assert_eq!(Image::open(&fixed).expect("open").size(), MIB);
     let child = dir.path().join("c.vhd");
-    let out = lifeboat_vhd(&["create", p(&child), "--type", "differencing", "--parent", p(&img)])
-        .expect("differencing");
+    let out = lifeboat_vhd(&[
+        "create",
+        p(&child),
+        "--type",
+        "differencing",
+        "--parent",
+        p(&img),
+    ])
+    .expect("differencing");
     assert!(out.contains("differencing"), "{out}");
     let out = lifeboat_vhd(&["info", p(&child)]).expect("info child");
     assert!(out.contains("parent 1:"), "{out}");
@@ -68,7 +75,10 @@ fn create_info_check() {
     // Bad arguments and bad images are errors, not panics.
     assert!(lifeboat_vhd(&["create", p(&dir.path().join("x.vhd"))]).is_err());
     assert!(lifeboat_vhd(&["create", p(&dir.path().join("y.vhd")), "--size", "1000"]).is_err());
-    assert!(lifeboat_vhd(&["create", p(&img), "--size", "1M"]).is_err(), "exists");
+    assert!(
+        lifeboat_vhd(&["create", p(&img), "--size", "1M"]).is_err(),
+        "exists"
+    );
     let mut bytes = std::fs::read(&img).expect("read");
     bytes[600] ^= 1; // dynamic header checksum
     let bad = dir.path().join("bad.vhd");
@@ -123,11 +133,27 @@ fn convert_round_trips_and_copies_only_data() {
     common::assert_image_eq(&img, &model);
 
     let fixed = d.join("out-fixed.vhd");
-    lifeboat_vhd(&["convert", "--no-progress", "--to", "fixed", p(&raw), p(&fixed)]).expect("fixed");
+    lifeboat_vhd(&[
+        "convert",
+        "--no-progress",
+        "--to",
+        "fixed",
+        p(&raw),
+        p(&fixed),
+    ])
+    .expect("fixed");
     common::assert_image_eq(&Image::open(&fixed).expect("open"), &model);
 
     let back = d.join("back.raw");
-    lifeboat_vhd(&["convert", "--no-progress", "--to", "raw", p(&dynamic), p(&back)]).expect("raw");
+    lifeboat_vhd(&[
+        "convert",
+        "--no-progress",
+        "--to",
+        "raw",
+        p(&dynamic),
+        p(&back),
+    ])
+    .expect("raw");
     assert_eq!(std::fs::read(&back).expect("read back"), model);
     if have_qemu("convert_round_trips_and_copies_only_data (qemu part)") {
         assert!(qemu_compare_raw(&dynamic, &back));

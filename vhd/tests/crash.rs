@@ -61,13 +61,20 @@ fn scenario(dir: &Path, differencing: bool, seed: u64) -> Scenario {
     let mut model = vec![0u8; size as usize];
     let mut img = if differencing {
         let base = dir.join(format!("base{seed}.vhd"));
-        let mut parent = Image::create(&base, &CreateOptions::dynamic(size).block_size(BLOCK as u32))
-            .expect("parent");
+        let mut parent = Image::create(
+            &base,
+            &CreateOptions::dynamic(size).block_size(BLOCK as u32),
+        )
+        .expect("parent");
         random_writes(&mut parent, &mut model, &mut rng, 60);
         parent.close().expect("close parent");
         Image::create_differencing(&path, &base).expect("child")
     } else {
-        Image::create(&path, &CreateOptions::dynamic(size).block_size(BLOCK as u32)).expect("create")
+        Image::create(
+            &path,
+            &CreateOptions::dynamic(size).block_size(BLOCK as u32),
+        )
+        .expect("create")
     };
     random_writes(&mut img, &mut model, &mut rng, 40);
     img.flush().expect("flush 1");
@@ -95,7 +102,8 @@ fn scenario(dir: &Path, differencing: bool, seed: u64) -> Scenario {
 
     let (bat_at, entries1, bitmap_size) = bat_of(&s1);
     let (_, entries2, _) = bat_of(&s2);
-    let bat_sectors = (bat_at / 512) as usize..((bat_at + 4 * entries1.len() as u64).div_ceil(512)) as usize;
+    let bat_sectors =
+        (bat_at / 512) as usize..((bat_at + 4 * entries1.len() as u64).div_ceil(512)) as usize;
     let mut class_of = vec![Class::Data; s2.len().max(s1.len()).div_ceil(512)];
     for s in bat_sectors {
         class_of[s] = Class::Publish;
@@ -203,7 +211,10 @@ fn assert_old_or_new(img: &Image, sc: &Scenario, what: &str) {
         .zip(sc.model2.chunks(512))
         .enumerate()
     {
-        assert!(g == a || g == b, "{what}: sector {i} is neither old nor new");
+        assert!(
+            g == a || g == b,
+            "{what}: sector {i} is neither old nor new"
+        );
     }
 }
 
@@ -214,7 +225,11 @@ fn synthetic_crash_states(differencing: bool) {
         .and_then(|v| v.parse().ok())
         .unwrap_or(60u64);
     for seed in 0..4 {
-        let sc = scenario(dir.path(), differencing, seed + 100 * u64::from(differencing));
+        let sc = scenario(
+            dir.path(),
+            differencing,
+            seed + 100 * u64::from(differencing),
+        );
         assert!(sc.changed.iter().any(|c| c.1 == Class::Publish));
         let mut rng = Rng::new(seed);
         for n in 0..states {
@@ -265,12 +280,22 @@ fn unflushed_writes_are_invisible_and_repaired() {
     img.drop_without_flush(); // as if the process died here
 
     let img = Image::open(&path).expect("open after crash");
-    assert!(matches!(img.notices()[0], Notice::EndFooterUnusable(_)), "{:?}", img.notices());
-    assert!(img.notices().iter().any(|n| matches!(n, Notice::UnreferencedTail { .. })));
+    assert!(
+        matches!(img.notices()[0], Notice::EndFooterUnusable(_)),
+        "{:?}",
+        img.notices()
+    );
+    assert!(img
+        .notices()
+        .iter()
+        .any(|n| matches!(n, Notice::UnreferencedTail { .. })));
     assert_image_eq(&img, &flushed);
     drop(img);
     let mut img = Image::open_rw(&path).expect("open rw after crash");
-    assert!(img.notices().iter().any(|n| matches!(n, Notice::Repaired { .. })));
+    assert!(img
+        .notices()
+        .iter()
+        .any(|n| matches!(n, Notice::Repaired { .. })));
     let mut model = flushed;
     write_both(&mut img, &mut model, &[3u8; 100], 9 * MIB + 7);
     img.close().expect("close");
@@ -283,8 +308,11 @@ fn unflushed_writes_are_invisible_and_repaired() {
 fn files_cut_short_open_from_the_footer_copy_or_fail_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("d.vhd");
-    let mut img = Image::create(&path, &CreateOptions::dynamic(8 * MIB).block_size(BLOCK as u32))
-        .expect("create");
+    let mut img = Image::create(
+        &path,
+        &CreateOptions::dynamic(8 * MIB).block_size(BLOCK as u32),
+    )
+    .expect("create");
     let mut model = vec![0u8; 8 * MIB as usize];
     random_writes(&mut img, &mut model, &mut Rng::new(77), 60);
     img.close().expect("close");
@@ -320,7 +348,10 @@ fn files_cut_short_open_from_the_footer_copy_or_fail_cleanly() {
             }
         }
     }
-    assert!(opened >= 512 && failed > 0, "opened {opened}, failed {failed}");
+    assert!(
+        opened >= 512 && failed > 0,
+        "opened {opened}, failed {failed}"
+    );
 }
 
 #[test]
@@ -346,7 +377,10 @@ fn torn_end_footer_and_fixed_images() {
 
     // Fixed images have no footer copy: a cut or torn footer is a clean error.
     let fixed = dir.path().join("f.vhd");
-    Image::create(&fixed, &CreateOptions::fixed(MIB)).expect("create").close().expect("close");
+    Image::create(&fixed, &CreateOptions::fixed(MIB))
+        .expect("create")
+        .close()
+        .expect("close");
     let bytes = std::fs::read(&fixed).expect("read");
     std::fs::write(&fixed, &bytes[..bytes.len() - 100]).expect("cut");
     assert!(matches!(Image::open(&fixed), Err(Error::NotVhd { .. })));
@@ -354,7 +388,10 @@ fn torn_end_footer_and_fixed_images() {
     let n = torn.len();
     torn[n - 100] ^= 0xff;
     std::fs::write(&fixed, &torn).expect("tear");
-    assert!(matches!(Image::open(&fixed), Err(Error::BadChecksum { .. })));
+    assert!(matches!(
+        Image::open(&fixed),
+        Err(Error::BadChecksum { .. })
+    ));
 }
 
 /// The implementation, not just the model, keeps metadata off the disk until the data is
@@ -370,14 +407,20 @@ fn writes_and_flush_step_one_leave_published_metadata_alone() {
         let mut model = vec![0u8; size as usize];
         let mut img = if differencing {
             let base = dir.path().join("base.vhd");
-            let mut p = Image::create(&base, &CreateOptions::dynamic(size).block_size(BLOCK as u32))
-                .expect("parent");
+            let mut p = Image::create(
+                &base,
+                &CreateOptions::dynamic(size).block_size(BLOCK as u32),
+            )
+            .expect("parent");
             random_writes(&mut p, &mut model, &mut rng, 30);
             p.close().expect("close");
             Image::create_differencing(&path, &base).expect("child")
         } else {
-            Image::create(&path, &CreateOptions::dynamic(size).block_size(BLOCK as u32))
-                .expect("create")
+            Image::create(
+                &path,
+                &CreateOptions::dynamic(size).block_size(BLOCK as u32),
+            )
+            .expect("create")
         };
         random_writes(&mut img, &mut model, &mut rng, 30);
         img.flush().expect("flush");
@@ -391,17 +434,28 @@ fn writes_and_flush_step_one_leave_published_metadata_alone() {
                 img.flush_data_only().expect("step 1");
             }
             let now = std::fs::read(&path).expect("read");
-            assert_eq!(&now[bat_range.clone()], &s1[bat_range.clone()], "{step}: BAT changed");
+            assert_eq!(
+                &now[bat_range.clone()],
+                &s1[bat_range.clone()],
+                "{step}: BAT changed"
+            );
             for &e in entries.iter().filter(|&&e| e != u32::MAX) {
                 let r = e as usize * 512..e as usize * 512 + bitmap_size as usize;
-                assert_eq!(&now[r.clone()], &s1[r], "{step}: a published bitmap changed");
+                assert_eq!(
+                    &now[r.clone()],
+                    &s1[r],
+                    "{step}: a published bitmap changed"
+                );
             }
             // Blocks allocated since the flush are invisible; sectors overwritten in place in
             // existing blocks may already read new.
             let copy = dir.path().join("copy.vhd");
             std::fs::write(&copy, &now).expect("copy");
             let mut got = vec![0u8; size as usize];
-            Image::open(&copy).expect("open copy").read_at(&mut got, 0).expect("read");
+            Image::open(&copy)
+                .expect("open copy")
+                .read_at(&mut got, 0)
+                .expect("read");
             for (b, block) in got.chunks(BLOCK as usize).enumerate() {
                 let old = &flushed[b * BLOCK as usize..(b + 1) * BLOCK as usize];
                 let new = &model[b * BLOCK as usize..(b + 1) * BLOCK as usize];
@@ -410,7 +464,10 @@ fn writes_and_flush_step_one_leave_published_metadata_alone() {
                 }
                 for (i, sector) in block.chunks(512).enumerate() {
                     let r = i * 512..i * 512 + 512;
-                    assert!(sector == &old[r.clone()] || sector == &new[r], "{step}: block {b}");
+                    assert!(
+                        sector == &old[r.clone()] || sector == &new[r],
+                        "{step}: block {b}"
+                    );
                 }
             }
         }

@@ -36,8 +36,8 @@ fn patch_footer(bytes: &mut [u8], f: impl Fn(&mut Footer)) {
 
 /// Rewrites the dynamic header at 512 after `f` edits it.
 fn patch_header(bytes: &mut [u8], f: impl Fn(&mut DynamicHeader)) {
-    let mut h = DynamicHeader::parse(bytes[512..1536].try_into().expect("1024"), 512)
-        .expect("header");
+    let mut h =
+        DynamicHeader::parse(bytes[512..1536].try_into().expect("1024"), 512).expect("header");
     f(&mut h);
     bytes[512..1536].copy_from_slice(&h.to_bytes());
 }
@@ -63,67 +63,142 @@ fn each_defect_has_a_typed_error() {
 
     type Case = (&'static str, Box<dyn Fn(&mut Vec<u8>)>, fn(&Error) -> bool);
     let cases: Vec<Case> = vec![
-        ("both footers corrupt", Box::new(|b| {
-            let n = b.len();
-            b[100] ^= 1;
-            b[n - 412] ^= 1;
-        }), |e| matches!(e, Error::BadChecksum { structure: "footer", .. })),
-        ("header checksum", Box::new(|b| b[1000] ^= 1),
-            |e| matches!(e, Error::BadChecksum { structure: "dynamic header", .. })),
-        ("header cookie", Box::new(|b| {
-            patch_footer(b, |f| f.data_offset = 2048);
-        }), |e| matches!(e, Error::BadHeaderCookie { .. })),
-        ("header outside file", Box::new(|b| patch_footer(b, |f| f.data_offset = u64::MAX - 5)),
-            |e| matches!(e, Error::RegionOutsideFile { .. })),
-        ("disk type", Box::new(|b| {
-            // Re-encode by hand: Footer cannot hold an unknown type.
-            let n = b.len();
-            for at in [0, n - 512] {
-                b[at + 60..at + 64].copy_from_slice(&7u32.to_be_bytes());
-                let sum = !b[at..at + 512].iter().enumerate()
-                    .filter(|(i, _)| !(64..68).contains(i))
-                    .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
-                b[at + 64..at + 68].copy_from_slice(&sum.to_be_bytes());
-            }
-        }), |e| matches!(e, Error::UnsupportedDiskType(7))),
-        ("absurd size", Box::new(|b| patch_footer(b, |f| f.current_size = 1 << 50)),
-            |e| matches!(e, Error::TooLarge { .. })),
-        ("table too small", Box::new(|b| patch_header(b, |h| h.max_table_entries = 2)),
-            |e| matches!(e, Error::TableTooSmall { .. })),
-        ("absurd table", Box::new(|b| patch_header(b, |h| h.max_table_entries = u32::MAX)),
-            |e| matches!(e, Error::RegionOutsideFile { .. })),
-        ("table on the header", Box::new(|b| patch_header(b, |h| h.table_offset = 1024)),
-            |e| matches!(e, Error::Overlap { .. })),
-        ("block size", Box::new(|b| patch_header(b, |h| h.block_size = 3 << 20)),
-            |e| matches!(e, Error::Unsupported(_))),
-        ("block past the end", Box::new(|b| set_bat(b, 1, 0x00ff_ffff)),
-            |e| matches!(e, Error::BlockOutsideFile { block: 1, .. })),
-        ("block on the header", Box::new(|b| set_bat(b, 3, 1)),
-            |e| matches!(e, Error::Overlap { .. })),
-        ("block on the footer copy", Box::new(|b| set_bat(b, 3, 0)),
-            |e| matches!(e, Error::Overlap { .. })),
-        ("block on the BAT", Box::new(|b| set_bat(b, 3, 3)),
-            |e| matches!(e, Error::Overlap { .. })),
-        ("blocks overlap", Box::new(move |b| set_bat(b, 3, first_block + 8)),
-            |e| matches!(e, Error::Overlap { .. })),
-        ("cut into a block", Box::new(|b| {
-            let n = b.len();
-            b.truncate(n - 4096);
-        }), |e| matches!(e, Error::Truncated { .. })),
-        ("too short", Box::new(|b| b.truncate(100)), |e| matches!(e, Error::NotVhd { .. })),
-        ("not a vhd", Box::new(|b| b.iter_mut().for_each(|x| *x = 0x5a)),
-            |e| matches!(e, Error::NotVhd { .. })),
-        ("differencing without locators", Box::new(|b| {
-            patch_footer(b, |f| f.disk_type = vhd::DiskType::Differencing);
-        }), |e| matches!(e, Error::ParentNotFound { .. })),
-        ("locator outside the file", Box::new(|b| {
-            patch_footer(b, |f| f.disk_type = vhd::DiskType::Differencing);
-            patch_header(b, |h| {
-                h.locators[0].platform_code = *b"W2ru";
-                h.locators[0].data_length = 100;
-                h.locators[0].data_offset = 1 << 40;
-            });
-        }), |e| matches!(e, Error::RegionOutsideFile { .. })),
+        (
+            "both footers corrupt",
+            Box::new(|b| {
+                let n = b.len();
+                b[100] ^= 1;
+                b[n - 412] ^= 1;
+            }),
+            |e| {
+                matches!(
+                    e,
+                    Error::BadChecksum {
+                        structure: "footer",
+                        ..
+                    }
+                )
+            },
+        ),
+        ("header checksum", Box::new(|b| b[1000] ^= 1), |e| {
+            matches!(
+                e,
+                Error::BadChecksum {
+                    structure: "dynamic header",
+                    ..
+                }
+            )
+        }),
+        (
+            "header cookie",
+            Box::new(|b| {
+                patch_footer(b, |f| f.data_offset = 2048);
+            }),
+            |e| matches!(e, Error::BadHeaderCookie { .. }),
+        ),
+        (
+            "header outside file",
+            Box::new(|b| patch_footer(b, |f| f.data_offset = u64::MAX - 5)),
+            |e| matches!(e, Error::RegionOutsideFile { .. }),
+        ),
+        (
+            "disk type",
+            Box::new(|b| {
+                // Re-encode by hand: Footer cannot hold an unknown type.
+                let n = b.len();
+                for at in [0, n - 512] {
+                    b[at + 60..at + 64].copy_from_slice(&7u32.to_be_bytes());
+                    let sum = !b[at..at + 512]
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !(64..68).contains(i))
+                        .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
+                    b[at + 64..at + 68].copy_from_slice(&sum.to_be_bytes());
+                }
+            }),
+            |e| matches!(e, Error::UnsupportedDiskType(7)),
+        ),
+        (
+            "absurd size",
+            Box::new(|b| patch_footer(b, |f| f.current_size = 1 << 50)),
+            |e| matches!(e, Error::TooLarge { .. }),
+        ),
+        (
+            "table too small",
+            Box::new(|b| patch_header(b, |h| h.max_table_entries = 2)),
+            |e| matches!(e, Error::TableTooSmall { .. }),
+        ),
+        (
+            "absurd table",
+            Box::new(|b| patch_header(b, |h| h.max_table_entries = u32::MAX)),
+            |e| matches!(e, Error::RegionOutsideFile { .. }),
+        ),
+        (
+            "table on the header",
+            Box::new(|b| patch_header(b, |h| h.table_offset = 1024)),
+            |e| matches!(e, Error::Overlap { .. }),
+        ),
+        (
+            "block size",
+            Box::new(|b| patch_header(b, |h| h.block_size = 3 << 20)),
+            |e| matches!(e, Error::Unsupported(_)),
+        ),
+        (
+            "block past the end",
+            Box::new(|b| set_bat(b, 1, 0x00ff_ffff)),
+            |e| matches!(e, Error::BlockOutsideFile { block: 1, .. }),
+        ),
+        ("block on the header", Box::new(|b| set_bat(b, 3, 1)), |e| {
+            matches!(e, Error::Overlap { .. })
+        }),
+        (
+            "block on the footer copy",
+            Box::new(|b| set_bat(b, 3, 0)),
+            |e| matches!(e, Error::Overlap { .. }),
+        ),
+        ("block on the BAT", Box::new(|b| set_bat(b, 3, 3)), |e| {
+            matches!(e, Error::Overlap { .. })
+        }),
+        (
+            "blocks overlap",
+            Box::new(move |b| set_bat(b, 3, first_block + 8)),
+            |e| matches!(e, Error::Overlap { .. }),
+        ),
+        (
+            "cut into a block",
+            Box::new(|b| {
+                let n = b.len();
+                b.truncate(n - 4096);
+            }),
+            |e| matches!(e, Error::Truncated { .. }),
+        ),
+        ("too short", Box::new(|b| b.truncate(100)), |e| {
+            matches!(e, Error::NotVhd { .. })
+        }),
+        (
+            "not a vhd",
+            Box::new(|b| b.iter_mut().for_each(|x| *x = 0x5a)),
+            |e| matches!(e, Error::NotVhd { .. }),
+        ),
+        (
+            "differencing without locators",
+            Box::new(|b| {
+                patch_footer(b, |f| f.disk_type = vhd::DiskType::Differencing);
+            }),
+            |e| matches!(e, Error::ParentNotFound { .. }),
+        ),
+        (
+            "locator outside the file",
+            Box::new(|b| {
+                patch_footer(b, |f| f.disk_type = vhd::DiskType::Differencing);
+                patch_header(b, |h| {
+                    h.locators[0].platform_code = *b"W2ru";
+                    h.locators[0].data_length = 100;
+                    h.locators[0].data_offset = 1 << 40;
+                });
+            }),
+            |e| matches!(e, Error::RegionOutsideFile { .. }),
+        ),
     ];
     for (name, mutate, expected) in cases {
         let mut b = valid.clone();
@@ -151,26 +226,45 @@ fn parent_chains_are_checked() {
     let d = dir.path();
     let a = d.join("a.vhd");
     let b = d.join("b.vhd");
-    Image::create(&a, &CreateOptions::dynamic(4 * MIB)).expect("a").close().expect("close");
-    Image::create_differencing(&b, &a).expect("b").close().expect("close");
+    Image::create(&a, &CreateOptions::dynamic(4 * MIB))
+        .expect("a")
+        .close()
+        .expect("close");
+    Image::create_differencing(&b, &a)
+        .expect("b")
+        .close()
+        .expect("close");
 
     // Missing parent.
     std::fs::rename(&a, d.join("a.moved")).expect("move");
     assert!(matches!(Image::open(&b), Err(Error::ParentNotFound { .. })));
     // A different image in the parent's place.
-    Image::create(&a, &CreateOptions::dynamic(4 * MIB)).expect("impostor").close().expect("close");
+    Image::create(&a, &CreateOptions::dynamic(4 * MIB))
+        .expect("impostor")
+        .close()
+        .expect("close");
     assert!(matches!(Image::open(&b), Err(Error::ParentMismatch { .. })));
     // A loop: a's place taken by a child of b (b → a → b).
     std::fs::remove_file(&a).expect("rm");
     std::fs::rename(d.join("a.moved"), &a).expect("restore");
     let loop_child = d.join("tmp.vhd");
-    Image::create_differencing(&loop_child, &b).expect("child of b").close().expect("close");
+    Image::create_differencing(&loop_child, &b)
+        .expect("child of b")
+        .close()
+        .expect("close");
     std::fs::rename(&loop_child, &a).expect("replace a");
-    assert!(matches!(Image::open(&b), Err(Error::ParentLoop(_))), "{:?}", Image::open(&b).err());
+    assert!(
+        matches!(Image::open(&b), Err(Error::ParentLoop(_))),
+        "{:?}",
+        Image::open(&b).err()
+    );
 
     // Depth: a chain longer than MAX_CHAIN_DEPTH.
     let base = d.join("c0.vhd");
-    Image::create(&base, &CreateOptions::dynamic(MIB)).expect("c0").close().expect("close");
+    Image::create(&base, &CreateOptions::dynamic(MIB))
+        .expect("c0")
+        .close()
+        .expect("close");
     let mut prev = base;
     for i in 1..=MAX_CHAIN_DEPTH {
         let next = d.join(format!("c{i}.vhd"));
@@ -240,8 +334,8 @@ fn corpus(dir: &Path) -> Vec<Vec<u8>> {
     let mut out = vec![dynamic_bytes(dir)];
     let base = dir.join("base.vhd");
     let mut model = vec![0u8; 2 * MIB as usize];
-    let mut p = Image::create(&base, &CreateOptions::dynamic(2 * MIB).block_size(64 << 10))
-        .expect("base");
+    let mut p =
+        Image::create(&base, &CreateOptions::dynamic(2 * MIB).block_size(64 << 10)).expect("base");
     random_writes(&mut p, &mut model, &mut Rng::new(1), 20);
     p.close().expect("close");
     let child = dir.join("child-src.vhd");
@@ -268,8 +362,16 @@ enum Mutation {
 
 fn interesting_u32() -> impl Strategy<Value = u32> {
     prop_oneof![
-        Just(0u32), Just(1), Just(3), Just(4), Just(512), Just(0xffff_ffff), Just(0x7fff_ffff),
-        Just(0x0020_0000), Just(0x0001_0000), any::<u32>(),
+        Just(0u32),
+        Just(1),
+        Just(3),
+        Just(4),
+        Just(512),
+        Just(0xffff_ffff),
+        Just(0x7fff_ffff),
+        Just(0x0020_0000),
+        Just(0x0001_0000),
+        any::<u32>(),
     ]
 }
 
@@ -277,8 +379,17 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, v)| Mutation::Byte(i, v)),
         (any::<prop::sample::Index>(), interesting_u32()).prop_map(|(i, v)| Mutation::Word(i, v)),
-        (any::<prop::sample::Index>(), prop_oneof![Just(0u64), Just(u64::MAX), Just(512),
-            Just(1 << 41), any::<u64>()]).prop_map(|(i, v)| Mutation::Long(i, v)),
+        (
+            any::<prop::sample::Index>(),
+            prop_oneof![
+                Just(0u64),
+                Just(u64::MAX),
+                Just(512),
+                Just(1 << 41),
+                any::<u64>()
+            ]
+        )
+            .prop_map(|(i, v)| Mutation::Long(i, v)),
         any::<prop::sample::Index>().prop_map(Mutation::Truncate),
         any::<u16>().prop_map(Mutation::Extend),
     ]
@@ -293,7 +404,9 @@ fn fix_checksums(b: &mut [u8]) {
             return;
         }
         let s = &mut b[at..at + len];
-        let sum = !s.iter().enumerate()
+        let sum = !s
+            .iter()
+            .enumerate()
             .filter(|(i, _)| !(field..field + 4).contains(i))
             .fold(0u32, |a, (_, &x)| a.wrapping_add(u32::from(x)));
         s[field..field + 4].copy_from_slice(&sum.to_be_bytes());
@@ -306,7 +419,10 @@ fn fix_checksums(b: &mut [u8]) {
 }
 
 fn cases() -> u32 {
-    std::env::var("VHD_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1500)
+    std::env::var("VHD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500)
 }
 
 proptest! {

@@ -14,7 +14,10 @@ fn fixed_and_dynamic_random_io_roundtrip() {
     for (name, opts) in [
         ("fixed.vhd", CreateOptions::fixed(9 * MIB + 512)),
         ("dynamic.vhd", CreateOptions::dynamic(9 * MIB + 512)),
-        ("small-blocks.vhd", CreateOptions::dynamic(9 * MIB + 512).block_size(64 << 10)),
+        (
+            "small-blocks.vhd",
+            CreateOptions::dynamic(9 * MIB + 512).block_size(64 << 10),
+        ),
     ] {
         let path = dir.path().join(name);
         let mut img = Image::create(&path, &opts).expect("create");
@@ -37,7 +40,8 @@ fn unallocated_reads_zero_and_zero_writes_do_not_allocate() {
     let path = dir.path().join("d.vhd");
     let mut img = Image::create(&path, &CreateOptions::dynamic(16 * MIB)).expect("create");
     let len_before = img.file_len();
-    img.write_at(&vec![0u8; 5 * MIB as usize], MIB).expect("zeros");
+    img.write_at(&vec![0u8; 5 * MIB as usize], MIB)
+        .expect("zeros");
     img.write_at(&[0u8; 3], 7).expect("zeros");
     assert_eq!(img.allocated_blocks(), Some(0));
     assert_eq!(img.file_len(), len_before);
@@ -119,7 +123,8 @@ fn largest_disk_works_at_both_ends() {
         let mut img = Image::create(&path, opts).expect("create 2040 GiB");
         assert_eq!(img.size(), MAX_DISK_SIZE);
         img.write_at(b"first", 0).expect("write start");
-        img.write_at(b"last!", MAX_DISK_SIZE - 5).expect("write end");
+        img.write_at(b"last!", MAX_DISK_SIZE - 5)
+            .expect("write end");
         img.close().expect("close");
         let img = Image::open(&path).expect("reopen");
         let mut b = [0u8; 5];
@@ -156,7 +161,11 @@ fn discard_unmaps_whole_blocks_only() {
     let blocks = std::fs::metadata(&path).expect("stat");
     use std::os::unix::fs::MetadataExt;
     // Hole punching returned the discarded blocks' space (4 blocks of 2 MiB stay).
-    assert!(blocks.blocks() * 512 < 9 * MIB, "{} bytes used", blocks.blocks() * 512);
+    assert!(
+        blocks.blocks() * 512 < 9 * MIB,
+        "{} bytes used",
+        blocks.blocks() * 512
+    );
 
     // write_zeroes: whole blocks unmapped, edges zeroed in place.
     let mut img = Image::open_rw(&path).expect("open rw");

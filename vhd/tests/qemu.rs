@@ -7,8 +7,8 @@ mod common;
 use std::path::Path;
 
 use common::{
-    assert_image_eq, have_qemu, qemu_check, qemu_compare_raw, qemu_map, qemu_size,
-    random_writes, run_ok, write_raw, Rng,
+    assert_image_eq, have_qemu, qemu_check, qemu_compare_raw, qemu_map, qemu_size, random_writes,
+    run_ok, write_raw, Rng,
 };
 use vhd::{CreateOptions, DiskType, Image, MAX_DISK_SIZE};
 
@@ -28,9 +28,9 @@ fn qemu_reports_exactly_the_created_size() {
     let sizes = [
         512,
         MIB,
-        10 * MIB,      // not a CHS multiple: qemu would round to 10514432 for its own images
+        10 * MIB, // not a CHS multiple: qemu would round to 10514432 for its own images
         10 * MIB + 512,
-        2 * GIB,       // qemu-img create makes this 2147991552
+        2 * GIB, // qemu-img create makes this 2147991552
         127 * GIB + 3 * 512,
         65535 * 16 * 255 * 512, // exactly the maximum CHS geometry
         300 * GIB,
@@ -59,7 +59,10 @@ fn crate_written_images_match_raw_in_qemu() {
     for (name, opts) in [
         ("dyn.vhd", CreateOptions::dynamic(size)),
         ("fixed.vhd", CreateOptions::fixed(size)),
-        ("dyn64k.vhd", CreateOptions::dynamic(size).block_size(64 << 10)),
+        (
+            "dyn64k.vhd",
+            CreateOptions::dynamic(size).block_size(64 << 10),
+        ),
     ] {
         let path = dir.path().join(name);
         let raw = dir.path().join(format!("{name}.raw"));
@@ -82,7 +85,11 @@ fn crate_written_images_match_raw_in_qemu() {
         assert!(qemu_compare_raw(&path, &raw), "{name} differs in qemu");
         if opts != CreateOptions::fixed(size) {
             let ours: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start, r.end)).collect();
-            assert_eq!(qemu_map(&path), ours, "{name}: qemu-img map vs allocated_ranges");
+            assert_eq!(
+                qemu_map(&path),
+                ours,
+                "{name}: qemu-img map vs allocated_ranges"
+            );
         }
     }
 }
@@ -102,7 +109,15 @@ fn qemu_can_write_into_crate_images_and_back() {
     // qemu appends its own blocks after ours and rewrites the footer.
     run_ok(
         "qemu-io",
-        &["-f", "vpc", "-c", "write -P 0x5a 17M 100k", "-c", "write -P 0x11 1000 3000", p(&path)],
+        &[
+            "-f",
+            "vpc",
+            "-c",
+            "write -P 0x5a 17M 100k",
+            "-c",
+            "write -P 0x11 1000 3000",
+            p(&path),
+        ],
     );
     model[17 * MIB as usize..17 * MIB as usize + 100 * 1024].fill(0x5a);
     model[1000..4000].fill(0x11);
@@ -140,14 +155,21 @@ fn qemu_made_images_read_identically() {
             "subformat={subformat}{}",
             if force { ",force_size=on" } else { "" }
         );
-        run_ok("qemu-img", &["create", "-q", "-f", "vpc", "-o", &opts, p(&path), size]);
+        run_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "vpc", "-o", &opts, p(&path), size],
+        );
         run_ok(
             "qemu-io",
             &[
-                "-f", "vpc",
-                "-c", "write -P 0xc3 0 1537",
-                "-c", "write -P 0x3c 4M 2M",
-                "-c", "write -P 0x99 9M 4096",
+                "-f",
+                "vpc",
+                "-c",
+                "write -P 0xc3 0 1537",
+                "-c",
+                "write -P 0x3c 4M 2M",
+                "-c",
+                "write -P 0x99 9M 4096",
                 p(&path),
             ],
         );
@@ -158,12 +180,18 @@ fn qemu_made_images_read_identically() {
             assert_eq!(expected, 2_147_991_552, "qemu's CHS round-up");
         }
         let raw = dir.path().join(format!("q{i}.raw"));
-        run_ok("qemu-img", &["convert", "-f", "vpc", "-O", "raw", p(&path), p(&raw)]);
+        run_ok(
+            "qemu-img",
+            &["convert", "-f", "vpc", "-O", "raw", p(&path), p(&raw)],
+        );
         // Stream the comparison: the 130G image must not be read into memory. qemu wrote
         // only below 12 MiB, so past that both must be zeros.
         let raw_file = std::fs::File::open(&raw).expect("open raw");
         let tail = img.size().saturating_sub(4 * MIB);
-        for start in (0..(16 * MIB).min(tail)).step_by(MIB as usize).chain([tail]) {
+        for start in (0..(16 * MIB).min(tail))
+            .step_by(MIB as usize)
+            .chain([tail])
+        {
             let n = (img.size() - start).min(if start == tail { 4 * MIB } else { MIB });
             let mut want = vec![0u8; n as usize];
             std::os::unix::fs::FileExt::read_exact_at(&raw_file, &mut want, start)
@@ -172,7 +200,11 @@ fn qemu_made_images_read_identically() {
             img.read_at(&mut got, start).expect("read image");
             assert!(got == want, "{opts} {size}: differs in {start}+{n}");
         }
-        let ours: Vec<(u64, u64)> = img.allocated_ranges().iter().map(|r| (r.start, r.end)).collect();
+        let ours: Vec<(u64, u64)> = img
+            .allocated_ranges()
+            .iter()
+            .map(|r| (r.start, r.end))
+            .collect();
         if subformat == "dynamic" {
             assert_eq!(qemu_map(&path), ours, "{opts} {size}: allocation");
         }
@@ -198,10 +230,23 @@ fn qemu_converted_images_read_identically() {
     for subformat in ["dynamic", "fixed"] {
         for force in [false, true] {
             let path = dir.path().join(format!("{subformat}{force}.vhd"));
-            let opts = format!("subformat={subformat},force_size={}", if force { "on" } else { "off" });
+            let opts = format!(
+                "subformat={subformat},force_size={}",
+                if force { "on" } else { "off" }
+            );
             run_ok(
                 "qemu-img",
-                &["convert", "-f", "raw", "-O", "vpc", "-o", &opts, p(&raw), p(&path)],
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "vpc",
+                    "-o",
+                    &opts,
+                    p(&raw),
+                    p(&path),
+                ],
             );
             let img = Image::open(&path).expect("open converted image");
             assert_eq!(img.size(), qemu_size(&path));
@@ -222,8 +267,23 @@ fn differencing_chain_flattens_to_what_qemu_sees() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let base = dir.path().join("base.vhd");
-    run_ok("qemu-img", &["create", "-q", "-f", "vpc", "-o", "force_size=on", p(&base), "12M"]);
-    run_ok("qemu-io", &["-f", "vpc", "-c", "write -P 0x42 0 12M", p(&base)]);
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            "force_size=on",
+            p(&base),
+            "12M",
+        ],
+    );
+    run_ok(
+        "qemu-io",
+        &["-f", "vpc", "-c", "write -P 0x42 0 12M", p(&base)],
+    );
     let mut model = vec![0x42u8; 12 * MIB as usize];
     let child_path = dir.path().join("child.vhd");
     let mut child = Image::create_differencing(&child_path, &base).expect("child");

@@ -45,7 +45,7 @@ const CHUNK: u64 = 2 << 20;
 
 enum Source {
     Raw { file: File, len: u64 },
-    Vhd(Image),
+    Vhd(Box<Image>),
 }
 
 impl Source {
@@ -57,16 +57,19 @@ impl Source {
         };
         match format {
             InputFormat::Raw => raw(),
-            InputFormat::Vhd => Ok(Source::Vhd(
+            InputFormat::Vhd => Ok(Source::Vhd(Box::new(
                 Image::open(path).with_context(|| format!("open {}", path.display()))?,
-            )),
+            ))),
             // Only "no footer at all" means raw: a VHD with a damaged footer must not be
             // silently copied as raw bytes.
             InputFormat::Auto => match Image::open(path) {
-                Ok(img) => Ok(Source::Vhd(img)),
+                Ok(img) => Ok(Source::Vhd(Box::new(img))),
                 Err(Error::NotVhd { .. }) => raw(),
                 Err(e) => Err(e).with_context(|| {
-                    format!("{} looks like a damaged VHD (use --from raw to copy it as raw)", path.display())
+                    format!(
+                        "{} looks like a damaged VHD (use --from raw to copy it as raw)",
+                        path.display()
+                    )
                 }),
             },
         }
@@ -110,7 +113,7 @@ impl Source {
 
 enum Dest {
     Raw(File),
-    Vhd(Image),
+    Vhd(Box<Image>),
 }
 
 impl Dest {
@@ -127,10 +130,13 @@ impl Dest {
                 Dest::Raw(file)
             }
             OutputFormat::Dynamic => {
-                Dest::Vhd(Image::create(path, &CreateOptions::dynamic(size)).with_context(context)?)
+                let img =
+                    Image::create(path, &CreateOptions::dynamic(size)).with_context(context)?;
+                Dest::Vhd(Box::new(img))
             }
             OutputFormat::Fixed => {
-                Dest::Vhd(Image::create(path, &CreateOptions::fixed(size)).with_context(context)?)
+                let img = Image::create(path, &CreateOptions::fixed(size)).with_context(context)?;
+                Dest::Vhd(Box::new(img))
             }
         })
     }
@@ -173,10 +179,8 @@ pub(super) fn convert(
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("the template is valid"),
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("the template is valid"),
     );
     let mut buf = vec![0u8; CHUNK as usize];
     let mut written = 0u64;
@@ -216,7 +220,7 @@ pub(super) fn convert(
 /// Data extents of a raw file via `SEEK_DATA`/`SEEK_HOLE`; the whole file where the file
 /// system cannot tell.
 fn data_extents(file: &File, len: u64) -> Vec<Range<u64>> {
-    let whole = || if len == 0 { Vec::new() } else { vec![0..len] };
+    let whole = || -> Vec<Range<u64>> { (len > 0).then_some(0..len).into_iter().collect() };
     let fd = file.as_raw_fd();
     let seek = |offset: u64, whence: libc::c_int| -> Option<u64> {
         let off = libc::off_t::try_from(offset).ok()?;

@@ -132,9 +132,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size"))?;
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("{s:?} is too large"))
 }
@@ -190,7 +188,12 @@ fn check(path: &Path, repair: bool, quick: bool, out: &mut dyn Write) -> anyhow:
     let mut p = img.parent();
     while let Some(parent) = p {
         for n in parent.notices() {
-            writeln!(out, "notice ({}): {}", parent.path().display(), describe_notice(n))?;
+            writeln!(
+                out,
+                "notice ({}): {}",
+                parent.path().display(),
+                describe_notice(n)
+            )?;
         }
         chain += 1;
         p = parent.parent();
@@ -269,7 +272,8 @@ fn info(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
             img.disk_type(),
             img.size(),
             img.block_size().map_or("null".into(), |b| b.to_string()),
-            img.allocated_blocks().map_or("null".into(), |b| b.to_string()),
+            img.allocated_blocks()
+                .map_or("null".into(), |b| b.to_string()),
             f.uuid,
             esc(creator.trim_end_matches('\0')),
             f.timestamp,
@@ -282,9 +286,22 @@ fn info(path: &Path, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     writeln!(out, "image:          {}", path.display())?;
     writeln!(out, "type:           {}", img.disk_type())?;
-    writeln!(out, "virtual size:   {} ({} bytes)", human(img.size()), img.size())?;
-    writeln!(out, "file size:      {} ({file_len} bytes)", human(file_len))?;
-    writeln!(out, "allocated:      {} ({allocated} bytes)", human(allocated))?;
+    writeln!(
+        out,
+        "virtual size:   {} ({} bytes)",
+        human(img.size()),
+        img.size()
+    )?;
+    writeln!(
+        out,
+        "file size:      {} ({file_len} bytes)",
+        human(file_len)
+    )?;
+    writeln!(
+        out,
+        "allocated:      {} ({allocated} bytes)",
+        human(allocated)
+    )?;
     if let (Some(bs), Some(n)) = (img.block_size(), img.allocated_blocks()) {
         writeln!(out, "block size:     {}, {n} blocks allocated", human(bs))?;
     }

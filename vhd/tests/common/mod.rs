@@ -78,7 +78,10 @@ pub fn qemu_size(path: &Path) -> u64 {
     let json = run_ok("qemu-img", &["info", "-f", "vpc", "--output=json", s(path)]);
     let key = "\"virtual-size\":";
     // The top-level virtual-size is the last one printed (children come first).
-    let at = json.rfind(key).expect("virtual-size in qemu-img info output") + key.len();
+    let at = json
+        .rfind(key)
+        .expect("virtual-size in qemu-img info output")
+        + key.len();
     json[at..]
         .trim_start()
         .split(|c: char| !c.is_ascii_digit())
@@ -125,13 +128,7 @@ pub fn qemu_map(vhd: &Path) -> Vec<(u64, u64)> {
         let field = |name: &str| -> Option<String> {
             let key = format!("\"{name}\": ");
             let at = line.find(&key)? + key.len();
-            Some(
-                line[at..]
-                    .split([',', '}'])
-                    .next()?
-                    .trim()
-                    .to_string(),
-            )
+            Some(line[at..].split([',', '}']).next()?.trim().to_string())
         };
         let (Some(start), Some(len), Some(data)) = (field("start"), field("length"), field("data"))
         else {
