@@ -47,7 +47,10 @@ pub fn init_metrics(listen: SocketAddr) -> anyhow::Result<()> {
         metrics::Unit::Seconds,
         "Time to answer a gRPC request, by method"
     );
-    metrics::describe_gauge!("lifeboat_build_info", "Always 1; the version label says which Lifeboat runs");
+    metrics::describe_gauge!(
+        "lifeboat_build_info",
+        "Always 1; the version label says which Lifeboat runs"
+    );
     metrics::describe_gauge!(
         "lifeboat_cs_connected",
         "1 while this component's heartbeats reach a configuration server"

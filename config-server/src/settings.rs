@@ -100,3 +100,63 @@ impl ServeArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cs.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/cs\"\nlisten = \"0.0.0.0:7000\"\nheartbeat_interval_secs = 2\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let path = file.display().to_string();
+        let cli = Cli::parse_from(["x", "--config", &path, "--listen", "127.0.0.1:7100"]);
+        let s = cli.serve.resolve().unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/srv/cs"));
+        assert_eq!(s.listen.to_string(), "127.0.0.1:7100");
+        assert_eq!(s.advertise, "127.0.0.1:7100");
+        assert_eq!(s.heartbeat_interval_secs, 2);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.metrics_listen.to_string(), DEFAULT_METRICS);
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cs.toml");
+        std::fs::write(&file, "listen = \"nonsense\"\n").unwrap();
+        let path = file.display().to_string();
+        let err = Cli::parse_from(["x", "--config", &path])
+            .serve
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("is invalid"), "{err}");
+        std::fs::write(&file, "unknown_key = 1\n").unwrap();
+        assert!(Cli::parse_from(["x", "--config", &path])
+            .serve
+            .resolve()
+            .is_err());
+        let missing = Cli::parse_from(["x", "--config", "/nonexistent.toml"])
+            .serve
+            .resolve()
+            .unwrap_err();
+        assert!(missing.to_string().contains("cannot read config file"));
+        std::fs::write(&file, "heartbeat_interval_secs = 0\n").unwrap();
+        assert!(Cli::parse_from(["x", "--config", &path])
+            .serve
+            .resolve()
+            .is_err());
+    }
+}
