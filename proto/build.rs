@@ -7,6 +7,7 @@ const FILES: &[&str] = &[
     "proto/lifeboat/v1/component.proto",
     "proto/lifeboat/v1/admin.proto",
     "proto/lifeboat/v1/cluster.proto",
+    "proto/lifeboat/v1/protection.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

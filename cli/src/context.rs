@@ -4,7 +4,7 @@
 use anyhow::Context as _;
 use lifeboat_common::{tls, Identity, Role};
 use lifeboat_config_server::init::CliContext;
-use lifeboat_proto::v1::{admin_client::AdminClient, Empty};
+use lifeboat_proto::v1::{admin_client::AdminClient, protection_client::ProtectionClient, Empty};
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 
@@ -50,24 +50,35 @@ impl ContextArgs {
         Ok(context)
     }
 
+    /// A Protection client on the same connection rules as `admin`.
+    pub async fn protection(&self) -> anyhow::Result<ProtectionClient<Channel>> {
+        let channel = self.leader_channel().await?;
+        Ok(ProtectionClient::new(channel))
+    }
+
     /// An admin client connected to the leader if it can be reached, else any node.
     pub async fn admin(&self) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(AdminClient::new(self.leader_channel().await?))
+    }
+
+    /// A channel to the leader if it can be reached, else to any node.
+    async fn leader_channel(&self) -> anyhow::Result<Channel> {
         let context = self.load()?;
         let identity = Identity::load(&context.identity_dir)?;
         let (address, channel) =
             tls::mtls_connect_any(&identity, &context.cs, Role::ConfigServer).await?;
-        let mut client = AdminClient::new(channel);
+        let mut client = AdminClient::new(channel.clone());
         if let Ok(status) = client.cluster_status(Empty {}).await {
             let leader = status.into_inner().leader_address;
             if !leader.is_empty() && leader != address {
                 if let Ok((_, channel)) =
                     tls::mtls_connect_any(&identity, &[leader], Role::ConfigServer).await
                 {
-                    return Ok(AdminClient::new(channel));
+                    return Ok(channel);
                 }
             }
         }
-        Ok(client)
+        Ok(channel)
     }
 }
 

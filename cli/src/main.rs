@@ -8,7 +8,7 @@ mod context;
 mod format;
 mod up;
 
-use commands::{audit, cluster, passphrase, servers};
+use commands::{audit, cluster, jobs, passphrase, policy, protect, servers};
 use context::ContextArgs;
 
 #[derive(Parser)]
@@ -35,6 +35,39 @@ enum Command {
     Passphrase(passphrase::PassphraseCommand),
     /// The audit log.
     Audit(audit::AuditArgs),
+    /// Replication policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
+    /// Enable replication of a machine.
+    Protect(protect::ProtectArgs),
+    /// Disable replication of a machine; its master target frees the disk slots.
+    Unprotect {
+        machine: String,
+        /// Follow the job until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Per machine and disk: state, sync progress, ETA, RPO, pending bytes, PS, MT.
+    Status {
+        machine: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Jobs with their steps and progress.
+    Jobs(jobs::JobsArgs),
+    /// One job.
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// A job's steps with their state, progress and details.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -57,6 +90,14 @@ fn main() -> ExitCode {
             }
             Command::Passphrase(command) => passphrase::run(&cli.context, command).await,
             Command::Audit(args) => audit::run(&cli.context, args).await,
+            Command::Policy(command) => policy::run(&cli.context, command).await,
+            Command::Protect(args) => protect::protect(&cli.context, args).await,
+            Command::Unprotect { machine, wait } => {
+                protect::unprotect(&cli.context, machine, wait).await
+            }
+            Command::Status { machine, json } => protect::status(&cli.context, machine, json).await,
+            Command::Jobs(args) => jobs::list(&cli.context, args).await,
+            Command::Job(JobCommand::Show { id, json }) => jobs::show(&cli.context, id, json).await,
         }
     })
 }

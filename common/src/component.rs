@@ -79,6 +79,25 @@ impl RevocationList {
     }
 }
 
+/// What a component tells the configuration server with each heartbeat, and what it does
+/// with the disks it is told to handle. A plain closure returning facts is a reporter with no
+/// disks.
+pub trait Reporter: Send + Sync {
+    fn facts(&self) -> v1::ComponentFacts;
+    /// Progress of the disks this component handles.
+    fn disk_reports(&self) -> Vec<v1::DiskReport> {
+        Vec::new()
+    }
+    /// The disks this component must handle now (the full list, every heartbeat).
+    fn assignments(&self, _assignments: Vec<v1::DiskAssignment>) {}
+}
+
+impl<F: Fn() -> v1::ComponentFacts + Send + Sync> Reporter for F {
+    fn facts(&self) -> v1::ComponentFacts {
+        self()
+    }
+}
+
 /// Why the heartbeat loop ended.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatStop {
@@ -91,7 +110,7 @@ pub enum HeartbeatStop {
 pub async fn heartbeat_loop(
     mut identity: Identity,
     data_dir: PathBuf,
-    facts: impl Fn() -> v1::ComponentFacts + Send,
+    reporter: &impl Reporter,
     revocations: RevocationList,
     cancel: CancellationToken,
 ) -> Result<(), HeartbeatStop> {
@@ -99,11 +118,16 @@ pub async fn heartbeat_loop(
     let mut interval = Duration::from_secs(identity.info.heartbeat_interval_secs.max(1) as u64);
     let mut was_connected = None;
     loop {
-        let result = send_one(&identity, &mut connection, facts()).await;
+        let request = v1::HeartbeatRequest {
+            facts: Some(reporter.facts()),
+            disks: reporter.disk_reports(),
+        };
+        let result = send_one(&identity, &mut connection, request).await;
         let connected = match result {
             Ok(response) => {
                 interval = Duration::from_secs(response.heartbeat_interval_secs.max(1) as u64);
                 revocations.replace(response.revoked_identity_ids);
+                reporter.assignments(response.assignments);
                 if let Err(e) = identity.update_cs_addresses(&data_dir, response.cs_addresses) {
                     tracing::warn!("cannot save configuration server addresses: {e}");
                 }
@@ -135,7 +159,7 @@ pub async fn heartbeat_loop(
 async fn send_one(
     identity: &Identity,
     connection: &mut Option<(String, Channel)>,
-    facts: v1::ComponentFacts,
+    request: v1::HeartbeatRequest,
 ) -> Result<v1::HeartbeatResponse, tonic::Status> {
     if connection.is_none() {
         let found =
@@ -148,10 +172,7 @@ async fn send_one(
         return Err(tonic::Status::unavailable("not connected"));
     };
     let mut client = ComponentClient::new(channel.clone());
-    client
-        .heartbeat(v1::HeartbeatRequest { facts: Some(facts) })
-        .await
-        .map(|r| r.into_inner())
+    client.heartbeat(request).await.map(|r| r.into_inner())
 }
 
 /// How a component runs: its role, settings, whether it serves gRPC, and its facts.
@@ -160,7 +181,7 @@ pub struct ComponentRun<F> {
     pub settings: crate::service_args::CommonSettings,
     /// Process servers and master targets serve; agents only call out.
     pub serve: bool,
-    pub facts: F,
+    pub reporter: F,
     pub cancel: CancellationToken,
 }
 
@@ -169,7 +190,7 @@ pub struct ComponentRun<F> {
 /// several components in one). Shutdown order: stop heartbeats, stop accepting calls, return.
 pub async fn run_component<F>(run: ComponentRun<F>) -> anyhow::Result<()>
 where
-    F: Fn() -> v1::ComponentFacts + Send,
+    F: Reporter,
 {
     let settings = &run.settings;
     let identity = Identity::load(&settings.data_dir)?;
@@ -205,7 +226,7 @@ where
     let result = heartbeat_loop(
         identity,
         settings.data_dir.clone(),
-        run.facts,
+        &run.reporter,
         RevocationList::default(),
         cancel.clone(),
     )

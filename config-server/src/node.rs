@@ -3,9 +3,10 @@
 //! node is a follower), caller authorization against the registry, and cluster addresses.
 use crate::guard::{FailureLimiter, NonceStore};
 use crate::liveness::Liveness;
+use crate::progress::Progress;
 use crate::raft::state_machine::StateView;
 use crate::raft::{NodeId, Raft};
-use crate::state::model::IdentityRecord;
+use crate::state::model::{now_ms, Facts, IdentityRecord};
 use crate::state::{Command, CommandResult, KvError, StateReader};
 use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::{tls, Identity, Role};
@@ -34,6 +35,7 @@ pub struct Node {
     pub identity: Arc<Identity>,
     pub settings: NodeSettings,
     pub liveness: Liveness,
+    pub progress: Progress,
     pub committed_index: Arc<AtomicU64>,
     pub nonces: NonceStore,
     pub failures: FailureLimiter,
@@ -63,6 +65,7 @@ impl Node {
             identity,
             settings,
             liveness: Liveness::default(),
+            progress: Progress::default(),
             committed_index,
             nonces: NonceStore::default(),
             failures: FailureLimiter::default(),
@@ -152,6 +155,19 @@ impl Node {
             }
         }
         Ok(peer)
+    }
+
+    /// (last heartbeat, facts, connected) of a registered identity: the live heartbeat this
+    /// node holds if it is newer than the summary in Raft.
+    pub fn live_view(&self, record: &IdentityRecord) -> (i64, Facts, bool) {
+        let (last_ms, facts) = match self.liveness.get(&record.id) {
+            Some((at, facts)) if at >= record.last_heartbeat_ms => (at, facts),
+            _ => (record.last_heartbeat_ms, record.facts.clone()),
+        };
+        let connected = record.revoked.is_none()
+            && last_ms > 0
+            && now_ms() - last_ms <= self.settings.disconnected_after_ms;
+        (last_ms, facts, connected)
     }
 
     /// Proposes `command` and waits until it is committed and applied. On a follower the

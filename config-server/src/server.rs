@@ -7,6 +7,7 @@ use crate::raft::log_store::SledLogStore;
 use crate::raft::network::GrpcNetworkFactory;
 use crate::raft::state_machine::SledStateMachine;
 use crate::raft::{open_db, raft_config, Raft};
+use crate::services::protection::ProtectionService;
 use crate::services::{
     admin::AdminService, bootstrap::BootstrapService, cluster::ClusterService,
     component::ComponentService,
@@ -17,7 +18,7 @@ use crate::tasks;
 use lifeboat_common::{serve, Identity, Role};
 use lifeboat_proto::v1::{
     admin_server::AdminServer, bootstrap_server::BootstrapServer, cluster_server::ClusterServer,
-    component_server::ComponentServer, JoinClusterRequest,
+    component_server::ComponentServer, protection_server::ProtectionServer, JoinClusterRequest,
 };
 use lifeboat_proto::MAX_MESSAGE_BYTES;
 use openraft::BasicNode;
@@ -77,6 +78,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         .add_service(BootstrapServer::new(BootstrapService::new(node.clone())))
         .add_service(ComponentServer::new(ComponentService::new(node.clone())))
         .add_service(AdminServer::new(AdminService::new(node.clone())))
+        .add_service(ProtectionServer::new(ProtectionService::new(node.clone())))
         .add_service(
             ClusterServer::new(ClusterService::new(node.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -93,6 +95,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(tasks::raft_metrics(node.clone(), cancel.clone()));
     background.spawn(tasks::summarise_liveness(node.clone(), cancel.clone()));
+    background.spawn(crate::reconcile::run(node.clone(), cancel.clone()));
     background.spawn(tasks::self_heartbeat(
         node.clone(),
         settings.advertise.clone(),

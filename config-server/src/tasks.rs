@@ -128,10 +128,18 @@ pub async fn self_heartbeat(
 ) {
     let id = node.identity.info.id.clone();
     loop {
-        let facts = crate::state::model::Facts::from_proto(&lifeboat_common::facts::base_facts(
-            &advertise, &data_dir,
-        ));
-        crate::services::component::accept_heartbeat(&node, &id, facts, true).await;
+        let request = lifeboat_proto::v1::HeartbeatRequest {
+            facts: Some(lifeboat_common::facts::base_facts(&advertise, &data_dir)),
+            disks: Vec::new(),
+        };
+        crate::services::component::accept_heartbeat(
+            &node,
+            &id,
+            Role::ConfigServer,
+            &request,
+            true,
+        )
+        .await;
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(node.settings.heartbeat_interval_secs as u64)) => {}
             _ = cancel.cancelled() => return,

@@ -78,7 +78,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         role: Role::MasterTarget,
         settings: settings.common.clone(),
         serve: true,
-        facts: || settings.facts(),
+        reporter: || settings.facts(),
         cancel,
     })
     .await

@@ -109,7 +109,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         role: Role::Agent,
         settings: settings.common.clone(),
         serve: false,
-        facts: || settings.facts(),
+        reporter: || settings.facts(),
         cancel,
     })
     .await

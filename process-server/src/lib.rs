@@ -59,7 +59,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         role: Role::ProcessServer,
         settings: settings.common.clone(),
         serve: true,
-        facts: || settings.facts(),
+        reporter: || settings.facts(),
         cancel,
     })
     .await

@@ -1,5 +1,8 @@
 //! One module per admin command group.
 pub mod audit;
 pub mod cluster;
+pub mod jobs;
 pub mod passphrase;
+pub mod policy;
+pub mod protect;
 pub mod servers;

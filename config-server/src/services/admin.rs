@@ -20,14 +20,7 @@ impl AdminService {
     }
 
     fn server_info(&self, record: IdentityRecord) -> v1::ServerInfo {
-        // Prefer the live heartbeat this node holds over the summary in Raft.
-        let (last_heartbeat_ms, facts) = match self.node.liveness.get(&record.id) {
-            Some((at, facts)) if at >= record.last_heartbeat_ms => (at, facts),
-            _ => (record.last_heartbeat_ms, record.facts.clone()),
-        };
-        let connected = record.revoked.is_none()
-            && last_heartbeat_ms > 0
-            && now_ms() - last_heartbeat_ms <= self.node.settings.disconnected_after_ms;
+        let (last_heartbeat_ms, facts, connected) = self.node.live_view(&record);
         v1::ServerInfo {
             id: record.id,
             name: record.name,

@@ -2,11 +2,11 @@
 //! heartbeats forwarded by followers to the leader, and membership requests of joining nodes.
 use crate::node::{storage_status, Node};
 use crate::services::component::accept_heartbeat;
-use crate::state::model::Facts;
 use crate::state::Command;
 use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, cluster_server::Cluster, RaftMessage};
 use openraft::{BasicNode, ChangeMembers};
+use prost::Message;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -79,9 +79,16 @@ impl Cluster for ClusterService {
     ) -> Result<Response<RaftMessage>, Status> {
         self.node.authorize(&request, &[Role::ConfigServer])?;
         let forwarded = request.into_inner();
-        let facts: Facts = serde_json::from_slice(&forwarded.data)
-            .map_err(|e| Status::invalid_argument(format!("undecodable facts: {e}")))?;
-        accept_heartbeat(&self.node, &forwarded.identity_id, facts, false).await;
+        let heartbeat = v1::HeartbeatRequest::decode(forwarded.data.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("undecodable heartbeat: {e}")))?;
+        let role = self
+            .node
+            .state()
+            .identity(&forwarded.identity_id)
+            .map_err(storage_status)?
+            .map(|r| r.role)
+            .ok_or_else(|| Status::not_found("heartbeat of an unknown identity"))?;
+        accept_heartbeat(&self.node, &forwarded.identity_id, role, &heartbeat, false).await;
         encode(&())
     }
 

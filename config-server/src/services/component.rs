@@ -1,10 +1,14 @@
-//! Component service: heartbeats of process servers, master targets and agents. Liveness is
-//! kept in memory (see `liveness`); a follower also forwards the heartbeat to the leader, which
-//! is the node that summarises liveness into Raft and answers `servers list` freshest.
+//! Component service: heartbeats of process servers, master targets and agents. Liveness and
+//! disk progress are kept in memory (see `liveness`, `progress`); a follower also forwards the
+//! heartbeat to the leader, which summarises liveness into Raft and drives state transitions.
+//! The reply tells the component which disks it handles now.
 use crate::node::{storage_status, Node};
 use crate::state::model::{now_ms, Facts};
+use crate::state::protection::ProtectedMachine;
+use lifeboat_common::peer::Peer;
 use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, component_server::Component, ForwardedHeartbeat};
+use prost::Message;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -20,24 +24,34 @@ impl ComponentService {
 
 /// Records a heartbeat locally and, on a follower, passes it on to the leader (best effort:
 /// the component is answered either way).
-pub async fn accept_heartbeat(node: &Node, id: &str, facts: Facts, forward: bool) {
-    node.liveness.record(id, now_ms(), facts.clone());
+pub async fn accept_heartbeat(
+    node: &Node,
+    id: &str,
+    role: Role,
+    request: &v1::HeartbeatRequest,
+    forward: bool,
+) {
+    let now = now_ms();
+    let facts = request
+        .facts
+        .as_ref()
+        .map(Facts::from_proto)
+        .unwrap_or_default();
+    node.liveness.record(id, now, facts);
+    node.progress.record(role, now, request.disks.clone());
     if !forward || node.is_leader() {
         return;
     }
     let Some((_, leader)) = node.leader() else {
         return;
     };
-    let Ok(data) = serde_json::to_vec(&facts) else {
-        return;
-    };
     match node.peer_client(&leader) {
         Ok(mut client) => {
-            let request = ForwardedHeartbeat {
+            let forwarded = ForwardedHeartbeat {
                 identity_id: id.to_string(),
-                data,
+                data: request.encode_to_vec(),
             };
-            if let Err(e) = client.forward_heartbeat(request).await {
+            if let Err(e) = client.forward_heartbeat(forwarded).await {
                 tracing::debug!(
                     "cannot forward heartbeat to leader {leader}: {}",
                     e.message()
@@ -46,6 +60,57 @@ pub async fn accept_heartbeat(node: &Node, id: &str, facts: Facts, forward: bool
         }
         Err(e) => tracing::debug!("no client for leader {leader}: {}", e.message()),
     }
+}
+
+/// The disks `peer` handles, with where their data goes.
+pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignment>, Status> {
+    let state = node.state();
+    let mine = |m: &ProtectedMachine| match peer.role {
+        Role::Agent => m.agent_id == peer.id,
+        Role::ProcessServer => m.ps_id == peer.id,
+        Role::MasterTarget => m.mt_id == peer.id,
+        _ => false,
+    };
+    let address_of = |id: &str| -> Result<String, Status> {
+        Ok(match state.identity(id).map_err(storage_status)? {
+            Some(record) => node.live_view(&record).1.address,
+            None => String::new(),
+        })
+    };
+    let mut assignments = Vec::new();
+    for machine in state
+        .machines()
+        .map_err(storage_status)?
+        .into_iter()
+        .filter(mine)
+    {
+        let policy = state.policy(&machine.policy).map_err(storage_status)?;
+        let (ps_address, mt_address) = (address_of(&machine.ps_id)?, address_of(&machine.mt_id)?);
+        for disk in &machine.disks {
+            assignments.push(v1::DiskAssignment {
+                disk_id: disk.disk_id.clone(),
+                machine: machine.name.clone(),
+                disk_name: disk.name.clone(),
+                source_path: disk.source_path.clone(),
+                size_bytes: disk.size_bytes,
+                state: disk.state.as_str().into(),
+                process_server_id: machine.ps_id.clone(),
+                process_server_address: ps_address.clone(),
+                master_target_id: machine.mt_id.clone(),
+                master_target_address: mt_address.clone(),
+                crash_consistent_every_secs: policy
+                    .as_ref()
+                    .map(|p| p.crash_consistent_every_secs)
+                    .unwrap_or(0),
+                app_consistent_every_secs: policy
+                    .as_ref()
+                    .map(|p| p.app_consistent_every_secs)
+                    .unwrap_or(0),
+                compression: policy.as_ref().map(|p| p.compression).unwrap_or(true),
+            });
+        }
+    }
+    Ok(assignments)
 }
 
 #[tonic::async_trait]
@@ -63,13 +128,7 @@ impl Component for ComponentService {
                 Role::ConfigServer,
             ],
         )?;
-        let facts = request
-            .into_inner()
-            .facts
-            .as_ref()
-            .map(Facts::from_proto)
-            .unwrap_or_default();
-        accept_heartbeat(&self.node, &peer.id, facts, true).await;
+        accept_heartbeat(&self.node, &peer.id, peer.role, request.get_ref(), true).await;
         let revoked_identity_ids = self
             .node
             .state()
@@ -83,6 +142,7 @@ impl Component for ComponentService {
             heartbeat_interval_secs: self.node.settings.heartbeat_interval_secs,
             cs_addresses: self.node.cs_addresses(),
             revoked_identity_ids,
+            assignments: assignments_for(&self.node, &peer)?,
         }))
     }
 }

@@ -4,3 +4,4 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod component;
+pub mod protection;

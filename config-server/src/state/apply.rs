@@ -4,6 +4,7 @@ use super::command::{AuditDraft, Command, CommandResult};
 use super::keys;
 use super::kv::{KvError, KvOp, KvRead, Overlay};
 use super::model::{IdentityRecord, PassphraseState, Revocation};
+use super::protection_apply;
 use super::query::StateReader;
 
 /// Applies `command` on top of `state` and returns the writes and the result.
@@ -134,6 +135,19 @@ pub fn apply(
             audit(&mut tx, entry.clone())?;
             CommandResult::Done
         }
+        Command::CreatePolicy { policy } => protection_apply::create_policy(&mut tx, policy)?,
+        Command::UpdatePolicy { policy } => protection_apply::update_policy(&mut tx, policy)?,
+        Command::DeletePolicy { name } => protection_apply::delete_policy(&mut tx, name)?,
+        Command::Protect { machine, job } => protection_apply::protect(&mut tx, machine, job)?,
+        Command::Unprotect { name, job } => protection_apply::unprotect(&mut tx, name, job)?,
+        Command::SetDiskState {
+            machine,
+            disk_id,
+            state,
+            reason,
+            at_ms,
+        } => protection_apply::set_disk_state(&mut tx, machine, disk_id, *state, reason, *at_ms)?,
+        Command::UpdateJob { job } => protection_apply::update_job(&mut tx, job)?,
     };
     Ok((tx.writes.into_ops(), result))
 }

@@ -2,6 +2,7 @@
 //! applied identically on every node. Non-deterministic inputs (time, ids, signatures) are made
 //! by the proposer and carried in the command.
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, Facts, IdentityRecord};
+use super::protection::{Job, Policy, ProtectedMachine, ReplicationState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -34,9 +35,43 @@ pub enum Command {
         by: String,
     },
     /// Low-rate summary of component liveness and facts (the leader keeps the live copy).
-    RecordLiveness { updates: Vec<LivenessUpdate> },
+    RecordLiveness {
+        updates: Vec<LivenessUpdate>,
+    },
     /// An event worth keeping that changes nothing else (refused registrations, ...).
-    Audit { entry: AuditDraft },
+    Audit {
+        entry: AuditDraft,
+    },
+    /// Creates the policy and its `-failback` twin.
+    CreatePolicy {
+        policy: Policy,
+    },
+    UpdatePolicy {
+        policy: Policy,
+    },
+    /// Deletes the policy and its twin; refused while a machine uses either.
+    DeletePolicy {
+        name: String,
+    },
+    /// Starts protecting a machine (placement already chosen) and records its job.
+    Protect {
+        machine: ProtectedMachine,
+        job: Job,
+    },
+    Unprotect {
+        name: String,
+        job: Job,
+    },
+    SetDiskState {
+        machine: String,
+        disk_id: String,
+        state: ReplicationState,
+        reason: String,
+        at_ms: i64,
+    },
+    UpdateJob {
+        job: Job,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -22,3 +22,20 @@ pub fn name(role: Role, name: &str) -> String {
 pub fn audit(seq: u64) -> String {
     format!("{AUDIT_PREFIX}{seq:020}")
 }
+
+pub const POLICY_PREFIX: &str = "policy/";
+pub const MACHINE_PREFIX: &str = "machine/";
+pub const JOB_PREFIX: &str = "job/";
+
+pub fn policy(name: &str) -> String {
+    format!("{POLICY_PREFIX}{name}")
+}
+
+pub fn machine(name: &str) -> String {
+    format!("{MACHINE_PREFIX}{name}")
+}
+
+/// Job ids start with their creation time, so key order is creation order.
+pub fn job(id: &str) -> String {
+    format!("{JOB_PREFIX}{id}")
+}

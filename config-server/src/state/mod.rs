@@ -5,6 +5,8 @@ pub mod command;
 pub mod keys;
 pub mod kv;
 pub mod model;
+pub mod protection;
+mod protection_apply;
 pub mod query;
 
 pub use command::{AuditDraft, Command, CommandResult, LivenessUpdate};

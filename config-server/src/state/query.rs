@@ -2,6 +2,7 @@
 use super::keys;
 use super::kv::{KvError, KvRead};
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, IdentityRecord, PassphraseState};
+use super::protection::{Job, Policy, ProtectedMachine};
 
 /// A typed view over any `KvRead`.
 pub struct StateReader<'a, K: KvRead>(pub &'a K);
@@ -33,5 +34,29 @@ impl<K: KvRead> StateReader<'_, K> {
         let filtered: Vec<AuditRecord> = all.into_iter().filter(|a| a.at_ms >= since_ms).collect();
         let skip = filtered.len().saturating_sub(limit);
         Ok(filtered.into_iter().skip(skip).collect())
+    }
+
+    pub fn policy(&self, name: &str) -> Result<Option<Policy>, KvError> {
+        self.0.get(&keys::policy(name))
+    }
+
+    pub fn policies(&self) -> Result<Vec<Policy>, KvError> {
+        self.0.scan(keys::POLICY_PREFIX)
+    }
+
+    pub fn machine(&self, name: &str) -> Result<Option<ProtectedMachine>, KvError> {
+        self.0.get(&keys::machine(name))
+    }
+
+    pub fn machines(&self) -> Result<Vec<ProtectedMachine>, KvError> {
+        self.0.scan(keys::MACHINE_PREFIX)
+    }
+
+    pub fn job(&self, id: &str) -> Result<Option<Job>, KvError> {
+        self.0.get(&keys::job(id))
+    }
+
+    pub fn jobs(&self) -> Result<Vec<Job>, KvError> {
+        self.0.scan(keys::JOB_PREFIX)
     }
 }

@@ -44,7 +44,10 @@ pub fn have_qemu(test: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("SKIPPED {test}: qemu-img is not installed");
+        // Written to the real stderr (not eprintln!, which the test harness captures) so
+        // the reason shows in a normal `cargo test` run.
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: qemu-img is not installed");
     }
     ok
 }

@@ -1,0 +1,192 @@
+//! `lifeboat policy create|list|show|update|delete`: replication policies. Creating `P` also
+//! creates its failback twin `P-failback`.
+use crate::context::{status_error, ContextArgs};
+use crate::format::{table, time};
+use lifeboat_proto::v1::{self, Empty, NameRequest};
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Debug, clap::Args)]
+pub struct PolicySpecArgs {
+    /// Alert when a disk's RPO exceeds this (e.g. 15m).
+    #[arg(long, default_value = "15m")]
+    rpo_threshold: humantime::Duration,
+    /// Keep recovery points this long (e.g. 24h).
+    #[arg(long, default_value = "24h")]
+    retention: humantime::Duration,
+    /// Take an app-consistent point this often (0 for none).
+    #[arg(long, default_value = "60m")]
+    app_consistent_every: humantime::Duration,
+    /// Take a crash-consistent point this often.
+    #[arg(long, default_value = "5m")]
+    crash_consistent_every: humantime::Duration,
+    /// Do not compress cached and shipped data.
+    #[arg(long)]
+    no_compression: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Create a policy (and its `-failback` twin).
+    Create {
+        name: String,
+        #[command(flatten)]
+        spec: PolicySpecArgs,
+    },
+    /// Change a policy's settings.
+    Update {
+        name: String,
+        #[command(flatten)]
+        spec: PolicySpecArgs,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a policy and its twin (refused while a machine uses either).
+    Delete { name: String },
+}
+
+fn spec(name: String, args: &PolicySpecArgs) -> v1::PolicySpec {
+    v1::PolicySpec {
+        name,
+        rpo_threshold_secs: args.rpo_threshold.as_secs(),
+        retention_secs: args.retention.as_secs(),
+        app_consistent_every_secs: args.app_consistent_every.as_secs(),
+        crash_consistent_every_secs: args.crash_consistent_every.as_secs(),
+        compression: !args.no_compression,
+    }
+}
+
+fn d(secs: u64) -> String {
+    if secs == 0 {
+        "off".into()
+    } else {
+        humantime::format_duration(Duration::from_secs(secs)).to_string()
+    }
+}
+
+fn to_json(p: &v1::PolicyInfo) -> serde_json::Value {
+    let s = p.spec.clone().unwrap_or_default();
+    json!({
+        "name": s.name, "rpo_threshold_secs": s.rpo_threshold_secs, "retention_secs": s.retention_secs,
+        "app_consistent_every_secs": s.app_consistent_every_secs,
+        "crash_consistent_every_secs": s.crash_consistent_every_secs, "compression": s.compression,
+        "failback_of": p.failback_of, "created_at_unix_ms": p.created_at_unix_ms, "machines": p.machines,
+    })
+}
+
+fn print_table(policies: &[v1::PolicyInfo]) {
+    let mut t = table(&[
+        "NAME",
+        "RPO THRESHOLD",
+        "RETENTION",
+        "APP-CONSISTENT",
+        "CRASH-CONSISTENT",
+        "COMPRESSION",
+        "MACHINES",
+    ]);
+    for p in policies {
+        let s = p.spec.clone().unwrap_or_default();
+        t.add_row(vec![
+            s.name,
+            d(s.rpo_threshold_secs),
+            d(s.retention_secs),
+            d(s.app_consistent_every_secs),
+            d(s.crash_consistent_every_secs),
+            if s.compression { "zstd" } else { "off" }.to_string(),
+            p.machines.len().to_string(),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub async fn run(ctx: &ContextArgs, command: PolicyCommand) -> anyhow::Result<()> {
+    let mut client = ctx.protection().await?;
+    match command {
+        PolicyCommand::Create { name, spec: args } => {
+            let list = client
+                .create_policy(spec(name, &args))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_table(&list.policies);
+        }
+        PolicyCommand::Update { name, spec: args } => {
+            let p = client
+                .update_policy(spec(name, &args))
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_table(&[p]);
+        }
+        PolicyCommand::List { json } => {
+            let list = client
+                .list_policies(Empty {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let rows: Vec<_> = list.policies.iter().map(to_json).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "policies": rows }))?
+                );
+            } else {
+                print_table(&list.policies);
+            }
+        }
+        PolicyCommand::Show { name, json } => {
+            let p = client
+                .get_policy(NameRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&to_json(&p))?);
+                return Ok(());
+            }
+            let s = p.spec.clone().unwrap_or_default();
+            println!("Name:                    {}", s.name);
+            if !p.failback_of.is_empty() {
+                println!("Failback twin of:        {}", p.failback_of);
+            }
+            println!("RPO threshold:           {}", d(s.rpo_threshold_secs));
+            println!("Retention:               {}", d(s.retention_secs));
+            println!(
+                "App-consistent every:    {}",
+                d(s.app_consistent_every_secs)
+            );
+            println!(
+                "Crash-consistent every:  {}",
+                d(s.crash_consistent_every_secs)
+            );
+            println!(
+                "Compression:             {}",
+                if s.compression { "zstd" } else { "off" }
+            );
+            println!("Created:                 {}", time(p.created_at_unix_ms));
+            println!(
+                "Machines:                {}",
+                if p.machines.is_empty() {
+                    "-".into()
+                } else {
+                    p.machines.join(", ")
+                }
+            );
+        }
+        PolicyCommand::Delete { name } => {
+            client
+                .delete_policy(NameRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("Deleted policy {name} and {name}-failback.");
+        }
+    }
+    Ok(())
+}

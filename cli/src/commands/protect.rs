@@ -1,0 +1,161 @@
+//! `lifeboat protect|unprotect|status`: enabling replication of machines and seeing how far
+//! behind each disk is.
+use crate::commands::jobs;
+use crate::context::{status_error, ContextArgs};
+use crate::format::{age, bytes, table};
+use lifeboat_proto::v1::{self, NameRequest, ProtectRequest, StatusRequest};
+use serde_json::json;
+
+#[derive(Debug, clap::Args)]
+pub struct ProtectArgs {
+    /// The machine (the name its agent registered with).
+    machine: String,
+    #[arg(long)]
+    policy: String,
+    /// Process server (name or id); default: the one with the most free cache.
+    #[arg(long)]
+    ps: Option<String>,
+    /// Master target (name or id); default: one with free slots and the most free space.
+    #[arg(long)]
+    mt: Option<String>,
+    /// Follow the job until it finishes.
+    #[arg(long)]
+    wait: bool,
+}
+
+pub async fn protect(ctx: &ContextArgs, args: ProtectArgs) -> anyhow::Result<()> {
+    let mut client = ctx.protection().await?;
+    let job = client
+        .protect(ProtectRequest {
+            machine: args.machine.clone(),
+            policy: args.policy,
+            process_server: args.ps.unwrap_or_default(),
+            master_target: args.mt.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("Protecting {}: job {}", args.machine, job.id);
+    if let Some(step) = job.steps.first() {
+        println!("  {}", step.detail);
+    }
+    if args.wait {
+        jobs::watch(&mut client, Some(vec![job.id])).await?;
+    } else {
+        println!("Follow it with `lifeboat jobs --watch`; see the disks with `lifeboat status`.");
+    }
+    Ok(())
+}
+
+pub async fn unprotect(ctx: &ContextArgs, machine: String, wait: bool) -> anyhow::Result<()> {
+    let mut client = ctx.protection().await?;
+    let job = client
+        .unprotect(NameRequest {
+            name: machine.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("Replication of {machine} disabled: job {}", job.id);
+    if wait {
+        jobs::watch(&mut client, Some(vec![job.id])).await?;
+    }
+    Ok(())
+}
+
+fn eta(secs: i64) -> String {
+    match secs {
+        s if s < 0 => "unknown".into(),
+        0 => "-".into(),
+        s => humantime::format_duration(std::time::Duration::from_secs(s as u64)).to_string(),
+    }
+}
+
+fn disk_json(m: &v1::MachineStatus, d: &v1::DiskStatus) -> serde_json::Value {
+    json!({
+        "machine": m.name, "policy": m.policy, "process_server": m.process_server,
+        "master_target": m.master_target, "agent_connected": m.agent_connected,
+        "disk_id": d.disk_id, "disk": d.name, "size_bytes": d.size_bytes, "state": d.state,
+        "state_reason": d.state_reason, "sync_progress_pct": d.sync_progress_pct, "eta_secs": d.eta_secs,
+        "rpo_secs": d.rpo_secs, "rpo_threshold_secs": d.rpo_threshold_secs, "rpo_exceeded": d.rpo_exceeded,
+        "pending_bytes": d.pending_bytes, "last_report_unix_ms": d.last_report_unix_ms,
+    })
+}
+
+pub async fn status(
+    ctx: &ContextArgs,
+    machine: Option<String>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let mut client = ctx.protection().await?;
+    let reply = client
+        .status(StatusRequest {
+            machine: machine.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if as_json {
+        let rows: Vec<_> = reply
+            .machines
+            .iter()
+            .flat_map(|m| m.disks.iter().map(move |d| disk_json(m, d)))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "disks": rows }))?
+        );
+        return Ok(());
+    }
+    if reply.machines.is_empty() {
+        println!(
+            "No machine is protected. Protect one with `lifeboat protect MACHINE --policy POLICY`."
+        );
+        return Ok(());
+    }
+    let mut t = table(&[
+        "MACHINE",
+        "DISK",
+        "SIZE",
+        "STATE",
+        "SYNC",
+        "ETA",
+        "RPO",
+        "PENDING",
+        "PS",
+        "MT",
+        "LAST REPORT",
+    ]);
+    for m in &reply.machines {
+        for d in &m.disks {
+            let rpo = format!(
+                "{:.1}s{}",
+                d.rpo_secs,
+                if d.rpo_exceeded {
+                    " (over threshold!)"
+                } else {
+                    ""
+                }
+            );
+            t.add_row(vec![
+                m.name.clone(),
+                d.name.clone(),
+                bytes(d.size_bytes),
+                d.state.clone(),
+                format!("{:.0}%", d.sync_progress_pct),
+                eta(d.eta_secs),
+                rpo,
+                bytes(d.pending_bytes),
+                m.process_server.clone(),
+                m.master_target.clone(),
+                if m.agent_connected {
+                    age(d.last_report_unix_ms)
+                } else {
+                    "agent disconnected".into()
+                },
+            ]);
+        }
+    }
+    println!("{t}");
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! Replication progress: soft state. Agents, process servers and master targets report each
+//! disk's progress with their heartbeats; the leader keeps the latest report per (disk, role)
+//! in memory. Status, RPO and state transitions are derived from it (see `reconcile`); only
+//! transitions and job progress go into Raft.
+use lifeboat_common::Role;
+use lifeboat_proto::v1::DiskReport;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// A report and when it arrived.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at_ms: i64,
+    pub report: DiskReport,
+}
+
+#[derive(Debug, Default)]
+pub struct Progress {
+    inner: Mutex<HashMap<(String, Role), Received>>,
+}
+
+impl Progress {
+    pub fn record(&self, role: Role, at_ms: i64, reports: Vec<DiskReport>) {
+        let Ok(mut map) = self.inner.lock() else {
+            return;
+        };
+        for report in reports {
+            map.insert((report.disk_id.clone(), role), Received { at_ms, report });
+        }
+    }
+
+    pub fn get(&self, disk_id: &str, role: Role) -> Option<Received> {
+        let map = self.inner.lock().ok()?;
+        map.get(&(disk_id.to_string(), role)).cloned()
+    }
+
+    /// Drops reports of disks no longer protected.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        if let Ok(mut map) = self.inner.lock() {
+            map.retain(|(disk, _), _| keep(disk));
+        }
+    }
+
+    /// Disks a component of `role` reported at or after `since_ms`.
+    pub fn reported_by(&self, role: Role, since_ms: i64) -> Vec<String> {
+        let Ok(map) = self.inner.lock() else {
+            return Vec::new();
+        };
+        map.iter()
+            .filter(|((_, r), rec)| *r == role && rec.at_ms >= since_ms)
+            .map(|((d, _), _)| d.clone())
+            .collect()
+    }
+}
+
+/// What an operator sees about a disk's lag, derived from the agent's last report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lag {
+    pub rpo_secs: f64,
+    pub pending_bytes: u64,
+    pub sync_progress_pct: f64,
+    /// -1 when unknown.
+    pub eta_secs: i64,
+    pub last_report_ms: i64,
+}
+
+/// Derives the lag of a disk at `now_ms`. A fresh report is taken as it is; a stale one means
+/// the agent cannot tell us, so the RPO keeps growing from what it last said; a disk never
+/// reported has been unprotected since `protected_at_ms`.
+pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms: i64) -> Lag {
+    let Some(received) = agent else {
+        return Lag {
+            rpo_secs: ((now_ms - protected_at_ms).max(0)) as f64 / 1000.0,
+            pending_bytes: 0,
+            sync_progress_pct: 0.0,
+            eta_secs: -1,
+            last_report_ms: 0,
+        };
+    };
+    let r = &received.report;
+    let age = (now_ms - received.at_ms).max(0);
+    let rpo_secs = if age <= fresh_ms {
+        r.rpo_secs
+    } else {
+        r.rpo_secs + age as f64 / 1000.0
+    };
+    let sync_progress_pct = if r.sync_total_bytes == 0 {
+        if r.phase == "initial_sync" || r.phase == "resync" {
+            0.0
+        } else {
+            100.0
+        }
+    } else {
+        (r.sync_done_bytes as f64 * 100.0 / r.sync_total_bytes as f64).min(100.0)
+    };
+    let remaining = match r.phase.as_str() {
+        "initial_sync" | "resync" => r.sync_total_bytes.saturating_sub(r.sync_done_bytes),
+        _ => r.pending_bytes,
+    };
+    let eta_secs = if remaining == 0 {
+        0
+    } else if r.sync_bytes_per_sec > 0.0 {
+        (remaining as f64 / r.sync_bytes_per_sec).ceil() as i64
+    } else {
+        -1
+    };
+    Lag {
+        rpo_secs,
+        pending_bytes: r.pending_bytes,
+        sync_progress_pct,
+        eta_secs,
+        last_report_ms: received.at_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(phase: &str, rpo: f64, done: u64, total: u64, rate: f64) -> Received {
+        Received {
+            at_ms: 10_000,
+            report: DiskReport {
+                disk_id: "d".into(),
+                phase: phase.into(),
+                rpo_secs: rpo,
+                sync_done_bytes: done,
+                sync_total_bytes: total,
+                sync_bytes_per_sec: rate,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn fresh_reports_are_taken_as_they_are() {
+        let l = lag(
+            Some(&report("initial_sync", 3.0, 25, 100, 5.0)),
+            11_000,
+            15_000,
+            0,
+        );
+        assert_eq!(l.rpo_secs, 3.0);
+        assert_eq!(l.sync_progress_pct, 25.0);
+        assert_eq!(l.eta_secs, 15);
+    }
+
+    #[test]
+    fn silence_makes_the_rpo_grow() {
+        let l = lag(
+            Some(&report("streaming", 1.0, 0, 0, 0.0)),
+            70_000,
+            15_000,
+            0,
+        );
+        assert_eq!(l.rpo_secs, 61.0);
+        assert_eq!(l.sync_progress_pct, 100.0);
+    }
+
+    #[test]
+    fn never_reported_disks_are_behind_since_protection() {
+        let l = lag(None, 50_000, 15_000, 20_000);
+        assert_eq!(l.rpo_secs, 30.0);
+        assert_eq!(l.eta_secs, -1);
+    }
+}

@@ -1,0 +1,274 @@
+//! The leader's reconciler: turns what components report into replication state transitions
+//! and job progress, and publishes per-disk lag metrics. Runs every second on the leader only;
+//! it writes to Raft only when something changed (a transition, a job step, a percent of
+//! progress), so reports at heartbeat rate never reach the log.
+use crate::node::Node;
+use crate::progress;
+use crate::state::model::now_ms;
+use crate::state::protection::{Job, JobState, ProtectedMachine, ReplicationState};
+use crate::state::Command;
+use lifeboat_common::Role;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// An unprotect job stops waiting for a master target that stays away this long.
+const UNREACHABLE_MT_GIVE_UP_MS: i64 = 5 * 60 * 1000;
+
+pub async fn run(node: Arc<Node>, cancel: CancellationToken) {
+    metrics::describe_gauge!(
+        "lifeboat_disk_rpo_seconds",
+        metrics::Unit::Seconds,
+        "Age of the oldest captured write not yet applied on the master target"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_disk_pending_bytes",
+        metrics::Unit::Bytes,
+        "Bytes captured but not yet applied on the master target"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_disk_sync_progress_ratio",
+        "Initial sync or resync progress, 0 to 1"
+    );
+    metrics::describe_gauge!("lifeboat_jobs", "Jobs by state");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = cancel.cancelled() => return,
+        }
+        if !node.is_leader() {
+            continue;
+        }
+        if let Err(e) = reconcile_once(&node).await {
+            tracing::debug!("reconcile: {e}");
+        }
+    }
+}
+
+/// What the agent's phase says the disk's state should be, if it should change.
+fn next_state(current: ReplicationState, phase: &str) -> Option<(ReplicationState, &'static str)> {
+    use ReplicationState::*;
+    let next = match (current, phase) {
+        (Enabling, "initial_sync") => (InitialSync, "initial sync started"),
+        (Enabling | InitialSync, "streaming") => (Protected, "initial sync complete"),
+        (Protected | Enabling | InitialSync | Resyncing, "resync_required") => {
+            (ResyncRequired, "the change stream was interrupted")
+        }
+        (ResyncRequired, "resync") => (Resyncing, "resync started"),
+        (Resyncing | ResyncRequired, "streaming") => (Protected, "resync complete"),
+        _ => return None,
+    };
+    (next.0 != current).then_some(next)
+}
+
+async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
+    let state = node.state();
+    let machines = state.machines()?;
+    let now = now_ms();
+    node.progress.retain(|disk| {
+        machines
+            .iter()
+            .any(|m| m.disks.iter().any(|d| d.disk_id == disk))
+    });
+    for machine in &machines {
+        for disk in &machine.disks {
+            let report = node.progress.get(&disk.disk_id, Role::Agent);
+            let lag = progress::lag(
+                report.as_ref(),
+                now,
+                node.settings.disconnected_after_ms,
+                machine.protected_at_ms,
+            );
+            let labels = [
+                ("machine", machine.name.clone()),
+                ("disk", disk.name.clone()),
+            ];
+            metrics::gauge!("lifeboat_disk_rpo_seconds", &labels).set(lag.rpo_secs);
+            metrics::gauge!("lifeboat_disk_pending_bytes", &labels).set(lag.pending_bytes as f64);
+            metrics::gauge!("lifeboat_disk_sync_progress_ratio", &labels)
+                .set(lag.sync_progress_pct / 100.0);
+            let Some(received) = report else { continue };
+            if let Some((next, why)) = next_state(disk.state, &received.report.phase) {
+                let reason = if received.report.error.is_empty() {
+                    why.to_string()
+                } else {
+                    received.report.error.clone()
+                };
+                node.write(Command::SetDiskState {
+                    machine: machine.name.clone(),
+                    disk_id: disk.disk_id.clone(),
+                    state: next,
+                    reason,
+                    at_ms: now,
+                })
+                .await?;
+            }
+        }
+    }
+    let jobs = state.jobs()?;
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    for job in &jobs {
+        *counts.entry(job.state.as_str()).or_default() += 1;
+    }
+    for s in [JobState::Running, JobState::Succeeded, JobState::Failed] {
+        metrics::gauge!("lifeboat_jobs", "state" => s.as_str())
+            .set(*counts.get(s.as_str()).unwrap_or(&0) as f64);
+    }
+    for job in jobs.into_iter().filter(|j| j.state == JobState::Running) {
+        let updated = match job.kind.as_str() {
+            "protect" => protect_progress(
+                node,
+                &job,
+                machines.iter().find(|m| m.name == job.target),
+                now,
+            ),
+            "unprotect" => unprotect_progress(node, &job, now)?,
+            _ => None,
+        };
+        if let Some(updated) = updated {
+            node.write(Command::UpdateJob { job: updated }).await?;
+        }
+    }
+    Ok(())
+}
+
+fn protect_progress(
+    node: &Node,
+    job: &Job,
+    machine: Option<&ProtectedMachine>,
+    now: i64,
+) -> Option<Job> {
+    let mut next = job.clone();
+    let Some(machine) = machine else {
+        next.state = JobState::Failed;
+        next.error = "the machine was unprotected before replication started".into();
+        next.updated_at_ms = now;
+        return Some(next);
+    };
+    let (mut done, mut total) = (0u64, 0u64);
+    for disk in &machine.disks {
+        match node.progress.get(&disk.disk_id, Role::Agent) {
+            Some(r) if r.report.phase == "initial_sync" => {
+                done += r.report.sync_done_bytes;
+                total += r.report.sync_total_bytes;
+            }
+            _ if disk.state == ReplicationState::Protected => {
+                done += disk.size_bytes;
+                total += disk.size_bytes;
+            }
+            _ => total += disk.size_bytes,
+        }
+    }
+    let all_protected = machine
+        .disks
+        .iter()
+        .all(|d| d.state == ReplicationState::Protected);
+    let pct = if all_protected {
+        100.0
+    } else if total == 0 {
+        0.0
+    } else {
+        (done as f64 * 100.0 / total as f64).floor()
+    };
+    if let Some(step) = next.steps.get_mut(1) {
+        step.progress_pct = pct;
+        step.detail = format!("{} of {} MiB", done >> 20, total >> 20);
+        if all_protected {
+            step.state = JobState::Succeeded;
+        }
+    }
+    if all_protected {
+        if let Some(step) = next.steps.get_mut(2) {
+            step.state = JobState::Succeeded;
+            step.progress_pct = 100.0;
+            step.detail = "all disks Protected".into();
+        }
+        next.state = JobState::Succeeded;
+    }
+    if next.steps == job.steps && next.state == job.state {
+        return None;
+    }
+    next.updated_at_ms = now;
+    Some(next)
+}
+
+fn unprotect_progress(node: &Node, job: &Job, now: i64) -> anyhow::Result<Option<Job>> {
+    let Some(step) = job.steps.get(1) else {
+        return Ok(None);
+    };
+    let disks: Vec<&str> = step.detail.split(',').filter(|d| !d.is_empty()).collect();
+    let state = node.state();
+    // Which master target held them: the one whose recent reports listed them, if any.
+    let since = job.created_at_ms;
+    let still_held = node
+        .progress
+        .reported_by(Role::MasterTarget, since)
+        .iter()
+        .any(|d| disks.contains(&d.as_str()));
+    let mts: Vec<_> = state
+        .identities()?
+        .into_iter()
+        .filter(|r| r.role == Role::MasterTarget)
+        .collect();
+    let heard_since = mts.iter().any(|r| {
+        let (last, _, connected) = node.live_view(r);
+        connected && last > since
+    });
+    let detail = if !still_held && heard_since {
+        "disk slots freed"
+    } else if now - since > UNREACHABLE_MT_GIVE_UP_MS {
+        "master target not heard from; it frees the slots when it returns"
+    } else {
+        return Ok(None);
+    };
+    let mut next = job.clone();
+    next.state = JobState::Succeeded;
+    next.updated_at_ms = now;
+    if let Some(step) = next.steps.get_mut(1) {
+        step.state = JobState::Succeeded;
+        step.progress_pct = 100.0;
+        step.detail = detail.into();
+    }
+    Ok(Some(next))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReplicationState::*;
+
+    #[test]
+    fn agent_phases_drive_the_state_machine() {
+        assert_eq!(
+            next_state(Enabling, "initial_sync").map(|n| n.0),
+            Some(InitialSync)
+        );
+        assert_eq!(
+            next_state(InitialSync, "streaming").map(|n| n.0),
+            Some(Protected)
+        );
+        assert_eq!(
+            next_state(Protected, "resync_required").map(|n| n.0),
+            Some(ResyncRequired)
+        );
+        assert_eq!(
+            next_state(ResyncRequired, "resync").map(|n| n.0),
+            Some(Resyncing)
+        );
+        assert_eq!(
+            next_state(Resyncing, "streaming").map(|n| n.0),
+            Some(Protected)
+        );
+        assert_eq!(next_state(Protected, "streaming"), None);
+        assert_eq!(next_state(FailedOver, "streaming"), None);
+        for (from, phase) in [
+            (Enabling, "initial_sync"),
+            (Protected, "resync_required"),
+            (ResyncRequired, "resync"),
+        ] {
+            let (to, _) = next_state(from, phase).unwrap();
+            assert!(from.can_become(to), "{from:?} -> {to:?} must be allowed");
+        }
+    }
+}

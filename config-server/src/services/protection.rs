@@ -1,0 +1,506 @@
+//! Protection service: policies, protect/unprotect (as jobs), replication status and jobs.
+//! Admin certificates only. Placement and lag are computed here from the registry and the
+//! leader's soft state; every change goes through Raft.
+use crate::node::{storage_status, Node};
+use crate::placement::{self, Candidate};
+use crate::progress;
+use crate::state::model::now_ms;
+use crate::state::protection::{
+    Job, JobState, JobStep, Policy, ProtectedDisk, ProtectedMachine, ReplicationState,
+};
+use crate::state::{Command, CommandResult};
+use lifeboat_common::Role;
+use lifeboat_proto::v1::{self, protection_server::Protection};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct ProtectionService {
+    node: Arc<Node>,
+}
+
+impl ProtectionService {
+    pub fn new(node: Arc<Node>) -> Self {
+        ProtectionService { node }
+    }
+
+    fn policy_info(&self, policy: Policy) -> Result<v1::PolicyInfo, Status> {
+        let machines = self
+            .node
+            .state()
+            .machines()
+            .map_err(storage_status)?
+            .into_iter()
+            .filter(|m| m.policy == policy.name)
+            .map(|m| m.name)
+            .collect();
+        Ok(v1::PolicyInfo {
+            spec: Some(v1::PolicySpec {
+                name: policy.name,
+                rpo_threshold_secs: policy.rpo_threshold_secs,
+                retention_secs: policy.retention_secs,
+                app_consistent_every_secs: policy.app_consistent_every_secs,
+                crash_consistent_every_secs: policy.crash_consistent_every_secs,
+                compression: policy.compression,
+            }),
+            failback_of: policy.failback_of.unwrap_or_default(),
+            created_at_unix_ms: policy.created_at_ms,
+            machines,
+        })
+    }
+
+    fn find_policy(&self, name: &str) -> Result<Policy, Status> {
+        self.node
+            .state()
+            .policy(name)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no policy {name:?}; see `lifeboat policy list`"))
+            })
+    }
+
+    fn candidates(&self) -> Result<Vec<Candidate>, Status> {
+        Ok(self
+            .node
+            .state()
+            .identities()
+            .map_err(storage_status)?
+            .into_iter()
+            .filter(|r| matches!(r.role, Role::ProcessServer | Role::MasterTarget))
+            .map(|record| {
+                let (_, facts, connected) = self.node.live_view(&record);
+                Candidate {
+                    connected,
+                    free_bytes: facts.free_bytes,
+                    slots_total: facts.disk_slots_total,
+                    record,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Checks a policy as the operator wrote it.
+fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
+    if spec.name.is_empty()
+        || spec.name.len() > 64
+        || !spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Status::invalid_argument(
+            "policy names are 1-64 letters, digits, '-' or '_'",
+        ));
+    }
+    if spec.rpo_threshold_secs == 0
+        || spec.retention_secs == 0
+        || spec.crash_consistent_every_secs == 0
+    {
+        return Err(Status::invalid_argument(
+            "RPO threshold, retention and crash-consistent frequency must be positive",
+        ));
+    }
+    if spec.crash_consistent_every_secs > spec.retention_secs
+        || (spec.app_consistent_every_secs > 0
+            && spec.app_consistent_every_secs > spec.retention_secs)
+    {
+        return Err(Status::invalid_argument(
+            "recovery points must be taken more often than the retention window",
+        ));
+    }
+    Ok(Policy {
+        name: spec.name,
+        rpo_threshold_secs: spec.rpo_threshold_secs,
+        retention_secs: spec.retention_secs,
+        app_consistent_every_secs: spec.app_consistent_every_secs,
+        crash_consistent_every_secs: spec.crash_consistent_every_secs,
+        compression: spec.compression,
+        failback_of: None,
+        created_at_ms: now_ms(),
+    })
+}
+
+/// Turns a refusal or a missing record into the matching gRPC status.
+pub fn result_status(result: CommandResult) -> Result<(), Status> {
+    match result {
+        CommandResult::Refused(why) => Err(Status::failed_precondition(why)),
+        CommandResult::NotFound(why) => Err(Status::not_found(why)),
+        _ => Ok(()),
+    }
+}
+
+pub fn new_job(kind: &str, target: &str, steps: &[(&str, JobState, String)]) -> Job {
+    let now = now_ms();
+    Job {
+        id: format!("job-{now:013}-{}", hex::encode(rand::random::<[u8; 3]>())),
+        kind: kind.into(),
+        target: target.into(),
+        state: JobState::Running,
+        steps: steps
+            .iter()
+            .map(|(name, state, detail)| JobStep {
+                name: name.to_string(),
+                state: *state,
+                detail: detail.clone(),
+                progress_pct: if *state == JobState::Succeeded {
+                    100.0
+                } else {
+                    0.0
+                },
+            })
+            .collect(),
+        created_at_ms: now,
+        updated_at_ms: now,
+        error: String::new(),
+    }
+}
+
+pub fn job_info(job: &Job) -> v1::JobInfo {
+    v1::JobInfo {
+        id: job.id.clone(),
+        kind: job.kind.clone(),
+        target: job.target.clone(),
+        state: job.state.as_str().into(),
+        steps: job
+            .steps
+            .iter()
+            .map(|s| v1::JobStep {
+                name: s.name.clone(),
+                state: s.state.as_str().into(),
+                detail: s.detail.clone(),
+                progress_pct: s.progress_pct,
+            })
+            .collect(),
+        created_at_unix_ms: job.created_at_ms,
+        updated_at_unix_ms: job.updated_at_ms,
+        error: job.error.clone(),
+        progress_pct: job.progress_pct(),
+    }
+}
+
+#[tonic::async_trait]
+impl Protection for ProtectionService {
+    async fn create_policy(
+        &self,
+        request: Request<v1::PolicySpec>,
+    ) -> Result<Response<v1::PolicyList>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let policy = policy_from_spec(request.into_inner())?;
+        let name = policy.name.clone();
+        result_status(self.node.write(Command::CreatePolicy { policy }).await?)?;
+        let twin = format!("{name}{}", crate::state::protection::FAILBACK_SUFFIX);
+        let policies = vec![
+            self.policy_info(self.find_policy(&name)?)?,
+            self.policy_info(self.find_policy(&twin)?)?,
+        ];
+        Ok(Response::new(v1::PolicyList { policies }))
+    }
+
+    async fn update_policy(
+        &self,
+        request: Request<v1::PolicySpec>,
+    ) -> Result<Response<v1::PolicyInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let policy = policy_from_spec(request.into_inner())?;
+        let name = policy.name.clone();
+        result_status(self.node.write(Command::UpdatePolicy { policy }).await?)?;
+        Ok(Response::new(self.policy_info(self.find_policy(&name)?)?))
+    }
+
+    async fn list_policies(
+        &self,
+        request: Request<v1::Empty>,
+    ) -> Result<Response<v1::PolicyList>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let policies = self
+            .node
+            .state()
+            .policies()
+            .map_err(storage_status)?
+            .into_iter()
+            .map(|p| self.policy_info(p))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(v1::PolicyList { policies }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::PolicyInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let policy = self.find_policy(&request.get_ref().name)?;
+        Ok(Response::new(self.policy_info(policy)?))
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let name = request.into_inner().name;
+        result_status(self.node.write(Command::DeletePolicy { name }).await?)?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn protect(
+        &self,
+        request: Request<v1::ProtectRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let req = request.into_inner();
+        let state = self.node.state();
+        self.find_policy(&req.policy)?;
+        if state
+            .machine(&req.machine)
+            .map_err(storage_status)?
+            .is_some()
+        {
+            return Err(Status::already_exists(format!(
+                "{} is already protected",
+                req.machine
+            )));
+        }
+        let identities = state.identities().map_err(storage_status)?;
+        let agent = identities
+            .iter()
+            .find(|r| r.role == Role::Agent && r.name == req.machine && r.revoked.is_none())
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no registered agent for machine {:?}; run `mobility-agent register` on it first",
+                    req.machine
+                ))
+            })?;
+        let (_, facts, _) = self.node.live_view(agent);
+        if facts.disks.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "the agent of {} reports no disks; start it with --disk NAME=PATH",
+                req.machine
+            )));
+        }
+        let machines = state.machines().map_err(storage_status)?;
+        let candidates = self.candidates()?;
+        let disks = facts.disks.len() as u32;
+        let ps = placement::choose(
+            Role::ProcessServer,
+            &req.process_server,
+            &candidates,
+            &machines,
+            disks,
+        )
+        .map_err(Status::failed_precondition)?;
+        let mt = placement::choose(
+            Role::MasterTarget,
+            &req.master_target,
+            &candidates,
+            &machines,
+            disks,
+        )
+        .map_err(Status::failed_precondition)?;
+        let now = now_ms();
+        let machine = ProtectedMachine {
+            name: req.machine.clone(),
+            agent_id: agent.id.clone(),
+            policy: req.policy.clone(),
+            ps_id: ps.id.clone(),
+            mt_id: mt.id.clone(),
+            disks: facts
+                .disks
+                .iter()
+                .map(|d| ProtectedDisk {
+                    disk_id: format!("d-{}", hex::encode(rand::random::<[u8; 6]>())),
+                    name: d.name.clone(),
+                    source_path: d.path.clone(),
+                    size_bytes: d.size_bytes,
+                    state: ReplicationState::Enabling,
+                    state_reason: "protection enabled".into(),
+                    state_changed_at_ms: now,
+                })
+                .collect(),
+            protected_at_ms: now,
+        };
+        let job = new_job(
+            "protect",
+            &req.machine,
+            &[
+                (
+                    "Choose process server and master target",
+                    JobState::Succeeded,
+                    format!("process server {}, master target {}", ps.name, mt.name),
+                ),
+                (
+                    "Initial sync",
+                    JobState::Running,
+                    "waiting for the agent".into(),
+                ),
+                (
+                    "Start continuous replication",
+                    JobState::Running,
+                    String::new(),
+                ),
+            ],
+        );
+        result_status(
+            self.node
+                .write(Command::Protect {
+                    machine,
+                    job: job.clone(),
+                })
+                .await?,
+        )?;
+        Ok(Response::new(job_info(&job)))
+    }
+
+    async fn unprotect(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let name = request.into_inner().name;
+        let machine = self
+            .node
+            .state()
+            .machine(&name)
+            .map_err(storage_status)?
+            .ok_or_else(|| Status::not_found(format!("{name} is not protected")))?;
+        let disks: Vec<String> = machine.disks.iter().map(|d| d.disk_id.clone()).collect();
+        let job = new_job(
+            "unprotect",
+            &name,
+            &[
+                ("Disable replication", JobState::Succeeded, String::new()),
+                (
+                    "Free disk slots on the master target",
+                    JobState::Running,
+                    disks.join(","),
+                ),
+            ],
+        );
+        result_status(
+            self.node
+                .write(Command::Unprotect {
+                    name,
+                    job: job.clone(),
+                })
+                .await?,
+        )?;
+        Ok(Response::new(job_info(&job)))
+    }
+
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let wanted = request.into_inner().machine;
+        let state = self.node.state();
+        let mut machines = Vec::new();
+        for m in state.machines().map_err(storage_status)? {
+            if !wanted.is_empty() && m.name != wanted {
+                continue;
+            }
+            machines.push(self.machine_status(&m)?);
+        }
+        if !wanted.is_empty() && machines.is_empty() {
+            return Err(Status::not_found(format!("{wanted} is not protected")));
+        }
+        Ok(Response::new(v1::StatusResponse { machines }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::JobList>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit as usize
+        };
+        let all = self.node.state().jobs().map_err(storage_status)?;
+        let selected: Vec<&Job> = all
+            .iter()
+            .filter(|j| req.all || j.state == JobState::Running)
+            .collect();
+        let skip = selected.len().saturating_sub(limit);
+        let jobs = selected.into_iter().skip(skip).map(job_info).collect();
+        Ok(Response::new(v1::JobList { jobs }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let id = request.into_inner().name;
+        let job = self
+            .node
+            .state()
+            .job(&id)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no job {id:?}; see `lifeboat jobs --all`"))
+            })?;
+        Ok(Response::new(job_info(&job)))
+    }
+}
+
+impl ProtectionService {
+    fn machine_status(&self, m: &ProtectedMachine) -> Result<v1::MachineStatus, Status> {
+        let state = self.node.state();
+        let name_of = |id: &str| -> Result<String, Status> {
+            Ok(state
+                .identity(id)
+                .map_err(storage_status)?
+                .map(|r| r.name)
+                .unwrap_or_else(|| id.to_string()))
+        };
+        let threshold = state
+            .policy(&m.policy)
+            .map_err(storage_status)?
+            .map(|p| p.rpo_threshold_secs)
+            .unwrap_or(0);
+        let agent_connected = state
+            .identity(&m.agent_id)
+            .map_err(storage_status)?
+            .map(|r| self.node.live_view(&r).2)
+            .unwrap_or(false);
+        let now = now_ms();
+        let disks = m
+            .disks
+            .iter()
+            .map(|d| {
+                let report = self.node.progress.get(&d.disk_id, Role::Agent);
+                let lag = progress::lag(
+                    report.as_ref(),
+                    now,
+                    self.node.settings.disconnected_after_ms,
+                    m.protected_at_ms,
+                );
+                v1::DiskStatus {
+                    disk_id: d.disk_id.clone(),
+                    name: d.name.clone(),
+                    size_bytes: d.size_bytes,
+                    state: d.state.as_str().into(),
+                    state_reason: d.state_reason.clone(),
+                    state_changed_at_unix_ms: d.state_changed_at_ms,
+                    sync_progress_pct: lag.sync_progress_pct,
+                    eta_secs: lag.eta_secs,
+                    rpo_secs: lag.rpo_secs,
+                    pending_bytes: lag.pending_bytes,
+                    rpo_threshold_secs: threshold,
+                    rpo_exceeded: threshold > 0 && lag.rpo_secs > threshold as f64,
+                    last_report_unix_ms: lag.last_report_ms,
+                }
+            })
+            .collect();
+        Ok(v1::MachineStatus {
+            name: m.name.clone(),
+            policy: m.policy.clone(),
+            process_server: name_of(&m.ps_id)?,
+            master_target: name_of(&m.mt_id)?,
+            agent_connected,
+            disks,
+        })
+    }
+}

@@ -1,0 +1,158 @@
+//! Records of replication: policies, protected machines and their disks with the replication
+//! state machine of DESIGN §4, and jobs (every long operation, with steps and progress).
+use serde::{Deserialize, Serialize};
+
+/// Suffix of the failback twin every policy gets.
+pub const FAILBACK_SUFFIX: &str = "-failback";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    /// An alert is raised when a disk's RPO exceeds this.
+    pub rpo_threshold_secs: u64,
+    /// How far back recovery points are kept.
+    pub retention_secs: u64,
+    /// 0: no app-consistent points.
+    pub app_consistent_every_secs: u64,
+    pub crash_consistent_every_secs: u64,
+    /// Compress cached and shipped data (zstd).
+    pub compression: bool,
+    /// For a `-failback` twin: the policy it was made with.
+    #[serde(default)]
+    pub failback_of: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// Replication state of one protected disk (DESIGN §4).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ReplicationState {
+    Enabling,
+    InitialSync,
+    Protected,
+    ResyncRequired,
+    Resyncing,
+    FailedOver,
+    Reprotecting,
+    FailbackSync,
+    Disabled,
+}
+
+impl ReplicationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationState::Enabling => "Enabling",
+            ReplicationState::InitialSync => "InitialSync",
+            ReplicationState::Protected => "Protected",
+            ReplicationState::ResyncRequired => "ResyncRequired",
+            ReplicationState::Resyncing => "Resyncing",
+            ReplicationState::FailedOver => "FailedOver",
+            ReplicationState::Reprotecting => "Reprotecting",
+            ReplicationState::FailbackSync => "FailbackSync",
+            ReplicationState::Disabled => "Disabled",
+        }
+    }
+
+    /// Transitions the replication state machine allows; anything else is a bug or a stale
+    /// report and is refused.
+    pub fn can_become(self, next: ReplicationState) -> bool {
+        use ReplicationState::*;
+        if self == next {
+            return true;
+        }
+        matches!(
+            (self, next),
+            (Enabling, InitialSync)
+                | (InitialSync, Protected)
+                | (Protected, ResyncRequired)
+                | (Enabling | InitialSync, ResyncRequired)
+                | (ResyncRequired, Resyncing)
+                | (Resyncing, Protected)
+                | (Resyncing, ResyncRequired)
+                | (Protected, FailedOver)
+                | (FailedOver, Reprotecting)
+                | (Reprotecting, FailbackSync)
+                | (FailbackSync, Protected)
+                | (_, Disabled)
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProtectedDisk {
+    /// Stable id used on the data path (batches, replica files).
+    pub disk_id: String,
+    pub name: String,
+    pub source_path: String,
+    pub size_bytes: u64,
+    pub state: ReplicationState,
+    pub state_reason: String,
+    pub state_changed_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProtectedMachine {
+    pub name: String,
+    pub agent_id: String,
+    pub policy: String,
+    pub ps_id: String,
+    pub mt_id: String,
+    pub disks: Vec<ProtectedDisk>,
+    pub protected_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "Running",
+            JobState::Succeeded => "Succeeded",
+            JobState::Failed => "Failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStep {
+    pub name: String,
+    pub state: JobState,
+    pub detail: String,
+    /// 0-100; meaningful for long steps such as initial sync.
+    pub progress_pct: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    /// "protect", "unprotect", ...
+    pub kind: String,
+    /// What it acts on (a machine name).
+    pub target: String,
+    pub state: JobState,
+    pub steps: Vec<JobStep>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub error: String,
+}
+
+impl Job {
+    pub fn progress_pct(&self) -> f64 {
+        if self.steps.is_empty() {
+            return 0.0;
+        }
+        let done: f64 = self
+            .steps
+            .iter()
+            .map(|s| match s.state {
+                JobState::Succeeded => 100.0,
+                _ => s.progress_pct,
+            })
+            .sum();
+        done / self.steps.len() as f64
+    }
+}

@@ -1,0 +1,176 @@
+//! Applying the replication commands: policies with their failback twins, protecting and
+//! unprotecting machines, disk state transitions and job updates.
+use super::command::CommandResult;
+use super::keys;
+use super::kv::{KvError, KvRead, Overlay};
+use super::protection::{Job, Policy, ProtectedMachine, ReplicationState, FAILBACK_SUFFIX};
+use super::query::StateReader;
+
+type Tx<'a, K> = Overlay<'a, K>;
+
+pub(super) fn create_policy(
+    tx: &mut Tx<'_, impl KvRead>,
+    policy: &Policy,
+) -> Result<CommandResult, KvError> {
+    if policy.name.ends_with(FAILBACK_SUFFIX) {
+        return Ok(CommandResult::Refused(format!(
+            "names ending in {FAILBACK_SUFFIX} are reserved for the failback twin every policy gets"
+        )));
+    }
+    let twin_name = format!("{}{FAILBACK_SUFFIX}", policy.name);
+    let reader = StateReader(&*tx);
+    if reader.policy(&policy.name)?.is_some() || reader.policy(&twin_name)?.is_some() {
+        return Ok(CommandResult::Refused(format!(
+            "policy {} already exists",
+            policy.name
+        )));
+    }
+    let twin = Policy {
+        name: twin_name,
+        failback_of: Some(policy.name.clone()),
+        ..policy.clone()
+    };
+    tx.writes.put(keys::policy(&policy.name), policy);
+    tx.writes.put(keys::policy(&twin.name), &twin);
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn update_policy(
+    tx: &mut Tx<'_, impl KvRead>,
+    policy: &Policy,
+) -> Result<CommandResult, KvError> {
+    let Some(existing) = StateReader(&*tx).policy(&policy.name)? else {
+        return Ok(CommandResult::NotFound(format!(
+            "no policy {}",
+            policy.name
+        )));
+    };
+    let updated = Policy {
+        failback_of: existing.failback_of,
+        created_at_ms: existing.created_at_ms,
+        ..policy.clone()
+    };
+    tx.writes.put(keys::policy(&policy.name), &updated);
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn delete_policy(
+    tx: &mut Tx<'_, impl KvRead>,
+    name: &str,
+) -> Result<CommandResult, KvError> {
+    let reader = StateReader(&*tx);
+    let Some(policy) = reader.policy(name)? else {
+        return Ok(CommandResult::NotFound(format!("no policy {name}")));
+    };
+    if policy.failback_of.is_some() {
+        return Ok(CommandResult::Refused(format!(
+            "{name} is a failback twin; delete {} instead",
+            policy.failback_of.unwrap_or_default()
+        )));
+    }
+    let twin = format!("{name}{FAILBACK_SUFFIX}");
+    if let Some(m) = reader
+        .machines()?
+        .into_iter()
+        .find(|m| m.policy == name || m.policy == twin)
+    {
+        return Ok(CommandResult::Refused(format!(
+            "policy {name} is used by machine {}; unprotect it or change its policy first",
+            m.name
+        )));
+    }
+    tx.writes.delete(keys::policy(name));
+    tx.writes.delete(keys::policy(&twin));
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn protect(
+    tx: &mut Tx<'_, impl KvRead>,
+    machine: &ProtectedMachine,
+    job: &Job,
+) -> Result<CommandResult, KvError> {
+    let reader = StateReader(&*tx);
+    if reader.machine(&machine.name)?.is_some() {
+        return Ok(CommandResult::Refused(format!(
+            "{} is already protected",
+            machine.name
+        )));
+    }
+    if reader.policy(&machine.policy)?.is_none() {
+        return Ok(CommandResult::NotFound(format!(
+            "no policy {}",
+            machine.policy
+        )));
+    }
+    for id in [&machine.agent_id, &machine.ps_id, &machine.mt_id] {
+        match reader.identity(id)? {
+            Some(r) if r.revoked.is_none() => {}
+            _ => {
+                return Ok(CommandResult::Refused(format!(
+                    "{id} is not a registered, unrevoked component"
+                )))
+            }
+        }
+    }
+    tx.writes.put(keys::machine(&machine.name), machine);
+    tx.writes.put(keys::job(&job.id), job);
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn unprotect(
+    tx: &mut Tx<'_, impl KvRead>,
+    name: &str,
+    job: &Job,
+) -> Result<CommandResult, KvError> {
+    if StateReader(&*tx).machine(name)?.is_none() {
+        return Ok(CommandResult::NotFound(format!("{name} is not protected")));
+    }
+    tx.writes.delete(keys::machine(name));
+    tx.writes.put(keys::job(&job.id), job);
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn set_disk_state(
+    tx: &mut Tx<'_, impl KvRead>,
+    machine: &str,
+    disk_id: &str,
+    state: ReplicationState,
+    reason: &str,
+    at_ms: i64,
+) -> Result<CommandResult, KvError> {
+    let Some(mut record) = StateReader(&*tx).machine(machine)? else {
+        return Ok(CommandResult::NotFound(format!(
+            "{machine} is not protected"
+        )));
+    };
+    let Some(disk) = record.disks.iter_mut().find(|d| d.disk_id == disk_id) else {
+        return Ok(CommandResult::NotFound(format!(
+            "{machine} has no disk {disk_id}"
+        )));
+    };
+    if !disk.state.can_become(state) {
+        return Ok(CommandResult::Refused(format!(
+            "disk {disk_id} cannot go from {} to {}",
+            disk.state.as_str(),
+            state.as_str()
+        )));
+    }
+    if disk.state != state || disk.state_reason != reason {
+        disk.state = state;
+        disk.state_reason = reason.to_string();
+        disk.state_changed_at_ms = at_ms;
+        tx.writes.put(keys::machine(machine), &record);
+    }
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn update_job(
+    tx: &mut Tx<'_, impl KvRead>,
+    job: &Job,
+) -> Result<CommandResult, KvError> {
+    if StateReader(&*tx).job(&job.id)?.is_none() {
+        return Ok(CommandResult::NotFound(format!("no job {}", job.id)));
+    }
+    tx.writes.put(keys::job(&job.id), job);
+    Ok(CommandResult::Done)
+}
