@@ -1,0 +1,233 @@
+//! The replication control plane with real processes: policies and their failback twins,
+//! protecting a registered machine (placement, job, initial state), refusals that change
+//! nothing, and unprotecting (the master target frees the disk slots).
+use lifeboat_e2e::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn start_component(binary: &str, name: &str, tmp: &Path, cs: &CsNode, extra: &[&str]) -> Proc {
+    let dir = tmp.join(name);
+    let d = dir.display().to_string();
+    let pf = cs.passphrase_file().display().to_string();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let mut args = vec![
+        "register",
+        "--data-dir",
+        &d,
+        "--cs",
+        &cs.addr,
+        "--passphrase-file",
+        &pf,
+        "--name",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    let out = run(binary, &args, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut args = vec![
+        "run",
+        "--data-dir",
+        &d,
+        "--listen",
+        &listen,
+        "--metrics-listen",
+        &metrics,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(name, binary, &args, dir.join("run.log"))
+}
+
+fn ok(context: &Path, args: &[&str]) -> String {
+    let out = lifeboat(context, args);
+    assert!(out.status.success(), "lifeboat {args:?}: {}", text(&out));
+    text(&out)
+}
+
+fn fails(context: &Path, args: &[&str], expect: &str) {
+    let out = lifeboat(context, args);
+    assert!(
+        !out.status.success(),
+        "lifeboat {args:?} should fail: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains(expect),
+        "lifeboat {args:?}: expected {expect:?} in {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn policies_protect_status_jobs_and_unprotect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cs, _) = CsNode::init(tmp.path().join("cs"));
+    let ctx = cs.context();
+    let disk0 = tmp.path().join("disk0.img");
+    let disk1 = tmp.path().join("disk1.img");
+    std::fs::File::create(&disk0)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    std::fs::File::create(&disk1)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let d0 = format!("disk0={}", disk0.display());
+    let d1 = format!("disk1={}", disk1.display());
+    let _ps = start_component("process-server", "ps1", tmp.path(), &cs, &[]);
+    let _mt = start_component("master-target", "mt1", tmp.path(), &cs, &[]);
+    let _agent = start_component(
+        "mobility-agent",
+        "web01",
+        tmp.path(),
+        &cs,
+        &["--disk", &d0, "--disk", &d1],
+    );
+    let _bare = start_component("mobility-agent", "bare", tmp.path(), &cs, &[]);
+    wait_until("components connected", WAIT, || {
+        servers(&ctx, "agent")
+            .iter()
+            .chain(servers(&ctx, "master-target").iter())
+            .filter(|s| s["status"] == "Connected")
+            .count()
+            == 3
+    });
+
+    // Policies come in pairs.
+    ok(
+        &ctx,
+        &[
+            "policy",
+            "create",
+            "gold",
+            "--rpo-threshold",
+            "15m",
+            "--retention",
+            "24h",
+            "--app-consistent-every",
+            "60m",
+            "--crash-consistent-every",
+            "5m",
+        ],
+    );
+    let list = lifeboat_json(&ctx, &["policy", "list", "--json"]);
+    let names: Vec<&str> = list["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["gold", "gold-failback"]);
+    let twin = lifeboat_json(&ctx, &["policy", "show", "gold-failback", "--json"]);
+    assert_eq!(twin["failback_of"], "gold");
+    assert_eq!(twin["rpo_threshold_secs"], 900);
+    fails(&ctx, &["policy", "create", "gold"], "already exists");
+    fails(&ctx, &["policy", "create", "x-failback"], "reserved");
+    fails(
+        &ctx,
+        &[
+            "policy",
+            "create",
+            "bad",
+            "--retention",
+            "1m",
+            "--crash-consistent-every",
+            "5m",
+        ],
+        "retention",
+    );
+    ok(
+        &ctx,
+        &["policy", "update", "gold", "--rpo-threshold", "10m"],
+    );
+    assert_eq!(
+        lifeboat_json(&ctx, &["policy", "show", "gold", "--json"])["rpo_threshold_secs"],
+        600
+    );
+
+    // Refusals change nothing.
+    fails(
+        &ctx,
+        &["protect", "nosuch", "--policy", "gold"],
+        "no registered agent",
+    );
+    fails(
+        &ctx,
+        &["protect", "web01", "--policy", "nosuch"],
+        "no policy",
+    );
+    fails(
+        &ctx,
+        &["protect", "bare", "--policy", "gold"],
+        "reports no disks",
+    );
+    fails(
+        &ctx,
+        &["protect", "web01", "--policy", "gold", "--mt", "nosuch"],
+        "no registered master-target",
+    );
+    assert!(lifeboat_json(&ctx, &["status", "--json"])["disks"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Protect: both disks on one master target, a job, state Enabling.
+    let out = ok(&ctx, &["protect", "web01", "--policy", "gold"]);
+    assert!(
+        out.contains("process server ps1, master target mt1"),
+        "{out}"
+    );
+    fails(
+        &ctx,
+        &["protect", "web01", "--policy", "gold"],
+        "already protected",
+    );
+    let status = lifeboat_json(&ctx, &["status", "--json"]);
+    let disks = status["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2);
+    for d in disks {
+        assert_eq!(d["state"], "Enabling");
+        assert_eq!(d["master_target"], "mt1");
+        assert_eq!(d["process_server"], "ps1");
+        assert_eq!(d["rpo_threshold_secs"], 600);
+    }
+    let jobs: Value = lifeboat_json(&ctx, &["jobs", "--json"]);
+    let job = &jobs["jobs"][0];
+    assert_eq!(job["kind"], "protect");
+    assert_eq!(job["target"], "web01");
+    assert_eq!(job["steps"][0]["state"], "Succeeded");
+    fails(&ctx, &["policy", "delete", "gold"], "used by machine web01");
+    fails(&ctx, &["job", "show", "job-nope"], "NotFound");
+
+    // The master target's free slots account for the placed disks.
+    let mt = &servers(&ctx, "master-target")[0];
+    assert_eq!(mt["disk_slots_total"], 31);
+
+    // Unprotect: the job finishes once the master target has heartbeated without the disks.
+    let out = ok(&ctx, &["unprotect", "web01", "--wait"]);
+    assert!(out.contains("disabled"), "{out}");
+    let all = lifeboat_json(&ctx, &["jobs", "--all", "--json"]);
+    let unprotect = all["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "unprotect")
+        .unwrap()
+        .clone();
+    assert_eq!(unprotect["state"], "Succeeded");
+    assert!(lifeboat_json(&ctx, &["status", "--json"])["disks"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    fails(&ctx, &["unprotect", "web01"], "not protected");
+    ok(&ctx, &["policy", "delete", "gold"]);
+    assert!(
+        lifeboat_json(&ctx, &["policy", "list", "--json"])["policies"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
