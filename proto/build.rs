@@ -8,6 +8,7 @@ const FILES: &[&str] = &[
     "proto/lifeboat/v1/admin.proto",
     "proto/lifeboat/v1/cluster.proto",
     "proto/lifeboat/v1/protection.proto",
+    "proto/lifeboat/v1/data.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

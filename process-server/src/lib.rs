@@ -1,6 +1,8 @@
 //! The Lifeboat process server: the replication gateway between agents and master targets.
 //! This crate owns its settings, what it reports about itself, and its run loop; the binary
 //! (`main.rs`) and `lifeboat up` both drive it through `run`.
+pub mod cache;
+
 use lifeboat_common::component::{run_component, ComponentRun};
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::{facts, Role};

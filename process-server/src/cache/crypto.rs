@@ -1,0 +1,111 @@
+//! Encryption at rest of the process server cache: AES-256-GCM with a key only this process
+//! server holds (`DATA/private/cache.key`, 0600, made on first use). Each record's nonce is the
+//! segment's random 64-bit salt followed by the record's 32-bit index in the segment, so a
+//! nonce is never reused under the key (segments never exceed 2^32 records). The record's
+//! disk id, sequence number and flags are authenticated with it, so a record cannot be moved
+//! to another disk or position unnoticed.
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use ring::rand::{SecureRandom, SystemRandom};
+use std::io;
+use std::path::Path;
+
+pub const TAG_LEN: usize = 16;
+
+pub struct CacheKey(LessSafeKey);
+
+impl CacheKey {
+    /// Loads the key, or makes one if the file does not exist.
+    pub fn load_or_create(path: &Path) -> io::Result<CacheKey> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                SystemRandom::new()
+                    .fill(&mut key)
+                    .map_err(|_| io::Error::other("no random source"))?;
+                if let Some(dir) = path.parent() {
+                    lifeboat_common::fsutil::create_private_dir(dir)?;
+                }
+                lifeboat_common::fsutil::write_private(path, &key)?;
+                key.to_vec()
+            }
+            Err(e) => return Err(e),
+        };
+        Self::from_bytes(&bytes).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a 32-byte key", path.display()),
+            )
+        })
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<CacheKey> {
+        UnboundKey::new(&AES_256_GCM, bytes)
+            .ok()
+            .map(|k| CacheKey(LessSafeKey::new(k)))
+    }
+
+    fn nonce(salt: u64, index: u32) -> Nonce {
+        let mut n = [0u8; 12];
+        n[..8].copy_from_slice(&salt.to_be_bytes());
+        n[8..].copy_from_slice(&index.to_be_bytes());
+        Nonce::assume_unique_for_key(n)
+    }
+
+    /// Encrypts `plain` in place, appending the tag.
+    pub fn seal(&self, salt: u64, index: u32, aad: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
+        self.0
+            .seal_in_place_append_tag(Self::nonce(salt, index), Aad::from(aad), plain)
+            .map_err(|_| io::Error::other("encryption failed"))
+    }
+
+    /// Decrypts and authenticates; `None` if the record was altered.
+    pub fn open(&self, salt: u64, index: u32, aad: &[u8], mut sealed: Vec<u8>) -> Option<Vec<u8>> {
+        let len = self
+            .0
+            .open_in_place(Self::nonce(salt, index), Aad::from(aad), &mut sealed)
+            .ok()?
+            .len();
+        sealed.truncate(len);
+        Some(sealed)
+    }
+}
+
+/// A random salt for a new segment.
+pub fn new_salt() -> io::Result<u64> {
+    let mut s = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut s)
+        .map_err(|_| io::Error::other("no random source"))?;
+    Ok(u64::from_be_bytes(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_tamper_detection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("private").join("cache.key");
+        let key = CacheKey::load_or_create(&path).unwrap();
+        let again = CacheKey::load_or_create(&path).unwrap();
+        let mut data = b"hello".to_vec();
+        key.seal(1, 2, b"aad", &mut data).unwrap();
+        assert_ne!(&data[..5], b"hello");
+        assert_eq!(again.open(1, 2, b"aad", data.clone()).unwrap(), b"hello");
+        assert!(
+            again.open(1, 3, b"aad", data.clone()).is_none(),
+            "wrong position"
+        );
+        assert!(
+            again.open(1, 2, b"other", data.clone()).is_none(),
+            "wrong disk/seq"
+        );
+        let mut flipped = data.clone();
+        flipped[0] ^= 1;
+        assert!(again.open(1, 2, b"aad", flipped).is_none());
+        std::fs::write(&path, b"short").unwrap();
+        assert!(CacheKey::load_or_create(&path).is_err());
+    }
+}

@@ -1,0 +1,375 @@
+//! One disk's cache: its segments in sequence order, the segment being written, and the
+//! highest sequence number that is durable. Appends are group-committed: the caller passes
+//! every batch it has, they are written, and one fdatasync makes them all durable before any
+//! is acknowledged. A restart starts a new segment; recovery truncates a torn tail.
+use super::crypto::CacheKey;
+use super::segment::{SegmentReader, SegmentWriter, Tail};
+use lifeboat_proto::v1::ChangeBatch;
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A segment is closed once it holds this many bytes.
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// A fully forwarded segment being written is retired once it is at least this big (smaller
+/// ones keep being appended to, to avoid a file create and directory fsync per batch).
+const RETIRE_BYTES: u64 = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache I/O error in {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cached data of disk {disk} is damaged in {path}: {detail}; the disk needs a resync")]
+    Corrupt {
+        disk: String,
+        path: PathBuf,
+        detail: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Closed {
+    path: PathBuf,
+    last_seq: u64,
+    len: u64,
+}
+
+pub struct DiskCache {
+    dir: PathBuf,
+    disk_id: String,
+    key: Arc<CacheKey>,
+    closed: VecDeque<Closed>,
+    writer: Option<SegmentWriter>,
+    durable_seq: u64,
+    /// Bytes the cache occupies on disk.
+    bytes: u64,
+}
+
+impl DiskCache {
+    /// Opens (or creates) the cache of `disk_id` in `dir`, recovering from a crash.
+    pub fn open(dir: &Path, disk_id: &str, key: Arc<CacheKey>) -> Result<DiskCache, CacheError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "lbc"))
+            .collect();
+        paths.sort();
+        let mut cache = DiskCache {
+            dir: dir.to_path_buf(),
+            disk_id: disk_id.to_string(),
+            key,
+            closed: VecDeque::new(),
+            writer: None,
+            durable_seq: 0,
+            bytes: 0,
+        };
+        let count = paths.len();
+        for (i, path) in paths.into_iter().enumerate() {
+            let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+            let mut reader = match SegmentReader::open(&path, len) {
+                Ok(r) => r,
+                // A segment whose header never became durable holds nothing acknowledged.
+                Err(_) if i + 1 == count => {
+                    std::fs::remove_file(&path).map_err(io_err(&path))?;
+                    continue;
+                }
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            let mut last = None;
+            while let Some(batch) = reader.next_batch(&cache.key) {
+                if batch.seq != cache.durable_seq + 1 && cache.durable_seq != 0 {
+                    return Err(CacheError::Corrupt {
+                        disk: disk_id.into(),
+                        path,
+                        detail: format!("seq {} follows {}", batch.seq, cache.durable_seq),
+                    });
+                }
+                cache.durable_seq = batch.seq;
+                last = Some(batch.seq);
+            }
+            match reader.tail {
+                Tail::Clean => {}
+                Tail::Torn if i + 1 == count => {
+                    // Written but never synced: never acknowledged. Cut it off.
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
+                    file.set_len(reader.valid_len).map_err(io_err(&path))?;
+                    file.sync_all().map_err(io_err(&path))?;
+                    tracing::info!(disk = disk_id, path = %path.display(), "truncated a torn cache tail");
+                }
+                Tail::Torn => {
+                    return Err(CacheError::Corrupt {
+                        disk: disk_id.into(),
+                        path,
+                        detail: "a segment other than the last ends in a torn record".into(),
+                    })
+                }
+                Tail::Corrupt(detail) => {
+                    return Err(CacheError::Corrupt {
+                        disk: disk_id.into(),
+                        path,
+                        detail,
+                    })
+                }
+            }
+            match last {
+                Some(last_seq) => {
+                    cache.bytes += reader.valid_len;
+                    cache.closed.push_back(Closed {
+                        path,
+                        last_seq,
+                        len: reader.valid_len,
+                    });
+                }
+                None => std::fs::remove_file(&path).map_err(io_err(&path))?,
+            }
+        }
+        Ok(cache)
+    }
+
+    pub fn disk_id(&self) -> &str {
+        &self.disk_id
+    }
+
+    /// Highest sequence number durable in this cache (0: none ever).
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// Raises the durable position without data: used when the master target already holds
+    /// batches this cache never saw (after a cache loss or a switch of process server).
+    pub fn skip_to(&mut self, seq: u64) {
+        self.durable_seq = self.durable_seq.max(seq);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes `batches` (consecutive, starting at `durable_seq + 1`) and makes them durable.
+    /// Returns the new durable sequence number and the (plain, stored) byte counts.
+    pub fn append(
+        &mut self,
+        batches: &[ChangeBatch],
+        compress: bool,
+    ) -> Result<(u64, u64, u64), CacheError> {
+        let (mut plain, mut stored) = (0u64, 0u64);
+        for batch in batches {
+            if self.writer.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES) {
+                self.close_writer()?;
+                let w = SegmentWriter::create(&self.dir, &self.disk_id, batch.seq)
+                    .map_err(io_err(&self.dir))?;
+                self.bytes += w.len;
+                self.writer = Some(w);
+            }
+            let writer = self.writer.as_mut().expect("writer created above");
+            let (p, s) = writer
+                .append(&self.key, batch, compress)
+                .map_err(io_err(&writer.path))?;
+            plain += p as u64;
+            stored += s as u64;
+            self.bytes += s as u64;
+        }
+        if let (Some(writer), Some(last)) = (&self.writer, batches.last()) {
+            writer.sync().map_err(io_err(&writer.path))?;
+            self.durable_seq = last.seq;
+        }
+        Ok((self.durable_seq, plain, stored))
+    }
+
+    fn close_writer(&mut self) -> Result<(), CacheError> {
+        if let Some(w) = self.writer.take() {
+            if w.records() == 0 {
+                self.bytes -= w.len;
+                std::fs::remove_file(&w.path).map_err(io_err(&w.path))?;
+            } else {
+                self.closed.push_back(Closed {
+                    path: w.path,
+                    last_seq: w.last_seq,
+                    len: w.len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Segments (path, readable length) that may hold batches after `seq`, oldest first.
+    pub fn segments_after(&self, seq: u64) -> Vec<(PathBuf, u64)> {
+        let mut out: Vec<(PathBuf, u64)> = self
+            .closed
+            .iter()
+            .filter(|c| c.last_seq > seq)
+            .map(|c| (c.path.clone(), c.len))
+            .collect();
+        if let Some(w) = &self.writer {
+            if w.last_seq > seq {
+                out.push((w.path.clone(), w.len));
+            }
+        }
+        out
+    }
+
+    /// Deletes what the master target has durably applied (everything through `seq`).
+    pub fn release_through(&mut self, seq: u64) -> Result<(), CacheError> {
+        while self.closed.front().is_some_and(|c| c.last_seq <= seq) {
+            if let Some(c) = self.closed.pop_front() {
+                self.bytes = self.bytes.saturating_sub(c.len);
+                std::fs::remove_file(&c.path).map_err(io_err(&c.path))?;
+            }
+        }
+        if self
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.last_seq <= seq && w.records() > 0 && w.len >= RETIRE_BYTES)
+        {
+            self.close_writer()?;
+            return self.release_through(seq);
+        }
+        Ok(())
+    }
+
+    /// Reads the cached batches after `seq`, in order, at most `max_bytes` of payload (at
+    /// least one batch).
+    pub fn read_after(&self, seq: u64, max_bytes: usize) -> Result<Vec<ChangeBatch>, CacheError> {
+        let mut out = Vec::new();
+        let mut size = 0;
+        for (path, limit) in self.segments_after(seq) {
+            let mut reader = SegmentReader::open(&path, limit).map_err(io_err(&path))?;
+            while let Some(batch) = reader.next_batch(&self.key) {
+                if batch.seq <= seq {
+                    continue;
+                }
+                size += lifeboat_common::batch::payload_bytes(&batch);
+                out.push(batch);
+                if size >= max_bytes {
+                    return Ok(out);
+                }
+            }
+            if let Tail::Corrupt(detail) = reader.tail {
+                return Err(CacheError::Corrupt {
+                    disk: self.disk_id.clone(),
+                    path,
+                    detail,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lifeboat_proto::v1::Extent;
+
+    fn batch(seq: u64, fill: u8, len: usize) -> ChangeBatch {
+        let mut b = ChangeBatch {
+            disk_id: "d-1".into(),
+            seq,
+            kind: "stream".into(),
+            extents: vec![Extent {
+                offset: seq * 4096,
+                data: vec![fill; len],
+                zero_length: 0,
+            }],
+            ..Default::default()
+        };
+        lifeboat_common::batch::seal(&mut b);
+        b
+    }
+
+    fn key() -> Arc<CacheKey> {
+        Arc::new(CacheKey::from_bytes(&[7u8; 32]).unwrap())
+    }
+
+    #[test]
+    fn appended_batches_survive_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let batches: Vec<_> = (1..=10).map(|s| batch(s, s as u8, 1000)).collect();
+        assert_eq!(c.append(&batches[..4], true).unwrap().0, 4);
+        assert_eq!(c.append(&batches[4..], false).unwrap().0, 10);
+        drop(c);
+        let c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        assert_eq!(c.durable_seq(), 10);
+        assert_eq!(c.read_after(0, usize::MAX).unwrap(), batches);
+        assert_eq!(c.read_after(7, usize::MAX).unwrap(), batches[7..].to_vec());
+        assert_eq!(
+            c.read_after(0, 2500).unwrap().len(),
+            3,
+            "stops at the byte budget"
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        c.append(&[batch(1, 1, 5000), batch(2, 2, 5000)], true)
+            .unwrap();
+        let seg = c.segments_after(0)[0].0.clone();
+        drop(c);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        f.set_len(len - 10).unwrap();
+        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        assert_eq!(c.durable_seq(), 1);
+        c.append(&[batch(2, 9, 100)], true).unwrap();
+        let c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let all = c.read_after(0, usize::MAX).unwrap();
+        assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(all[1].extents[0].data[0], 9);
+    }
+
+    #[test]
+    fn damaged_data_is_reported_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        c.append(&[batch(1, 1, 5000), batch(2, 2, 5000)], false)
+            .unwrap();
+        let seg = c.segments_after(0)[0].0.clone();
+        drop(c);
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let middle = bytes.len() / 4;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&seg, bytes).unwrap();
+        assert!(matches!(
+            DiskCache::open(dir.path(), "d-1", key()),
+            Err(CacheError::Corrupt { .. })
+        ));
+        // Another key cannot read it either.
+        let other = Arc::new(CacheKey::from_bytes(&[8u8; 32]).unwrap());
+        assert!(DiskCache::open(dir.path(), "d-1", other).is_err());
+    }
+
+    #[test]
+    fn released_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        for s in 1..=6u64 {
+            c.append(&[batch(s, 0xaa, 1 << 20)], false).unwrap();
+        }
+        assert!(c.bytes() > 6 << 20);
+        c.release_through(6).unwrap();
+        assert!(c.bytes() < 1 << 20, "{}", c.bytes());
+        assert!(c.read_after(6, usize::MAX).unwrap().is_empty());
+        c.append(&[batch(7, 1, 10)], true).unwrap();
+        assert_eq!(
+            DiskCache::open(dir.path(), "d-1", key())
+                .unwrap()
+                .durable_seq(),
+            7
+        );
+    }
+}

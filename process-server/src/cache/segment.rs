@@ -1,0 +1,269 @@
+//! Cache segment files: an append-only sequence of sealed change batches of one disk.
+//!
+//! ```text
+//! header : "LBCSEG01" | salt u64 | first_seq u64 | disk_id_len u16 | disk_id
+//! record : "LBRC" | seq u64 | flags u8 | plain_len u32 | sealed_len u32 | sealed bytes
+//! ```
+//! `sealed` is AES-256-GCM (see `crypto`) of the prost-encoded batch, zstd-compressed when
+//! flag bit 0 is set. Records are written unsynced and made durable together by `sync`
+//! (fdatasync); a crash can therefore leave a torn or missing tail, which `scan` detects and
+//! the owner truncates — those batches were never acknowledged.
+use super::crypto::{new_salt, CacheKey, TAG_LEN};
+use lifeboat_common::batch::MAX_BATCH_BYTES;
+use lifeboat_proto::v1::ChangeBatch;
+use prost::Message;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+const SEGMENT_MAGIC: &[u8; 8] = b"LBCSEG01";
+const RECORD_MAGIC: &[u8; 4] = b"LBRC";
+const RECORD_HEADER: usize = 4 + 8 + 1 + 4 + 4;
+const FLAG_ZSTD: u8 = 1;
+/// Largest encoded batch accepted when reading back (payload plus framing).
+const MAX_PLAIN: usize = MAX_BATCH_BYTES + 1024 * 1024;
+
+pub fn file_name(first_seq: u64) -> String {
+    format!("seg-{first_seq:020}.lbc")
+}
+
+fn aad(disk_id: &str, seq: u64, flags: u8, plain_len: u32) -> Vec<u8> {
+    let mut a = Vec::with_capacity(disk_id.len() + 13);
+    a.extend_from_slice(disk_id.as_bytes());
+    a.extend_from_slice(&seq.to_be_bytes());
+    a.push(flags);
+    a.extend_from_slice(&plain_len.to_be_bytes());
+    a
+}
+
+/// The segment being appended to.
+pub struct SegmentWriter {
+    pub path: PathBuf,
+    file: File,
+    salt: u64,
+    next_index: u32,
+    pub len: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+impl SegmentWriter {
+    /// Creates a segment whose first record will be `first_seq`; header durable on return.
+    pub fn create(dir: &Path, disk_id: &str, first_seq: u64) -> io::Result<SegmentWriter> {
+        let path = dir.join(file_name(first_seq));
+        let salt = new_salt()?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let mut header = Vec::new();
+        header.extend_from_slice(SEGMENT_MAGIC);
+        header.extend_from_slice(&salt.to_be_bytes());
+        header.extend_from_slice(&first_seq.to_be_bytes());
+        header.extend_from_slice(&(disk_id.len() as u16).to_be_bytes());
+        header.extend_from_slice(disk_id.as_bytes());
+        file.write_all(&header)?;
+        file.sync_data()?;
+        lifeboat_common::fsutil::fsync_dir(dir)?;
+        Ok(SegmentWriter {
+            path,
+            file,
+            salt,
+            next_index: 0,
+            len: header.len() as u64,
+            first_seq,
+            last_seq: first_seq.saturating_sub(1),
+        })
+    }
+
+    /// Encodes, compresses, seals and writes one batch (not yet durable). Returns the
+    /// (plain, stored) sizes.
+    pub fn append(
+        &mut self,
+        key: &CacheKey,
+        batch: &ChangeBatch,
+        compress: bool,
+    ) -> io::Result<(usize, usize)> {
+        let plain = batch.encode_to_vec();
+        let plain_len = plain.len() as u32;
+        let (flags, mut body) = if compress {
+            (FLAG_ZSTD, zstd::bulk::compress(&plain, 1)?)
+        } else {
+            (0, plain)
+        };
+        key.seal(
+            self.salt,
+            self.next_index,
+            &aad(&batch.disk_id, batch.seq, flags, plain_len),
+            &mut body,
+        )?;
+        let mut record = Vec::with_capacity(RECORD_HEADER + body.len());
+        record.extend_from_slice(RECORD_MAGIC);
+        record.extend_from_slice(&batch.seq.to_be_bytes());
+        record.push(flags);
+        record.extend_from_slice(&plain_len.to_be_bytes());
+        record.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        record.extend_from_slice(&body);
+        self.file.write_all(&record)?;
+        self.next_index += 1;
+        self.len += record.len() as u64;
+        self.last_seq = batch.seq;
+        Ok((plain_len as usize, record.len()))
+    }
+
+    /// Makes every record written so far durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    pub fn records(&self) -> u32 {
+        self.next_index
+    }
+}
+
+/// Why reading a segment stopped before its end.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Tail {
+    /// Every byte up to the limit was a whole, authentic record.
+    Clean,
+    /// The last record is incomplete: a write torn by a crash.
+    Torn,
+    /// A whole record failed authentication or decoding: stored data was damaged.
+    Corrupt(String),
+}
+
+/// Reads a segment's records in order, up to `limit` bytes of file.
+pub struct SegmentReader {
+    reader: BufReader<std::io::Take<File>>,
+    pub disk_id: String,
+    salt: u64,
+    index: u32,
+    pub first_seq: u64,
+    /// Bytes of whole, authentic records read so far (including the header).
+    pub valid_len: u64,
+    pub tail: Tail,
+}
+
+impl SegmentReader {
+    pub fn open(path: &Path, limit: u64) -> io::Result<SegmentReader> {
+        let file = File::open(path)?;
+        let mut reader = BufReader::with_capacity(1 << 20, file.take(limit));
+        let mut fixed = [0u8; 8 + 8 + 8 + 2];
+        reader.read_exact(&mut fixed).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: no segment header ({e})", path.display()),
+            )
+        })?;
+        if &fixed[..8] != SEGMENT_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a cache segment", path.display()),
+            ));
+        }
+        let salt = u64::from_be_bytes(fixed[8..16].try_into().expect("8 bytes"));
+        let first_seq = u64::from_be_bytes(fixed[16..24].try_into().expect("8 bytes"));
+        let id_len = u16::from_be_bytes(fixed[24..26].try_into().expect("2 bytes")) as usize;
+        let mut id = vec![0u8; id_len];
+        reader.read_exact(&mut id)?;
+        let disk_id = String::from_utf8(id).map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidData, "segment disk id is not UTF-8")
+        })?;
+        Ok(SegmentReader {
+            reader,
+            disk_id,
+            salt,
+            index: 0,
+            first_seq,
+            valid_len: (fixed.len() + id_len) as u64,
+            tail: Tail::Clean,
+        })
+    }
+
+    /// Reads `buf.len()` bytes; `Ok(false)` on a clean end of data before the first byte.
+    fn fill(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        let mut read = 0;
+        while read < buf.len() {
+            match self.reader.read(&mut buf[read..])? {
+                0 if read == 0 => return Ok(false),
+                0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "torn")),
+                n => read += n,
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next batch, or `None` at the end (see `tail` for why).
+    pub fn next_batch(&mut self, key: &CacheKey) -> Option<ChangeBatch> {
+        if self.tail != Tail::Clean {
+            return None;
+        }
+        let mut header = [0u8; RECORD_HEADER];
+        match self.fill(&mut header) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(_) => {
+                self.tail = Tail::Torn;
+                return None;
+            }
+        }
+        if &header[..4] != RECORD_MAGIC {
+            self.tail = Tail::Torn;
+            return None;
+        }
+        let seq = u64::from_be_bytes(header[4..12].try_into().expect("8 bytes"));
+        let flags = header[12];
+        let plain_len = u32::from_be_bytes(header[13..17].try_into().expect("4 bytes"));
+        let sealed_len = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes")) as usize;
+        if sealed_len < TAG_LEN
+            || sealed_len > MAX_PLAIN + TAG_LEN
+            || plain_len as usize > MAX_PLAIN
+        {
+            self.tail = Tail::Torn;
+            return None;
+        }
+        let mut sealed = vec![0u8; sealed_len];
+        if self.fill(&mut sealed).map(|whole| !whole).unwrap_or(true) {
+            self.tail = Tail::Torn;
+            return None;
+        }
+        let Some(body) = key.open(
+            self.salt,
+            self.index,
+            &aad(&self.disk_id, seq, flags, plain_len),
+            sealed,
+        ) else {
+            self.tail = Tail::Corrupt(format!(
+                "record {} (seq {seq}) fails authentication",
+                self.index
+            ));
+            return None;
+        };
+        let plain = if flags & FLAG_ZSTD != 0 {
+            match zstd::bulk::decompress(&body, plain_len as usize) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.tail = Tail::Corrupt(format!("seq {seq}: {e}"));
+                    return None;
+                }
+            }
+        } else {
+            body
+        };
+        match ChangeBatch::decode(plain.as_slice()) {
+            Ok(batch) if batch.seq == seq && batch.disk_id == self.disk_id => {
+                self.index += 1;
+                self.valid_len += (RECORD_HEADER + sealed_len) as u64;
+                Some(batch)
+            }
+            Ok(_) => {
+                self.tail = Tail::Corrupt(format!("seq {seq}: record does not match its header"));
+                None
+            }
+            Err(e) => {
+                self.tail = Tail::Corrupt(format!("seq {seq}: {e}"));
+                None
+            }
+        }
+    }
+}
