@@ -183,6 +183,10 @@ pub struct ComponentRun<F> {
     pub serve: bool,
     pub reporter: F,
     pub cancel: CancellationToken,
+    /// The component's own gRPC services (served with health when `serve`).
+    pub routes: tonic::service::Routes,
+    /// Filled from heartbeats; the component's services consult it.
+    pub revocations: RevocationList,
 }
 
 /// Runs a registered component until `cancel`: optional gRPC server (TLS, health) and
@@ -211,7 +215,9 @@ where
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let router = crate::serve::grpc_server(&identity)?.add_service(health_service);
+        let router = crate::serve::grpc_server(&identity)?
+            .add_routes(run.routes)
+            .add_service(health_service);
         let server_cancel = server_stop.clone();
         tracing::info!(id = %identity.info.id, listen = %bound, "{} serving", run.role);
         Some(tokio::spawn(async move {
@@ -227,7 +233,7 @@ where
         identity,
         settings.data_dir.clone(),
         &run.reporter,
-        RevocationList::default(),
+        run.revocations.clone(),
         cancel.clone(),
     )
     .await;

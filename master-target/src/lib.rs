@@ -80,6 +80,8 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         serve: true,
         reporter: || settings.facts(),
         cancel,
+        routes: tonic::service::Routes::default(),
+        revocations: Default::default(),
     })
     .await
 }

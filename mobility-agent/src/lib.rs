@@ -111,6 +111,8 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         serve: false,
         reporter: || settings.facts(),
         cancel,
+        routes: tonic::service::Routes::default(),
+        revocations: Default::default(),
     })
     .await
 }

@@ -2,12 +2,21 @@
 //! This crate owns its settings, what it reports about itself, and its run loop; the binary
 //! (`main.rs`) and `lifeboat up` both drive it through `run`.
 pub mod cache;
+pub mod disks;
+mod forward;
+pub mod ingest;
 
-use lifeboat_common::component::{run_component, ComponentRun};
+use cache::CacheKey;
+use disks::Disks;
+use ingest::IngestService;
+use lifeboat_common::component::{run_component, ComponentRun, Reporter, RevocationList};
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
+use lifeboat_common::Identity;
 use lifeboat_common::{facts, Role};
+use lifeboat_proto::v1::{self, ingest_server::IngestServer};
 use serde::Deserialize;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub const DEFAULTS: RoleDefaults = RoleDefaults {
@@ -54,15 +63,108 @@ impl Settings {
     }
 }
 
+/// What the process server tells the configuration server, and how it takes assignments.
+struct PsReporter<'a> {
+    settings: &'a Settings,
+    disks: Arc<Disks>,
+}
+
+impl Reporter for PsReporter<'_> {
+    fn facts(&self) -> v1::ComponentFacts {
+        let (cache_bytes, ratio) = self.disks.cache_totals();
+        metrics::gauge!("lifeboat_ps_cache_bytes").set(cache_bytes as f64);
+        metrics::gauge!("lifeboat_ps_compression_ratio").set(ratio);
+        let facts = self.settings.facts();
+        metrics::gauge!("lifeboat_ps_cache_free_bytes").set(facts.free_bytes as f64);
+        facts
+    }
+
+    fn disk_reports(&self) -> Vec<v1::DiskReport> {
+        self.disks
+            .all()
+            .iter()
+            .map(|d| {
+                let (seq, bytes) = d
+                    .cache
+                    .lock()
+                    .map(|c| (c.durable_seq(), c.bytes()))
+                    .unwrap_or_default();
+                v1::DiskReport {
+                    disk_id: d.disk_id.clone(),
+                    phase: "caching".into(),
+                    seq,
+                    durable_seq: seq,
+                    applied_seq: d.applied().0,
+                    stored_bytes: bytes,
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
+    fn assignments(&self, assignments: Vec<v1::DiskAssignment>) {
+        self.disks.assign(assignments);
+    }
+}
+
+fn describe_metrics() {
+    metrics::describe_gauge!(
+        "lifeboat_ps_cache_bytes",
+        metrics::Unit::Bytes,
+        "Bytes held in the disk cache"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_ps_cache_free_bytes",
+        metrics::Unit::Bytes,
+        "Free space of the cache file system"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_ps_compression_ratio",
+        "Bytes received per byte stored in the cache"
+    );
+    metrics::describe_counter!(
+        "lifeboat_ps_ingest_bytes_total",
+        metrics::Unit::Bytes,
+        "Payload bytes of batches made durable in the cache"
+    );
+    metrics::describe_counter!(
+        "lifeboat_ps_forwarded_bytes_total",
+        metrics::Unit::Bytes,
+        "Payload bytes sent to master targets"
+    );
+}
+
 /// Serves until `cancel` (or until the identity is revoked).
 pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     settings.prepare()?;
-    run_component(ComponentRun {
+    describe_metrics();
+    let identity = Arc::new(Identity::load(&settings.common.data_dir)?);
+    let key =
+        CacheKey::load_or_create(&settings.common.data_dir.join("private").join("cache.key"))?;
+    let revocations = RevocationList::default();
+    let disks = Disks::new(
+        settings.cache_dir.clone(),
+        Arc::new(key),
+        identity,
+        revocations.clone(),
+        cancel.child_token(),
+    );
+    let ingest = IngestServer::new(IngestService::new(disks.clone()))
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
+    let result = run_component(ComponentRun {
         role: Role::ProcessServer,
         settings: settings.common.clone(),
         serve: true,
-        reporter: || settings.facts(),
-        cancel,
+        reporter: PsReporter {
+            settings: &settings,
+            disks: disks.clone(),
+        },
+        cancel: cancel.clone(),
+        routes: tonic::service::Routes::default().add_service(ingest),
+        revocations,
     })
-    .await
+    .await;
+    disks.cancel.cancel();
+    result
 }

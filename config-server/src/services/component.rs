@@ -107,6 +107,7 @@ pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignmen
                     .map(|p| p.app_consistent_every_secs)
                     .unwrap_or(0),
                 compression: policy.as_ref().map(|p| p.compression).unwrap_or(true),
+                agent_id: machine.agent_id.clone(),
             });
         }
     }

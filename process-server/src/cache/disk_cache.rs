@@ -35,6 +35,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
     }
 }
 
+/// Where a sequential reader stopped: after record `index - 1` (seq `seq`) of `path`, at
+/// byte `offset`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Cursor {
+    path: Option<PathBuf>,
+    offset: u64,
+    index: u32,
+    seq: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Closed {
     path: PathBuf,
@@ -242,18 +252,43 @@ impl DiskCache {
     /// Reads the cached batches after `seq`, in order, at most `max_bytes` of payload (at
     /// least one batch).
     pub fn read_after(&self, seq: u64, max_bytes: usize) -> Result<Vec<ChangeBatch>, CacheError> {
+        self.read_from(&Cursor::default(), seq, max_bytes)
+            .map(|(batches, _)| batches)
+    }
+
+    /// Like `read_after`, continuing from `cursor` (where the previous read stopped) when it
+    /// is still valid, so a forwarder does not re-read and re-decrypt what it already sent.
+    pub fn read_from(
+        &self,
+        cursor: &Cursor,
+        seq: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<ChangeBatch>, Cursor), CacheError> {
         let mut out = Vec::new();
         let mut size = 0;
+        let mut next = cursor.clone();
         for (path, limit) in self.segments_after(seq) {
-            let mut reader = SegmentReader::open(&path, limit).map_err(io_err(&path))?;
+            let resumable = cursor.path.as_ref() == Some(&path) && cursor.seq == seq;
+            let mut reader = if resumable {
+                SegmentReader::resume(&path, cursor.offset, cursor.index, limit)
+            } else {
+                SegmentReader::open(&path, limit)
+            }
+            .map_err(io_err(&path))?;
             while let Some(batch) = reader.next_batch(&self.key) {
+                next = Cursor {
+                    path: Some(path.clone()),
+                    offset: reader.valid_len,
+                    index: reader.index(),
+                    seq: batch.seq,
+                };
                 if batch.seq <= seq {
                     continue;
                 }
                 size += lifeboat_common::batch::payload_bytes(&batch);
                 out.push(batch);
                 if size >= max_bytes {
-                    return Ok(out);
+                    return Ok((out, next));
                 }
             }
             if let Tail::Corrupt(detail) = reader.tail {
@@ -264,7 +299,7 @@ impl DiskCache {
                 });
             }
         }
-        Ok(out)
+        Ok((out, next))
     }
 }
 

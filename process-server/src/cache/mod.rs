@@ -6,4 +6,4 @@ pub mod disk_cache;
 pub mod segment;
 
 pub use crypto::CacheKey;
-pub use disk_cache::{CacheError, DiskCache};
+pub use disk_cache::{CacheError, Cursor, DiskCache};

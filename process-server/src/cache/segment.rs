@@ -180,6 +180,26 @@ impl SegmentReader {
         })
     }
 
+    /// Continues reading at a record boundary found earlier (`offset` bytes into the file,
+    /// record number `index`).
+    pub fn resume(path: &Path, offset: u64, index: u32, limit: u64) -> io::Result<SegmentReader> {
+        use std::io::{Seek, SeekFrom};
+        let header = Self::open(path, limit)?;
+        let mut file = File::open(path)?;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok(SegmentReader {
+            reader: BufReader::with_capacity(1 << 20, file.take(limit.saturating_sub(offset))),
+            index,
+            valid_len: offset,
+            ..header
+        })
+    }
+
+    /// Number of whole records read so far.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
     /// Reads `buf.len()` bytes; `Ok(false)` on a clean end of data before the first byte.
     fn fill(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         let mut read = 0;
@@ -215,9 +235,7 @@ impl SegmentReader {
         let flags = header[12];
         let plain_len = u32::from_be_bytes(header[13..17].try_into().expect("4 bytes"));
         let sealed_len = u32::from_be_bytes(header[17..21].try_into().expect("4 bytes")) as usize;
-        if sealed_len < TAG_LEN
-            || sealed_len > MAX_PLAIN + TAG_LEN
-            || plain_len as usize > MAX_PLAIN
+        if !(TAG_LEN..=MAX_PLAIN + TAG_LEN).contains(&sealed_len) || plain_len as usize > MAX_PLAIN
         {
             self.tail = Tail::Torn;
             return None;

@@ -1,0 +1,153 @@
+//! The disks this process server handles: for each, its assignment from the configuration
+//! server, its cache, and what the master target has applied. Assignments arrive with every
+//! heartbeat; a new disk gets its cache opened and a forwarder started, a disk no longer
+//! assigned is dropped with its cache (it was unprotected).
+use crate::cache::{CacheKey, DiskCache};
+use crate::forward;
+use lifeboat_common::component::RevocationList;
+use lifeboat_common::Identity;
+use lifeboat_proto::v1::DiskAssignment;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// What the master target has durably applied: (seq, capture time of its newest write).
+pub type Applied = (u64, i64);
+
+pub struct DiskEntry {
+    pub disk_id: String,
+    pub assignment: RwLock<DiskAssignment>,
+    pub cache: Mutex<DiskCache>,
+    /// Signalled after every append, to wake the forwarder.
+    pub appended: Notify,
+    pub applied: watch::Sender<Applied>,
+    /// Bytes received (plain) and stored (compressed and sealed), for the compression ratio.
+    pub plain_bytes: AtomicU64,
+    pub stored_bytes: AtomicU64,
+    /// Cancelled when the disk is no longer assigned here.
+    pub stop: CancellationToken,
+}
+
+impl DiskEntry {
+    pub fn assignment(&self) -> DiskAssignment {
+        self.assignment
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn applied(&self) -> Applied {
+        *self.applied.borrow()
+    }
+}
+
+pub struct Disks {
+    pub cache_dir: PathBuf,
+    pub key: Arc<CacheKey>,
+    pub identity: Arc<Identity>,
+    pub revocations: RevocationList,
+    pub cancel: CancellationToken,
+    disks: RwLock<HashMap<String, Arc<DiskEntry>>>,
+}
+
+impl Disks {
+    pub fn new(
+        cache_dir: PathBuf,
+        key: Arc<CacheKey>,
+        identity: Arc<Identity>,
+        revocations: RevocationList,
+        cancel: CancellationToken,
+    ) -> Arc<Disks> {
+        Arc::new(Disks {
+            cache_dir,
+            key,
+            identity,
+            revocations,
+            cancel,
+            disks: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn get(&self, disk_id: &str) -> Option<Arc<DiskEntry>> {
+        self.disks.read().ok()?.get(disk_id).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<DiskEntry>> {
+        self.disks
+            .read()
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Applies the configuration server's list of assigned disks.
+    pub fn assign(self: &Arc<Self>, assignments: Vec<DiskAssignment>) {
+        let wanted: HashMap<String, DiskAssignment> = assignments
+            .into_iter()
+            .map(|a| (a.disk_id.clone(), a))
+            .collect();
+        let Ok(mut disks) = self.disks.write() else {
+            return;
+        };
+        disks.retain(|id, entry| {
+            if wanted.contains_key(id) {
+                return true;
+            }
+            entry.stop.cancel();
+            let dir = self.cache_dir.join(id);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(disk = %id, "cannot remove cache {}: {e}", dir.display());
+            }
+            tracing::info!(disk = %id, "disk no longer assigned here: cache dropped");
+            false
+        });
+        for (id, assignment) in wanted {
+            if let Some(entry) = disks.get(&id) {
+                if let Ok(mut a) = entry.assignment.write() {
+                    *a = assignment;
+                }
+                continue;
+            }
+            let cache = match DiskCache::open(&self.cache_dir.join(&id), &id, self.key.clone()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(disk = %id, "cannot open cache: {e}");
+                    continue;
+                }
+            };
+            let (applied, _) = watch::channel((0, 0));
+            let entry = Arc::new(DiskEntry {
+                disk_id: id.clone(),
+                assignment: RwLock::new(assignment),
+                cache: Mutex::new(cache),
+                appended: Notify::new(),
+                applied,
+                plain_bytes: AtomicU64::new(0),
+                stored_bytes: AtomicU64::new(0),
+                stop: self.cancel.child_token(),
+            });
+            tracing::info!(disk = %id, "disk assigned here: forwarding to its master target");
+            tokio::spawn(forward::run(self.identity.clone(), entry.clone()));
+            disks.insert(id, entry);
+        }
+    }
+
+    /// Total cache bytes and the compression ratio so far.
+    pub fn cache_totals(&self) -> (u64, f64) {
+        let mut bytes = 0;
+        let (mut plain, mut stored) = (0u64, 0u64);
+        for d in self.all() {
+            bytes += d.cache.lock().map(|c| c.bytes()).unwrap_or(0);
+            plain += d.plain_bytes.load(Ordering::Relaxed);
+            stored += d.stored_bytes.load(Ordering::Relaxed);
+        }
+        let ratio = if stored == 0 {
+            1.0
+        } else {
+            plain as f64 / stored as f64
+        };
+        (bytes, ratio)
+    }
+}

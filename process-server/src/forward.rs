@@ -1,0 +1,138 @@
+//! Forwarding one disk's cached batches, in order, to its master target, and releasing them
+//! from the cache once the master target reports them durably applied. Reconnects with
+//! backoff; on each connection it asks the master target where it stands, so nothing is
+//! skipped and duplicates are harmless (the master target is idempotent on seq).
+use crate::cache::Cursor;
+use crate::disks::DiskEntry;
+use lifeboat_common::{tls, Identity, Role};
+use lifeboat_proto::v1::{replica_client::ReplicaClient, ChangeBatch, ResumeRequest};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Payload bytes read from the cache at a time.
+const READ_BYTES: usize = 8 * 1024 * 1024;
+/// Most batches sent but not yet acknowledged by the master target.
+const WINDOW: u64 = 64;
+
+pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
+    let mut backoff = Duration::from_millis(200);
+    let mut last_error = String::new();
+    while !entry.stop.is_cancelled() {
+        match session(&identity, &entry).await {
+            Ok(()) => backoff = Duration::from_millis(200),
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(disk = %entry.disk_id, "forwarding to the master target: {text}");
+                    last_error = text;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = entry.stop.cancelled() => return,
+        }
+    }
+}
+
+async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<()> {
+    let assignment = entry.assignment();
+    if assignment.master_target_address.is_empty() {
+        anyhow::bail!("the master target's address is not known yet");
+    }
+    let channel = tls::mtls_channel(
+        identity,
+        &assignment.master_target_address,
+        Role::MasterTarget,
+    )?;
+    let mut client = ReplicaClient::new(channel)
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
+    let status = client
+        .status(ResumeRequest {
+            disk_id: entry.disk_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let mut applied = status.applied_seq;
+    entry
+        .applied
+        .send_replace((applied, status.applied_write_unix_ms));
+    release(entry, applied).await?;
+
+    let (tx, rx) = mpsc::channel::<ChangeBatch>(WINDOW as usize);
+    let mut acks = client.apply(ReceiverStream::new(rx)).await?.into_inner();
+    let mut sent = applied;
+    let mut cursor = Cursor::default();
+    // Read from the cache but not yet sent (the window was full).
+    let mut pending: VecDeque<ChangeBatch> = VecDeque::new();
+    loop {
+        if pending.is_empty() && sent - applied < WINDOW {
+            let (e, from) = (entry.clone(), cursor.clone());
+            let (batches, next) = tokio::task::spawn_blocking(move || {
+                let cache = e
+                    .cache
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?;
+                cache
+                    .read_from(&from, sent, READ_BYTES)
+                    .map_err(anyhow::Error::from)
+            })
+            .await??;
+            cursor = next;
+            pending.extend(batches);
+        }
+        while sent - applied < WINDOW {
+            let Some(b) = pending.pop_front() else { break };
+            let seq = b.seq;
+            let bytes = lifeboat_common::batch::payload_bytes(&b) as u64;
+            if tx.send(b).await.is_err() {
+                anyhow::bail!("the master target closed the stream");
+            }
+            metrics::counter!("lifeboat_ps_forwarded_bytes_total").increment(bytes);
+            sent = seq;
+        }
+        let caught_up = pending.is_empty() && {
+            let cache = entry
+                .cache
+                .lock()
+                .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?;
+            sent >= cache.durable_seq()
+        };
+        let window_full = sent - applied >= WINDOW;
+        tokio::select! {
+            biased;
+            ack = acks.message() => {
+                let Some(ack) = ack? else { anyhow::bail!("the master target ended the stream") };
+                applied = ack.applied_seq;
+                entry.applied.send_replace((applied, ack.applied_write_unix_ms));
+                release(entry, applied).await?;
+            }
+            _ = entry.appended.notified(), if caught_up => {}
+            _ = std::future::ready(()), if !caught_up && !window_full => {}
+            _ = entry.stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn release(entry: &Arc<DiskEntry>, applied: u64) -> anyhow::Result<()> {
+    let e = entry.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut cache = e
+            .cache
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?;
+        if cache.durable_seq() < applied {
+            // The master target holds more than this cache ever did (the cache was lost or
+            // the disk moved here): continue after what it has.
+            cache.skip_to(applied);
+        }
+        cache.release_through(applied)?;
+        Ok(())
+    })
+    .await?
+}

@@ -1,0 +1,220 @@
+//! Ingest service: agents push change batches. A batch is checked (caller owns the disk,
+//! checksum, extents inside the disk, next in sequence), written to the cache, and
+//! acknowledged only after the cache's fdatasync. Batches that arrive together are
+//! group-committed: one fsync for all of them. A replayed batch is acknowledged without being
+//! written again; a gap, a bad checksum or a foreign disk ends the stream with an error and
+//! nothing from the bad batch on is stored.
+use crate::disks::{DiskEntry, Disks};
+use futures::FutureExt;
+use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::peer::{require_role, Peer};
+use lifeboat_common::Role;
+use lifeboat_proto::v1::{self, ingest_server::Ingest, ChangeBatch, IngestAck};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Most payload bytes group-committed at once.
+const GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+pub struct IngestService {
+    disks: Arc<Disks>,
+}
+
+impl IngestService {
+    pub fn new(disks: Arc<Disks>) -> Self {
+        IngestService { disks }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Peer, Status> {
+        let peer = require_role(request, &[Role::Agent])?;
+        if self.disks.revocations.is_revoked(&peer.id) {
+            return Err(Status::unauthenticated(format!(
+                "identity {} was revoked",
+                peer.id
+            )));
+        }
+        Ok(peer)
+    }
+}
+
+/// The disk `disk_id`, if it is assigned here and belongs to `peer`'s machine.
+fn owned_disk(disks: &Disks, peer: &Peer, disk_id: &str) -> Result<Arc<DiskEntry>, Status> {
+    let entry = disks.get(disk_id).ok_or_else(|| {
+        Status::not_found(format!(
+            "disk {disk_id} is not assigned to this process server"
+        ))
+    })?;
+    if entry.assignment().agent_id != peer.id {
+        return Err(Status::permission_denied(format!(
+            "disk {disk_id} belongs to another machine; an agent may only send its own disks"
+        )));
+    }
+    Ok(entry)
+}
+
+fn batch_status(e: BatchError) -> Status {
+    match e {
+        BatchError::Checksum { .. } => Status::data_loss(e.to_string()),
+        BatchError::Malformed { .. } => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn ack(entry: &DiskEntry, durable: u64) -> IngestAck {
+    let (applied_seq, applied_write_unix_ms) = entry.applied();
+    IngestAck {
+        disk_id: entry.disk_id.clone(),
+        durable_seq: durable,
+        applied_seq,
+        applied_write_unix_ms,
+    }
+}
+
+/// Checks and stores a group of batches; returns one ack per disk touched.
+async fn store(
+    disks: &Disks,
+    peer: &Peer,
+    group: Vec<ChangeBatch>,
+) -> Result<Vec<IngestAck>, Status> {
+    let mut by_disk: BTreeMap<String, Vec<ChangeBatch>> = BTreeMap::new();
+    for b in group {
+        by_disk.entry(b.disk_id.clone()).or_default().push(b);
+    }
+    let mut acks = Vec::new();
+    for (disk_id, batches) in by_disk {
+        let entry = owned_disk(disks, peer, &disk_id)?;
+        let assignment = entry.assignment();
+        let mut fresh = Vec::new();
+        let mut expected = entry
+            .cache
+            .lock()
+            .map_err(|_| Status::internal("cache lock poisoned"))?
+            .durable_seq()
+            + 1;
+        let mut error = None;
+        for b in batches {
+            if let Err(e) = batch::verify(&b, assignment.size_bytes) {
+                error = Some(batch_status(e));
+                break;
+            }
+            if b.seq < expected {
+                continue; // replayed: already durable here
+            }
+            if b.seq > expected {
+                error = Some(Status::failed_precondition(format!(
+                    "disk {disk_id}: batch {} arrived but {expected} is next; resume from {}",
+                    b.seq,
+                    expected - 1
+                )));
+                break;
+            }
+            expected += 1;
+            fresh.push(b);
+        }
+        // Store the good prefix even if a later batch was bad: it is acknowledged below only
+        // if there is no error, and kept either way (the agent resumes after it).
+        let compress = assignment.compression;
+        let payload: u64 = fresh.iter().map(|b| batch::payload_bytes(b) as u64).sum();
+        let durable = if fresh.is_empty() {
+            expected - 1
+        } else {
+            let entry2 = entry.clone();
+            let (durable, plain, stored) = tokio::task::spawn_blocking(move || {
+                let mut cache = entry2
+                    .cache
+                    .lock()
+                    .map_err(|_| Status::internal("cache lock poisoned"))?;
+                cache
+                    .append(&fresh, compress)
+                    .map_err(|e| Status::unavailable(e.to_string()))
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+            entry.plain_bytes.fetch_add(plain, Ordering::Relaxed);
+            entry.stored_bytes.fetch_add(stored, Ordering::Relaxed);
+            metrics::counter!("lifeboat_ps_ingest_bytes_total").increment(payload);
+            entry.appended.notify_one();
+            durable
+        };
+        if let Some(status) = error {
+            tracing::warn!(disk = %disk_id, agent = %peer.id, "batch refused: {}", status.message());
+            return Err(status);
+        }
+        acks.push(ack(&entry, durable));
+    }
+    Ok(acks)
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    async fn resume(
+        &self,
+        request: Request<v1::ResumeRequest>,
+    ) -> Result<Response<v1::ResumeResponse>, Status> {
+        let peer = self.authorize(&request)?;
+        let entry = owned_disk(&self.disks, &peer, &request.get_ref().disk_id)?;
+        let durable = entry
+            .cache
+            .lock()
+            .map_err(|_| Status::internal("cache lock poisoned"))?
+            .durable_seq();
+        let (applied, _) = entry.applied();
+        Ok(Response::new(v1::ResumeResponse {
+            durable_seq: durable.max(applied),
+            applied_seq: applied,
+        }))
+    }
+
+    type PushStream = ReceiverStream<Result<IngestAck, Status>>;
+
+    async fn push(
+        &self,
+        request: Request<Streaming<ChangeBatch>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
+        let peer = self.authorize(&request)?;
+        let mut inbound = request.into_inner();
+        let disks = self.disks.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let first = match inbound.message().await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => return,
+                    Err(status) => {
+                        tracing::debug!(agent = %peer.id, "ingest stream ended: {}", status.message());
+                        return;
+                    }
+                };
+                let mut size = batch::payload_bytes(&first);
+                let mut group = vec![first];
+                // Take whatever else has already arrived, for one fsync.
+                while size < GROUP_BYTES {
+                    match inbound.message().now_or_never() {
+                        Some(Ok(Some(b))) => {
+                            size += batch::payload_bytes(&b);
+                            group.push(b);
+                        }
+                        _ => break,
+                    }
+                }
+                match store(&disks, &peer, group).await {
+                    Ok(acks) => {
+                        for a in acks {
+                            if tx.send(Ok(a)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
