@@ -1,11 +1,19 @@
 //! The Lifeboat master target: holds replica disks on the recovery site. This crate owns its
 //! settings, what it reports about itself, and its run loop; the binary (`main.rs`) and
 //! `lifeboat up` both drive it through `run`.
-use lifeboat_common::component::{run_component, ComponentRun};
+pub mod replica;
+pub mod replicas;
+pub mod service;
+
+use lifeboat_common::component::{run_component, ComponentRun, Reporter, RevocationList};
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::{facts, Role};
+use lifeboat_proto::v1::{self, replica_server::ReplicaServer};
+use replicas::Replicas;
 use serde::Deserialize;
+use service::ReplicaService;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub const DEFAULTS: RoleDefaults = RoleDefaults {
@@ -71,17 +79,79 @@ impl Settings {
     }
 }
 
+/// What the master target tells the configuration server, and how it takes assignments.
+struct MtReporter<'a> {
+    settings: &'a Settings,
+    replicas: Arc<Replicas>,
+}
+
+impl Reporter for MtReporter<'_> {
+    fn facts(&self) -> v1::ComponentFacts {
+        let mut facts = self.settings.facts();
+        let used = self.replicas.count() as u32;
+        facts.disk_slots_free = facts.disk_slots_free.saturating_sub(used);
+        metrics::gauge!("lifeboat_mt_disk_slots_free").set(facts.disk_slots_free as f64);
+        facts
+    }
+
+    fn disk_reports(&self) -> Vec<v1::DiskReport> {
+        self.replicas
+            .all()
+            .iter()
+            .filter_map(|r| {
+                let replica = r.replica.lock().ok()?;
+                let state = replica.state();
+                Some(v1::DiskReport {
+                    disk_id: r.disk_id.clone(),
+                    phase: "applying".into(),
+                    seq: state.applied_seq,
+                    applied_seq: state.applied_seq,
+                    durable_seq: state.applied_seq,
+                    stored_bytes: replica.file_bytes(),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
+    fn assignments(&self, assignments: Vec<v1::DiskAssignment>) {
+        self.replicas.assign(assignments);
+    }
+}
+
 /// Serves until `cancel` (or until the identity is revoked).
 pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
     settings.prepare()?;
+    metrics::describe_counter!(
+        "lifeboat_mt_apply_bytes_total",
+        metrics::Unit::Bytes,
+        "Bytes applied to replica disks"
+    );
+    metrics::describe_histogram!(
+        "lifeboat_mt_apply_seconds",
+        metrics::Unit::Seconds,
+        "Time to apply and flush a group of batches"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_mt_disk_slots_free",
+        "Disk slots not holding a replica (retention slot excluded)"
+    );
+    let revocations = RevocationList::default();
+    let replicas = Replicas::new(settings.replica_dir.clone(), revocations.clone());
+    let service = ReplicaServer::new(ReplicaService::new(replicas.clone()))
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
     run_component(ComponentRun {
         role: Role::MasterTarget,
         settings: settings.common.clone(),
         serve: true,
-        reporter: || settings.facts(),
+        reporter: MtReporter {
+            settings: &settings,
+            replicas,
+        },
         cancel,
-        routes: tonic::service::Routes::default(),
-        revocations: Default::default(),
+        routes: tonic::service::Routes::default().add_service(service),
+        revocations,
     })
     .await
 }

@@ -327,3 +327,38 @@ pub fn servers(context: &Path, role: &str) -> Vec<serde_json::Value> {
         .filter(|s| s["role"] == role)
         .collect()
 }
+
+/// Checks a VHD with qemu: `qemu-img check -f vpc` (qemu's vpc driver implements no check and
+/// answers exit 63 "does not support checks", which counts as a pass) and `qemu-img info -f
+/// vpc`, which parses the footer, header and BAT as qemu does. Returns false, saying why, when
+/// qemu-img is not installed.
+pub fn qemu_check_vpc(path: &Path) -> bool {
+    let Ok(check) = Command::new("qemu-img")
+        .args(["check", "-f", "vpc"])
+        .arg(path)
+        .output()
+    else {
+        eprintln!("SKIP qemu-img checks: qemu-img is not installed (Debian package qemu-utils)");
+        return false;
+    };
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    let unsupported = check.status.code() == Some(63) && stderr.contains("does not support checks");
+    assert!(
+        check.status.success() || unsupported,
+        "qemu-img check {}: {}",
+        path.display(),
+        text(&check)
+    );
+    let info = Command::new("qemu-img")
+        .args(["info", "-f", "vpc"])
+        .arg(path)
+        .output()
+        .expect("qemu-img info");
+    assert!(
+        info.status.success(),
+        "qemu-img info {}: {}",
+        path.display(),
+        text(&info)
+    );
+    true
+}

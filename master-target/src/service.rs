@@ -1,0 +1,197 @@
+//! Replica service: process servers send change batches; each is checked (the caller is the
+//! disk's process server, checksum, extents inside the disk, next in sequence), applied, and
+//! acknowledged once durable. Batches that arrive together are applied with one flush. A
+//! replayed batch is acknowledged without being applied again; a gap or a bad batch ends the
+//! stream with an error and nothing from it on is applied.
+use crate::replicas::{ReplicaEntry, Replicas};
+use futures::FutureExt;
+use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::peer::{require_role, Peer};
+use lifeboat_common::Role;
+use lifeboat_proto::v1::{self, replica_server::Replica as ReplicaRpc, ApplyAck, ChangeBatch};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Most payload bytes applied with one flush.
+const GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+pub struct ReplicaService {
+    replicas: Arc<Replicas>,
+}
+
+impl ReplicaService {
+    pub fn new(replicas: Arc<Replicas>) -> Self {
+        ReplicaService { replicas }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Peer, Status> {
+        let peer = require_role(request, &[Role::ProcessServer])?;
+        if self.replicas.revocations.is_revoked(&peer.id) {
+            return Err(Status::unauthenticated(format!(
+                "identity {} was revoked",
+                peer.id
+            )));
+        }
+        Ok(peer)
+    }
+}
+
+fn owned(replicas: &Replicas, peer: &Peer, disk_id: &str) -> Result<Arc<ReplicaEntry>, Status> {
+    let entry = replicas.get(disk_id).ok_or_else(|| {
+        Status::not_found(format!(
+            "disk {disk_id} is not assigned to this master target"
+        ))
+    })?;
+    if entry.assignment().process_server_id != peer.id {
+        return Err(Status::permission_denied(format!(
+            "disk {disk_id} is replicated through another process server"
+        )));
+    }
+    Ok(entry)
+}
+
+fn batch_status(e: BatchError) -> Status {
+    match e {
+        BatchError::Checksum { .. } => Status::data_loss(e.to_string()),
+        BatchError::Malformed { .. } => Status::invalid_argument(e.to_string()),
+    }
+}
+
+/// Checks and applies a group of one disk's batches; returns the ack.
+async fn apply_group(
+    entry: Arc<ReplicaEntry>,
+    batches: Vec<ChangeBatch>,
+) -> Result<ApplyAck, Status> {
+    let size = entry.assignment().size_bytes;
+    tokio::task::spawn_blocking(move || {
+        let mut replica = entry
+            .replica
+            .lock()
+            .map_err(|_| Status::internal("replica lock poisoned"))?;
+        let mut expected = replica.state().applied_seq + 1;
+        let mut fresh = Vec::new();
+        let mut error = None;
+        for b in batches {
+            if let Err(e) = batch::verify(&b, size) {
+                error = Some(batch_status(e));
+                break;
+            }
+            if b.seq < expected {
+                continue; // replayed: already applied
+            }
+            if b.seq > expected {
+                error = Some(Status::failed_precondition(format!(
+                    "disk {}: batch {} arrived but {expected} is next",
+                    b.disk_id, b.seq
+                )));
+                break;
+            }
+            expected += 1;
+            fresh.push(b);
+        }
+        if !fresh.is_empty() {
+            let bytes: u64 = fresh.iter().map(batch::covered_bytes).sum();
+            let started = Instant::now();
+            replica
+                .apply(&fresh)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            metrics::histogram!("lifeboat_mt_apply_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::counter!("lifeboat_mt_apply_bytes_total").increment(bytes);
+        }
+        if let Some(status) = error {
+            return Err(status);
+        }
+        let state = replica.state();
+        Ok(ApplyAck {
+            disk_id: state.disk_id.clone(),
+            applied_seq: state.applied_seq,
+            applied_write_unix_ms: state.applied_write_unix_ms,
+        })
+    })
+    .await
+    .map_err(|e| Status::internal(e.to_string()))?
+}
+
+#[tonic::async_trait]
+impl ReplicaRpc for ReplicaService {
+    async fn status(
+        &self,
+        request: Request<v1::ResumeRequest>,
+    ) -> Result<Response<v1::ReplicaStatus>, Status> {
+        let peer = self.authorize(&request)?;
+        let entry = owned(&self.replicas, &peer, &request.get_ref().disk_id)?;
+        let replica = entry
+            .replica
+            .lock()
+            .map_err(|_| Status::internal("replica lock poisoned"))?;
+        let state = replica.state();
+        Ok(Response::new(v1::ReplicaStatus {
+            disk_id: state.disk_id.clone(),
+            applied_seq: state.applied_seq,
+            applied_write_unix_ms: state.applied_write_unix_ms,
+            size_bytes: state.size_bytes,
+        }))
+    }
+
+    type ApplyStream = ReceiverStream<Result<ApplyAck, Status>>;
+
+    async fn apply(
+        &self,
+        request: Request<Streaming<ChangeBatch>>,
+    ) -> Result<Response<Self::ApplyStream>, Status> {
+        let peer = self.authorize(&request)?;
+        let mut inbound = request.into_inner();
+        let replicas = self.replicas.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let first = match inbound.message().await {
+                    Ok(Some(b)) => b,
+                    _ => return,
+                };
+                let disk_id = first.disk_id.clone();
+                let mut size = batch::payload_bytes(&first);
+                let mut group = vec![first];
+                while size < GROUP_BYTES {
+                    match inbound.message().now_or_never() {
+                        Some(Ok(Some(b))) if b.disk_id == disk_id => {
+                            size += batch::payload_bytes(&b);
+                            group.push(b);
+                        }
+                        Some(Ok(Some(b))) => {
+                            // Another disk on the same stream: apply what we have first.
+                            let result = match owned(&replicas, &peer, &disk_id) {
+                                Ok(entry) => apply_group(entry, std::mem::take(&mut group)).await,
+                                Err(e) => Err(e),
+                            };
+                            let failed = result.is_err();
+                            if tx.send(result).await.is_err() || failed {
+                                return;
+                            }
+                            group.push(b);
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+                let group_disk = group.first().map(|b| b.disk_id.clone()).unwrap_or_default();
+                let result = match owned(&replicas, &peer, &group_disk) {
+                    Ok(entry) => apply_group(entry, group).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(status) = &result {
+                    tracing::warn!(disk = %group_disk, "batches refused: {}", status.message());
+                }
+                let failed = result.is_err();
+                if tx.send(result).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

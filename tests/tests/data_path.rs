@@ -1,0 +1,363 @@
+//! The data path with real processes: change batches pushed with an agent's identity reach the
+//! process server's cache, are forwarded to the master target and applied to a VHD replica
+//! that `qemu-img` agrees with; corrupted, replayed, out-of-order and foreign batches change
+//! nothing; kill -9 of the process server or the master target loses nothing acknowledged.
+use lifeboat_common::{batch, tls, Identity, Role};
+use lifeboat_e2e::*;
+use lifeboat_proto::v1::{
+    ingest_client::IngestClient, ChangeBatch, Extent, IngestAck, ResumeRequest,
+};
+use rand::{Rng, SeedableRng};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(60);
+const DISK: u64 = 32 << 20;
+
+struct Component {
+    binary: &'static str,
+    dir: PathBuf,
+    listen: String,
+    metrics: String,
+    proc: Option<Proc>,
+}
+
+impl Component {
+    fn register(
+        binary: &'static str,
+        name: &str,
+        tmp: &Path,
+        cs: &CsNode,
+        extra: &[&str],
+    ) -> Component {
+        let dir = tmp.join(name);
+        let c = Component {
+            binary,
+            dir: dir.clone(),
+            listen: free_addr(),
+            metrics: free_addr(),
+            proc: None,
+        };
+        let d = dir.display().to_string();
+        let pf = cs.passphrase_file().display().to_string();
+        let mut args = vec![
+            "register",
+            "--data-dir",
+            &d,
+            "--cs",
+            &cs.addr,
+            "--passphrase-file",
+            &pf,
+            "--name",
+            name,
+            "--listen",
+            &c.listen,
+        ];
+        args.extend_from_slice(extra);
+        let out = run(binary, &args, &[]);
+        assert!(out.status.success(), "{}", text(&out));
+        c
+    }
+
+    fn start(&mut self) {
+        let d = self.dir.display().to_string();
+        let args = [
+            "run",
+            "--data-dir",
+            &d,
+            "--listen",
+            &self.listen,
+            "--metrics-listen",
+            &self.metrics,
+        ];
+        let log = self.dir.join(format!("run-{}.log", rand::random::<u32>()));
+        self.proc = Some(Proc::start(self.binary, self.binary, &args, log));
+    }
+}
+
+/// A batch of `writes` random 4 KiB-aligned writes (and one zero-fill), also applied to `model`.
+fn make_batch(
+    rng: &mut rand::rngs::StdRng,
+    disk_id: &str,
+    seq: u64,
+    model: &mut [u8],
+) -> ChangeBatch {
+    let mut extents = Vec::new();
+    for i in 0..8 {
+        let len = 4096 * rng.random_range(1..=16usize);
+        let offset = 4096 * rng.random_range(0..(DISK as usize - len) / 4096);
+        if i == 7 {
+            model[offset..offset + len].fill(0);
+            extents.push(Extent {
+                offset: offset as u64,
+                data: vec![],
+                zero_length: len as u64,
+            });
+        } else {
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            model[offset..offset + len].copy_from_slice(&data);
+            extents.push(Extent {
+                offset: offset as u64,
+                data,
+                zero_length: 0,
+            });
+        }
+    }
+    let mut b = ChangeBatch {
+        disk_id: disk_id.into(),
+        seq,
+        extents,
+        kind: batch::KIND_STREAM.into(),
+        first_write_unix_ms: 1,
+        last_write_unix_ms: seq as i64,
+        ..Default::default()
+    };
+    batch::seal(&mut b);
+    b
+}
+
+async fn client(agent_dir: &Path, ps: &str) -> IngestClient<Channel> {
+    let identity = Identity::load(agent_dir).unwrap();
+    IngestClient::new(tls::mtls_channel(&identity, ps, Role::ProcessServer).unwrap())
+        .max_encoding_message_size(64 << 20)
+}
+
+/// Pushes `batches`; returns the last ack or the error status.
+async fn push(
+    client: &mut IngestClient<Channel>,
+    batches: Vec<ChangeBatch>,
+) -> Result<Option<IngestAck>, tonic::Status> {
+    let mut acks = client.push(tokio_stream::iter(batches)).await?.into_inner();
+    let mut last = None;
+    while let Some(ack) = acks.message().await? {
+        last = Some(ack);
+    }
+    Ok(last)
+}
+
+async fn durable(client: &mut IngestClient<Channel>, disk: &str) -> (u64, u64) {
+    let r = client
+        .resume(ResumeRequest {
+            disk_id: disk.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.durable_seq, r.applied_seq)
+}
+
+fn replica_path(mt: &Component, disk: &str) -> PathBuf {
+    mt.dir.join("replicas").join(disk).join("disk.vhd")
+}
+
+/// Waits until the replica has applied `seq`, then checks it with qemu-img against `model`.
+fn assert_replica_matches(mt: &Component, disk: &str, seq: u64, model: &[u8], tmp: &Path) {
+    let state = mt.dir.join("replicas").join(disk).join("state.json");
+    wait_until(&format!("replica applied {seq}"), WAIT, || {
+        std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["applied_seq"] == seq)
+    });
+    let expected = tmp.join("expected.raw");
+    std::fs::write(&expected, model).unwrap();
+    let vhd = replica_path(mt, disk);
+    if !qemu_check_vpc(&vhd) {
+        return;
+    }
+    let cmp = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vpc"])
+        .arg(&expected)
+        .arg(&vhd)
+        .output()
+        .unwrap();
+    assert!(
+        cmp.status.success(),
+        "replica differs from the source: {}",
+        text(&cmp)
+    );
+}
+
+#[test]
+fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cs, _) = CsNode::init(tmp.path().join("cs"));
+    let ctx = cs.context();
+    for name in ["web01", "db01"] {
+        let img = tmp.path().join(format!("{name}.img"));
+        std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
+        let disk = format!("disk0={}", img.display());
+        Component::register("mobility-agent", name, tmp.path(), &cs, &["--disk", &disk]);
+    }
+    let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
+    let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
+    ps.start();
+    mt.start();
+    wait_until("ps and mt connected", WAIT, || {
+        servers(&ctx, "process-server")
+            .iter()
+            .chain(servers(&ctx, "master-target").iter())
+            .all(|s| s["status"] == "Connected")
+    });
+    let out = lifeboat(&ctx, &["policy", "create", "gold"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for m in ["web01", "db01"] {
+        let out = lifeboat(&ctx, &["protect", m, "--policy", "gold"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let status = lifeboat_json(&ctx, &["status", "--json"]);
+    let disk_of = |m: &str| -> String {
+        status["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["machine"] == m)
+            .unwrap()["disk_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (web, db) = (disk_of("web01"), disk_of("db01"));
+    wait_until("replicas created", WAIT, || {
+        replica_path(&mt, &web).exists() && replica_path(&mt, &db).exists()
+    });
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let agent_dir = tmp.path().join("web01");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut model = vec![0u8; DISK as usize];
+    let batches: Vec<ChangeBatch> = (1..=40)
+        .map(|s| make_batch(&mut rng, &web, s, &mut model))
+        .collect();
+
+    runtime.block_on(async {
+        // Wait for the process server to learn of the disk.
+        let mut c = client(&agent_dir, &ps.listen).await;
+        wait_until_async(|| async {
+            c.clone()
+                .resume(ResumeRequest {
+                    disk_id: web.clone(),
+                })
+                .await
+                .is_ok()
+        })
+        .await;
+        let ack = push(&mut c, batches[..20].to_vec()).await.unwrap().unwrap();
+        assert_eq!(ack.durable_seq, 20);
+
+        // A corrupted batch is refused and nothing after it is stored.
+        let mut bad = batches[20].clone();
+        bad.extents[0].data[0] ^= 0xff;
+        let err = push(&mut c, vec![bad, batches[21].clone()])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+        assert_eq!(durable(&mut c, &web).await.0, 20);
+        // A gap is refused.
+        let err = push(&mut c, vec![batches[22].clone()]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        // A batch for another machine's disk is refused.
+        let mut foreign = batches[20].clone();
+        foreign.disk_id = db.clone();
+        foreign.seq = 1;
+        batch::seal(&mut foreign);
+        let err = push(&mut c, vec![foreign]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    });
+    assert_replica_matches(&mt, &web, 20, &model_at(&batches[..20]), tmp.path());
+
+    runtime.block_on(async {
+        // A replay changes nothing.
+        let mut c = client(&agent_dir, &ps.listen).await;
+        let ack = push(&mut c, batches[..20].to_vec()).await.unwrap().unwrap();
+        assert_eq!(ack.durable_seq, 20);
+    });
+    assert_replica_matches(&mt, &web, 20, &model_at(&batches[..20]), tmp.path());
+
+    // kill -9 of the process server while batches flow: what was acknowledged survives.
+    let acked = runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        let stream = tokio_stream::iter(batches[20..30].to_vec());
+        let mut acks = c.push(stream).await.unwrap().into_inner();
+        let first = acks.message().await.unwrap().unwrap();
+        first.durable_seq
+    });
+    ps.proc.as_mut().unwrap().kill9();
+    ps.start();
+    runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        wait_until_async(|| async {
+            c.clone()
+                .resume(ResumeRequest {
+                    disk_id: web.clone(),
+                })
+                .await
+                .is_ok()
+        })
+        .await;
+        let (durable_after, _) = durable(&mut c, &web).await;
+        assert!(
+            durable_after >= acked,
+            "acknowledged batch {acked} lost: durable is {durable_after}"
+        );
+        let rest = batches[durable_after as usize..30].to_vec();
+        if !rest.is_empty() {
+            assert_eq!(push(&mut c, rest).await.unwrap().unwrap().durable_seq, 30);
+        }
+    });
+    assert_replica_matches(&mt, &web, 30, &model_at(&batches[..30]), tmp.path());
+
+    // kill -9 of the master target while batches are applied: the replica converges.
+    runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        assert_eq!(
+            push(&mut c, batches[30..].to_vec())
+                .await
+                .unwrap()
+                .unwrap()
+                .durable_seq,
+            40
+        );
+    });
+    mt.proc.as_mut().unwrap().kill9();
+    qemu_check_vpc(&replica_path(&mt, &web));
+    mt.start();
+    assert_replica_matches(&mt, &web, 40, &model, tmp.path());
+
+    // The configuration server sees the disks' progress and the PS cache empties.
+    wait_until("cache released", WAIT, || {
+        http_get(&ps.metrics, "/metrics").is_ok_and(|m| {
+            m.contains("lifeboat_ps_cache_bytes ")
+                && !m.contains("lifeboat_ps_ingest_bytes_total 0")
+        })
+    });
+}
+
+/// The disk content after applying `batches` to zeros.
+fn model_at(batches: &[ChangeBatch]) -> Vec<u8> {
+    let mut model = vec![0u8; DISK as usize];
+    for b in batches {
+        for e in &b.extents {
+            let o = e.offset as usize;
+            if e.data.is_empty() {
+                model[o..o + e.zero_length as usize].fill(0);
+            } else {
+                model[o..o + e.data.len()].copy_from_slice(&e.data);
+            }
+        }
+    }
+    model
+}
+
+async fn wait_until_async<F, Fut>(mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < WAIT, "timed out");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
