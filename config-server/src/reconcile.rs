@@ -50,8 +50,9 @@ pub async fn run(node: Arc<Node>, cancel: CancellationToken) {
 fn next_state(current: ReplicationState, phase: &str) -> Option<(ReplicationState, &'static str)> {
     use ReplicationState::*;
     let next = match (current, phase) {
-        (Enabling, "initial_sync") => (InitialSync, "initial sync started"),
-        (Enabling | InitialSync, "streaming") => (Protected, "initial sync complete"),
+        // A short initial sync may finish between two reports: step through InitialSync.
+        (Enabling, "initial_sync" | "streaming") => (InitialSync, "initial sync started"),
+        (InitialSync, "streaming") => (Protected, "initial sync complete"),
         (Protected | Enabling | InitialSync | Resyncing, "resync_required") => {
             (ResyncRequired, "the change stream was interrupted")
         }

@@ -207,6 +207,12 @@ pub async fn watch(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // No progress bars were drawn: say how each job ended.
+        for (id, bar) in &shown {
+            println!("job {id}: {}", bar.message());
+        }
+    }
     if failed.is_empty() {
         Ok(())
     } else {

@@ -1,0 +1,91 @@
+//! The agent's protected disks and its NBD server. Assignments arrive with every heartbeat: a
+//! newly protected disk gets its capture started and is exported over NBD (export name = the
+//! disk's name) so the workload can write through the splitter; a disk no longer protected is
+//! stopped, unexported and its local state dropped.
+use crate::capture::Splitter;
+use crate::disk::DiskAgent;
+use lifeboat_common::Identity;
+use lifeboat_proto::v1::{DiskAssignment, DiskReport};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use tokio_util::sync::CancellationToken;
+
+pub struct Agent {
+    pub identity: Arc<Identity>,
+    pub state_dir: PathBuf,
+    pub nbd: nbd::Server,
+    pub cancel: CancellationToken,
+    disks: RwLock<HashMap<String, Arc<DiskAgent>>>,
+}
+
+impl Agent {
+    pub fn new(
+        identity: Arc<Identity>,
+        state_dir: PathBuf,
+        cancel: CancellationToken,
+    ) -> Arc<Agent> {
+        Arc::new(Agent {
+            identity,
+            state_dir,
+            nbd: nbd::Server::new(nbd::ServerConfig::default()),
+            cancel,
+            disks: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn reports(&self) -> Vec<DiskReport> {
+        let disks: Vec<Arc<DiskAgent>> = self
+            .disks
+            .read()
+            .map(|d| d.values().cloned().collect())
+            .unwrap_or_default();
+        disks.iter().filter_map(|d| d.report()).collect()
+    }
+
+    pub fn assign(&self, assignments: Vec<DiskAssignment>) {
+        let wanted: HashMap<String, DiskAssignment> = assignments
+            .into_iter()
+            .map(|a| (a.disk_id.clone(), a))
+            .collect();
+        let Ok(mut disks) = self.disks.write() else {
+            return;
+        };
+        disks.retain(|id, disk| {
+            if wanted.contains_key(id) {
+                return true;
+            }
+            disk.stop.cancel();
+            self.nbd.remove_export(&disk.assignment().disk_name);
+            let _ = std::fs::remove_dir_all(self.state_dir.join(id));
+            tracing::info!(disk = %id, "disk no longer protected: capture stopped, export removed");
+            false
+        });
+        for (id, assignment) in wanted {
+            if let Some(disk) = disks.get(&id) {
+                if let Ok(mut a) = disk.assignment.write() {
+                    *a = assignment;
+                }
+                continue;
+            }
+            let name = assignment.disk_name.clone();
+            match DiskAgent::start(
+                self.identity.clone(),
+                assignment,
+                self.state_dir.join(&id),
+                self.cancel.child_token(),
+            ) {
+                Ok(disk) => {
+                    let export = nbd::Export::new(name.clone(), Splitter(disk.capture.clone()))
+                        .with_description(format!("Lifeboat-protected disk {id}"));
+                    if let Err(e) = self.nbd.add_export(export) {
+                        tracing::error!(disk = %id, "cannot export {name} over NBD: {e}");
+                    }
+                    tracing::info!(disk = %id, export = %name, "disk protected: capturing writes through NBD");
+                    disks.insert(id, disk);
+                }
+                Err(e) => tracing::error!(disk = %id, "cannot start capture: {e:#}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Capture in `nbd` mode: the write splitter. The workload writes through an NBD export; each
+//! write is, in one critical section, marked in the persistent dirty map (made durable first if
+//! the region was clean), applied to the source, and appended to the capture queue, which the
+//! shipper turns into change batches. Doing the three under one lock makes the queue's order
+//! the order the source saw, so any prefix of the stream is a state the source was in. The
+//! NBD client is answered only after that, so an acknowledged write is both on the source and
+//! recorded for replication (in the queue, and durably in the dirty map until shipped).
+use crate::dirty::DirtyMap;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// Captured bytes the agent holds for shipping before it gives up on the stream and falls back
+/// to the dirty map (the disk then needs a resync).
+pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
+
+/// One captured write or initial-sync read, in source order.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub index: u64,
+    pub at_ms: i64,
+    pub offset: u64,
+    /// Empty for a zero-fill of `zero_length` bytes.
+    pub data: Vec<u8>,
+    pub zero_length: u64,
+    /// Initial-sync data rather than a workload write.
+    pub sync: bool,
+}
+
+impl Captured {
+    pub fn len(&self) -> u64 {
+        if self.data.is_empty() {
+            self.zero_length
+        } else {
+            self.data.len() as u64
+        }
+    }
+}
+
+pub struct Queue {
+    next_index: u64,
+    pub items: VecDeque<Captured>,
+    pub bytes: u64,
+    pub dirty: DirtyMap,
+    /// Set when the queue overflowed and was dropped: the stream is broken until a resync.
+    pub overflowed: bool,
+}
+
+/// The capture state of one disk, shared by the NBD backend, the initial sync and the shipper.
+pub struct Capture {
+    pub source: File,
+    pub size: u64,
+    pub queue: Mutex<Queue>,
+    /// Signalled when something was queued.
+    pub queued: Notify,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("capture state poisoned")
+}
+
+impl Queue {
+    /// Capture index of the newest item ever queued (0: none).
+    pub fn last_index(&self) -> u64 {
+        self.next_index - 1
+    }
+}
+
+impl Capture {
+    pub fn new(source: File, size: u64, dirty: DirtyMap) -> Arc<Capture> {
+        Arc::new(Capture {
+            source,
+            size,
+            queue: Mutex::new(Queue {
+                next_index: 1,
+                items: VecDeque::new(),
+                bytes: 0,
+                dirty,
+                overflowed: false,
+            }),
+            queued: Notify::new(),
+        })
+    }
+
+    fn push(&self, q: &mut Queue, mut item: Captured) {
+        item.index = q.next_index;
+        q.next_index += 1;
+        q.bytes += item.data.len() as u64;
+        q.items.push_back(item);
+        if q.bytes > MAX_QUEUED_BYTES && !q.overflowed {
+            tracing::warn!("capture queue over {MAX_QUEUED_BYTES} bytes: falling back to dirty-region tracking; the disk needs a resync");
+            q.overflowed = true;
+        }
+        if q.overflowed {
+            // The dirty map already holds every queued region.
+            q.items.clear();
+            q.bytes = 0;
+        }
+    }
+
+    /// The write splitter's write: dirty map, source, queue, in one critical section.
+    pub fn write(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        let index = q.next_index;
+        q.dirty.mark(offset, data.len() as u64, index)?;
+        self.source.write_all_at(&data, offset)?;
+        let item = Captured {
+            index,
+            at_ms: now_ms(),
+            offset,
+            data,
+            zero_length: 0,
+            sync: false,
+        };
+        self.push(&mut q, item);
+        drop(q);
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// Zeroes a range on the source and captures it as a zero-fill.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        let index = q.next_index;
+        q.dirty.mark(offset, len, index)?;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.source.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        let item = Captured {
+            index,
+            at_ms: now_ms(),
+            offset,
+            data: Vec::new(),
+            zero_length: len,
+            sync: false,
+        };
+        self.push(&mut q, item);
+        drop(q);
+        self.queued.notify_one();
+        Ok(())
+    }
+
+    /// Initial sync: reads `len` bytes at `offset` and queues them, in the same critical
+    /// section as writes so the read is ordered with them. All-zero data is queued as a
+    /// zero-fill when `zeros_matter`, and not at all otherwise (an empty replica is zeros).
+    /// Returns the bytes queued as data.
+    pub fn sync_read(&self, offset: u64, len: u64, zeros_matter: bool) -> io::Result<u64> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        let mut data = vec![0u8; len as usize];
+        self.source.read_exact_at(&mut data, offset)?;
+        let zero = data.iter().all(|b| *b == 0);
+        if zero && !zeros_matter {
+            return Ok(0);
+        }
+        let shipped = if zero { 0 } else { len };
+        let item = Captured {
+            index: 0,
+            at_ms: now_ms(),
+            offset,
+            data: if zero { Vec::new() } else { data },
+            zero_length: if zero { len } else { 0 },
+            sync: true,
+        };
+        self.push(&mut q, item);
+        drop(q);
+        self.queued.notify_one();
+        Ok(shipped)
+    }
+
+    /// Takes up to `max_bytes` (at least one item) from the head of the queue.
+    pub fn take(&self, max_bytes: u64, max_items: usize) -> Vec<Captured> {
+        let Ok(mut q) = self.queue.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(front) = q.items.front() {
+            if !out.is_empty() && (bytes + front.len() > max_bytes || out.len() >= max_items) {
+                break;
+            }
+            bytes += front.len();
+            let item = q.items.pop_front().expect("front exists");
+            q.bytes -= item.data.len() as u64;
+            out.push(item);
+        }
+        out
+    }
+
+    /// Capture time of the oldest item not yet taken by the shipper.
+    pub fn oldest_queued_ms(&self) -> Option<i64> {
+        self.queue.lock().ok()?.items.front().map(|i| i.at_ms)
+    }
+
+    pub fn queued_bytes(&self) -> u64 {
+        self.queue.lock().map(|q| q.bytes).unwrap_or(0)
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.queue.lock().map(|q| q.overflowed).unwrap_or(true)
+    }
+}
+
+/// The NBD backend of a protected disk.
+pub struct Splitter(pub Arc<Capture>);
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+impl nbd::Backend for Splitter {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        // Every connection writes through the same file and flush is an fdatasync of it.
+        true
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        let c = self.0.clone();
+        blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            c.source.read_exact_at(&mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> io::Result<()> {
+        let c = self.0.clone();
+        blocking(move || {
+            c.write(offset, data)?;
+            if fua {
+                c.source.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        let c = self.0.clone();
+        blocking(move || c.source.sync_data()).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        _no_hole: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        let c = self.0.clone();
+        blocking(move || {
+            c.write_zeroes(offset, len as u64)?;
+            if fua {
+                c.source.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}

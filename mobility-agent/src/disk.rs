@@ -1,0 +1,462 @@
+//! One protected disk on the agent: its capture (see `capture`), the initial sync that copies
+//! the allocated data once, and the shipper that turns captured items into sealed change
+//! batches, pushes them to the process server, keeps them until they are durable there,
+//! resends them after a reconnect, and follows what the master target has applied.
+use crate::capture::{now_ms, Capture, Captured};
+use crate::dirty::DirtyMap;
+use crate::progress::{InFlight, Phase, Progress};
+use lifeboat_common::batch::{self, KIND_STREAM, KIND_SYNC};
+use lifeboat_common::{fsutil, tls, Identity, Role};
+use lifeboat_proto::v1::{
+    ingest_client::IngestClient, ChangeBatch, DiskAssignment, DiskReport, Extent, ResumeRequest,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+/// Largest batch the agent builds (payload bytes) and most extents in it.
+const BATCH_BYTES: u64 = 4 * 1024 * 1024;
+const BATCH_EXTENTS: usize = 1024;
+/// Payload bytes sent but not yet durable at the process server before the agent waits.
+const WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+/// Initial sync reads this much at a time, and pauses while this much is queued.
+const SYNC_CHUNK: u64 = 1024 * 1024;
+const SYNC_QUEUE_LIMIT: u64 = 32 * 1024 * 1024;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DiskState {
+    initial_sync_done: bool,
+}
+
+pub struct DiskAgent {
+    pub disk_id: String,
+    pub assignment: RwLock<DiskAssignment>,
+    pub capture: Arc<Capture>,
+    pub progress: Mutex<Progress>,
+    state_dir: PathBuf,
+    identity: Arc<Identity>,
+    pub stop: CancellationToken,
+    sync_started: AtomicBool,
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+impl DiskAgent {
+    /// Opens the source and the dirty map, decides where replication stands, and starts
+    /// shipping.
+    pub fn start(
+        identity: Arc<Identity>,
+        assignment: DiskAssignment,
+        state_dir: PathBuf,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<DiskAgent>> {
+        fsutil::create_private_dir(&state_dir)?;
+        let source = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&assignment.source_path)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot open disk {} ({}): {e}",
+                    assignment.disk_name,
+                    assignment.source_path
+                )
+            })?;
+        let size = assignment.size_bytes;
+        let dirty = DirtyMap::open(&state_dir.join("dirty.map"), size)?;
+        let state: DiskState = std::fs::read(state_path(&state_dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let phase = if !state.initial_sync_done {
+            Phase::InitialSync
+        } else if dirty.any_dirty() {
+            Phase::ResyncRequired("the agent stopped with writes not confirmed shipped".into())
+        } else {
+            Phase::Streaming
+        };
+        let capture = Capture::new(source, size, dirty);
+        if let Phase::ResyncRequired(why) = &phase {
+            tracing::warn!(disk = %assignment.disk_id, "{why}: tracking changes in the dirty map until a resync");
+            if let Ok(mut q) = capture.queue.lock() {
+                q.overflowed = true;
+            }
+        }
+        let agent = Arc::new(DiskAgent {
+            disk_id: assignment.disk_id.clone(),
+            assignment: RwLock::new(assignment),
+            capture,
+            progress: Mutex::new(Progress::new(phase)),
+            state_dir,
+            identity,
+            stop,
+            sync_started: AtomicBool::new(false),
+        });
+        tokio::spawn(ship(agent.clone()));
+        Ok(agent)
+    }
+
+    pub fn assignment(&self) -> DiskAssignment {
+        self.assignment
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn report(&self) -> Option<DiskReport> {
+        let oldest = self.capture.oldest_queued_ms();
+        let queued = self.capture.queued_bytes();
+        let p = self.progress.lock().ok()?;
+        Some(p.report(&self.disk_id, now_ms(), oldest, queued))
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        if let Ok(mut p) = self.progress.lock() {
+            if p.phase != phase {
+                tracing::info!(disk = %self.disk_id, "replication phase: {}", phase.name());
+                p.phase = phase;
+            }
+        }
+    }
+}
+
+/// Turns captured items into one sealed batch.
+fn build(disk_id: &str, seq: u64, items: &[Captured]) -> (ChangeBatch, InFlight) {
+    let extents = items
+        .iter()
+        .map(|i| Extent {
+            offset: i.offset,
+            data: i.data.clone(),
+            zero_length: i.zero_length,
+        })
+        .collect();
+    let all_sync = items.iter().all(|i| i.sync);
+    let first = items.iter().map(|i| i.at_ms).min().unwrap_or(0);
+    let last = items.iter().map(|i| i.at_ms).max().unwrap_or(0);
+    let mut b = ChangeBatch {
+        disk_id: disk_id.to_string(),
+        seq,
+        extents,
+        tags: Vec::new(),
+        first_write_unix_ms: first,
+        last_write_unix_ms: last,
+        kind: if all_sync { KIND_SYNC } else { KIND_STREAM }.into(),
+        checksum: Vec::new(),
+    };
+    batch::seal(&mut b);
+    let flight = InFlight {
+        seq,
+        first_write_ms: first,
+        bytes: items.iter().map(|i| i.data.len() as u64).sum(),
+        first_index: items.first().map(|i| i.index).unwrap_or(0),
+        last_index: items.last().map(|i| i.index).unwrap_or(0),
+    };
+    (b, flight)
+}
+
+async fn ship(agent: Arc<DiskAgent>) {
+    let mut backoff = Duration::from_millis(200);
+    let mut last_error = String::new();
+    while !agent.stop.is_cancelled() {
+        match session(&agent).await {
+            Ok(()) => return,
+            Err(e) => {
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(disk = %agent.disk_id, "shipping to the process server: {text}");
+                    last_error = text;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = agent.stop.cancelled() => return,
+        }
+    }
+}
+
+async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
+    let assignment = agent.assignment();
+    if assignment.process_server_address.is_empty() {
+        anyhow::bail!("the process server's address is not known yet");
+    }
+    let channel = tls::mtls_channel(
+        &agent.identity,
+        &assignment.process_server_address,
+        Role::ProcessServer,
+    )?;
+    let mut client = IngestClient::new(channel)
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
+    let resume = client
+        .resume(ResumeRequest {
+            disk_id: agent.disk_id.clone(),
+        })
+        .await?
+        .into_inner();
+    let resend: Vec<ChangeBatch> = {
+        let mut p = agent
+            .progress
+            .lock()
+            .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
+        if p.next_seq == 0 || p.next_seq <= resume.durable_seq {
+            p.next_seq = resume.durable_seq + 1;
+        }
+        p.durable(resume.durable_seq);
+        p.applied(resume.applied_seq);
+        if p.unacked
+            .front()
+            .is_some_and(|b| b.seq > resume.durable_seq + 1)
+        {
+            p.unacked.clear();
+            p.in_flight.clear();
+            p.phase = Phase::ResyncRequired("the process server lost acknowledged batches".into());
+            if let Ok(mut q) = agent.capture.queue.lock() {
+                q.overflowed = true;
+            }
+        }
+        p.unacked.iter().cloned().collect()
+    };
+    let in_initial_sync = matches!(
+        agent.progress.lock().map(|p| p.phase.clone()),
+        Ok(Phase::InitialSync)
+    );
+    if in_initial_sync && !agent.sync_started.swap(true, Ordering::SeqCst) {
+        let zeros_matter = resume.durable_seq > 0 || resume.applied_seq > 0;
+        tokio::spawn(initial_sync(agent.clone(), zeros_matter));
+    }
+
+    let (tx, rx) = mpsc::channel::<ChangeBatch>(64);
+    let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
+    for b in resend {
+        tx.send(b)
+            .await
+            .map_err(|_| anyhow::anyhow!("the process server closed the stream"))?;
+    }
+    let mut last_poll = Instant::now();
+    loop {
+        send_ready(agent, &tx).await?;
+        check_sync_complete(agent)?;
+        if agent.capture.overflowed() {
+            if let Ok(mut p) = agent.progress.lock() {
+                if !matches!(p.phase, Phase::ResyncRequired(_)) {
+                    p.phase = Phase::ResyncRequired(
+                        "the capture queue overflowed: the process server could not keep up".into(),
+                    );
+                }
+            }
+        }
+        let window_full = agent
+            .progress
+            .lock()
+            .map(|p| {
+                p.unacked.iter().map(batch::payload_bytes).sum::<usize>() as u64 >= WINDOW_BYTES
+            })
+            .unwrap_or(true);
+        tokio::select! {
+            biased;
+            ack = acks.message() => {
+                let Some(ack) = ack? else { anyhow::bail!("the process server ended the stream") };
+                on_ack(agent, ack.durable_seq, ack.applied_seq)?;
+            }
+            _ = agent.capture.queued.notified(), if !window_full => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = agent.stop.cancelled() => return Ok(()),
+        }
+        // While batches await the master target, ask where it stands (acks only come with
+        // our own pushes).
+        let waiting = agent
+            .progress
+            .lock()
+            .map(|p| !p.in_flight.is_empty())
+            .unwrap_or(false);
+        if waiting && last_poll.elapsed() >= Duration::from_millis(500) {
+            last_poll = Instant::now();
+            let r = client
+                .resume(ResumeRequest {
+                    disk_id: agent.disk_id.clone(),
+                })
+                .await?
+                .into_inner();
+            on_ack(agent, r.durable_seq, r.applied_seq)?;
+        }
+    }
+}
+
+/// Builds and sends batches from the capture queue while the window allows.
+async fn send_ready(agent: &Arc<DiskAgent>, tx: &mpsc::Sender<ChangeBatch>) -> anyhow::Result<()> {
+    loop {
+        let batch = {
+            let mut p = agent
+                .progress
+                .lock()
+                .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
+            if matches!(p.phase, Phase::ResyncRequired(_)) {
+                return Ok(());
+            }
+            let unacked: u64 = p
+                .unacked
+                .iter()
+                .map(|b| batch::payload_bytes(b) as u64)
+                .sum();
+            if unacked >= WINDOW_BYTES {
+                return Ok(());
+            }
+            let items = agent.capture.take(BATCH_BYTES, BATCH_EXTENTS);
+            if items.is_empty() {
+                return Ok(());
+            }
+            let seq = p.next_seq;
+            p.next_seq += 1;
+            let (b, flight) = build(&agent.disk_id, seq, &items);
+            p.unacked.push_back(b.clone());
+            p.in_flight.push_back(flight);
+            b
+        };
+        metrics::counter!("lifeboat_agent_shipped_bytes_total")
+            .increment(batch::payload_bytes(&batch) as u64);
+        tx.send(batch)
+            .await
+            .map_err(|_| anyhow::anyhow!("the process server closed the stream"))?;
+    }
+}
+
+fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
+    let clear = {
+        let mut p = agent
+            .progress
+            .lock()
+            .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
+        let clear = p.durable(durable);
+        p.applied(applied);
+        clear
+    };
+    if let Some(index) = clear {
+        if let Ok(mut q) = agent.capture.queue.lock() {
+            q.dirty.clear_through(index);
+            if let Err(e) = q.dirty.write_back() {
+                tracing::warn!(disk = %agent.disk_id, "cannot write the dirty map back: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Initial sync is complete when everything up to the last sync read is applied.
+fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
+    let done = {
+        let p = agent
+            .progress
+            .lock()
+            .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
+        let Some(last) = p.sync_last_index else {
+            return Ok(());
+        };
+        p.phase == Phase::InitialSync
+            && p.in_flight.front().is_none_or(|f| f.first_index > last)
+            && agent
+                .capture
+                .queue
+                .lock()
+                .map(|q| q.items.front().is_none_or(|i| i.index > last))
+                .unwrap_or(false)
+    };
+    if done {
+        let bytes = serde_json::to_vec(&DiskState {
+            initial_sync_done: true,
+        })?;
+        fsutil::durable_write(&state_path(&agent.state_dir), &bytes, 0o600)?;
+        agent.set_phase(Phase::Streaming);
+    }
+    Ok(())
+}
+
+/// Copies the disk's data once, in order with concurrent writes (see `Capture::sync_read`).
+async fn initial_sync(agent: Arc<DiskAgent>, zeros_matter: bool) {
+    let size = agent.capture.size;
+    if let Ok(mut p) = agent.progress.lock() {
+        p.sync_total = size;
+        p.sync_done = 0;
+        p.sync_started = Some(Instant::now());
+    }
+    tracing::info!(disk = %agent.disk_id, size, "initial sync started");
+    let mut offset = 0u64;
+    while offset < size {
+        if agent.stop.is_cancelled() {
+            return;
+        }
+        while agent.capture.queued_bytes() > SYNC_QUEUE_LIMIT {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = agent.stop.cancelled() => return,
+            }
+        }
+        if !zeros_matter {
+            match next_data(&agent.capture.source, offset) {
+                Some(data) if data >= size => offset = size,
+                Some(data) => offset = data - data % 4096,
+                None => offset = size,
+            }
+            if offset >= size {
+                break;
+            }
+        }
+        let len = SYNC_CHUNK.min(size - offset);
+        let c = agent.capture.clone();
+        let read =
+            tokio::task::spawn_blocking(move || c.sync_read(offset, len, zeros_matter)).await;
+        match read {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(disk = %agent.disk_id, "initial sync read at {offset}: {e}");
+                agent.set_phase(Phase::ResyncRequired(format!(
+                    "initial sync cannot read the disk: {e}"
+                )));
+                return;
+            }
+            Err(e) => {
+                tracing::error!(disk = %agent.disk_id, "initial sync task: {e}");
+                return;
+            }
+        }
+        offset += len;
+        if let Ok(mut p) = agent.progress.lock() {
+            p.sync_done = offset;
+        }
+    }
+    let last_index = agent
+        .capture
+        .queue
+        .lock()
+        .map(|q| q.last_index())
+        .unwrap_or(0);
+    if let Ok(mut p) = agent.progress.lock() {
+        p.sync_done = size;
+        p.sync_last_index = Some(last_index);
+    }
+    agent.capture.queued.notify_one();
+    tracing::info!(disk = %agent.disk_id, "initial sync scan finished");
+}
+
+/// The next offset at or after `offset` holding data (SEEK_DATA), `None` if only a hole
+/// follows; `Some(offset)` where holes cannot be detected (block devices).
+fn next_data(file: &std::fs::File, offset: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek only reads its integer arguments; the descriptor is open for the call.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Some(r as u64);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => None,
+        _ => Some(offset),
+    }
+}

@@ -1,0 +1,202 @@
+//! Where one disk's replication stands, as the agent knows it: phase, sequence numbers at each
+//! hop, initial-sync progress, and the batches still in flight — from which the RPO (age of
+//! the oldest captured write not yet applied on the master target) and the backlog follow.
+use lifeboat_proto::v1::{ChangeBatch, DiskReport};
+use std::collections::VecDeque;
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    InitialSync,
+    Streaming,
+    ResyncRequired(String),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::InitialSync => "initial_sync",
+            Phase::Streaming => "streaming",
+            Phase::ResyncRequired(_) => "resync_required",
+        }
+    }
+}
+
+/// A batch sent but not yet applied on the master target.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub seq: u64,
+    pub first_write_ms: i64,
+    pub bytes: u64,
+    pub first_index: u64,
+    /// Capture index of the batch's last item (for clearing the dirty map once durable).
+    pub last_index: u64,
+}
+
+#[derive(Debug)]
+pub struct Progress {
+    pub phase: Phase,
+    /// Next sequence number to assign (known after the first Resume).
+    pub next_seq: u64,
+    pub durable_seq: u64,
+    pub applied_seq: u64,
+    /// Batches not yet durable at the process server, kept to send again after a reconnect.
+    pub unacked: VecDeque<ChangeBatch>,
+    pub in_flight: VecDeque<InFlight>,
+    pub sync_total: u64,
+    pub sync_done: u64,
+    pub sync_started: Option<Instant>,
+    /// Capture index of the last initial-sync read, once the scan has finished: the initial
+    /// sync is complete when everything up to it is applied.
+    pub sync_last_index: Option<u64>,
+}
+
+impl Progress {
+    pub fn new(phase: Phase) -> Progress {
+        Progress {
+            phase,
+            next_seq: 0,
+            durable_seq: 0,
+            applied_seq: 0,
+            unacked: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            sync_total: 0,
+            sync_done: 0,
+            sync_started: None,
+            sync_last_index: None,
+        }
+    }
+
+    /// Records the process server's durable position; returns the capture index up to which
+    /// everything is durable downstream (for the dirty map), if it advanced.
+    pub fn durable(&mut self, seq: u64) -> Option<u64> {
+        self.durable_seq = self.durable_seq.max(seq);
+        let before = self.unacked.len();
+        while self
+            .unacked
+            .front()
+            .is_some_and(|b| b.seq <= self.durable_seq)
+        {
+            self.unacked.pop_front();
+        }
+        if self.unacked.len() == before {
+            return None;
+        }
+        self.in_flight
+            .iter()
+            .rev()
+            .find(|f| f.seq <= self.durable_seq)
+            .map(|f| f.last_index)
+    }
+
+    pub fn applied(&mut self, seq: u64) {
+        self.applied_seq = self.applied_seq.max(seq);
+        while self
+            .in_flight
+            .front()
+            .is_some_and(|f| f.seq <= self.applied_seq)
+        {
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// Age in seconds of the oldest write captured but not applied; `oldest_queued_ms` is the
+    /// capture queue's oldest item (not yet in a batch).
+    pub fn rpo_secs(&self, now_ms: i64, oldest_queued_ms: Option<i64>) -> f64 {
+        let oldest = self
+            .in_flight
+            .iter()
+            .map(|f| f.first_write_ms)
+            .chain(oldest_queued_ms)
+            .min();
+        match oldest {
+            Some(t) => ((now_ms - t).max(0)) as f64 / 1000.0,
+            None => 0.0,
+        }
+    }
+
+    pub fn report(
+        &self,
+        disk_id: &str,
+        now_ms: i64,
+        oldest_queued_ms: Option<i64>,
+        queued_bytes: u64,
+    ) -> DiskReport {
+        let pending: u64 = self.in_flight.iter().map(|f| f.bytes).sum::<u64>() + queued_bytes;
+        let rate = match self.sync_started {
+            Some(t) if self.phase == Phase::InitialSync && t.elapsed().as_secs_f64() > 0.5 => {
+                self.sync_done as f64 / t.elapsed().as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        DiskReport {
+            disk_id: disk_id.to_string(),
+            phase: self.phase.name().into(),
+            seq: self.next_seq.saturating_sub(1),
+            durable_seq: self.durable_seq,
+            applied_seq: self.applied_seq,
+            pending_bytes: pending,
+            rpo_secs: self.rpo_secs(now_ms, oldest_queued_ms),
+            sync_total_bytes: self.sync_total,
+            sync_done_bytes: self.sync_done,
+            sync_bytes_per_sec: rate,
+            stored_bytes: 0,
+            error: match &self.phase {
+                Phase::ResyncRequired(why) => why.clone(),
+                _ => String::new(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpo_is_the_age_of_the_oldest_unapplied_write() {
+        let mut p = Progress::new(Phase::Streaming);
+        assert_eq!(p.rpo_secs(10_000, None), 0.0);
+        p.in_flight.push_back(InFlight {
+            seq: 1,
+            first_write_ms: 4_000,
+            bytes: 10,
+            first_index: 1,
+            last_index: 3,
+        });
+        p.in_flight.push_back(InFlight {
+            seq: 2,
+            first_write_ms: 7_000,
+            bytes: 10,
+            first_index: 4,
+            last_index: 5,
+        });
+        assert_eq!(p.rpo_secs(10_000, Some(9_000)), 6.0);
+        p.applied(1);
+        assert_eq!(p.rpo_secs(10_000, Some(9_000)), 3.0);
+        p.applied(2);
+        assert_eq!(p.rpo_secs(10_000, Some(9_000)), 1.0);
+        assert_eq!(p.rpo_secs(10_000, None), 0.0);
+    }
+
+    #[test]
+    fn durable_acks_release_resend_copies_and_name_the_clearable_index() {
+        let mut p = Progress::new(Phase::Streaming);
+        for seq in 1..=3 {
+            p.unacked.push_back(ChangeBatch {
+                seq,
+                ..Default::default()
+            });
+            p.in_flight.push_back(InFlight {
+                seq,
+                first_write_ms: 0,
+                bytes: 1,
+                first_index: seq * 10 - 9,
+                last_index: seq * 10,
+            });
+        }
+        assert_eq!(p.durable(2), Some(20));
+        assert_eq!(p.unacked.len(), 1);
+        assert_eq!(p.durable(2), None);
+    }
+}
