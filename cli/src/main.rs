@@ -58,6 +58,9 @@ enum Command {
     /// One job.
     #[command(subcommand)]
     Job(JobCommand),
+    /// VHD images: info, check, create, convert (raw <-> VHD).
+    #[command(subcommand)]
+    Vhd(vhd::cli::VhdCommand),
 }
 
 #[derive(Subcommand)]
@@ -98,6 +101,10 @@ fn main() -> ExitCode {
             Command::Status { machine, json } => protect::status(&cli.context, machine, json).await,
             Command::Jobs(args) => jobs::list(&cli.context, args).await,
             Command::Job(JobCommand::Show { id, json }) => jobs::show(&cli.context, id, json).await,
+            // Image work is blocking file I/O with its own progress bar.
+            Command::Vhd(command) => {
+                tokio::task::spawn_blocking(move || vhd::cli::run(command)).await?
+            }
         }
     })
 }

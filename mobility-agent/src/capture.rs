@@ -31,7 +31,7 @@ pub struct Captured {
 }
 
 impl Captured {
-    pub fn len(&self) -> u64 {
+    pub fn covered(&self) -> u64 {
         if self.data.is_empty() {
             self.zero_length
         } else {
@@ -189,10 +189,10 @@ impl Capture {
         let mut out = Vec::new();
         let mut bytes = 0;
         while let Some(front) = q.items.front() {
-            if !out.is_empty() && (bytes + front.len() > max_bytes || out.len() >= max_items) {
+            if !out.is_empty() && (bytes + front.covered() > max_bytes || out.len() >= max_items) {
                 break;
             }
-            bytes += front.len();
+            bytes += front.covered();
             let item = q.items.pop_front().expect("front exists");
             q.bytes -= item.data.len() as u64;
             out.push(item);

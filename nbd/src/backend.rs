@@ -51,7 +51,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Hint that `len` bytes at `offset` are no longer needed. The default does nothing,
     /// which the protocol allows (the content of trimmed ranges is unspecified, and keeping
     /// it is the safest unspecified choice).
-    fn trim(&self, offset: u64, len: u32, fua: bool) -> impl Future<Output = io::Result<()>> + Send {
+    fn trim(
+        &self,
+        offset: u64,
+        len: u32,
+        fua: bool,
+    ) -> impl Future<Output = io::Result<()>> + Send {
         let _ = (offset, len, fua);
         async { Ok(()) }
     }

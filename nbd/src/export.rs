@@ -94,7 +94,11 @@ impl Export {
         if self.name.contains('\0') {
             return bad("contains NUL");
         }
-        if self.description.as_deref().is_some_and(|d| d.len() > MAX_NAME_LEN) {
+        if self
+            .description
+            .as_deref()
+            .is_some_and(|d| d.len() > MAX_NAME_LEN)
+        {
             return bad("description longer than 4096 bytes");
         }
         Ok(())
@@ -119,14 +123,26 @@ impl Registry {
     }
 
     pub(crate) fn remove(&self, name: &str) -> Option<Export> {
-        self.exports.write().unwrap_or_else(|p| p.into_inner()).remove(name)
+        self.exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<Export> {
-        self.exports.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub(crate) fn list(&self) -> Vec<Export> {
-        self.exports.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }

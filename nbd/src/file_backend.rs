@@ -92,7 +92,13 @@ impl Inner {
     }
 
     /// Tries one fallocate mode; `Ok(false)` means "not supported here, use a fallback".
-    fn try_fallocate(&self, flag: &AtomicBool, mode: libc::c_int, offset: u64, len: u32) -> io::Result<bool> {
+    fn try_fallocate(
+        &self,
+        flag: &AtomicBool,
+        mode: libc::c_int,
+        offset: u64,
+        len: u32,
+    ) -> io::Result<bool> {
         if !flag.load(Relaxed) {
             return Ok(false);
         }
@@ -139,7 +145,12 @@ impl Inner {
     }
 
     fn zero_range(&self, offset: u64, len: u32) -> io::Result<bool> {
-        self.try_fallocate(&self.can_zero_range, libc::FALLOC_FL_ZERO_RANGE, offset, len)
+        self.try_fallocate(
+            &self.can_zero_range,
+            libc::FALLOC_FL_ZERO_RANGE,
+            offset,
+            len,
+        )
     }
 }
 
@@ -189,7 +200,13 @@ impl Backend for FileBackend {
         .await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> io::Result<()> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    ) -> io::Result<()> {
         self.blocking(move |f| {
             let done = (!no_hole && f.punch(offset, len)?) || f.zero_range(offset, len)?;
             if !done {
@@ -215,9 +232,16 @@ mod tests {
         assert!(!Backend::read_only(&b));
 
         b.write(100, vec![1, 2, 3], true).await.expect("write");
-        assert_eq!(b.read(99, 5).await.expect("read"), vec![0x5a, 1, 2, 3, 0x5a]);
-        b.write_zeroes(4096, 8192, true, false).await.expect("zero, no hole");
-        b.write_zeroes(65536 + 7, 5000, false, false).await.expect("zero, may punch");
+        assert_eq!(
+            b.read(99, 5).await.expect("read"),
+            vec![0x5a, 1, 2, 3, 0x5a]
+        );
+        b.write_zeroes(4096, 8192, true, false)
+            .await
+            .expect("zero, no hole");
+        b.write_zeroes(65536 + 7, 5000, false, false)
+            .await
+            .expect("zero, may punch");
         b.trim(1 << 20, (1 << 20) + 3, true).await.expect("trim");
         b.flush().await.expect("flush");
 
@@ -226,7 +250,10 @@ mod tests {
         want[4096..4096 + 8192].fill(0);
         want[65536 + 7..65536 + 7 + 5000].fill(0);
         want[1 << 20..(2 << 20) + 3].fill(0);
-        assert!(std::fs::read(&path).expect("read back") == want, "file content differs");
+        assert!(
+            std::fs::read(&path).expect("read back") == want,
+            "file content differs"
+        );
     }
 
     #[tokio::test]

@@ -58,7 +58,9 @@ where
     let client_flags = u32::from_be_bytes(flags);
     if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         // The spec: the server MUST close if it does not recognise the client's flags.
-        return Err(Error::protocol(format!("unknown client flags {client_flags:#x}")));
+        return Err(Error::protocol(format!(
+            "unknown client flags {client_flags:#x}"
+        )));
     }
     let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
 
@@ -75,7 +77,9 @@ where
         let len = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
         if len > MAX_OPTION_DATA {
             if len > MAX_DISCARDED_OPTION_DATA {
-                return Err(Error::protocol(format!("option {option} carries {len} bytes")));
+                return Err(Error::protocol(format!(
+                    "option {option} carries {len} bytes"
+                )));
             }
             discard(r, len).await?;
             reply(w, option, REP_ERR_TOO_BIG, b"option data too long").await?;
@@ -87,7 +91,9 @@ where
         match option {
             OPT_EXPORT_NAME => {
                 let Some(export) = lookup(exports, &data) else {
-                    return Ok(Outcome::UnknownExport(String::from_utf8_lossy(&data).into()));
+                    return Ok(Outcome::UnknownExport(
+                        String::from_utf8_lossy(&data).into(),
+                    ));
                 };
                 let mut out = Vec::with_capacity(134);
                 out.extend_from_slice(&export.size().to_be_bytes());
@@ -128,7 +134,11 @@ where
                     reply(w, option, REP_ERR_UNKNOWN, b"no such export").await?;
                     continue;
                 };
-                send(w, &info_replies(option, &export, &request.items, max_request)).await?;
+                send(
+                    w,
+                    &info_replies(option, &export, &request.items, max_request),
+                )
+                .await?;
                 if option == OPT_GO {
                     return Ok(Outcome::Transmission(export));
                 }
@@ -180,7 +190,12 @@ fn lookup(exports: &Registry, name: &[u8]) -> Option<Export> {
     std::str::from_utf8(name).ok().and_then(|n| exports.get(n))
 }
 
-async fn reply<W: AsyncWrite + Unpin>(w: &mut W, option: u32, kind: u32, data: &[u8]) -> Result<(), Error> {
+async fn reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> Result<(), Error> {
     let mut out = Vec::with_capacity(20 + data.len());
     option_reply(&mut out, option, kind, data);
     send(w, &out).await
@@ -214,7 +229,8 @@ async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(),
 }
 
 async fn discard<R: AsyncRead + Unpin>(r: &mut R, len: u32) -> Result<(), Error> {
-    let copied = tokio::io::copy(&mut (&mut *r).take(u64::from(len)), &mut tokio::io::sink()).await?;
+    let copied =
+        tokio::io::copy(&mut (&mut *r).take(u64::from(len)), &mut tokio::io::sink()).await?;
     if copied != u64::from(len) {
         return Err(Error::protocol("stream ended inside option data"));
     }

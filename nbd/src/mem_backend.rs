@@ -81,7 +81,13 @@ impl Backend for MemBackend {
         self.write_zeroes(offset, len, false, fua).await
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u32, _no_hole: bool, _fua: bool) -> io::Result<()> {
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        _no_hole: bool,
+        _fua: bool,
+    ) -> io::Result<()> {
         let r = self.range(offset, len as usize)?;
         self.data.write().unwrap_or_else(|p| p.into_inner())[r].fill(0);
         Ok(())

@@ -159,7 +159,8 @@ pub struct InfoRequest<'a> {
 impl<'a> InfoRequest<'a> {
     /// Parses the option data; `None` if the lengths inside do not add up exactly.
     pub fn parse(data: &'a [u8]) -> Option<InfoRequest<'a>> {
-        let name_len = usize::try_from(u32::from_be_bytes(data.get(0..4)?.try_into().ok()?)).ok()?;
+        let name_len =
+            usize::try_from(u32::from_be_bytes(data.get(0..4)?.try_into().ok()?)).ok()?;
         let name_end = 4usize.checked_add(name_len)?;
         let name = data.get(4..name_end)?;
         let count_end = name_end.checked_add(2)?;

@@ -94,7 +94,12 @@ impl Server {
 
     /// Names of all exports, sorted.
     pub fn export_names(&self) -> Vec<String> {
-        self.inner.exports.list().iter().map(|e| e.name().to_owned()).collect()
+        self.inner
+            .exports
+            .list()
+            .iter()
+            .map(|e| e.name().to_owned())
+            .collect()
     }
 
     /// Server-wide counters.
@@ -151,7 +156,11 @@ impl Server {
     /// Serves one already-connected stream (TCP, Unix socket, in-memory pipe) until the
     /// client leaves or `cancel` fires. Returns the connection's error, if any, instead of
     /// logging it.
-    pub async fn serve_connection<S>(&self, stream: S, cancel: CancellationToken) -> Result<(), Error>
+    pub async fn serve_connection<S>(
+        &self,
+        stream: S,
+        cancel: CancellationToken,
+    ) -> Result<(), Error>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -175,13 +184,19 @@ impl Server {
         result
     }
 
-    async fn handshake_and_transmit<R, W>(&self, mut r: R, mut w: W, cancel: CancellationToken) -> Result<(), Error>
+    async fn handshake_and_transmit<R, W>(
+        &self,
+        mut r: R,
+        mut w: W,
+        cancel: CancellationToken,
+    ) -> Result<(), Error>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let config = &self.inner.config;
-        let negotiate = handshake::negotiate(&mut r, &mut w, &self.inner.exports, config.max_request_size);
+        let negotiate =
+            handshake::negotiate(&mut r, &mut w, &self.inner.exports, config.max_request_size);
         let outcome = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
@@ -197,7 +212,10 @@ impl Server {
             }
             Ok(Ok(Outcome::Transmission(export))) => export,
         };
-        self.inner.counters.handshakes_completed.fetch_add(1, Relaxed);
+        self.inner
+            .counters
+            .handshakes_completed
+            .fetch_add(1, Relaxed);
         export.counters.connection();
         tracing::debug!(export = export.name(), "transmission started");
         transmission::serve(r, w, export, config, cancel).await

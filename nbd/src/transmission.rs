@@ -36,11 +36,27 @@ const WRITE_BUFFER: usize = 256 * 1024;
 
 /// A validated request, ready for the backend.
 enum Job {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, no_hole: bool, fua: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+        fua: bool,
+    },
 }
 
 /// What to do with one request header.
@@ -119,7 +135,10 @@ where
         };
         if req.kind == CMD_WRITE && req.len > config.max_request_size {
             // The payload cannot be skipped cheaply; the spec allows disconnecting instead.
-            break Err(Error::protocol(format!("write of {} bytes over the limit", req.len)));
+            break Err(Error::protocol(format!(
+                "write of {} bytes over the limit",
+                req.len
+            )));
         }
         let bytes = if held > 0 {
             let units = held.div_ceil(BUDGET_UNIT).min(budget_units) as u32;
@@ -134,7 +153,10 @@ where
         } else {
             None
         };
-        let permits = Permits { _slot: slot, _bytes: bytes };
+        let permits = Permits {
+            _slot: slot,
+            _bytes: bytes,
+        };
 
         let payload = if req.kind == CMD_WRITE {
             let read = tokio::select! {
@@ -157,10 +179,19 @@ where
                     export.counters.rejected();
                     tracing::debug!(?req, error, "request refused");
                 }
-                let _ = tx.send(Reply { cookie: req.cookie, error, data: None, _permits: permits });
+                let _ = tx.send(Reply {
+                    cookie: req.cookie,
+                    error,
+                    data: None,
+                    _permits: permits,
+                });
             }
             Plan::Run(job) => {
-                let guard = ReplyGuard { tx: Some(tx.clone()), cookie: req.cookie, permits: Some(permits) };
+                let guard = ReplyGuard {
+                    tx: Some(tx.clone()),
+                    cookie: req.cookie,
+                    permits: Some(permits),
+                };
                 tasks.spawn(run(export.clone(), job, guard));
             }
         }
@@ -192,6 +223,10 @@ where
 
 /// Validates a request against the export. `payload` is the write data (empty otherwise).
 fn plan(req: &Request, payload: Vec<u8>, export: &Export, max_request: u32) -> Plan {
+    if req.kind == CMD_DISC {
+        // Never answered, whatever its flags: the client is gone after sending it.
+        return Plan::Disconnect;
+    }
     let (offset, len) = (req.offset, req.len);
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
@@ -203,13 +238,14 @@ fn plan(req: &Request, payload: Vec<u8>, export: &Export, max_request: u32) -> P
     if req.flags & !allowed != 0 {
         return Plan::Reply(EINVAL);
     }
-    let in_range = offset.checked_add(u64::from(len)).is_some_and(|end| end <= export.size());
+    let in_range = offset
+        .checked_add(u64::from(len))
+        .is_some_and(|end| end <= export.size());
     let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && export.read_only() {
         return Plan::Reply(EPERM);
     }
     match req.kind {
-        CMD_DISC => Plan::Disconnect,
         CMD_FLUSH => Plan::Run(Job::Flush),
         CMD_READ if len > max_request => Plan::Reply(EINVAL),
         // The spec asks for ENOSPC on writes past the end, EINVAL elsewhere.
@@ -217,9 +253,18 @@ fn plan(req: &Request, payload: Vec<u8>, export: &Export, max_request: u32) -> P
         CMD_READ | CMD_TRIM if !in_range => Plan::Reply(EINVAL),
         CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if len == 0 => Plan::Reply(0),
         CMD_READ => Plan::Run(Job::Read { offset, len }),
-        CMD_WRITE => Plan::Run(Job::Write { offset, data: payload, fua }),
+        CMD_WRITE => Plan::Run(Job::Write {
+            offset,
+            data: payload,
+            fua,
+        }),
         CMD_TRIM => Plan::Run(Job::Trim { offset, len, fua }),
-        CMD_WRITE_ZEROES => Plan::Run(Job::WriteZeroes { offset, len, no_hole, fua }),
+        CMD_WRITE_ZEROES => Plan::Run(Job::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fua,
+        }),
         _ => Plan::Reply(EINVAL),
     }
 }
@@ -234,18 +279,34 @@ async fn run(export: Export, job: Job, mut guard: ReplyGuard) {
                     Ok(Some(data))
                 } else {
                     // Sending a short buffer would desynchronise the stream.
-                    Err(io::Error::other(format!("backend read {} of {len} bytes", data.len())))
+                    Err(io::Error::other(format!(
+                        "backend read {} of {len} bytes",
+                        data.len()
+                    )))
                 }
             });
             (Op::Read, len, r)
         }
         Job::Write { offset, data, fua } => {
             let len = data.len() as u32;
-            (Op::Write, len, be.write(offset, data, fua).await.map(|()| None))
+            (
+                Op::Write,
+                len,
+                be.write(offset, data, fua).await.map(|()| None),
+            )
         }
         Job::Flush => (Op::Flush, 0, be.flush().await.map(|()| None)),
-        Job::Trim { offset, len, fua } => (Op::Trim, len, be.trim(offset, len, fua).await.map(|()| None)),
-        Job::WriteZeroes { offset, len, no_hole, fua } => {
+        Job::Trim { offset, len, fua } => (
+            Op::Trim,
+            len,
+            be.trim(offset, len, fua).await.map(|()| None),
+        ),
+        Job::WriteZeroes {
+            offset,
+            len,
+            no_hole,
+            fua,
+        } => {
             let r = be.write_zeroes(offset, len, no_hole, fua).await;
             (Op::WriteZeroes, len, r.map(|()| None))
         }
@@ -275,7 +336,12 @@ impl ReplyGuard {
     fn send(&mut self, error: u32, data: Option<Vec<u8>>) {
         if let (Some(tx), Some(permits)) = (self.tx.take(), self.permits.take()) {
             // Fails only if the writer is gone, i.e. the socket is already dead.
-            let _ = tx.send(Reply { cookie: self.cookie, error, data, _permits: permits });
+            let _ = tx.send(Reply {
+                cookie: self.cookie,
+                error,
+                data,
+                _permits: permits,
+            });
         }
     }
 }
@@ -299,7 +365,8 @@ where
     let result = async {
         while let Some(mut reply) = rx.recv().await {
             loop {
-                w.write_all(&simple_reply(reply.error, reply.cookie)).await?;
+                w.write_all(&simple_reply(reply.error, reply.cookie))
+                    .await?;
                 if let Some(data) = &reply.data {
                     w.write_all(data).await?;
                 }

@@ -48,8 +48,10 @@
 //!       sectors, and calls `fdatasync` again — on-disk metadata now points at the new data,
 //!       which was durable before the pointer was written;
 //!    3. punches discarded blocks out of the file (the durable BAT no longer references them).
-//! 3. The footer (both copies) and the dynamic header are written once at creation and never
-//!    rewritten, so a crash cannot tear them. Fixed images: `flush` is one `fdatasync`.
+//! 3. The dynamic header and the footer copy at offset 0 are written at creation and never
+//!    again (the copy only by a repair, with the same bytes), so a crash cannot tear them;
+//!    the end footer moves with the end of the file but its bytes never change. Fixed images:
+//!    `flush` is one `fdatasync`.
 //!
 //! `fdatasync` (not a full `fsync`) is enough everywhere: it persists the data and the file
 //! length, and the crate never depends on timestamps. Creating an image syncs the file and its
@@ -77,7 +79,9 @@
 //! a time at flush. New blocks are appended over fresh file space, so no block is ever
 //! read-modify-written and a dynamic image's bitmap is written once per block. Zero writes to
 //! unallocated blocks are skipped. Only an unaligned write into a sector whose bitmap bit is
-//! clear (differencing images, or blocks written by other tools) merges that one sector.
+//! clear (differencing images, or blocks written by other tools) merges that one sector. Every
+//! 32 MiB written, write-back of the file is started asynchronously (`sync_file_range`, no
+//! durability implied), so the disk works while the caller writes and `flush` is short.
 //!
 //! # Limits
 //! Reads honour sector bitmaps (a clear bit reads as zeros, or from the parent). Resizing,

@@ -47,7 +47,10 @@ pub fn have_qemu(test: &str) -> bool {
         // Written to the real stderr (not eprintln!, which the test harness captures) so
         // the reason shows in a normal `cargo test` run.
         use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: qemu-img is not installed");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: qemu-img is not installed"
+        );
     }
     ok
 }
