@@ -1,0 +1,260 @@
+//! Continuous replication end to end with real processes: a workload (`qemu-io`, a real NBD
+//! client) writes through the agent's NBD export during and after the initial sync, and after
+//! catch-up `qemu-img compare` finds the source and the replica VHD identical — also after
+//! kill -9 of the process server and of the master target while writes flow.
+use lifeboat_e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Node {
+    binary: &'static str,
+    dir: PathBuf,
+    args: Vec<String>,
+    proc: Option<Proc>,
+}
+
+impl Node {
+    fn new(binary: &'static str, name: &str, tmp: &Path, cs: &CsNode, extra: &[String]) -> Node {
+        let dir = tmp.join(name);
+        let mut args = vec![
+            "--data-dir".to_string(),
+            dir.display().to_string(),
+            "--listen".into(),
+            free_addr(),
+            "--metrics-listen".into(),
+            free_addr(),
+        ];
+        args.extend_from_slice(extra);
+        let mut register = vec![
+            "register".to_string(),
+            "--cs".into(),
+            cs.addr.clone(),
+            "--passphrase-file".into(),
+            cs.passphrase_file().display().to_string(),
+            "--name".into(),
+            name.into(),
+        ];
+        register.extend(args.iter().cloned());
+        let argv: Vec<&str> = register.iter().map(String::as_str).collect();
+        let out = run(binary, &argv, &[]);
+        assert!(out.status.success(), "{}", text(&out));
+        Node {
+            binary,
+            dir,
+            args,
+            proc: None,
+        }
+    }
+
+    fn start(&mut self) {
+        let mut argv = vec!["run".to_string()];
+        argv.extend(self.args.iter().cloned());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let log = self.dir.join(format!("run-{}.log", free_port()));
+        self.proc = Some(Proc::start(self.binary, self.binary, &argv, log));
+    }
+}
+
+fn qemu_io(url: &str, commands: &[&str]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(url).output().expect("qemu-io");
+    assert!(
+        out.status.success() && !text(&out).contains("failed"),
+        "qemu-io {commands:?}: {}",
+        text(&out)
+    );
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Waits until the agent reports nothing pending for the disk in a report made after `since`.
+fn caught_up(ctx: &Path, since: i64) {
+    wait_until("replication caught up", WAIT, || {
+        let s = lifeboat_json(ctx, &["status", "--json"]);
+        let d = &s["disks"][0];
+        d["last_report_unix_ms"].as_i64().unwrap_or(0) > since
+            && d["pending_bytes"] == 0
+            && d["rpo_secs"].as_f64() == Some(0.0)
+            && d["state"] == "Protected"
+    });
+}
+
+fn assert_identical(source: &Path, replica: &Path) {
+    qemu_check_vpc(replica);
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vpc"])
+        .arg(source)
+        .arg(replica)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "source and replica differ: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        eprintln!("SKIP: qemu-io is not installed (Debian package qemu-utils)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (cs, _) = CsNode::init(tmp.path().join("cs"));
+    let ctx = cs.context();
+    let source = tmp.path().join("web01.img");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    // Data present before protection: the initial sync must carry it.
+    qemu_io(
+        &source.display().to_string(),
+        &["write -P 0x5a 1M 40M", "write -P 0x33 200M 8M"],
+    );
+
+    let nbd = free_addr();
+    let mut ps = Node::new("process-server", "ps1", tmp.path(), &cs, &[]);
+    let mut mt = Node::new("master-target", "mt1", tmp.path(), &cs, &[]);
+    let disk_arg = format!("disk0={}", source.display());
+    let mut agent = Node::new(
+        "mobility-agent",
+        "web01",
+        tmp.path(),
+        &cs,
+        &[
+            "--disk".into(),
+            disk_arg,
+            "--nbd-listen".into(),
+            nbd.clone(),
+        ],
+    );
+    ps.start();
+    mt.start();
+    agent.start();
+    wait_until("components connected", WAIT, || {
+        servers(&ctx, "agent")
+            .first()
+            .is_some_and(|a| a["status"] == "Connected")
+    });
+    assert!(lifeboat(&ctx, &["policy", "create", "gold"])
+        .status
+        .success());
+    let out = lifeboat(&ctx, &["protect", "web01", "--policy", "gold"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let url = format!("nbd://{nbd}/disk0");
+
+    // Writes during the initial sync (the export appears with the assignment).
+    wait_until("NBD export", WAIT, || {
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 512", &url])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    qemu_io(
+        &url,
+        &[
+            "write -P 0xa1 4M 4M",
+            "write -P 0xa2 100M 1M",
+            "write -z 1M 64k",
+        ],
+    );
+    let out = lifeboat(&ctx, &["jobs", "--watch"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = lifeboat_json(&ctx, &["status", "--json"]);
+    let disk_id = status["disks"][0]["disk_id"].as_str().unwrap().to_string();
+    let replica = mt.dir.join("replicas").join(&disk_id).join("disk.vhd");
+
+    // Writes after it, unaligned ones included.
+    let t = now_ms();
+    qemu_io(
+        &url,
+        &[
+            "write -P 0xb1 7 1000",
+            "write -P 0xb2 255M 1M",
+            "write -P 0xb3 130M 3M",
+            "write -z 200M 4M",
+        ],
+    );
+    caught_up(&ctx, t);
+    assert_identical(&source, &replica);
+
+    // kill -9 of the process server while writes flow.
+    let writer = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            for i in 0..20u64 {
+                let cmd = format!("write -P {} {}M 1M", 0x40 + i, 10 + i * 3);
+                let _ = Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", &cmd, &url])
+                    .output();
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    ps.proc.as_mut().unwrap().kill9();
+    writer.join().unwrap();
+    ps.start();
+    let t = now_ms();
+    qemu_io(&url, &["write -P 0xc1 150M 2M"]);
+    caught_up(&ctx, t);
+    assert_identical(&source, &replica);
+
+    // kill -9 of the master target while writes flow.
+    let writer = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            for i in 0..20u64 {
+                let cmd = format!("write -P {} {}M 1M", 0x60 + i, 60 + i * 2);
+                let _ = Command::new("qemu-io")
+                    .args(["-f", "raw", "-c", &cmd, &url])
+                    .output();
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    mt.proc.as_mut().unwrap().kill9();
+    qemu_check_vpc(&replica);
+    writer.join().unwrap();
+    mt.start();
+    let t = now_ms();
+    qemu_io(&url, &["write -P 0xd1 170M 2M"]);
+    caught_up(&ctx, t);
+    assert_identical(&source, &replica);
+
+    // The agent and the configuration server publish the lag.
+    let agent_metrics = http_get(&agent.args[5], "/metrics").unwrap();
+    assert!(
+        agent_metrics.contains("lifeboat_disk_rpo_seconds"),
+        "{agent_metrics}"
+    );
+    wait_until("CS lag metrics", WAIT, || {
+        http_get(&cs.metrics, "/metrics").is_ok_and(|m| {
+            m.contains("lifeboat_disk_pending_bytes{machine=\"web01\",disk=\"disk0\"} 0\n")
+        })
+    });
+
+    // Unprotect: the master target deletes the replica and the export goes away.
+    let out = lifeboat(&ctx, &["unprotect", "web01", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("replica deleted", WAIT, || !replica.exists());
+    wait_until("export removed", WAIT, || {
+        !Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 512", &url])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+}
