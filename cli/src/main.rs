@@ -8,7 +8,7 @@ mod context;
 mod format;
 mod up;
 
-use commands::{audit, cluster, jobs, passphrase, policy, protect, servers};
+use commands::{alerts, audit, cluster, jobs, passphrase, policy, protect, servers};
 use context::ContextArgs;
 
 #[derive(Parser)]
@@ -55,6 +55,11 @@ enum Command {
     },
     /// Jobs with their steps and progress.
     Jobs(jobs::JobsArgs),
+    /// Active alerts: RPO over threshold, resync needed, components down.
+    Alerts {
+        #[arg(long)]
+        json: bool,
+    },
     /// One job.
     #[command(subcommand)]
     Job(JobCommand),
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
             }
             Command::Status { machine, json } => protect::status(&cli.context, machine, json).await,
             Command::Jobs(args) => jobs::list(&cli.context, args).await,
+            Command::Alerts { json } => alerts::list(&cli.context, json).await,
             Command::Job(JobCommand::Show { id, json }) => jobs::show(&cli.context, id, json).await,
             // Image work is blocking file I/O with its own progress bar.
             Command::Vhd(command) => {

@@ -5,7 +5,7 @@
 use crate::node::Node;
 use crate::progress;
 use crate::state::model::now_ms;
-use crate::state::protection::{Job, JobState, ProtectedMachine, ReplicationState};
+use crate::state::protection::{Alert, Job, JobState, ProtectedMachine, ReplicationState};
 use crate::state::Command;
 use lifeboat_common::Role;
 use std::collections::HashMap;
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 const UNREACHABLE_MT_GIVE_UP_MS: i64 = 5 * 60 * 1000;
 
 pub async fn run(node: Arc<Node>, cancel: CancellationToken) {
+    metrics::describe_gauge!("lifeboat_alerts", "Active alerts by kind");
     metrics::describe_gauge!(
         "lifeboat_disk_rpo_seconds",
         metrics::Unit::Seconds,
@@ -32,13 +33,22 @@ pub async fn run(node: Arc<Node>, cancel: CancellationToken) {
         "Initial sync or resync progress, 0 to 1"
     );
     metrics::describe_gauge!("lifeboat_jobs", "Jobs by state");
+    let mut leader_since: Option<i64> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = cancel.cancelled() => return,
         }
         if !node.is_leader() {
+            leader_since = None;
             continue;
+        }
+        let since = *leader_since.get_or_insert_with(now_ms);
+        // A new leader knows liveness only from the summary in Raft until components
+        // heartbeat again: judge them only after that.
+        let judge_liveness = now_ms() - since > 2 * node.settings.disconnected_after_ms;
+        if let Err(e) = reconcile_alerts(&node, judge_liveness).await {
+            tracing::debug!("alerts: {e}");
         }
         if let Err(e) = reconcile_once(&node).await {
             tracing::debug!("reconcile: {e}");
@@ -130,6 +140,108 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
         if let Some(updated) = updated {
             node.write(Command::UpdateJob { job: updated }).await?;
         }
+    }
+    Ok(())
+}
+
+/// Raises and clears alerts: a protected disk's RPO over its policy's threshold, a disk that
+/// needs a resync, a component that stopped heartbeating.
+async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<()> {
+    let state = node.state();
+    let now = now_ms();
+    let mut wanted: Vec<Alert> = Vec::new();
+    for machine in state.machines()? {
+        let threshold = state
+            .policy(&machine.policy)?
+            .map(|p| p.rpo_threshold_secs)
+            .unwrap_or(0);
+        for disk in &machine.disks {
+            let subject = format!("{}/{}", machine.name, disk.name);
+            let report = node.progress.get(&disk.disk_id, Role::Agent);
+            let lag = progress::lag(
+                report.as_ref(),
+                now,
+                node.settings.disconnected_after_ms,
+                machine.protected_at_ms,
+            );
+            if disk.state == ReplicationState::Protected
+                && threshold > 0
+                && lag.rpo_secs > threshold as f64
+            {
+                wanted.push(Alert {
+                    key: format!("rpo/{}", disk.disk_id),
+                    severity: "critical".into(),
+                    subject: subject.clone(),
+                    message: format!(
+                        "RPO {:.0}s exceeds the threshold of {threshold}s of policy {}",
+                        lag.rpo_secs, machine.policy
+                    ),
+                    raised_at_ms: now,
+                });
+            }
+            if disk.state == ReplicationState::ResyncRequired {
+                wanted.push(Alert {
+                    key: format!("resync/{}", disk.disk_id),
+                    severity: "warning".into(),
+                    subject,
+                    message: format!("needs a resync: {}", disk.state_reason),
+                    raised_at_ms: now,
+                });
+            }
+        }
+    }
+    if judge_liveness {
+        for r in state.identities()? {
+            if r.revoked.is_some()
+                || !matches!(
+                    r.role,
+                    Role::ProcessServer | Role::MasterTarget | Role::Agent | Role::ConfigServer
+                )
+            {
+                continue;
+            }
+            let (last, _, connected) = node.live_view(&r);
+            if !connected {
+                wanted.push(Alert {
+                    key: format!("down/{}", r.id),
+                    severity: "critical".into(),
+                    subject: format!("{} {}", r.role, r.name),
+                    message: if last == 0 {
+                        "has never sent a heartbeat".into()
+                    } else {
+                        format!("no heartbeat for {}s", (now - last) / 1000)
+                    },
+                    raised_at_ms: now,
+                });
+            }
+        }
+    }
+    let active = state.alerts()?;
+    let mut kinds: HashMap<String, u64> = HashMap::new();
+    for alert in &wanted {
+        *kinds
+            .entry(alert.key.split('/').next().unwrap_or("").to_string())
+            .or_default() += 1;
+        if !active.iter().any(|a| a.key == alert.key) {
+            node.write(Command::RaiseAlert {
+                alert: alert.clone(),
+            })
+            .await?;
+        }
+    }
+    for alert in active {
+        let kind_judged = judge_liveness || !alert.key.starts_with("down/");
+        if kind_judged && !wanted.iter().any(|w| w.key == alert.key) {
+            node.write(Command::ClearAlert {
+                key: alert.key,
+                at_ms: now,
+            })
+            .await?;
+        }
+    }
+    for kind in ["rpo", "resync", "down"] {
+        metrics::gauge!("lifeboat_alerts", "kind" => kind)
+            .set(*kinds.get(kind).unwrap_or(&0) as f64);
     }
     Ok(())
 }

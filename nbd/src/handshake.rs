@@ -8,11 +8,11 @@
 //! unknown client flags, an unknown name in `EXPORT_NAME`, absurdly long option data, or a
 //! stream that ends mid-message.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::export::{Export, Registry};
 use crate::protocol::*;
-use crate::Error;
+use crate::{wire, Error};
 
 /// Option data we read and parse; INFO/GO carry at most a 4096-byte name plus a short list.
 const MAX_OPTION_DATA: u32 = 64 * 1024;
@@ -52,7 +52,7 @@ where
     send(w, &greeting).await?;
 
     let mut flags = [0u8; 4];
-    if !read_or_eof(r, &mut flags).await? {
+    if !wire::read_or_eof(r, &mut flags, "the client flags").await? {
         return Ok(Outcome::Closed);
     }
     let client_flags = u32::from_be_bytes(flags);
@@ -66,7 +66,7 @@ where
 
     loop {
         let mut header = [0u8; 16];
-        if !read_or_eof(r, &mut header).await? {
+        if !wire::read_or_eof(r, &mut header, "an option header").await? {
             return Ok(Outcome::Closed);
         }
         let (magic, rest) = header.split_at(8);
@@ -81,12 +81,12 @@ where
                     "option {option} carries {len} bytes"
                 )));
             }
-            discard(r, len).await?;
+            wire::skip(r, u64::from(len), "option data").await?;
             reply(w, option, REP_ERR_TOO_BIG, b"option data too long").await?;
             continue;
         }
         let mut data = vec![0u8; len as usize];
-        read_msg(r, &mut data).await?;
+        wire::read_exact(r, &mut data, "option data").await?;
 
         match option {
             OPT_EXPORT_NAME => {
@@ -204,35 +204,5 @@ async fn reply<W: AsyncWrite + Unpin>(
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), Error> {
     w.write_all(bytes).await?;
     w.flush().await?;
-    Ok(())
-}
-
-/// Fills `buf`; `Ok(false)` if the stream ended before its first byte (a clean close).
-async fn read_or_eof<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<bool, Error> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]).await? {
-            0 if filled == 0 => return Ok(false),
-            0 => return Err(Error::protocol("stream ended inside a handshake message")),
-            n => filled += n,
-        }
-    }
-    Ok(true)
-}
-
-async fn read_msg<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), Error> {
-    if read_or_eof(r, buf).await? || buf.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::protocol("stream ended inside a handshake message"))
-    }
-}
-
-async fn discard<R: AsyncRead + Unpin>(r: &mut R, len: u32) -> Result<(), Error> {
-    let copied =
-        tokio::io::copy(&mut (&mut *r).take(u64::from(len)), &mut tokio::io::sink()).await?;
-    if copied != u64::from(len) {
-        return Err(Error::protocol("stream ended inside option data"));
-    }
     Ok(())
 }

@@ -80,6 +80,7 @@ pub mod protocol;
 mod server;
 mod stats;
 mod transmission;
+mod wire;
 
 pub use backend::Backend;
 pub use error::Error;

@@ -18,7 +18,7 @@
 use std::io;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::export::Export;
 use crate::protocol::*;
 use crate::stats::Op;
-use crate::{Error, ServerConfig};
+use crate::{wire, Error, ServerConfig};
 
 /// Granularity of the in-flight byte budget.
 const BUDGET_UNIT: usize = 64 * 1024;
@@ -117,7 +117,7 @@ where
         let got = tokio::select! {
             biased;
             _ = conn_cancel.cancelled() => break Ok(()),
-            got = read_or_eof(&mut reader, &mut header) => got,
+            got = wire::read_or_eof(&mut reader, &mut header, "a request header") => got,
         };
         match got {
             Ok(true) => {}
@@ -162,7 +162,7 @@ where
             let read = tokio::select! {
                 biased;
                 _ = conn_cancel.cancelled() => break Ok(()),
-                read = read_payload(&mut reader, req.len as usize) => read,
+                read = wire::read_vec(&mut reader, req.len as usize, "a write payload") => read,
             };
             match read {
                 Ok(data) => data,
@@ -386,29 +386,4 @@ where
         conn_cancel.cancel();
     }
     result
-}
-
-/// Fills `buf`; `Ok(false)` if the stream ended before its first byte.
-async fn read_or_eof<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<bool, Error> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]).await? {
-            0 if filled == 0 => return Ok(false),
-            0 => return Err(Error::protocol("stream ended inside a request header")),
-            n => filled += n,
-        }
-    }
-    Ok(true)
-}
-
-/// Reads a write payload into a fresh buffer (uninitialised capacity, no zero-fill pass).
-async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>, Error> {
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        let want = (len - buf.len()) as u64;
-        if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
-            return Err(Error::protocol("stream ended inside a write payload"));
-        }
-    }
-    Ok(buf)
 }

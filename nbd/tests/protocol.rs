@@ -6,7 +6,7 @@ mod common;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use common::probe::{pattern, start, TestBackend, SIZE};
+use common::probe::{pattern, start, wait_until, TestBackend, SIZE};
 use common::{info_data, RawClient};
 use nbd::protocol::*;
 use nbd::{Export, MemBackend, ServerConfig};
@@ -406,6 +406,7 @@ async fn in_flight_requests_are_bounded_per_connection() {
         c.send_request(CMD_READ, 0, cookie, cookie * 512, 512, &[])
             .await;
     }
+    wait_until("3 requests in flight", || probe.in_flight.load(SeqCst) == 3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         probe.in_flight.load(SeqCst),
@@ -445,14 +446,17 @@ async fn disconnect_waits_for_in_flight_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_answers_in_flight_requests_then_closes() {
-    let (backend, gate, _) = TestBackend::new(4096);
+    let (backend, gate, probe) = TestBackend::new(4096);
     let run = start(ServerConfig::default(), vec![Export::new("d", backend)]).await;
     let mut c = RawClient::connect(run.addr).await;
     c.handshake("d").await;
     let mut idle = RawClient::connect(run.addr).await;
     idle.greet(FLAG_C_FIXED_NEWSTYLE).await; // parked mid-handshake
     c.send_request(CMD_WRITE, 0, 9, 0, 2, b"ok").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until("the write to reach the backend", || {
+        probe.in_flight.load(SeqCst) == 1
+    })
+    .await;
 
     run.stop.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -90,22 +90,22 @@ fn services_answer_health_checks_and_serve_valid_metrics() {
             &[],
         );
         assert!(out.status.success(), "{}", text(&out));
-        procs.push(Proc::start(
-            binary,
-            binary,
-            &[
-                "run",
-                "--data-dir",
-                &d,
-                "--listen",
-                &listen,
-                "--metrics-listen",
-                &metrics,
-                "--log-format",
-                "json",
-            ],
-            dir.join("run.log"),
-        ));
+        let nbd = free_addr();
+        let mut args = vec![
+            "run",
+            "--data-dir",
+            &d,
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics,
+            "--log-format",
+            "json",
+        ];
+        if binary == "mobility-agent" {
+            args.extend(["--nbd-listen", nbd.as_str()]);
+        }
+        procs.push(Proc::start(binary, binary, &args, dir.join("run.log")));
         endpoints.push((
             binary.to_string(),
             metrics,

@@ -36,6 +36,11 @@ fn start_component(binary: &str, name: &str, tmp: &Path, cs: &CsNode, extra: &[&
         "--metrics-listen",
         &metrics,
     ];
+    // Agents serve NBD; tests run in parallel, so never on the default port.
+    let nbd = free_addr();
+    if binary == "mobility-agent" {
+        args.extend(["--nbd-listen", nbd.as_str()]);
+    }
     args.extend_from_slice(extra);
     Proc::start(name, binary, &args, dir.join("run.log"))
 }
@@ -77,7 +82,7 @@ fn policies_protect_status_jobs_and_unprotect() {
         .unwrap();
     let d0 = format!("disk0={}", disk0.display());
     let d1 = format!("disk1={}", disk1.display());
-    let _ps = start_component("process-server", "ps1", tmp.path(), &cs, &[]);
+    let mut ps = start_component("process-server", "ps1", tmp.path(), &cs, &[]);
     let _mt = start_component("master-target", "mt1", tmp.path(), &cs, &[]);
     let _agent = start_component(
         "mobility-agent",
@@ -230,4 +235,44 @@ fn policies_protect_status_jobs_and_unprotect() {
             .unwrap()
             .is_empty()
     );
+
+    // A component that stops heartbeating raises an alert, audited; it clears when it is back.
+    assert_eq!(ps.terminate(), Some(0));
+    let alert_about_ps = |ctx: &Path| {
+        lifeboat_json(ctx, &["alerts", "--json"])["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["subject"] == "process-server ps1" && a["severity"] == "critical")
+    };
+    wait_until("process server down alert", WAIT, || alert_about_ps(&ctx));
+    let _ps = start_component_again("process-server", "ps1", tmp.path());
+    wait_until("alert cleared", WAIT, || !alert_about_ps(&ctx));
+    let audit = lifeboat_json(&ctx, &["audit", "--json"]);
+    let kinds: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"alert_raised") && kinds.contains(&"alert_cleared"),
+        "{kinds:?}"
+    );
+}
+
+fn start_component_again(binary: &str, name: &str, tmp: &Path) -> Proc {
+    let dir = tmp.join(name);
+    let d = dir.display().to_string();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let args = [
+        "run",
+        "--data-dir",
+        &d,
+        "--listen",
+        &listen,
+        "--metrics-listen",
+        &metrics,
+    ];
+    Proc::start(name, binary, &args, dir.join("run2.log"))
 }

@@ -32,6 +32,11 @@ fn register(
         "--metrics-listen",
         &metrics,
     ];
+    // Agents serve NBD; tests run in parallel, so never on the default port.
+    let nbd = free_addr();
+    if binary == "mobility-agent" {
+        args.extend(["--nbd-listen", nbd.as_str()]);
+    }
     args.extend_from_slice(extra);
     run(binary, &args, &[])
 }
@@ -50,6 +55,11 @@ fn start(binary: &str, dir: &Path, extra: &[&str]) -> Proc {
         "--metrics-listen",
         &metrics,
     ];
+    // Agents serve NBD; tests run in parallel, so never on the default port.
+    let nbd = free_addr();
+    if binary == "mobility-agent" {
+        args.extend(["--nbd-listen", nbd.as_str()]);
+    }
     args.extend_from_slice(extra);
     Proc::start(binary, binary, &args, dir.join("run.log"))
 }

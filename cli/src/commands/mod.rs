@@ -1,4 +1,5 @@
 //! One module per admin command group.
+pub mod alerts;
 pub mod audit;
 pub mod cluster;
 pub mod jobs;

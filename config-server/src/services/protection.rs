@@ -427,6 +427,14 @@ impl Protection for ProtectionService {
         Ok(Response::new(v1::JobList { jobs }))
     }
 
+    async fn list_alerts(
+        &self,
+        request: Request<v1::Empty>,
+    ) -> Result<Response<v1::AlertList>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        Ok(Response::new(self.alerts().await?))
+    }
+
     async fn get_job(
         &self,
         request: Request<v1::NameRequest>,
@@ -446,6 +454,24 @@ impl Protection for ProtectionService {
 }
 
 impl ProtectionService {
+    async fn alerts(&self) -> Result<v1::AlertList, Status> {
+        let alerts = self
+            .node
+            .state()
+            .alerts()
+            .map_err(storage_status)?
+            .into_iter()
+            .map(|a| v1::AlertInfo {
+                key: a.key,
+                severity: a.severity,
+                subject: a.subject,
+                message: a.message,
+                raised_at_unix_ms: a.raised_at_ms,
+            })
+            .collect();
+        Ok(v1::AlertList { alerts })
+    }
+
     fn machine_status(&self, m: &ProtectedMachine) -> Result<v1::MachineStatus, Status> {
         let state = self.node.state();
         let name_of = |id: &str| -> Result<String, Status> {

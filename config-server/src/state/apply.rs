@@ -148,6 +148,41 @@ pub fn apply(
             at_ms,
         } => protection_apply::set_disk_state(&mut tx, machine, disk_id, *state, reason, *at_ms)?,
         Command::UpdateJob { job } => protection_apply::update_job(&mut tx, job)?,
+        Command::RaiseAlert { alert } => {
+            if tx
+                .get::<serde_json::Value>(&keys::alert(&alert.key))?
+                .is_none()
+            {
+                tx.writes.put(keys::alert(&alert.key), alert);
+                audit(
+                    &mut tx,
+                    AuditDraft {
+                        at_ms: alert.raised_at_ms,
+                        kind: "alert_raised".into(),
+                        source: "reconciler".into(),
+                        subject: alert.subject.clone(),
+                        detail: alert.message.clone(),
+                    },
+                )?;
+            }
+            CommandResult::Done
+        }
+        Command::ClearAlert { key, at_ms } => {
+            if let Some(alert) = tx.get::<super::protection::Alert>(&keys::alert(key))? {
+                tx.writes.delete(keys::alert(key));
+                audit(
+                    &mut tx,
+                    AuditDraft {
+                        at_ms: *at_ms,
+                        kind: "alert_cleared".into(),
+                        source: "reconciler".into(),
+                        subject: alert.subject,
+                        detail: alert.message,
+                    },
+                )?;
+            }
+            CommandResult::Done
+        }
     };
     Ok((tx.writes.into_ops(), result))
 }

@@ -2,7 +2,7 @@
 //! applied identically on every node. Non-deterministic inputs (time, ids, signatures) are made
 //! by the proposer and carried in the command.
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, Facts, IdentityRecord};
-use super::protection::{Job, Policy, ProtectedMachine, ReplicationState};
+use super::protection::{Alert, Job, Policy, ProtectedMachine, ReplicationState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,6 +71,14 @@ pub enum Command {
     },
     UpdateJob {
         job: Job,
+    },
+    /// Raises an alert unless one with the same key is active.
+    RaiseAlert {
+        alert: Alert,
+    },
+    ClearAlert {
+        key: String,
+        at_ms: i64,
     },
 }
 

@@ -39,3 +39,9 @@ pub fn machine(name: &str) -> String {
 pub fn job(id: &str) -> String {
     format!("{JOB_PREFIX}{id}")
 }
+
+pub const ALERT_PREFIX: &str = "alert/";
+
+pub fn alert(key: &str) -> String {
+    format!("{ALERT_PREFIX}{key}")
+}

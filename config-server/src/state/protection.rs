@@ -156,3 +156,16 @@ impl Job {
         done / self.steps.len() as f64
     }
 }
+
+/// A condition an operator must look at (RPO over threshold, ...). Raised and cleared by the
+/// leader's reconciler; the key says what it is about, so it is raised once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Alert {
+    /// e.g. "rpo/d-1a2b3c".
+    pub key: String,
+    /// "warning" or "critical".
+    pub severity: String,
+    pub subject: String,
+    pub message: String,
+    pub raised_at_ms: i64,
+}

@@ -2,7 +2,7 @@
 use super::keys;
 use super::kv::{KvError, KvRead};
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, IdentityRecord, PassphraseState};
-use super::protection::{Job, Policy, ProtectedMachine};
+use super::protection::{Alert, Job, Policy, ProtectedMachine};
 
 /// A typed view over any `KvRead`.
 pub struct StateReader<'a, K: KvRead>(pub &'a K);
@@ -58,5 +58,9 @@ impl<K: KvRead> StateReader<'_, K> {
 
     pub fn jobs(&self) -> Result<Vec<Job>, KvError> {
         self.0.scan(keys::JOB_PREFIX)
+    }
+
+    pub fn alerts(&self) -> Result<Vec<Alert>, KvError> {
+        self.0.scan(keys::ALERT_PREFIX)
     }
 }

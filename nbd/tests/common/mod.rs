@@ -167,7 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Reads the greeting and answers with `client_flags`; returns the handshake flags.
     pub async fn greet(&mut self, client_flags: u32) -> u16 {
         let mut g = [0u8; 18];
-        self.s.read_exact(&mut g).await.expect("greeting");
+        read_full(&mut self.s, &mut g, "greeting").await;
         assert_eq!(&g[0..8], &NBDMAGIC.to_be_bytes());
         assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
         self.s
@@ -187,10 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
 
     pub async fn read_option_reply(&mut self) -> OptReply {
         let mut h = [0u8; 20];
-        self.s
-            .read_exact(&mut h)
-            .await
-            .expect("option reply header");
+        read_full(&mut self.s, &mut h, "option reply header").await;
         assert_eq!(
             u64::from_be_bytes(h[0..8].try_into().unwrap()),
             OPTION_REPLY_MAGIC
@@ -199,10 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
         let mut data = vec![0u8; len as usize];
-        self.s
-            .read_exact(&mut data)
-            .await
-            .expect("option reply data");
+        read_full(&mut self.s, &mut data, "option reply data").await;
         (option, kind, data)
     }
 
@@ -262,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Reads a simple reply header: (error, cookie).
     pub async fn read_reply(&mut self) -> (u32, u64) {
         let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).await.expect("reply header");
+        read_full(&mut self.s, &mut h, "reply header").await;
         assert_eq!(
             u32::from_be_bytes(h[0..4].try_into().unwrap()),
             SIMPLE_REPLY_MAGIC
@@ -275,7 +269,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
 
     pub async fn read_data(&mut self, len: usize) -> Vec<u8> {
         let mut d = vec![0u8; len];
-        self.s.read_exact(&mut d).await.expect("read data");
+        read_full(&mut self.s, &mut d, "read data").await;
         d
     }
 
@@ -312,6 +306,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
                 Ok(Ok(_)) => continue,
             }
         }
+    }
+}
+
+/// `read_exact` that fails the test instead of hanging when the server never answers.
+async fn read_full<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8], what: &str) {
+    match tokio::time::timeout(Duration::from_secs(10), s.read_exact(buf)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => panic!("reading {what}: {e}"),
+        Err(_) => panic!("no {what} within 10 s"),
     }
 }
 

@@ -125,3 +125,15 @@ impl Backend for TestBackend {
         self.mem.write_zeroes(offset, len, no_hole, fua).await
     }
 }
+
+/// Polls `cond` until it holds; panics after five seconds.
+pub async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
