@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Replication benchmarks (issue: continuous replication), all in one run on this machine:
+#  (a) write throughput of `qemu-img convert -n` into the agent's NBD export (the write
+#      splitter, replicating) versus the same client writing to `qemu-nbd` serving the same
+#      kind of file;
+#  (b) initial sync of a 2 GiB disk with mixed zero/non-zero data, end to end (agent -> process
+#      server -> master target VHD), versus a local `qemu-img convert -O vpc` of the same disk.
+# Usage: bench/replication.sh [WRITE_MIB (default 1024)] [SYNC_GIB (default 2)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WRITE_MIB=${1:-1024}
+SYNC_GIB=${2:-2}
+for tool in qemu-img qemu-nbd python3; do
+  command -v $tool >/dev/null || { echo "needs $tool (Debian: qemu-utils, python3)"; exit 1; }
+done
+cargo build --release --quiet --workspace --bins
+BIN=$PWD/target/release
+WORK=$(mktemp -d /tmp/lifeboat-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+rate() { python3 -c "print(f'{$1/1048576/($3-$2):.0f}')"; }
+
+CS=127.0.0.1:$(port); export LIFEBOAT_CONTEXT=$WORK/cs/admin/context.toml
+$BIN/config-server init --data-dir $WORK/cs --listen $CS --metrics-listen 127.0.0.1:$(port) --heartbeat-interval-secs 1 >/dev/null
+$BIN/config-server run --data-dir $WORK/cs --listen $CS --metrics-listen 127.0.0.1:$(port) --heartbeat-interval-secs 1 2>$WORK/cs.log & PIDS+=($!)
+for i in $(seq 50); do $BIN/lifeboat cluster status >/dev/null 2>&1 && break; sleep 0.2; done
+PASS=$WORK/cs/private/connection.passphrase
+for c in process-server master-target; do
+  $BIN/$c register --data-dir $WORK/$c --cs $CS --passphrase-file $PASS --name $c >/dev/null
+  $BIN/$c run --data-dir $WORK/$c --listen 127.0.0.1:$(port) --metrics-listen 127.0.0.1:$(port) 2>$WORK/$c.log & PIDS+=($!)
+done
+$BIN/lifeboat policy create bench >/dev/null
+
+# Starts an agent for machine $1 with disk file $2 on NBD address $3 and protects it.
+protect() {
+  $BIN/mobility-agent register --data-dir $WORK/$1 --cs $CS --passphrase-file $PASS --name $1 --disk disk0=$2 >/dev/null
+  $BIN/mobility-agent run --data-dir $WORK/$1 --disk disk0=$2 --nbd-listen $3 --metrics-listen 127.0.0.1:$(port) 2>$WORK/$1.log & PIDS+=($!)
+  for i in $(seq 100); do $BIN/lifeboat servers list --json | grep -q "\"name\": \"$1\"" && break; sleep 0.1; done
+  sleep 1.5
+  $BIN/lifeboat protect $1 --policy bench >/dev/null
+}
+# Waits until machine $1's disk is Protected with nothing pending.
+caught_up() {
+  for i in $(seq 3000); do
+    $BIN/lifeboat status $1 --json | python3 -c '
+import json,sys; d=json.load(sys.stdin)["disks"][0]
+sys.exit(0 if d["state"]=="Protected" and d["pending_bytes"]==0 and d["rpo_secs"]==0 else 1)' && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for $1"; exit 1
+}
+
+echo "== (a) write throughput: qemu-img convert -n of ${WRITE_MIB} MiB of random data"
+head -c $((WRITE_MIB << 20)) /dev/urandom > $WORK/src.raw
+truncate -s $((WRITE_MIB << 20)) $WORK/a.img $WORK/q.img
+NBD=127.0.0.1:$(port)
+protect bench-a $WORK/a.img $NBD
+caught_up bench-a
+t0=$(now); qemu-img convert -n -f raw -O raw $WORK/src.raw nbd://$NBD/disk0; t1=$(now)
+caught_up bench-a; t2=$(now)
+QP=$(port)
+qemu-nbd -f raw -t --bind 127.0.0.1 --port $QP --export-name disk0 $WORK/q.img & PIDS+=($!)
+for i in $(seq 50); do qemu-img info nbd://127.0.0.1:$QP/disk0 >/dev/null 2>&1 && break; sleep 0.1; done
+t3=$(now); qemu-img convert -n -f raw -O raw $WORK/src.raw nbd://127.0.0.1:$QP/disk0; t4=$(now)
+A=$(rate $((WRITE_MIB << 20)) $t0 $t1); Q=$(rate $((WRITE_MIB << 20)) $t3 $t4)
+echo "agent NBD export (replicating): $A MB/s   qemu-nbd: $Q MB/s   ratio: $(python3 -c "print(f'{$A/$Q:.2f}')")   (goal >= 0.8)"
+echo "replica caught up $(python3 -c "print(f'{$t2-$t1:.1f}')") s after the client finished"
+D=$(ls $WORK/master-target/replicas | head -1)
+qemu-img compare -q -f raw -F vpc $WORK/a.img $WORK/master-target/replicas/*/disk.vhd 2>/dev/null && echo "replica identical to the source" || true
+
+echo "== (b) initial sync of a ${SYNC_GIB} GiB disk, half of its 4 MiB regions random data"
+SIZE=$((SYNC_GIB << 30))
+truncate -s $SIZE $WORK/b.img
+python3 - $WORK/b.img $SIZE <<'PY'
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as f:
+    for off in range(0, size, 8 << 20):
+        f.seek(off); f.write(os.urandom(4 << 20))
+PY
+sync
+t0=$(now); protect bench-b $WORK/b.img 127.0.0.1:$(port); caught_up bench-b; t1=$(now)
+t2=$(now); qemu-img convert -f raw -O vpc -o subformat=dynamic $WORK/b.img $WORK/b.vhd; sync -f $WORK/b.vhd; t3=$(now)
+L=$(rate $SIZE $t0 $t1); QC=$(rate $SIZE $t2 $t3)
+echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s, includes protect and up to ~2 s of status polling)"
+echo "qemu-img convert -O vpc locally:  $QC MB/s   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"
