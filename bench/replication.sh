@@ -28,20 +28,34 @@ $BIN/config-server init --data-dir $WORK/cs --listen $CS --metrics-listen 127.0.
 $BIN/config-server run --data-dir $WORK/cs --listen $CS --metrics-listen 127.0.0.1:$(port) --heartbeat-interval-secs 1 2>$WORK/cs.log & PIDS+=($!)
 for i in $(seq 50); do $BIN/lifeboat cluster status >/dev/null 2>&1 && break; sleep 0.2; done
 PASS=$WORK/cs/private/connection.passphrase
+declare -A METRICS
 for c in process-server master-target; do
   $BIN/$c register --data-dir $WORK/$c --cs $CS --passphrase-file $PASS --name $c >/dev/null
-  $BIN/$c run --data-dir $WORK/$c --listen 127.0.0.1:$(port) --metrics-listen 127.0.0.1:$(port) 2>$WORK/$c.log & PIDS+=($!)
+  METRICS[$c]=127.0.0.1:$(port)
+  $BIN/$c run --data-dir $WORK/$c --listen 127.0.0.1:$(port) --metrics-listen ${METRICS[$c]} 2>$WORK/$c.log & PIDS+=($!)
 done
+# Prints the mean of a histogram/summary and a counter from a component's metrics.
+pipeline_stats() {
+  python3 - "$(curl -s http://${METRICS[master-target]}/metrics)" <<'PY'
+import sys, re
+m = sys.argv[1]
+def val(name):
+    x = re.search(r'^' + re.escape(name) + r'(?:\{[^}]*\})? ([0-9.e+]+)$', m, re.M)
+    return float(x.group(1)) if x else 0.0
+n, s = val("lifeboat_mt_apply_seconds_count"), val("lifeboat_mt_apply_seconds_sum")
+print(f"  master target: {n:.0f} apply groups, mean {1000*s/max(n,1):.1f} ms per group (write + VHD flush + marker)")
+PY
+}
 $BIN/lifeboat policy create bench >/dev/null
 
-# Starts an agent for machine $1 with disk file $2 on NBD address $3 and protects it.
-protect() {
+# Starts an agent for machine $1 with disk file $2 on NBD address $3.
+start_agent() {
   $BIN/mobility-agent register --data-dir $WORK/$1 --cs $CS --passphrase-file $PASS --name $1 --disk disk0=$2 >/dev/null
   $BIN/mobility-agent run --data-dir $WORK/$1 --disk disk0=$2 --nbd-listen $3 --metrics-listen 127.0.0.1:$(port) 2>$WORK/$1.log & PIDS+=($!)
   for i in $(seq 100); do $BIN/lifeboat servers list --json | grep -q "\"name\": \"$1\"" && break; sleep 0.1; done
   sleep 1.5
-  $BIN/lifeboat protect $1 --policy bench >/dev/null
 }
+protect() { start_agent "$@"; $BIN/lifeboat protect $1 --policy bench >/dev/null; }
 # Waits until machine $1's disk is Protected with nothing pending.
 caught_up() {
   for i in $(seq 3000); do
@@ -68,6 +82,7 @@ t3=$(now); qemu-img convert -n -f raw -O raw $WORK/src.raw nbd://127.0.0.1:$QP/d
 A=$(rate $((WRITE_MIB << 20)) $t0 $t1); Q=$(rate $((WRITE_MIB << 20)) $t3 $t4)
 echo "agent NBD export (replicating): $A MB/s   qemu-nbd: $Q MB/s   ratio: $(python3 -c "print(f'{$A/$Q:.2f}')")   (goal >= 0.8)"
 echo "replica caught up $(python3 -c "print(f'{$t2-$t1:.1f}')") s after the client finished"
+pipeline_stats
 D=$(ls $WORK/master-target/replicas | head -1)
 qemu-img compare -q -f raw -F vpc $WORK/a.img $WORK/master-target/replicas/*/disk.vhd 2>/dev/null && echo "replica identical to the source" || true
 
@@ -82,7 +97,9 @@ with open(path, "r+b") as f:
         f.seek(off); f.write(os.urandom(4 << 20))
 PY
 sync
-t0=$(now); protect bench-b $WORK/b.img 127.0.0.1:$(port); caught_up bench-b; t1=$(now)
+start_agent bench-b $WORK/b.img 127.0.0.1:$(port)
+t0=$(now); $BIN/lifeboat protect bench-b --policy bench >/dev/null; caught_up bench-b; t1=$(now)
+pipeline_stats
 t2=$(now); qemu-img convert -f raw -O vpc -o subformat=dynamic $WORK/b.img $WORK/b.vhd; sync -f $WORK/b.vhd; t3=$(now)
 L=$(rate $SIZE $t0 $t1); QC=$(rate $SIZE $t2 $t3)
 echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s, includes protect and up to ~2 s of status polling)"

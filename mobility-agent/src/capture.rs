@@ -10,12 +10,19 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Above this many queued bytes a workload write waits for the shipper (flow control): a burst
+/// faster than replication is slowed to replication speed rather than breaking the stream.
+pub const THROTTLE_BYTES: u64 = 256 * 1024 * 1024;
+/// How long one write may wait for room before the agent gives up on the stream.
+pub const THROTTLE_WAIT: Duration = Duration::from_secs(10);
 /// Captured bytes the agent holds for shipping before it gives up on the stream and falls back
-/// to the dirty map (the disk then needs a resync).
-pub const MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
+/// to the dirty map (the disk then needs a resync): reached only when the process server stays
+/// unreachable or slower than the workload for longer than `THROTTLE_WAIT`.
+pub const MAX_QUEUED_BYTES: u64 = 512 * 1024 * 1024;
 
 /// One captured write or initial-sync read, in source order.
 #[derive(Debug, Clone)]
@@ -56,6 +63,8 @@ pub struct Capture {
     pub queue: Mutex<Queue>,
     /// Signalled when something was queued.
     pub queued: Notify,
+    /// Signalled when the shipper took items (room for throttled writes).
+    drained: Condvar,
 }
 
 pub fn now_ms() -> i64 {
@@ -89,7 +98,31 @@ impl Capture {
                 overflowed: false,
             }),
             queued: Notify::new(),
+            drained: Condvar::new(),
         })
+    }
+
+    /// Locks the queue, first waiting (bounded) while it is over the throttle mark.
+    fn lock_with_room(&self) -> io::Result<MutexGuard<'_, Queue>> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        if q.bytes <= THROTTLE_BYTES || q.overflowed {
+            return Ok(q);
+        }
+        let started = Instant::now();
+        while q.bytes > THROTTLE_BYTES && !q.overflowed {
+            let left = THROTTLE_WAIT.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            q = self
+                .drained
+                .wait_timeout(q, left)
+                .map_err(|_| poisoned())?
+                .0;
+        }
+        metrics::counter!("lifeboat_agent_throttled_seconds_total")
+            .increment(started.elapsed().as_secs());
+        Ok(q)
     }
 
     fn push(&self, q: &mut Queue, mut item: Captured) {
@@ -110,7 +143,7 @@ impl Capture {
 
     /// The write splitter's write: dirty map, source, queue, in one critical section.
     pub fn write(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
-        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        let mut q = self.lock_with_room()?;
         let index = q.next_index;
         q.dirty.mark(offset, data.len() as u64, index)?;
         self.source.write_all_at(&data, offset)?;
@@ -130,7 +163,7 @@ impl Capture {
 
     /// Zeroes a range on the source and captures it as a zero-fill.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        let mut q = self.lock_with_room()?;
         let index = q.next_index;
         q.dirty.mark(offset, len, index)?;
         let zeros = vec![0u8; len.min(1 << 20) as usize];
@@ -196,6 +229,10 @@ impl Capture {
             let item = q.items.pop_front().expect("front exists");
             q.bytes -= item.data.len() as u64;
             out.push(item);
+        }
+        drop(q);
+        if !out.is_empty() {
+            self.drained.notify_all();
         }
         out
     }

@@ -178,6 +178,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         metrics::Unit::Bytes,
         "Payload bytes sent to the process server"
     );
+    metrics::describe_counter!(
+        "lifeboat_agent_throttled_seconds_total",
+        metrics::Unit::Seconds,
+        "Time workload writes waited for the shipper (flow control)"
+    );
     let identity = Arc::new(lifeboat_common::Identity::load(&settings.common.data_dir)?);
     let agent = Agent::new(
         identity,
