@@ -45,6 +45,7 @@ def val(name):
 n, s = val("lifeboat_mt_apply_seconds_count"), val("lifeboat_mt_apply_seconds_sum")
 print(f"  master target: {n:.0f} apply groups, mean {1000*s/max(n,1):.1f} ms per group (write + VHD flush + marker)")
 PY
+  echo "  CPU time so far: $(ps -o comm=,time= -p "$(IFS=,; echo "${PIDS[*]}")" | awk '{printf "%s %s; ", $1, $2}')"
 }
 $BIN/lifeboat policy create bench >/dev/null
 
@@ -102,5 +103,5 @@ t0=$(now); $BIN/lifeboat protect bench-b --policy bench >/dev/null; caught_up be
 pipeline_stats
 t2=$(now); qemu-img convert -f raw -O vpc -o subformat=dynamic $WORK/b.img $WORK/b.vhd; sync -f $WORK/b.vhd; t3=$(now)
 L=$(rate $SIZE $t0 $t1); QC=$(rate $SIZE $t2 $t3)
-echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s, includes protect and up to ~2 s of status polling)"
+echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s from protect to Protected, including up to ~2 s of heartbeat and status polling)"
 echo "qemu-img convert -O vpc locally:  $QC MB/s   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"

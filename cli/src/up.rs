@@ -4,6 +4,7 @@
 //! whose identity is revoked (passphrase regenerated) registers again with the new passphrase.
 use crate::context::{self, ContextArgs};
 use lifeboat_common::component::{register_command, HeartbeatStop, RegisterArgs};
+use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::CommonSettings;
 use lifeboat_common::telemetry::{self, LogFormat};
 use lifeboat_common::{tls, Identity, Role};

@@ -4,9 +4,11 @@
 
 pub mod batch;
 pub mod component;
+pub mod component_cli;
 pub mod config;
 pub mod facts;
 pub mod fsutil;
+pub mod group;
 pub mod identity;
 pub mod passphrase;
 pub mod peer;

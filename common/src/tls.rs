@@ -14,6 +14,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, ServerTl
 
 /// How long to wait for a TCP + TLS connection before trying the next address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 flow-control windows of every Lifeboat connection (see `serve::grpc_server`).
+pub const STREAM_WINDOW: u32 = 32 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+
 /// Default deadline of one unary call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -33,6 +37,8 @@ fn endpoint(address: &str, scheme: &str) -> Result<Endpoint, tonic::transport::E
     Ok(Endpoint::from_shared(format!("{scheme}://{address}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true))
 }

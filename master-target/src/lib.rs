@@ -6,6 +6,7 @@ pub mod replicas;
 pub mod service;
 
 use lifeboat_common::component::{run_component, ComponentRun, Reporter, RevocationList};
+use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::{facts, Role};
 use lifeboat_proto::v1::{self, replica_server::ReplicaServer};
@@ -45,8 +46,14 @@ pub struct Settings {
     pub disk_slots: u32,
 }
 
-impl Settings {
-    pub fn resolve(args: &CommonArgs) -> anyhow::Result<Settings> {
+impl ComponentSettings for Settings {
+    const ROLE: Role = Role::MasterTarget;
+
+    fn common(&self) -> &CommonSettings {
+        &self.common
+    }
+
+    fn resolve(args: &CommonArgs) -> anyhow::Result<Settings> {
         let file: FileConfig = lifeboat_common::config::load_toml(args.config.as_deref())?;
         let common = args.resolve(&file.common, &DEFAULTS)?;
         let replica_dir = file
@@ -63,14 +70,14 @@ impl Settings {
         })
     }
 
-    pub fn prepare(&self) -> anyhow::Result<()> {
+    fn prepare(&self) -> anyhow::Result<()> {
         lifeboat_common::fsutil::create_private_dir(&self.common.data_dir)?;
         lifeboat_common::fsutil::create_private_dir(&self.replica_dir)?;
         Ok(())
     }
 
     /// Address, free space and free disk slots, for registration and heartbeats.
-    pub fn facts(&self) -> lifeboat_proto::v1::ComponentFacts {
+    fn facts(&self) -> lifeboat_proto::v1::ComponentFacts {
         let mut f = facts::base_facts(&self.common.advertise, &self.replica_dir);
         f.disk_slots_total = self.disk_slots;
         // No replica disks are placed yet: every slot but the retention volume's is free.

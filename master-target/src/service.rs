@@ -4,8 +4,8 @@
 //! replayed batch is acknowledged without being applied again; a gap or a bad batch ends the
 //! stream with an error and nothing from it on is applied.
 use crate::replicas::{ReplicaEntry, Replicas};
-use futures::FutureExt;
 use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::group::Groups;
 use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, replica_server::Replica as ReplicaRpc, ApplyAck, ChangeBatch};
@@ -144,47 +144,19 @@ impl ReplicaRpc for ReplicaService {
         request: Request<Streaming<ChangeBatch>>,
     ) -> Result<Response<Self::ApplyStream>, Status> {
         let peer = self.authorize(&request)?;
-        let mut inbound = request.into_inner();
+        let mut groups = Groups::new(request.into_inner());
         let replicas = self.replicas.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            loop {
-                let first = match inbound.message().await {
-                    Ok(Some(b)) => b,
-                    _ => return,
-                };
-                let disk_id = first.disk_id.clone();
-                let mut size = batch::payload_bytes(&first);
-                let mut group = vec![first];
-                while size < GROUP_BYTES {
-                    match inbound.message().now_or_never() {
-                        Some(Ok(Some(b))) if b.disk_id == disk_id => {
-                            size += batch::payload_bytes(&b);
-                            group.push(b);
-                        }
-                        Some(Ok(Some(b))) => {
-                            // Another disk on the same stream: apply what we have first.
-                            let result = match owned(&replicas, &peer, &disk_id) {
-                                Ok(entry) => apply_group(entry, std::mem::take(&mut group)).await,
-                                Err(e) => Err(e),
-                            };
-                            let failed = result.is_err();
-                            if tx.send(result).await.is_err() || failed {
-                                return;
-                            }
-                            group.push(b);
-                            break;
-                        }
-                        _ => break,
-                    }
-                }
-                let group_disk = group.first().map(|b| b.disk_id.clone()).unwrap_or_default();
-                let result = match owned(&replicas, &peer, &group_disk) {
+            // Groups are read ahead while the previous one is applied: transfer and flush overlap.
+            while let Some(group) = groups.next(GROUP_BYTES).await {
+                let disk_id = group.first().map(|b| b.disk_id.clone()).unwrap_or_default();
+                let result = match owned(&replicas, &peer, &disk_id) {
                     Ok(entry) => apply_group(entry, group).await,
                     Err(e) => Err(e),
                 };
                 if let Err(status) = &result {
-                    tracing::warn!(disk = %group_disk, "batches refused: {}", status.message());
+                    tracing::warn!(disk = %disk_id, "batches refused: {}", status.message());
                 }
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {

@@ -5,8 +5,8 @@
 //! written again; a gap, a bad checksum or a foreign disk ends the stream with an error and
 //! nothing from the bad batch on is stored.
 use crate::disks::{DiskEntry, Disks};
-use futures::FutureExt;
 use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::group::Groups;
 use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, ingest_server::Ingest, ChangeBatch, IngestAck};
@@ -175,31 +175,12 @@ impl Ingest for IngestService {
         request: Request<Streaming<ChangeBatch>>,
     ) -> Result<Response<Self::PushStream>, Status> {
         let peer = self.authorize(&request)?;
-        let mut inbound = request.into_inner();
+        let mut groups = Groups::new(request.into_inner());
         let disks = self.disks.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            loop {
-                let first = match inbound.message().await {
-                    Ok(Some(b)) => b,
-                    Ok(None) => return,
-                    Err(status) => {
-                        tracing::debug!(agent = %peer.id, "ingest stream ended: {}", status.message());
-                        return;
-                    }
-                };
-                let mut size = batch::payload_bytes(&first);
-                let mut group = vec![first];
-                // Take whatever else has already arrived, for one fsync.
-                while size < GROUP_BYTES {
-                    match inbound.message().now_or_never() {
-                        Some(Ok(Some(b))) => {
-                            size += batch::payload_bytes(&b);
-                            group.push(b);
-                        }
-                        _ => break,
-                    }
-                }
+            // Groups are read ahead while the previous one is stored: transfer and fsync overlap.
+            while let Some(group) = groups.next(GROUP_BYTES).await {
                 match store(&disks, &peer, group).await {
                     Ok(acks) => {
                         for a in acks {
@@ -213,6 +194,9 @@ impl Ingest for IngestService {
                         return;
                     }
                 }
+            }
+            if let Some(status) = groups.error() {
+                tracing::debug!(agent = %peer.id, "ingest stream ended: {}", status.message());
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

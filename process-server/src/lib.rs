@@ -10,6 +10,7 @@ use cache::CacheKey;
 use disks::Disks;
 use ingest::IngestService;
 use lifeboat_common::component::{run_component, ComponentRun, Reporter, RevocationList};
+use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::Identity;
 use lifeboat_common::{facts, Role};
@@ -40,8 +41,14 @@ pub struct Settings {
     pub cache_dir: PathBuf,
 }
 
-impl Settings {
-    pub fn resolve(args: &CommonArgs) -> anyhow::Result<Settings> {
+impl ComponentSettings for Settings {
+    const ROLE: Role = Role::ProcessServer;
+
+    fn common(&self) -> &CommonSettings {
+        &self.common
+    }
+
+    fn resolve(args: &CommonArgs) -> anyhow::Result<Settings> {
         let file: FileConfig = lifeboat_common::config::load_toml(args.config.as_deref())?;
         let common = args.resolve(&file.common, &DEFAULTS)?;
         let cache_dir = file
@@ -50,15 +57,14 @@ impl Settings {
         Ok(Settings { common, cache_dir })
     }
 
-    /// Directories the process server writes, created if missing.
-    pub fn prepare(&self) -> anyhow::Result<()> {
+    fn prepare(&self) -> anyhow::Result<()> {
         lifeboat_common::fsutil::create_private_dir(&self.common.data_dir)?;
         lifeboat_common::fsutil::create_private_dir(&self.cache_dir)?;
         Ok(())
     }
 
     /// Address, cache directory and its free space, for registration and heartbeats.
-    pub fn facts(&self) -> lifeboat_proto::v1::ComponentFacts {
+    fn facts(&self) -> lifeboat_proto::v1::ComponentFacts {
         facts::base_facts(&self.common.advertise, &self.cache_dir)
     }
 }

@@ -1,0 +1,71 @@
+//! The command line every server component shares: `register` (with the passphrase) and `run`.
+//! A component supplies its settings type; this module does the rest, so the process server
+//! and master target binaries are a few lines each.
+use crate::component::{register_command, RegisterArgs};
+use crate::service_args::{CommonArgs, CommonSettings};
+use crate::{shutdown, telemetry, Role};
+use lifeboat_proto::v1;
+use std::future::Future;
+use tokio_util::sync::CancellationToken;
+
+/// What a component's settings must offer to be driven by `run_cli`.
+pub trait ComponentSettings: Sized {
+    const ROLE: Role;
+    fn resolve(args: &CommonArgs) -> anyhow::Result<Self>;
+    /// Creates the directories the component writes.
+    fn prepare(&self) -> anyhow::Result<()>;
+    fn facts(&self) -> v1::ComponentFacts;
+    fn common(&self) -> &CommonSettings;
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ComponentCommand {
+    /// Register with a configuration server using the connection passphrase.
+    Register {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        register: RegisterArgs,
+    },
+    /// Serve.
+    Run {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+/// Carries out `command` for a component whose settings are `S` and whose service is `run`.
+pub async fn run_cli<S, F, Fut>(command: ComponentCommand, run: F) -> anyhow::Result<()>
+where
+    S: ComponentSettings,
+    F: FnOnce(S, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    match command {
+        ComponentCommand::Register { common, register } => {
+            let settings = S::resolve(&common)?;
+            settings.prepare()?;
+            let identity = register_command(
+                S::ROLE,
+                &register,
+                &settings.common().data_dir,
+                settings.facts(),
+            )
+            .await?;
+            println!(
+                "Registered {} {} as {}; start it with `{} run`",
+                S::ROLE,
+                identity.info.name,
+                identity.info.id,
+                S::ROLE
+            );
+            Ok(())
+        }
+        ComponentCommand::Run { common } => {
+            let settings = S::resolve(&common)?;
+            telemetry::init_logging(settings.common().log_format);
+            telemetry::init_metrics(settings.common().metrics_listen)?;
+            run(settings, shutdown::on_signal()).await
+        }
+    }
+}

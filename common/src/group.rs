@@ -1,0 +1,84 @@
+//! Receiving change batches in groups. A receiver task reads the gRPC stream into a bounded
+//! channel while the previous group is being made durable, so network transfer and fsync
+//! overlap; the consumer then takes everything that has arrived (up to a byte budget) as one
+//! group, to be made durable with one fsync. Used by the process server's ingest and the
+//! master target's apply.
+use crate::batch::payload_bytes;
+use lifeboat_proto::v1::ChangeBatch;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+/// Batches read ahead while a group is being stored.
+const READ_AHEAD: usize = 16;
+
+pub struct Groups {
+    rx: mpsc::Receiver<Result<ChangeBatch, Status>>,
+    /// A batch taken from the channel that did not fit the previous group.
+    held: Option<ChangeBatch>,
+    ended: Option<Status>,
+}
+
+impl Groups {
+    /// Starts reading `inbound` in the background.
+    pub fn new(mut inbound: Streaming<ChangeBatch>) -> Groups {
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
+        tokio::spawn(async move {
+            loop {
+                let item = match inbound.message().await {
+                    Ok(Some(b)) => Ok(b),
+                    Ok(None) => return,
+                    Err(status) => Err(status),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Groups {
+            rx,
+            held: None,
+            ended: None,
+        }
+    }
+
+    /// The next group: at least one batch (waiting for it), then whatever has already arrived
+    /// for the same disk, up to `max_bytes` of payload. `None` when the stream ended; the
+    /// stream's error, if it ended with one, is then in `error()`.
+    pub async fn next(&mut self, max_bytes: usize) -> Option<Vec<ChangeBatch>> {
+        let first = match self.held.take() {
+            Some(b) => b,
+            None => match self.rx.recv().await? {
+                Ok(b) => b,
+                Err(status) => {
+                    self.ended = Some(status);
+                    return None;
+                }
+            },
+        };
+        let mut size = payload_bytes(&first);
+        let mut group = vec![first];
+        while size < max_bytes {
+            match self.rx.try_recv() {
+                Ok(Ok(b)) if b.disk_id == group[0].disk_id => {
+                    size += payload_bytes(&b);
+                    group.push(b);
+                }
+                Ok(Ok(b)) => {
+                    self.held = Some(b);
+                    break;
+                }
+                Ok(Err(status)) => {
+                    self.ended = Some(status);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Some(group)
+    }
+
+    pub fn error(&self) -> Option<&Status> {
+        self.ended.as_ref()
+    }
+}
