@@ -53,7 +53,7 @@ $BIN/lifeboat policy create bench >/dev/null
 start_agent() {
   $BIN/mobility-agent register --data-dir $WORK/$1 --cs $CS --passphrase-file $PASS --name $1 --disk disk0=$2 >/dev/null
   $BIN/mobility-agent run --data-dir $WORK/$1 --disk disk0=$2 --nbd-listen $3 --metrics-listen 127.0.0.1:$(port) 2>$WORK/$1.log & PIDS+=($!)
-  for i in $(seq 100); do $BIN/lifeboat servers list --json | grep -q "\"name\": \"$1\"" && break; sleep 0.1; done
+  for i in $(seq 100); do $BIN/lifeboat servers list --json | grep "\"name\": \"$1\"" >/dev/null && break; sleep 0.1; done
   sleep 1.5
 }
 protect() { start_agent "$@"; $BIN/lifeboat protect $1 --policy bench >/dev/null; }

@@ -88,12 +88,6 @@ enum ClusterCommand {
 }
 
 fn main() -> ExitCode {
-    // Like other command-line tools, end quietly when the reader of our output goes away
-    // (`lifeboat status | head`) instead of failing on a broken pipe.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     lifeboat_common::component::main_with(async move {
         match cli.command {
