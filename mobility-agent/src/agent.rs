@@ -4,11 +4,11 @@
 //! stopped, unexported and its local state dropped.
 use crate::capture::Splitter;
 use crate::disk::DiskAgent;
+use lifeboat_common::assigned::Assigned;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::{DiskAssignment, DiskReport};
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub struct Agent {
@@ -16,7 +16,7 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub nbd: nbd::Server,
     pub cancel: CancellationToken,
-    disks: RwLock<HashMap<String, Arc<DiskAgent>>>,
+    disks: Assigned<DiskAgent>,
 }
 
 impl Agent {
@@ -30,62 +30,45 @@ impl Agent {
             state_dir,
             nbd: nbd::Server::new(nbd::ServerConfig::default()),
             cancel,
-            disks: RwLock::new(HashMap::new()),
+            disks: Assigned::default(),
         })
     }
 
     pub fn reports(&self) -> Vec<DiskReport> {
-        let disks: Vec<Arc<DiskAgent>> = self
-            .disks
-            .read()
-            .map(|d| d.values().cloned().collect())
-            .unwrap_or_default();
-        disks.iter().filter_map(|d| d.report()).collect()
+        self.disks.all().iter().filter_map(|d| d.report()).collect()
     }
 
     pub fn assign(&self, assignments: Vec<DiskAssignment>) {
-        let wanted: HashMap<String, DiskAssignment> = assignments
-            .into_iter()
-            .map(|a| (a.disk_id.clone(), a))
-            .collect();
-        let Ok(mut disks) = self.disks.write() else {
-            return;
-        };
-        disks.retain(|id, disk| {
-            if wanted.contains_key(id) {
-                return true;
-            }
-            disk.stop.cancel();
-            self.nbd.remove_export(&disk.assignment().disk_name);
-            let _ = std::fs::remove_dir_all(self.state_dir.join(id));
-            tracing::info!(disk = %id, "disk no longer protected: capture stopped, export removed");
-            false
-        });
-        for (id, assignment) in wanted {
-            if let Some(disk) = disks.get(&id) {
+        self.disks.follow(
+            assignments,
+            |id, disk| {
+                disk.stop.cancel();
+                self.nbd.remove_export(&disk.assignment().disk_name);
+                let _ = std::fs::remove_dir_all(self.state_dir.join(id));
+                tracing::info!(disk = %id, "disk no longer protected: capture stopped, export removed");
+            },
+            |disk, assignment| {
                 if let Ok(mut a) = disk.assignment.write() {
                     *a = assignment;
                 }
-                continue;
-            }
-            let name = assignment.disk_name.clone();
-            match DiskAgent::start(
-                self.identity.clone(),
-                assignment,
-                self.state_dir.join(&id),
-                self.cancel.child_token(),
-            ) {
-                Ok(disk) => {
-                    let export = nbd::Export::new(name.clone(), Splitter(disk.capture.clone()))
-                        .with_description(format!("Lifeboat-protected disk {id}"));
-                    if let Err(e) = self.nbd.add_export(export) {
-                        tracing::error!(disk = %id, "cannot export {name} over NBD: {e}");
+            },
+            |assignment| {
+                let (id, name) = (assignment.disk_id.clone(), assignment.disk_name.clone());
+                let disk = match DiskAgent::start(self.identity.clone(), assignment, self.state_dir.join(&id), self.cancel.child_token()) {
+                    Ok(disk) => disk,
+                    Err(e) => {
+                        tracing::error!(disk = %id, "cannot start capture: {e:#}");
+                        return None;
                     }
-                    tracing::info!(disk = %id, export = %name, "disk protected: capturing writes through NBD");
-                    disks.insert(id, disk);
+                };
+                let export = nbd::Export::new(name.clone(), Splitter(disk.capture.clone()))
+                    .with_description(format!("Lifeboat-protected disk {id}"));
+                if let Err(e) = self.nbd.add_export(export) {
+                    tracing::error!(disk = %id, "cannot export {name} over NBD: {e}");
                 }
-                Err(e) => tracing::error!(disk = %id, "cannot start capture: {e:#}"),
-            }
-        }
+                tracing::info!(disk = %id, export = %name, "disk protected: capturing writes through NBD");
+                Some(disk)
+            },
+        );
     }
 }

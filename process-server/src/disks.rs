@@ -4,10 +4,10 @@
 //! assigned is dropped with its cache (it was unprotected).
 use crate::cache::{CacheKey, DiskCache};
 use crate::forward;
+use lifeboat_common::assigned::Assigned;
 use lifeboat_common::component::RevocationList;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::DiskAssignment;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -50,7 +50,7 @@ pub struct Disks {
     pub identity: Arc<Identity>,
     pub revocations: RevocationList,
     pub cancel: CancellationToken,
-    disks: RwLock<HashMap<String, Arc<DiskEntry>>>,
+    disks: Assigned<DiskEntry>,
 }
 
 impl Disks {
@@ -67,71 +67,61 @@ impl Disks {
             identity,
             revocations,
             cancel,
-            disks: RwLock::new(HashMap::new()),
+            disks: Assigned::default(),
         })
     }
 
     pub fn get(&self, disk_id: &str) -> Option<Arc<DiskEntry>> {
-        self.disks.read().ok()?.get(disk_id).cloned()
+        self.disks.get(disk_id)
     }
 
     pub fn all(&self) -> Vec<Arc<DiskEntry>> {
-        self.disks
-            .read()
-            .map(|d| d.values().cloned().collect())
-            .unwrap_or_default()
+        self.disks.all()
     }
 
     /// Applies the configuration server's list of assigned disks.
     pub fn assign(self: &Arc<Self>, assignments: Vec<DiskAssignment>) {
-        let wanted: HashMap<String, DiskAssignment> = assignments
-            .into_iter()
-            .map(|a| (a.disk_id.clone(), a))
-            .collect();
-        let Ok(mut disks) = self.disks.write() else {
-            return;
-        };
-        disks.retain(|id, entry| {
-            if wanted.contains_key(id) {
-                return true;
-            }
-            entry.stop.cancel();
-            let dir = self.cache_dir.join(id);
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(disk = %id, "cannot remove cache {}: {e}", dir.display());
-            }
-            tracing::info!(disk = %id, "disk no longer assigned here: cache dropped");
-            false
-        });
-        for (id, assignment) in wanted {
-            if let Some(entry) = disks.get(&id) {
+        self.disks.follow(
+            assignments,
+            |id, entry| {
+                entry.stop.cancel();
+                let dir = self.cache_dir.join(id);
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(disk = %id, "cannot remove cache {}: {e}", dir.display());
+                }
+                tracing::info!(disk = %id, "disk no longer assigned here: cache dropped");
+            },
+            |entry, assignment| {
                 if let Ok(mut a) = entry.assignment.write() {
                     *a = assignment;
                 }
-                continue;
-            }
-            let cache = match DiskCache::open(&self.cache_dir.join(&id), &id, self.key.clone()) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(disk = %id, "cannot open cache: {e}");
-                    continue;
-                }
-            };
-            let (applied, _) = watch::channel((0, 0));
-            let entry = Arc::new(DiskEntry {
-                disk_id: id.clone(),
-                assignment: RwLock::new(assignment),
-                cache: Mutex::new(cache),
-                appended: Notify::new(),
-                applied,
-                plain_bytes: AtomicU64::new(0),
-                stored_bytes: AtomicU64::new(0),
-                stop: self.cancel.child_token(),
-            });
-            tracing::info!(disk = %id, "disk assigned here: forwarding to its master target");
-            tokio::spawn(forward::run(self.identity.clone(), entry.clone()));
-            disks.insert(id, entry);
-        }
+            },
+            |assignment| {
+                let id = assignment.disk_id.clone();
+                let cache = match DiskCache::open(&self.cache_dir.join(&id), &id, self.key.clone())
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(disk = %id, "cannot open cache: {e}");
+                        return None;
+                    }
+                };
+                let (applied, _) = watch::channel((0, 0));
+                let entry = Arc::new(DiskEntry {
+                    disk_id: id.clone(),
+                    assignment: RwLock::new(assignment),
+                    cache: Mutex::new(cache),
+                    appended: Notify::new(),
+                    applied,
+                    plain_bytes: AtomicU64::new(0),
+                    stored_bytes: AtomicU64::new(0),
+                    stop: self.cancel.child_token(),
+                });
+                tracing::info!(disk = %id, "disk assigned here: forwarding to its master target");
+                tokio::spawn(forward::run(self.identity.clone(), entry.clone()));
+                Some(entry)
+            },
+        );
     }
 
     /// Total cache bytes and the compression ratio so far.
