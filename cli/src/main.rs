@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod commands;
 mod context;
+mod demo;
 mod format;
 mod up;
 
@@ -22,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// See Lifeboat work on this host: start a stack, protect a disk, write to it, check the replica.
+    Demo(demo::DemoArgs),
     /// Run a configuration server, process server and master target on this host.
     Up(up::UpArgs),
     /// Registered components: list, show, revoke.
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     lifeboat_common::component::main_with(async move {
         match cli.command {
+            Command::Demo(args) => demo::run(args).await,
             Command::Up(args) => up::run(args, &cli.context).await,
             Command::Servers(command) => servers::run(&cli.context, command).await,
             Command::Cluster(ClusterCommand::Status { json }) => {

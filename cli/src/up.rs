@@ -20,21 +20,24 @@ use tokio_util::sync::CancellationToken;
 pub struct UpArgs {
     /// Data directory for all three services.
     #[arg(long, default_value = "./lifeboat-data")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
     /// Configuration server gRPC address.
     #[arg(long, default_value = "127.0.0.1:8443")]
-    cs_listen: SocketAddr,
+    pub cs_listen: SocketAddr,
     /// Process server gRPC address.
     #[arg(long, default_value = "127.0.0.1:9443")]
-    ps_listen: SocketAddr,
+    pub ps_listen: SocketAddr,
     /// Master target gRPC address.
     #[arg(long, default_value = "127.0.0.1:9444")]
-    mt_listen: SocketAddr,
+    pub mt_listen: SocketAddr,
     /// Prometheus metrics of all three services.
     #[arg(long, default_value = "127.0.0.1:9100")]
-    metrics_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
     #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    pub log_format: LogFormat,
+    /// Seconds between component heartbeats.
+    #[arg(long, default_value_t = 5)]
+    pub heartbeat_interval_secs: u32,
 }
 
 fn common(
@@ -52,156 +55,211 @@ fn common(
     }
 }
 
+/// A running stack: configuration server, process server and master target in this process.
+pub struct Stack {
+    /// Cancelled to stop the components (and by SIGTERM/Ctrl-C when started by `run`).
+    pub cancel: CancellationToken,
+    cs_cancel: CancellationToken,
+    cs_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ps_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    mt_task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub first_run: bool,
+    pub cs_address: String,
+    pub cs_data_dir: PathBuf,
+    pub ps_data_dir: PathBuf,
+    pub mt_data_dir: PathBuf,
+    pub passphrase_file: PathBuf,
+    pub context_path: PathBuf,
+    /// The passphrase, on the first run only (it is printed once).
+    pub new_passphrase: Option<(String, String)>,
+}
+
+impl Stack {
+    /// Initialises (first run) or resumes the stack in `args.data_dir` and starts it; returns
+    /// once the configuration server is ready and the components are starting.
+    pub async fn start(
+        args: &UpArgs,
+        ctx: &ContextArgs,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Stack> {
+        lifeboat_common::fsutil::create_private_dir(&args.data_dir)?;
+        let data_dir = std::fs::canonicalize(&args.data_dir)?;
+        let cs_settings = CsSettings {
+            data_dir: data_dir.join("config-server"),
+            listen: args.cs_listen,
+            advertise: args.cs_listen.to_string(),
+            metrics_listen: args.metrics_listen,
+            heartbeat_interval_secs: args.heartbeat_interval_secs,
+            log_format: args.log_format,
+        };
+        let first_run = !Identity::exists(&cs_settings.data_dir);
+        let new_passphrase = if first_run {
+            let outcome = cs_init::init(&cs_settings)?;
+            Some((outcome.cluster_id, outcome.passphrase))
+        } else {
+            None
+        };
+        let cs_cancel = CancellationToken::new();
+        let cs_task = tokio::spawn(lifeboat_config_server::server::run(
+            cs_settings.clone(),
+            cs_cancel.clone(),
+        ));
+        let admin_dir = cs_init::admin_dir(&cs_settings.data_dir);
+        let cs_addresses = vec![cs_settings.advertise.clone()];
+        if let Err(e) = wait_until_ready(&admin_dir, &cs_addresses, Duration::from_secs(60)).await {
+            cs_cancel.cancel();
+            let _ = cs_task.await;
+            return Err(e);
+        }
+        let ps = lifeboat_process_server::Settings {
+            common: common(
+                &data_dir.join("process-server"),
+                args.ps_listen,
+                args.metrics_listen,
+                args.log_format,
+            ),
+            cache_dir: data_dir.join("process-server").join("cache"),
+        };
+        let mt = lifeboat_master_target::Settings {
+            common: common(
+                &data_dir.join("master-target"),
+                args.mt_listen,
+                args.metrics_listen,
+                args.log_format,
+            ),
+            replica_dir: data_dir.join("master-target").join("replicas"),
+            disk_slots: lifeboat_master_target::DEFAULT_DISK_SLOTS,
+        };
+        let passphrase_file = cs_init::passphrase_file(&cs_settings.data_dir);
+        let register = RegisterArgs {
+            cs: cs_addresses.clone(),
+            passphrase_file: passphrase_file.clone(),
+            name: None,
+            force: true,
+        };
+        let context_path = ctx.path();
+        context::save(
+            &context_path,
+            &CliContext {
+                cs: cs_addresses.clone(),
+                identity_dir: admin_dir.clone(),
+            },
+        )?;
+        let ps_task = {
+            let (facts, dir, settings) = (ps.facts(), ps.common.data_dir.clone(), ps.clone());
+            let run = move |token| {
+                let settings = settings.clone();
+                async move { lifeboat_process_server::run(settings, token).await }
+            };
+            tokio::spawn(supervise(
+                Role::ProcessServer,
+                dir,
+                register.clone(),
+                cancel.clone(),
+                run,
+                facts,
+            ))
+        };
+        let mt_task = {
+            let (facts, dir, settings) = (mt.facts(), mt.common.data_dir.clone(), mt.clone());
+            let run = move |token| {
+                let settings = settings.clone();
+                async move { lifeboat_master_target::run(settings, token).await }
+            };
+            tokio::spawn(supervise(
+                Role::MasterTarget,
+                dir,
+                register.clone(),
+                cancel.clone(),
+                run,
+                facts,
+            ))
+        };
+        Ok(Stack {
+            cancel,
+            cs_cancel,
+            cs_task,
+            ps_task,
+            mt_task,
+            first_run,
+            cs_address: cs_settings.advertise.clone(),
+            cs_data_dir: cs_settings.data_dir.clone(),
+            ps_data_dir: ps.common.data_dir.clone(),
+            mt_data_dir: mt.common.data_dir.clone(),
+            passphrase_file,
+            context_path,
+            new_passphrase,
+        })
+    }
+
+    /// Resolves on Ctrl-C/SIGTERM (or `cancel`), or when a component fails for good.
+    pub async fn wait(&self) {
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = component_finished(&self.ps_task) => {}
+            _ = component_finished(&self.mt_task) => {}
+        }
+    }
+
+    /// Ordered shutdown: components first (they talk to the CS), then the configuration server.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        let outcome = joined(self.ps_task.await)
+            .map_err(|e| e.context("process server failed"))
+            .and(joined(self.mt_task.await).map_err(|e| e.context("master target failed")));
+        self.cs_cancel.cancel();
+        self.cs_task.await??;
+        outcome
+    }
+}
+
 pub async fn run(args: UpArgs, ctx: &ContextArgs) -> anyhow::Result<()> {
     telemetry::init_logging(args.log_format);
-    lifeboat_common::fsutil::create_private_dir(&args.data_dir)?;
-    let data_dir = std::fs::canonicalize(&args.data_dir)?;
-    let cs_settings = CsSettings {
-        data_dir: data_dir.join("config-server"),
-        listen: args.cs_listen,
-        advertise: args.cs_listen.to_string(),
-        metrics_listen: args.metrics_listen,
-        heartbeat_interval_secs: 5,
-        log_format: args.log_format,
-    };
-    let first_run = !Identity::exists(&cs_settings.data_dir);
-    if first_run {
-        let outcome = cs_init::init(&cs_settings)?;
+    telemetry::init_metrics(args.metrics_listen)?;
+    let stack = Stack::start(&args, ctx, lifeboat_common::shutdown::on_signal()).await?;
+    if let Some((cluster, passphrase)) = &stack.new_passphrase {
         println!(
-            "Created Lifeboat cluster {} in {}",
-            outcome.cluster_id,
-            data_dir.display()
+            "Created Lifeboat cluster {cluster} in {}",
+            args.data_dir.display()
         );
         println!();
         println!("Connection passphrase (shown once; kept in the file below):");
         println!();
-        println!("    {}", outcome.passphrase);
+        println!("    {passphrase}");
         println!();
     }
-    telemetry::init_metrics(args.metrics_listen)?;
-    let cancel = lifeboat_common::shutdown::on_signal();
-    let cs_cancel = CancellationToken::new();
-    let cs_task = tokio::spawn(lifeboat_config_server::server::run(
-        cs_settings.clone(),
-        cs_cancel.clone(),
-    ));
-
-    let admin_dir = cs_init::admin_dir(&cs_settings.data_dir);
-    let cs_addresses = vec![cs_settings.advertise.clone()];
-    if let Err(e) = wait_until_ready(&admin_dir, &cs_addresses, Duration::from_secs(60)).await {
-        cs_cancel.cancel();
-        let _ = cs_task.await;
-        return Err(e);
-    }
-
-    let ps = lifeboat_process_server::Settings {
-        common: common(
-            &data_dir.join("process-server"),
-            args.ps_listen,
-            args.metrics_listen,
-            args.log_format,
-        ),
-        cache_dir: data_dir.join("process-server").join("cache"),
-    };
-    let mt = lifeboat_master_target::Settings {
-        common: common(
-            &data_dir.join("master-target"),
-            args.mt_listen,
-            args.metrics_listen,
-            args.log_format,
-        ),
-        replica_dir: data_dir.join("master-target").join("replicas"),
-        disk_slots: lifeboat_master_target::DEFAULT_DISK_SLOTS,
-    };
-    let passphrase_file = cs_init::passphrase_file(&cs_settings.data_dir);
-    let register = RegisterArgs {
-        cs: cs_addresses.clone(),
-        passphrase_file: passphrase_file.clone(),
-        name: None,
-        force: true,
-    };
-
-    let context_path = ctx.path();
-    context::save(
-        &context_path,
-        &CliContext {
-            cs: cs_addresses.clone(),
-            identity_dir: admin_dir.clone(),
-        },
-    )?;
-
-    let ps_task = {
-        let (facts, dir, settings) = (ps.facts(), ps.common.data_dir.clone(), ps.clone());
-        let run = move |token| {
-            let settings = settings.clone();
-            async move { lifeboat_process_server::run(settings, token).await }
-        };
-        tokio::spawn(supervise(
-            Role::ProcessServer,
-            dir,
-            register.clone(),
-            cancel.clone(),
-            run,
-            facts,
-        ))
-    };
-    let mt_task = {
-        let (facts, dir, settings) = (mt.facts(), mt.common.data_dir.clone(), mt.clone());
-        let run = move |token| {
-            let settings = settings.clone();
-            async move { lifeboat_master_target::run(settings, token).await }
-        };
-        tokio::spawn(supervise(
-            Role::MasterTarget,
-            dir,
-            register.clone(),
-            cancel.clone(),
-            run,
-            facts,
-        ))
-    };
-
     println!(
         "Lifeboat is up{}:",
-        if first_run { "" } else { " (resumed)" }
+        if stack.first_run { "" } else { " (resumed)" }
     );
     println!(
         "  configuration server  {}   data {}",
-        cs_settings.advertise,
-        cs_settings.data_dir.display()
+        stack.cs_address,
+        stack.cs_data_dir.display()
     );
     println!(
         "  process server        {}   data {}",
         args.ps_listen,
-        ps.common.data_dir.display()
+        stack.ps_data_dir.display()
     );
     println!(
         "  master target         {}   data {}",
         args.mt_listen,
-        mt.common.data_dir.display()
+        stack.mt_data_dir.display()
     );
     println!(
         "  metrics               http://{}/metrics",
         args.metrics_listen
     );
-    println!("  passphrase file       {}", passphrase_file.display());
-    println!("  CLI context           {}", context_path.display());
+    println!(
+        "  passphrase file       {}",
+        stack.passphrase_file.display()
+    );
+    println!("  CLI context           {}", stack.context_path.display());
     println!();
     println!("Try `lifeboat servers list` or `lifeboat cluster status`. Ctrl-C stops everything.");
-
-    // Run until Ctrl-C/SIGTERM, or until a component fails for good.
-    tokio::select! {
-        _ = cancel.cancelled() => {}
-        _ = component_finished(&ps_task) => {}
-        _ = component_finished(&mt_task) => {}
-    }
-    // Ordered shutdown: components first (they talk to the CS), then the configuration server.
-    cancel.cancel();
-    let outcome = joined(ps_task.await)
-        .map_err(|e| e.context("process server failed"))
-        .and(joined(mt_task.await).map_err(|e| e.context("master target failed")));
-    cs_cancel.cancel();
-    cs_task.await??;
+    stack.wait().await;
+    let outcome = stack.stop().await;
     println!(
         "Lifeboat stopped; run `lifeboat up --data-dir {}` to resume.",
         args.data_dir.display()
