@@ -39,6 +39,16 @@ pub struct CommonArgs {
     pub log_format: Option<LogFormat>,
 }
 
+/// The address others reach a service at when none is configured: the listen address, with
+/// 127.0.0.1 in place of an unspecified IP (0.0.0.0 cannot be dialled).
+pub fn default_advertise(listen: SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        format!("127.0.0.1:{}", listen.port())
+    } else {
+        listen.to_string()
+    }
+}
+
 /// Resolved common settings.
 #[derive(Debug, Clone)]
 pub struct CommonSettings {
@@ -70,13 +80,7 @@ impl CommonArgs {
             .advertise
             .clone()
             .or(file.advertise.clone())
-            .unwrap_or_else(|| {
-                if listen.ip().is_unspecified() {
-                    format!("127.0.0.1:{}", listen.port())
-                } else {
-                    listen.to_string()
-                }
-            });
+            .unwrap_or_else(|| default_advertise(listen));
         Ok(CommonSettings {
             data_dir: self
                 .data_dir

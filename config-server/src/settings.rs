@@ -69,13 +69,7 @@ impl ServeArgs {
             .advertise
             .clone()
             .or(file.advertise)
-            .unwrap_or_else(|| {
-                if listen.ip().is_unspecified() {
-                    format!("127.0.0.1:{}", listen.port())
-                } else {
-                    listen.to_string()
-                }
-            });
+            .unwrap_or_else(|| lifeboat_common::service_args::default_advertise(listen));
         let heartbeat_interval_secs = self
             .heartbeat_interval_secs
             .or(file.heartbeat_interval_secs)
