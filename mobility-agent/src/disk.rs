@@ -127,37 +127,36 @@ impl DiskAgent {
     }
 }
 
-/// Turns captured items into one sealed batch.
-fn build(disk_id: &str, seq: u64, items: &[Captured]) -> (ChangeBatch, InFlight) {
+/// Turns captured items into one sealed batch, moving their data (no copy).
+fn build(disk_id: &str, seq: u64, items: Vec<Captured>) -> (ChangeBatch, InFlight) {
+    let flight = InFlight {
+        seq,
+        first_write_ms: items.iter().map(|i| i.at_ms).min().unwrap_or(0),
+        bytes: items.iter().map(|i| i.data.len() as u64).sum(),
+        first_index: items.first().map(|i| i.index).unwrap_or(0),
+        last_index: items.last().map(|i| i.index).unwrap_or(0),
+    };
+    let all_sync = items.iter().all(|i| i.sync);
+    let last = items.iter().map(|i| i.at_ms).max().unwrap_or(0);
     let extents = items
-        .iter()
+        .into_iter()
         .map(|i| Extent {
             offset: i.offset,
-            data: i.data.clone(),
+            data: i.data,
             zero_length: i.zero_length,
         })
         .collect();
-    let all_sync = items.iter().all(|i| i.sync);
-    let first = items.iter().map(|i| i.at_ms).min().unwrap_or(0);
-    let last = items.iter().map(|i| i.at_ms).max().unwrap_or(0);
     let mut b = ChangeBatch {
         disk_id: disk_id.to_string(),
         seq,
         extents,
         tags: Vec::new(),
-        first_write_unix_ms: first,
+        first_write_unix_ms: flight.first_write_ms,
         last_write_unix_ms: last,
         kind: if all_sync { KIND_SYNC } else { KIND_STREAM }.into(),
         checksum: Vec::new(),
     };
     batch::seal(&mut b);
-    let flight = InFlight {
-        seq,
-        first_write_ms: first,
-        bytes: items.iter().map(|i| i.data.len() as u64).sum(),
-        first_index: items.first().map(|i| i.index).unwrap_or(0),
-        last_index: items.last().map(|i| i.index).unwrap_or(0),
-    };
     (b, flight)
 }
 
@@ -316,7 +315,7 @@ async fn send_ready(agent: &Arc<DiskAgent>, tx: &mpsc::Sender<ChangeBatch>) -> a
             }
             let seq = p.next_seq;
             p.next_seq += 1;
-            let (b, flight) = build(&agent.disk_id, seq, &items);
+            let (b, flight) = build(&agent.disk_id, seq, items);
             p.unacked.push_back(b.clone());
             p.in_flight.push_back(flight);
             b

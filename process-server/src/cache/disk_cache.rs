@@ -148,10 +148,6 @@ impl DiskCache {
         Ok(cache)
     }
 
-    pub fn disk_id(&self) -> &str {
-        &self.disk_id
-    }
-
     /// Highest sequence number durable in this cache (0: none ever).
     pub fn durable_seq(&self) -> u64 {
         self.durable_seq
@@ -250,14 +246,8 @@ impl DiskCache {
     }
 
     /// Reads the cached batches after `seq`, in order, at most `max_bytes` of payload (at
-    /// least one batch).
-    pub fn read_after(&self, seq: u64, max_bytes: usize) -> Result<Vec<ChangeBatch>, CacheError> {
-        self.read_from(&Cursor::default(), seq, max_bytes)
-            .map(|(batches, _)| batches)
-    }
-
-    /// Like `read_after`, continuing from `cursor` (where the previous read stopped) when it
-    /// is still valid, so a forwarder does not re-read and re-decrypt what it already sent.
+    /// least one batch), continuing from `cursor` (where the previous read stopped) when it is
+    /// still valid, so a forwarder does not re-read and re-decrypt what it already sent.
     pub fn read_from(
         &self,
         cursor: &Cursor,
@@ -322,6 +312,14 @@ mod tests {
         };
         lifeboat_common::batch::seal(&mut b);
         b
+    }
+
+    impl DiskCache {
+        /// Reads from the start (a fresh cursor).
+        fn read_after(&self, seq: u64, max_bytes: usize) -> Result<Vec<ChangeBatch>, CacheError> {
+            self.read_from(&Cursor::default(), seq, max_bytes)
+                .map(|(batches, _)| batches)
+        }
     }
 
     fn key() -> Arc<CacheKey> {
