@@ -362,3 +362,82 @@ pub fn qemu_check_vpc(path: &Path) -> bool {
     );
     true
 }
+
+/// A process server, master target or agent under test: registered with a configuration
+/// server, then started (and restarted) with the same data directory and addresses.
+pub struct Component {
+    pub binary: &'static str,
+    pub dir: PathBuf,
+    pub listen: String,
+    pub metrics: String,
+    /// The agent's NBD address (a free port: tests run in parallel).
+    pub nbd: String,
+    extra: Vec<String>,
+    pub proc: Option<Proc>,
+}
+
+impl Component {
+    /// Registers `binary` as `name` in `tmp/name`; `extra` flags (e.g. `--disk`) are given to
+    /// both `register` and `run`. Panics if registration fails.
+    pub fn register(
+        binary: &'static str,
+        name: &str,
+        tmp: &Path,
+        cs: &CsNode,
+        extra: &[&str],
+    ) -> Component {
+        let c = Component {
+            binary,
+            dir: tmp.join(name),
+            listen: free_addr(),
+            metrics: free_addr(),
+            nbd: free_addr(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+        };
+        let mut args = vec![
+            "register".to_string(),
+            "--cs".into(),
+            cs.addr.clone(),
+            "--passphrase-file".into(),
+            cs.passphrase_file().display().to_string(),
+            "--name".into(),
+            name.into(),
+        ];
+        args.extend(c.flags());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(binary, &argv, &[]);
+        assert!(out.status.success(), "{binary} register: {}", text(&out));
+        c
+    }
+
+    fn flags(&self) -> Vec<String> {
+        let mut f = vec![
+            "--data-dir".to_string(),
+            self.dir.display().to_string(),
+            "--listen".into(),
+            self.listen.clone(),
+            "--metrics-listen".into(),
+            self.metrics.clone(),
+        ];
+        if self.binary == "mobility-agent" {
+            f.extend(["--nbd-listen".to_string(), self.nbd.clone()]);
+        }
+        f.extend(self.extra.iter().cloned());
+        f
+    }
+
+    /// Starts (or restarts) `run`, logging to a new file in its directory.
+    pub fn start(&mut self) {
+        let mut args = vec!["run".to_string()];
+        args.extend(self.flags());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let log = self.dir.join(format!("run-{}.log", free_port()));
+        self.proc = Some(Proc::start(self.binary, self.binary, &argv, log));
+    }
+
+    /// The running process.
+    pub fn proc(&mut self) -> &mut Proc {
+        self.proc.as_mut().expect("component started")
+    }
+}

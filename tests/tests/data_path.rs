@@ -15,67 +15,6 @@ use tonic::transport::Channel;
 const WAIT: Duration = Duration::from_secs(60);
 const DISK: u64 = 32 << 20;
 
-struct Component {
-    binary: &'static str,
-    dir: PathBuf,
-    listen: String,
-    metrics: String,
-    proc: Option<Proc>,
-}
-
-impl Component {
-    fn register(
-        binary: &'static str,
-        name: &str,
-        tmp: &Path,
-        cs: &CsNode,
-        extra: &[&str],
-    ) -> Component {
-        let dir = tmp.join(name);
-        let c = Component {
-            binary,
-            dir: dir.clone(),
-            listen: free_addr(),
-            metrics: free_addr(),
-            proc: None,
-        };
-        let d = dir.display().to_string();
-        let pf = cs.passphrase_file().display().to_string();
-        let mut args = vec![
-            "register",
-            "--data-dir",
-            &d,
-            "--cs",
-            &cs.addr,
-            "--passphrase-file",
-            &pf,
-            "--name",
-            name,
-            "--listen",
-            &c.listen,
-        ];
-        args.extend_from_slice(extra);
-        let out = run(binary, &args, &[]);
-        assert!(out.status.success(), "{}", text(&out));
-        c
-    }
-
-    fn start(&mut self) {
-        let d = self.dir.display().to_string();
-        let args = [
-            "run",
-            "--data-dir",
-            &d,
-            "--listen",
-            &self.listen,
-            "--metrics-listen",
-            &self.metrics,
-        ];
-        let log = self.dir.join(format!("run-{}.log", rand::random::<u32>()));
-        self.proc = Some(Proc::start(self.binary, self.binary, &args, log));
-    }
-}
-
 /// A batch of `writes` random 4 KiB-aligned writes (and one zero-fill), also applied to `model`.
 fn make_batch(
     rng: &mut rand::rngs::StdRng,

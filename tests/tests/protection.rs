@@ -8,41 +8,16 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn start_component(binary: &str, name: &str, tmp: &Path, cs: &CsNode, extra: &[&str]) -> Proc {
-    let dir = tmp.join(name);
-    let d = dir.display().to_string();
-    let pf = cs.passphrase_file().display().to_string();
-    let (listen, metrics) = (free_addr(), free_addr());
-    let mut args = vec![
-        "register",
-        "--data-dir",
-        &d,
-        "--cs",
-        &cs.addr,
-        "--passphrase-file",
-        &pf,
-        "--name",
-        name,
-    ];
-    args.extend_from_slice(extra);
-    let out = run(binary, &args, &[]);
-    assert!(out.status.success(), "{}", text(&out));
-    let mut args = vec![
-        "run",
-        "--data-dir",
-        &d,
-        "--listen",
-        &listen,
-        "--metrics-listen",
-        &metrics,
-    ];
-    // Agents serve NBD; tests run in parallel, so never on the default port.
-    let nbd = free_addr();
-    if binary == "mobility-agent" {
-        args.extend(["--nbd-listen", nbd.as_str()]);
-    }
-    args.extend_from_slice(extra);
-    Proc::start(name, binary, &args, dir.join("run.log"))
+fn start_component(
+    binary: &'static str,
+    name: &str,
+    tmp: &Path,
+    cs: &CsNode,
+    extra: &[&str],
+) -> Component {
+    let mut c = Component::register(binary, name, tmp, cs, extra);
+    c.start();
+    c
 }
 
 fn ok(context: &Path, args: &[&str]) -> String {
@@ -237,7 +212,7 @@ fn policies_protect_status_jobs_and_unprotect() {
     );
 
     // A component that stops heartbeating raises an alert, audited; it clears when it is back.
-    assert_eq!(ps.terminate(), Some(0));
+    assert_eq!(ps.proc().terminate(), Some(0));
     let alert_about_ps = |ctx: &Path| {
         lifeboat_json(ctx, &["alerts", "--json"])["alerts"]
             .as_array()
@@ -246,7 +221,7 @@ fn policies_protect_status_jobs_and_unprotect() {
             .any(|a| a["subject"] == "process-server ps1" && a["severity"] == "critical")
     };
     wait_until("process server down alert", WAIT, || alert_about_ps(&ctx));
-    let _ps = start_component_again("process-server", "ps1", tmp.path());
+    ps.start();
     wait_until("alert cleared", WAIT, || !alert_about_ps(&ctx));
     let audit = lifeboat_json(&ctx, &["audit", "--json"]);
     let kinds: Vec<&str> = audit["entries"]
@@ -259,20 +234,4 @@ fn policies_protect_status_jobs_and_unprotect() {
         kinds.contains(&"alert_raised") && kinds.contains(&"alert_cleared"),
         "{kinds:?}"
     );
-}
-
-fn start_component_again(binary: &str, name: &str, tmp: &Path) -> Proc {
-    let dir = tmp.join(name);
-    let d = dir.display().to_string();
-    let (listen, metrics) = (free_addr(), free_addr());
-    let args = [
-        "run",
-        "--data-dir",
-        &d,
-        "--listen",
-        &listen,
-        "--metrics-listen",
-        &metrics,
-    ];
-    Proc::start(name, binary, &args, dir.join("run2.log"))
 }

@@ -3,60 +3,11 @@
 //! catch-up `qemu-img compare` finds the source and the replica VHD identical — also after
 //! kill -9 of the process server and of the master target while writes flow.
 use lifeboat_e2e::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-struct Node {
-    binary: &'static str,
-    dir: PathBuf,
-    args: Vec<String>,
-    proc: Option<Proc>,
-}
-
-impl Node {
-    fn new(binary: &'static str, name: &str, tmp: &Path, cs: &CsNode, extra: &[String]) -> Node {
-        let dir = tmp.join(name);
-        let mut args = vec![
-            "--data-dir".to_string(),
-            dir.display().to_string(),
-            "--listen".into(),
-            free_addr(),
-            "--metrics-listen".into(),
-            free_addr(),
-        ];
-        args.extend_from_slice(extra);
-        let mut register = vec![
-            "register".to_string(),
-            "--cs".into(),
-            cs.addr.clone(),
-            "--passphrase-file".into(),
-            cs.passphrase_file().display().to_string(),
-            "--name".into(),
-            name.into(),
-        ];
-        register.extend(args.iter().cloned());
-        let argv: Vec<&str> = register.iter().map(String::as_str).collect();
-        let out = run(binary, &argv, &[]);
-        assert!(out.status.success(), "{}", text(&out));
-        Node {
-            binary,
-            dir,
-            args,
-            proc: None,
-        }
-    }
-
-    fn start(&mut self) {
-        let mut argv = vec!["run".to_string()];
-        argv.extend(self.args.iter().cloned());
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let log = self.dir.join(format!("run-{}.log", free_port()));
-        self.proc = Some(Proc::start(self.binary, self.binary, &argv, log));
-    }
-}
 
 fn qemu_io(url: &str, commands: &[&str]) {
     let mut cmd = Command::new("qemu-io");
@@ -89,6 +40,24 @@ fn caught_up(ctx: &Path, since: i64) {
             && d["rpo_secs"].as_f64() == Some(0.0)
             && d["state"] == "Protected"
     });
+}
+
+/// Twenty 1 MiB writes of patterns `pattern..`, from `first_mib` every `step_mib`, on a thread.
+fn background_writes(
+    url: &str,
+    pattern: u64,
+    first_mib: u64,
+    step_mib: u64,
+) -> std::thread::JoinHandle<()> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        for i in 0..20u64 {
+            let cmd = format!("write -P {} {}M 1M", pattern + i, first_mib + i * step_mib);
+            let _ = Command::new("qemu-io")
+                .args(["-f", "raw", "-c", &cmd, &url])
+                .output();
+        }
+    })
 }
 
 fn assert_identical(source: &Path, replica: &Path) {
@@ -126,22 +95,17 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
         &["write -P 0x5a 1M 40M", "write -P 0x33 200M 8M"],
     );
 
-    let nbd = free_addr();
-    let mut ps = Node::new("process-server", "ps1", tmp.path(), &cs, &[]);
-    let mut mt = Node::new("master-target", "mt1", tmp.path(), &cs, &[]);
+    let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
+    let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
     let disk_arg = format!("disk0={}", source.display());
-    let mut agent = Node::new(
+    let mut agent = Component::register(
         "mobility-agent",
         "web01",
         tmp.path(),
         &cs,
-        &[
-            "--disk".into(),
-            disk_arg,
-            "--nbd-listen".into(),
-            nbd.clone(),
-        ],
+        &["--disk", &disk_arg],
     );
+    let nbd = agent.nbd.clone();
     ps.start();
     mt.start();
     agent.start();
@@ -193,17 +157,7 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     assert_identical(&source, &replica);
 
     // kill -9 of the process server while writes flow.
-    let writer = {
-        let url = url.clone();
-        std::thread::spawn(move || {
-            for i in 0..20u64 {
-                let cmd = format!("write -P {} {}M 1M", 0x40 + i, 10 + i * 3);
-                let _ = Command::new("qemu-io")
-                    .args(["-f", "raw", "-c", &cmd, &url])
-                    .output();
-            }
-        })
-    };
+    let writer = background_writes(&url, 0x40, 10, 3);
     std::thread::sleep(Duration::from_millis(300));
     ps.proc.as_mut().unwrap().kill9();
     writer.join().unwrap();
@@ -214,17 +168,7 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     assert_identical(&source, &replica);
 
     // kill -9 of the master target while writes flow.
-    let writer = {
-        let url = url.clone();
-        std::thread::spawn(move || {
-            for i in 0..20u64 {
-                let cmd = format!("write -P {} {}M 1M", 0x60 + i, 60 + i * 2);
-                let _ = Command::new("qemu-io")
-                    .args(["-f", "raw", "-c", &cmd, &url])
-                    .output();
-            }
-        })
-    };
+    let writer = background_writes(&url, 0x60, 60, 2);
     std::thread::sleep(Duration::from_millis(300));
     mt.proc.as_mut().unwrap().kill9();
     qemu_check_vpc(&replica);
@@ -236,7 +180,7 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     assert_identical(&source, &replica);
 
     // The agent and the configuration server publish the lag.
-    let agent_metrics = http_get(&agent.args[5], "/metrics").unwrap();
+    let agent_metrics = http_get(&agent.metrics, "/metrics").unwrap();
     assert!(
         agent_metrics.contains("lifeboat_disk_rpo_seconds"),
         "{agent_metrics}"
