@@ -27,6 +27,9 @@ pub struct UpArgs {
     /// Process server gRPC address.
     #[arg(long, default_value = "127.0.0.1:9443")]
     pub ps_listen: SocketAddr,
+    /// Process server cache quota in MiB (default: 80% of its file system).
+    #[arg(long, default_value_t = 0, hide_default_value = true)]
+    pub ps_cache_quota_mib: u64,
     /// Master target gRPC address.
     #[arg(long, default_value = "127.0.0.1:9444")]
     pub mt_listen: SocketAddr,
@@ -119,6 +122,7 @@ impl Stack {
                 args.log_format,
             ),
             cache_dir: data_dir.join("process-server").join("cache"),
+            cache_quota_mib: args.ps_cache_quota_mib,
         };
         let mt = lifeboat_master_target::Settings {
             common: common(

@@ -4,6 +4,7 @@
 
 pub mod assigned;
 pub mod batch;
+pub mod blockhash;
 pub mod component;
 pub mod component_cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod group;
 pub mod identity;
 pub mod passphrase;
 pub mod peer;
+pub mod rate;
 pub mod register;
 pub mod role;
 pub mod serve;

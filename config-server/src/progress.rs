@@ -97,10 +97,16 @@ pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms
         "initial_sync" | "resync" => r.sync_total_bytes.saturating_sub(r.sync_done_bytes),
         _ => r.pending_bytes,
     };
+    // Syncing: what is left to read at the sync rate; streaming: the backlog at the rate the
+    // master target has recently been applying.
+    let rate = match r.phase.as_str() {
+        "initial_sync" | "resync" => r.sync_bytes_per_sec,
+        _ => r.drain_bytes_per_sec,
+    };
     let eta_secs = if remaining == 0 {
         0
-    } else if r.sync_bytes_per_sec > 0.0 {
-        (remaining as f64 / r.sync_bytes_per_sec).ceil() as i64
+    } else if rate > 0.0 {
+        (remaining as f64 / rate).ceil() as i64
     } else {
         -1
     };

@@ -190,6 +190,7 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
             }
         }
     }
+    wanted.extend(cache_alerts(node, now)?);
     if judge_liveness {
         for r in state.identities()? {
             if r.revoked.is_some()
@@ -239,11 +240,87 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
             .await?;
         }
     }
-    for kind in ["rpo", "resync", "down"] {
+    for kind in ["rpo", "resync", "down", "cache", "cache-critical", "drain"] {
         metrics::gauge!("lifeboat_alerts", "kind" => kind)
             .set(*kinds.get(kind).unwrap_or(&0) as f64);
     }
     Ok(())
+}
+
+/// Process-server cache alerts: over 75% (warning) and 90% (critical) of its quota, and a
+/// forecast time to drain the cache longer than the strictest RPO threshold of the machines
+/// it serves (cache bytes over the drain rate; data arriving with nothing draining counts as
+/// never).
+fn cache_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
+    let state = node.state();
+    let machines = state.machines()?;
+    let mut out = Vec::new();
+    for r in state.identities()? {
+        if r.role != Role::ProcessServer || r.revoked.is_some() {
+            continue;
+        }
+        let (_, facts, connected) = node.live_view(&r);
+        if !connected || facts.cache_quota_bytes == 0 {
+            continue;
+        }
+        let subject = format!("process server {}", r.name);
+        let fill = facts.cache_used_bytes as f64 / facts.cache_quota_bytes as f64;
+        let usage = format!(
+            "cache {} MiB of its {} MiB quota ({:.0}%)",
+            facts.cache_used_bytes >> 20,
+            facts.cache_quota_bytes >> 20,
+            fill * 100.0
+        );
+        for (level, key, severity) in [
+            (0.75, "cache", "warning"),
+            (0.9, "cache-critical", "critical"),
+        ] {
+            if fill > level {
+                out.push(Alert {
+                    key: format!("{key}/{}", r.id),
+                    severity: severity.into(),
+                    subject: subject.clone(),
+                    message: format!(
+                        "{usage}: master targets are not keeping up; agents are slowed and fall back to resync at the limit"
+                    ),
+                    raised_at_ms: now,
+                });
+            }
+        }
+        let mut threshold = u64::MAX;
+        for m in machines.iter().filter(|m| m.ps_id == r.id) {
+            if let Some(p) = state.policy(&m.policy)? {
+                if p.rpo_threshold_secs > 0 {
+                    threshold = threshold.min(p.rpo_threshold_secs);
+                }
+            }
+        }
+        let drain = facts.cache_drain_bytes_per_sec;
+        let forecast = if drain > 0.0 {
+            facts.cache_used_bytes as f64 / drain
+        } else if facts.cache_fill_bytes_per_sec > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        };
+        if threshold != u64::MAX && forecast > threshold as f64 {
+            let when = if forecast.is_finite() {
+                format!("{forecast:.0}s at {:.1} MB/s", drain / 1e6)
+            } else {
+                "never: nothing is draining while data arrives".into()
+            };
+            out.push(Alert {
+                key: format!("drain/{}", r.id),
+                severity: "warning".into(),
+                subject,
+                message: format!(
+                    "{usage} drains in {when}, longer than the RPO threshold of {threshold}s"
+                ),
+                raised_at_ms: now,
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn protect_progress(

@@ -4,7 +4,7 @@
 //! written (temp file, fsync, rename). A crash in between leaves the marker behind the data;
 //! the process server still holds those batches and sends them again, and re-applying a batch
 //! is a plain overwrite, so the replica converges.
-use lifeboat_common::fsutil;
+use lifeboat_common::{blockhash, fsutil};
 use lifeboat_proto::v1::ChangeBatch;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -163,5 +163,25 @@ impl Replica {
             .max(self.state.applied_write_unix_ms);
         self.save_state()?;
         Ok(self.state.applied_seq)
+    }
+}
+
+impl Replica {
+    /// Hashes `length` bytes at `offset` in blocks of `block_size` (bounds checked by the
+    /// caller with `blockhash::check_span`).
+    pub fn hashes(
+        &self,
+        offset: u64,
+        length: u64,
+        block_size: u64,
+    ) -> Result<Vec<blockhash::BlockHash>, ReplicaError> {
+        let mut data = vec![0u8; length as usize];
+        self.image
+            .read_at(&mut data, offset)
+            .map_err(|source| ReplicaError::Image {
+                disk: self.state.disk_id.clone(),
+                source,
+            })?;
+        Ok(blockhash::hash_blocks(&data, block_size))
     }
 }

@@ -5,6 +5,7 @@
 //! stream with an error and nothing from it on is applied.
 use crate::replicas::{ReplicaEntry, Replicas};
 use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::blockhash;
 use lifeboat_common::group::Groups;
 use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::Role;
@@ -135,6 +136,34 @@ impl ReplicaRpc for ReplicaService {
             applied_write_unix_ms: state.applied_write_unix_ms,
             size_bytes: state.size_bytes,
         }))
+    }
+
+    async fn hashes(
+        &self,
+        request: Request<v1::HashRequest>,
+    ) -> Result<Response<v1::HashResponse>, Status> {
+        let peer = self.authorize(&request)?;
+        let r = request.into_inner();
+        let entry = owned(&self.replicas, &peer, &r.disk_id)?;
+        let size = entry.assignment().size_bytes;
+        blockhash::check_span(r.offset, r.length, r.block_size, size)
+            .map_err(|e| Status::invalid_argument(format!("disk {}: {e}", r.disk_id)))?;
+        tokio::task::spawn_blocking(move || {
+            let replica = entry
+                .replica
+                .lock()
+                .map_err(|_| Status::internal("replica lock poisoned"))?;
+            let hashes = replica
+                .hashes(r.offset, r.length, r.block_size as u64)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            Ok(Response::new(v1::HashResponse {
+                disk_id: r.disk_id,
+                applied_seq: replica.state().applied_seq,
+                hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+            }))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
     }
 
     type ApplyStream = ReceiverStream<Result<ApplyAck, Status>>;

@@ -4,6 +4,7 @@
 //! stopped, unexported and its local state dropped.
 use crate::capture::Splitter;
 use crate::disk::DiskAgent;
+use crate::settings::Tuning;
 use lifeboat_common::assigned::Assigned;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::{DiskAssignment, DiskReport};
@@ -16,17 +17,20 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub nbd: nbd::Server,
     pub cancel: CancellationToken,
+    pub tuning: Tuning,
     disks: Assigned<DiskAgent>,
 }
 
 impl Agent {
     pub fn new(
         identity: Arc<Identity>,
+        tuning: Tuning,
         state_dir: PathBuf,
         cancel: CancellationToken,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             identity,
+            tuning,
             state_dir,
             nbd: nbd::Server::new(nbd::ServerConfig::default()),
             cancel,
@@ -54,7 +58,7 @@ impl Agent {
             },
             |assignment| {
                 let (id, name) = (assignment.disk_id.clone(), assignment.disk_name.clone());
-                let disk = match DiskAgent::start(self.identity.clone(), assignment, self.state_dir.join(&id), self.cancel.child_token()) {
+                let disk = match DiskAgent::start(self.identity.clone(), assignment, self.state_dir.join(&id), self.tuning.clone(), self.cancel.child_token()) {
                     Ok(disk) => disk,
                     Err(e) => {
                         tracing::error!(disk = %id, "cannot start capture: {e:#}");

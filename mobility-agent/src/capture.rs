@@ -6,6 +6,7 @@
 //! NBD client is answered only after that, so an acknowledged write is both on the source and
 //! recorded for replication (in the queue, and durably in the dirty map until shipped).
 use crate::dirty::DirtyMap;
+use lifeboat_common::blockhash::{self, BlockHash};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
@@ -14,15 +15,35 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Above this many queued bytes a workload write waits for the shipper (flow control): a burst
-/// faster than replication is slowed to replication speed rather than breaking the stream.
-pub const THROTTLE_BYTES: u64 = 256 * 1024 * 1024;
-/// How long one write may wait for room before the agent gives up on the stream.
-pub const THROTTLE_WAIT: Duration = Duration::from_secs(10);
-/// Captured bytes the agent holds for shipping before it gives up on the stream and falls back
-/// to the dirty map (the disk then needs a resync): reached only when the process server stays
-/// unreachable or slower than the workload for longer than `THROTTLE_WAIT`.
-pub const MAX_QUEUED_BYTES: u64 = 512 * 1024 * 1024;
+/// How much the capture queue may hold, and for how long a write may wait for room.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Above this many queued bytes a workload write waits for the shipper (flow control): a
+    /// burst faster than replication is slowed to replication speed rather than breaking the
+    /// stream.
+    pub throttle_bytes: u64,
+    /// How long one write may wait for room. When it is up the agent gives up on the stream
+    /// and falls back to the dirty map (the disk then needs a resync) rather than stalling the
+    /// workload further.
+    pub throttle_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            throttle_bytes: 256 * 1024 * 1024,
+            throttle_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// Queued bytes beyond which the stream is given up at once (writes that were not made to
+    /// wait, such as a resync's reads, can push the queue past the throttle mark).
+    fn max_queued(&self) -> u64 {
+        self.throttle_bytes.saturating_mul(2)
+    }
+}
 
 /// One captured write or initial-sync read, in source order.
 #[derive(Debug, Clone)]
@@ -65,6 +86,7 @@ pub struct Capture {
     pub queued: Notify,
     /// Signalled when the shipper took items (room for throttled writes).
     drained: Condvar,
+    limits: Limits,
 }
 
 pub fn now_ms() -> i64 {
@@ -86,7 +108,7 @@ impl Queue {
 }
 
 impl Capture {
-    pub fn new(source: File, size: u64, dirty: DirtyMap) -> Arc<Capture> {
+    pub fn new(source: File, size: u64, dirty: DirtyMap, limits: Limits) -> Arc<Capture> {
         Arc::new(Capture {
             source,
             size,
@@ -99,19 +121,27 @@ impl Capture {
             }),
             queued: Notify::new(),
             drained: Condvar::new(),
+            limits,
         })
     }
 
     /// Locks the queue, first waiting (bounded) while it is over the throttle mark.
     fn lock_with_room(&self) -> io::Result<MutexGuard<'_, Queue>> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        if q.bytes <= THROTTLE_BYTES || q.overflowed {
+        let limits = self.limits;
+        if q.bytes <= limits.throttle_bytes || q.overflowed {
             return Ok(q);
         }
         let started = Instant::now();
-        while q.bytes > THROTTLE_BYTES && !q.overflowed {
-            let left = THROTTLE_WAIT.saturating_sub(started.elapsed());
+        metrics::counter!("lifeboat_agent_throttled_writes_total").increment(1);
+        while q.bytes > limits.throttle_bytes && !q.overflowed {
+            let left = limits.throttle_wait.saturating_sub(started.elapsed());
             if left.is_zero() {
+                tracing::warn!(
+                    "a write waited {:?} for the process server: falling back to dirty-region tracking; the disk needs a resync",
+                    limits.throttle_wait
+                );
+                Self::overflow(&mut q);
                 break;
             }
             q = self
@@ -120,9 +150,19 @@ impl Capture {
                 .map_err(|_| poisoned())?
                 .0;
         }
-        metrics::counter!("lifeboat_agent_throttled_seconds_total")
-            .increment(started.elapsed().as_secs());
+        metrics::counter!("lifeboat_agent_throttled_milliseconds_total")
+            .increment(started.elapsed().as_millis() as u64);
         Ok(q)
+    }
+
+    /// Gives up on the stream: the dirty map already holds every queued region.
+    fn overflow(q: &mut Queue) {
+        if !q.overflowed {
+            metrics::counter!("lifeboat_agent_stream_breaks_total").increment(1);
+        }
+        q.overflowed = true;
+        q.items.clear();
+        q.bytes = 0;
     }
 
     fn push(&self, q: &mut Queue, mut item: Captured) {
@@ -130,14 +170,12 @@ impl Capture {
         q.next_index += 1;
         q.bytes += item.data.len() as u64;
         q.items.push_back(item);
-        if q.bytes > MAX_QUEUED_BYTES && !q.overflowed {
-            tracing::warn!("capture queue over {MAX_QUEUED_BYTES} bytes: falling back to dirty-region tracking; the disk needs a resync");
-            q.overflowed = true;
+        let max = self.limits.max_queued();
+        if q.bytes > max && !q.overflowed {
+            tracing::warn!("capture queue over {max} bytes: falling back to dirty-region tracking; the disk needs a resync");
         }
-        if q.overflowed {
-            // The dirty map already holds every queued region.
-            q.items.clear();
-            q.bytes = 0;
+        if q.bytes > max || q.overflowed {
+            Self::overflow(q);
         }
     }
 
@@ -212,6 +250,74 @@ impl Capture {
         drop(q);
         self.queued.notify_one();
         Ok(shipped)
+    }
+
+    /// Resync and scan: reads `len` bytes at `offset` (in the same critical section as writes,
+    /// so the read is ordered with them), hashes its blocks, and queues those whose hash
+    /// differs from `known` (the replica's, or the last shipped) — runs of differing blocks
+    /// as one extent, all-zero runs as zero-fills. Returns the bytes queued and the blocks'
+    /// hashes. The dirty regions read are settled as of this point (see `DirtyMap::resynced`).
+    pub fn compare_read(
+        &self,
+        offset: u64,
+        len: u64,
+        known: &[BlockHash],
+    ) -> io::Result<(u64, Vec<BlockHash>)> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        let mut data = vec![0u8; len as usize];
+        self.source.read_exact_at(&mut data, offset)?;
+        let hashes = blockhash::hash_blocks(&data, blockhash::BLOCK);
+        let block = blockhash::BLOCK as usize;
+        let mut shipped = 0u64;
+        let mut i = 0;
+        while i < hashes.len() {
+            if known.get(i) == Some(&hashes[i]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < hashes.len() && known.get(i) != Some(&hashes[i]) {
+                i += 1;
+            }
+            let bytes = &data[start * block..(i * block).min(data.len())];
+            let at = offset + (start * block) as u64;
+            let item = if bytes.iter().all(|b| *b == 0) {
+                Captured {
+                    index: 0,
+                    at_ms: now_ms(),
+                    offset: at,
+                    data: Vec::new(),
+                    zero_length: bytes.len() as u64,
+                    sync: true,
+                }
+            } else {
+                Captured {
+                    index: 0,
+                    at_ms: now_ms(),
+                    offset: at,
+                    data: bytes.to_vec(),
+                    zero_length: 0,
+                    sync: true,
+                }
+            };
+            shipped += bytes.len() as u64;
+            self.push(&mut q, item);
+        }
+        let index = q.last_index();
+        q.dirty.resynced(offset, len, index);
+        drop(q);
+        if shipped > 0 {
+            self.queued.notify_one();
+        }
+        Ok((shipped, hashes))
+    }
+
+    /// Ends the stream's fallback to the dirty map (a resync starts); returns the dirty ranges
+    /// to compare.
+    pub fn resume_stream(&self) -> io::Result<Vec<(u64, u64)>> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        q.overflowed = false;
+        Ok(q.dirty.dirty_ranges(self.size))
     }
 
     /// Takes up to `max_bytes` (at least one item) from the head of the queue.

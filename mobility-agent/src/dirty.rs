@@ -3,6 +3,11 @@
 //! a clean region reaches the source, so a crash can never hide a write: after a restart every
 //! set bit is resynced. Bits are cleared lazily once everything written to the region is
 //! durable downstream; a stale set bit only costs a little extra resync.
+//!
+//! Next to the bits the file keeps, per region, when it last went from clean to dirty (Unix
+//! seconds): the oldest of those over the set bits bounds the age of the oldest write that may
+//! not have reached the replica, which is the RPO reported while a resync is pending.
+//! Layout: the bits, padded to a page, then one little-endian u32 per region.
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -20,6 +25,15 @@ pub struct DirtyMap {
     last_write: Vec<u64>,
     /// Pages changed in memory since the last write-back.
     dirty_pages: Vec<bool>,
+    /// Per region: Unix seconds when it went dirty (meaningful while its bit is set).
+    since: Vec<u32>,
+}
+
+fn now_secs() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(0)
 }
 
 impl DirtyMap {
@@ -39,10 +53,20 @@ impl DirtyMap {
             let n = on_disk.min(len);
             file.read_exact_at(&mut bits[..n], 0)?;
         }
-        file.set_len(len as u64)?;
+        let since_at = Self::since_offset(len);
+        let mut raw = vec![0u8; regions * 4];
+        if on_disk > since_at {
+            let n = (on_disk - since_at).min(raw.len());
+            file.read_exact_at(&mut raw[..n], since_at as u64)?;
+        }
+        let since = raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        file.set_len((since_at + regions * 4) as u64)?;
         file.sync_all()?;
         // Bits set before this start stand for writes whose fate is unknown: only a resync
-        // of the region (`clear_range`) may clear them.
+        // of the region (`resynced`, then `clear_through`) may clear them.
         let last_write = (0..regions)
             .map(|r| {
                 if bits[r / 8] & (1 << (r % 8)) != 0 {
@@ -57,7 +81,30 @@ impl DirtyMap {
             bits,
             last_write,
             dirty_pages: vec![false; len.div_ceil(PAGE)],
+            since,
         })
+    }
+
+    fn since_offset(bits_len: usize) -> usize {
+        bits_len.div_ceil(PAGE) * PAGE
+    }
+
+    fn write_since(&self, r: usize) -> io::Result<()> {
+        let at = Self::since_offset(self.bits.len()) + r * 4;
+        self.file
+            .write_all_at(&self.since[r].to_le_bytes(), at as u64)
+    }
+
+    /// Unix seconds when the longest-dirty region went dirty (`None`: all clean). Regions
+    /// marked by a version that kept no time count as dirty since `fallback`.
+    pub fn oldest_dirty_secs(&self, fallback: u32) -> Option<u32> {
+        (0..self.last_write.len())
+            .filter(|r| self.is_set(*r))
+            .map(|r| match self.since[r] {
+                0 => fallback,
+                t => t,
+            })
+            .min()
     }
 
     fn regions(offset: u64, len: u64) -> std::ops::Range<usize> {
@@ -80,6 +127,8 @@ impl DirtyMap {
     /// a region was clean. Call before the write reaches the source.
     pub fn mark(&mut self, offset: u64, len: u64, index: u64) -> io::Result<()> {
         let mut newly = Vec::new();
+        let mut regions = Vec::new();
+        let now = now_secs();
         for r in Self::regions(offset, len) {
             if r >= self.last_write.len() {
                 break;
@@ -87,7 +136,9 @@ impl DirtyMap {
             self.last_write[r] = index;
             if !self.is_set(r) {
                 self.bits[r / 8] |= 1 << (r % 8);
+                self.since[r] = now;
                 newly.push(r / 8 / PAGE);
+                regions.push(r);
             }
         }
         if newly.is_empty() {
@@ -96,6 +147,9 @@ impl DirtyMap {
         newly.dedup();
         for page in newly {
             self.write_page(page)?;
+        }
+        for r in regions {
+            self.write_since(r)?;
         }
         self.file.sync_data()
     }
@@ -122,31 +176,42 @@ impl DirtyMap {
         }
     }
 
-    /// Clears the regions wholly inside `offset..offset+len` that have not been written since
-    /// capture index `since` (a resync shipped them as of that point).
-    pub fn clear_range(&mut self, offset: u64, len: u64, since: u64) {
+    /// A resync queued the regions inside `offset..offset+len` (whatever differed from the
+    /// replica) as of capture index `index`: their bits clear once that index is durable
+    /// downstream (`clear_through`), unless a later write keeps them set.
+    pub fn resynced(&mut self, offset: u64, len: u64, index: u64) {
         for r in Self::regions(offset, len) {
-            let start = r as u64 * REGION;
-            if start < offset || start + REGION > offset + len {
-                continue;
-            }
-            if self.is_set(r) && (self.last_write[r] == u64::MAX || self.last_write[r] <= since) {
-                self.bits[r / 8] &= !(1 << (r % 8));
-                self.last_write[r] = 0;
-                self.dirty_pages[r / 8 / PAGE] = true;
+            // Writes made while the map stood in for the stream (never queued) have indices
+            // below `index`: the region must wait for the resync's data, not for theirs.
+            if r < self.last_write.len()
+                && self.is_set(r)
+                && (self.last_write[r] == u64::MAX || self.last_write[r] < index)
+            {
+                self.last_write[r] = index;
             }
         }
     }
 
-    /// Marks every region dirty (the whole disk must be resynced).
+    /// Marks every region dirty (the whole disk must be resynced: the replica's stream lost
+    /// data the dirty map had already let go of).
     pub fn mark_all(&mut self) -> io::Result<()> {
-        let regions = self.last_write.len();
-        for r in 0..regions {
-            self.bits[r / 8] |= 1 << (r % 8);
+        let now = now_secs();
+        for r in 0..self.last_write.len() {
+            if !self.is_set(r) {
+                self.bits[r / 8] |= 1 << (r % 8);
+                self.since[r] = now;
+            }
+            self.last_write[r] = u64::MAX;
         }
         for page in 0..self.dirty_pages.len() {
             self.write_page(page)?;
         }
+        let mut raw = Vec::with_capacity(self.since.len() * 4);
+        for t in &self.since {
+            raw.extend_from_slice(&t.to_le_bytes());
+        }
+        self.file
+            .write_all_at(&raw, Self::since_offset(self.bits.len()) as u64)?;
         self.file.sync_data()
     }
 

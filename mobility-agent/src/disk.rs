@@ -5,6 +5,7 @@
 use crate::capture::{now_ms, Capture, Captured};
 use crate::dirty::DirtyMap;
 use crate::progress::{InFlight, Phase, Progress};
+use crate::settings::Tuning;
 use lifeboat_common::batch::{self, KIND_STREAM, KIND_SYNC};
 use lifeboat_common::{fsutil, tls, Identity, Role};
 use lifeboat_proto::v1::{
@@ -12,7 +13,7 @@ use lifeboat_proto::v1::{
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -39,9 +40,14 @@ pub struct DiskAgent {
     pub capture: Arc<Capture>,
     pub progress: Mutex<Progress>,
     state_dir: PathBuf,
-    identity: Arc<Identity>,
+    pub(crate) identity: Arc<Identity>,
     pub stop: CancellationToken,
+    pub tuning: Tuning,
     sync_started: AtomicBool,
+    /// A resync task is running (at most one per disk).
+    pub resync_running: AtomicBool,
+    /// The process server's cache fill (percent of its quota) as last reported.
+    pub cache_fill_percent: AtomicU32,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -55,6 +61,7 @@ impl DiskAgent {
         identity: Arc<Identity>,
         assignment: DiskAssignment,
         state_dir: PathBuf,
+        tuning: Tuning,
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<DiskAgent>> {
         fsutil::create_private_dir(&state_dir)?;
@@ -82,7 +89,7 @@ impl DiskAgent {
         } else {
             Phase::Streaming
         };
-        let capture = Capture::new(source, size, dirty);
+        let capture = Capture::new(source, size, dirty, tuning.limits);
         if let Phase::ResyncRequired(why) = &phase {
             tracing::warn!(disk = %assignment.disk_id, "{why}: tracking changes in the dirty map until a resync");
             if let Ok(mut q) = capture.queue.lock() {
@@ -97,7 +104,10 @@ impl DiskAgent {
             state_dir,
             identity,
             stop,
+            tuning,
             sync_started: AtomicBool::new(false),
+            resync_running: AtomicBool::new(false),
+            cache_fill_percent: AtomicU32::new(0),
         });
         tokio::spawn(ship(agent.clone()));
         Ok(agent)
@@ -110,14 +120,57 @@ impl DiskAgent {
             .unwrap_or_default()
     }
 
-    pub fn report(&self) -> Option<DiskReport> {
-        let oldest = self.capture.oldest_queued_ms();
-        let queued = self.capture.queued_bytes();
-        let p = self.progress.lock().ok()?;
-        Some(p.report(&self.disk_id, now_ms(), oldest, queued))
+    /// Moves to ResyncRequired if the capture queue gave up on the stream. Called by the
+    /// shipper and by every report, since the shipper may be blocked sending to a process
+    /// server that holds its stream.
+    fn note_overflow(&self) {
+        if !self.capture.overflowed() {
+            return;
+        }
+        let broke = self.progress.lock().is_ok_and(|p| {
+            p.phase != Phase::InitialSync && !matches!(p.phase, Phase::ResyncRequired(_))
+        });
+        if broke {
+            self.set_phase(Phase::ResyncRequired(
+                "replication could not keep up with the writes (process server slow, full or unreachable)".into(),
+            ));
+        }
     }
 
-    fn set_phase(&self, phase: Phase) {
+    pub fn report(&self) -> Option<DiskReport> {
+        self.note_overflow();
+        let oldest = self.capture.oldest_queued_ms();
+        let queued = self.capture.queued_bytes();
+        let now = now_ms();
+        let phase = self.progress.lock().ok()?.phase.clone();
+        let (since, dirty) = match phase {
+            Phase::ResyncRequired(_) | Phase::Resyncing => {
+                let q = self.capture.queue.lock().ok()?;
+                let since = q
+                    .dirty
+                    .oldest_dirty_secs((now / 1000) as u32)
+                    .map(|s| s as i64 * 1000);
+                let dirty = if phase == Phase::Resyncing {
+                    None
+                } else {
+                    Some(
+                        q.dirty
+                            .dirty_ranges(self.capture.size)
+                            .iter()
+                            .map(|(a, b)| b - a)
+                            .sum::<u64>(),
+                    )
+                };
+                (since, dirty)
+            }
+            _ => (None, Some(0)),
+        };
+        let mut p = self.progress.lock().ok()?;
+        let dirty = dirty.unwrap_or(p.sync_total.saturating_sub(p.sync_done));
+        Some(p.report(&self.disk_id, now, oldest, queued, since, dirty))
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
         if let Ok(mut p) = self.progress.lock() {
             if p.phase != phase {
                 tracing::info!(disk = %self.disk_id, "replication phase: {}", phase.name());
@@ -211,15 +264,26 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
         }
         p.durable(resume.durable_seq);
         p.applied(resume.applied_seq);
-        if p.unacked
+        let lost = p
+            .unacked
             .front()
-            .is_some_and(|b| b.seq > resume.durable_seq + 1)
-        {
+            .map_or(p.next_seq > resume.durable_seq + 1, |b| {
+                b.seq > resume.durable_seq + 1
+            });
+        if lost {
+            // Batches it had acknowledged are gone, and the dirty map let go of their regions
+            // when they were acknowledged: only a comparison of the whole disk is safe.
+            tracing::warn!(disk = %agent.disk_id, durable = resume.durable_seq, next = p.next_seq,
+                "the process server lost acknowledged batches: resyncing the whole disk");
             p.unacked.clear();
             p.in_flight.clear();
+            p.next_seq = resume.durable_seq + 1;
             p.phase = Phase::ResyncRequired("the process server lost acknowledged batches".into());
             if let Ok(mut q) = agent.capture.queue.lock() {
                 q.overflowed = true;
+                q.items.clear();
+                q.bytes = 0;
+                q.dirty.mark_all()?;
             }
         }
         p.unacked.iter().cloned().collect()
@@ -232,6 +296,9 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
         let zeros_matter = resume.durable_seq > 0 || resume.applied_seq > 0;
         tokio::spawn(initial_sync(agent.clone(), zeros_matter));
     }
+    agent
+        .cache_fill_percent
+        .store(resume.cache_fill_percent, Ordering::Relaxed);
 
     let (tx, rx) = mpsc::channel::<ChangeBatch>(64);
     let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
@@ -244,14 +311,13 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
     loop {
         send_ready(agent, &tx).await?;
         check_sync_complete(agent)?;
-        if agent.capture.overflowed() {
-            if let Ok(mut p) = agent.progress.lock() {
-                if !matches!(p.phase, Phase::ResyncRequired(_)) {
-                    p.phase = Phase::ResyncRequired(
-                        "the capture queue overflowed: the process server could not keep up".into(),
-                    );
-                }
-            }
+        agent.note_overflow();
+        let needs_resync = agent
+            .progress
+            .lock()
+            .is_ok_and(|p| matches!(p.phase, Phase::ResyncRequired(_)));
+        if needs_resync && !agent.resync_running.swap(true, Ordering::SeqCst) {
+            tokio::spawn(crate::resync::run(agent.clone()));
         }
         let window_full = agent
             .progress
@@ -264,6 +330,7 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
             biased;
             ack = acks.message() => {
                 let Some(ack) = ack? else { anyhow::bail!("the process server ended the stream") };
+                agent.cache_fill_percent.store(ack.cache_fill_percent, Ordering::Relaxed);
                 on_ack(agent, ack.durable_seq, ack.applied_seq)?;
             }
             _ = agent.capture.queued.notified(), if !window_full => {}
@@ -285,6 +352,9 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
+            agent
+                .cache_fill_percent
+                .store(r.cache_fill_percent, Ordering::Relaxed);
             on_ack(agent, r.durable_seq, r.applied_seq)?;
         }
     }
@@ -298,7 +368,7 @@ async fn send_ready(agent: &Arc<DiskAgent>, tx: &mpsc::Sender<ChangeBatch>) -> a
                 .progress
                 .lock()
                 .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
-            if matches!(p.phase, Phase::ResyncRequired(_)) {
+            if matches!(p.phase, Phase::ResyncRequired(_)) && agent.capture.overflowed() {
                 return Ok(());
             }
             let unacked: u64 = p
@@ -349,9 +419,9 @@ fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Initial sync is complete when everything up to the last sync read is applied.
+/// An initial sync or a resync is complete when everything up to its last read is applied.
 fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
-    let done = {
+    let (phase, last) = {
         let p = agent
             .progress
             .lock()
@@ -359,8 +429,17 @@ fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
         let Some(last) = p.sync_last_index else {
             return Ok(());
         };
-        p.phase == Phase::InitialSync
-            && p.in_flight.front().is_none_or(|f| f.first_index > last)
+        (p.phase.clone(), last)
+    };
+    if !matches!(phase, Phase::InitialSync | Phase::Resyncing) {
+        return Ok(());
+    }
+    let done = {
+        let p = agent
+            .progress
+            .lock()
+            .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
+        p.in_flight.front().is_none_or(|f| f.first_index > last)
             && agent
                 .capture
                 .queue
@@ -368,13 +447,30 @@ fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
                 .map(|q| q.items.front().is_none_or(|i| i.index > last))
                 .unwrap_or(false)
     };
-    if done {
+    if !done {
+        return Ok(());
+    }
+    if phase == Phase::Resyncing {
+        // Everything the resync read is applied: the regions it settled are clean unless
+        // written since (their newer writes are in the stream).
+        let mut q = agent
+            .capture
+            .queue
+            .lock()
+            .map_err(|_| anyhow::anyhow!("capture poisoned"))?;
+        q.dirty.clear_through(last);
+        q.dirty.write_back()?;
+        tracing::info!(disk = %agent.disk_id, "resync complete: the replica matches the source");
+    } else {
         let bytes = serde_json::to_vec(&DiskState {
             initial_sync_done: true,
         })?;
         fsutil::durable_write(&state_path(&agent.state_dir), &bytes, 0o600)?;
-        agent.set_phase(Phase::Streaming);
     }
+    if let Ok(mut p) = agent.progress.lock() {
+        p.sync_last_index = None;
+    }
+    agent.set_phase(Phase::Streaming);
     Ok(())
 }
 

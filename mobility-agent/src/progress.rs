@@ -1,15 +1,18 @@
 //! Where one disk's replication stands, as the agent knows it: phase, sequence numbers at each
 //! hop, initial-sync progress, and the batches still in flight — from which the RPO (age of
 //! the oldest captured write not yet applied on the master target) and the backlog follow.
+use lifeboat_common::rate::Rate;
 use lifeboat_proto::v1::{ChangeBatch, DiskReport};
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Phase {
     InitialSync,
     Streaming,
     ResyncRequired(String),
+    /// Comparing dirty regions with the replica and shipping what differs.
+    Resyncing,
 }
 
 impl Phase {
@@ -18,7 +21,13 @@ impl Phase {
             Phase::InitialSync => "initial_sync",
             Phase::Streaming => "streaming",
             Phase::ResyncRequired(_) => "resync_required",
+            Phase::Resyncing => "resync",
         }
+    }
+
+    /// The stream alone does not describe the replica: dirty regions must be compared.
+    pub fn needs_resync(&self) -> bool {
+        matches!(self, Phase::ResyncRequired(_) | Phase::Resyncing)
     }
 }
 
@@ -49,6 +58,9 @@ pub struct Progress {
     /// Capture index of the last initial-sync read, once the scan has finished: the initial
     /// sync is complete when everything up to it is applied.
     pub sync_last_index: Option<u64>,
+    /// Payload bytes applied on the master target since start, and their recent rate.
+    pub applied_bytes: u64,
+    drain: Rate,
 }
 
 impl Progress {
@@ -64,6 +76,8 @@ impl Progress {
             sync_done: 0,
             sync_started: None,
             sync_last_index: None,
+            applied_bytes: 0,
+            drain: Rate::new(Duration::from_secs(15)),
         }
     }
 
@@ -96,7 +110,9 @@ impl Progress {
             .front()
             .is_some_and(|f| f.seq <= self.applied_seq)
         {
-            self.in_flight.pop_front();
+            if let Some(f) = self.in_flight.pop_front() {
+                self.applied_bytes += f.bytes;
+            }
         }
     }
 
@@ -115,20 +131,32 @@ impl Progress {
         }
     }
 
+    /// `oldest_queued_ms`: capture time of the capture queue's oldest item; `dirty_since_ms`:
+    /// while a resync is pending, when the longest-dirty region went dirty (its writes may not
+    /// have reached the replica); `dirty_bytes`: bytes of dirty regions a resync still has to
+    /// compare (counted as pending).
     pub fn report(
-        &self,
+        &mut self,
         disk_id: &str,
         now_ms: i64,
         oldest_queued_ms: Option<i64>,
         queued_bytes: u64,
+        dirty_since_ms: Option<i64>,
+        dirty_bytes: u64,
     ) -> DiskReport {
         let pending: u64 = self.in_flight.iter().map(|f| f.bytes).sum::<u64>() + queued_bytes;
+        let syncing = matches!(self.phase, Phase::InitialSync | Phase::Resyncing);
         let rate = match self.sync_started {
-            Some(t) if self.phase == Phase::InitialSync && t.elapsed().as_secs_f64() > 0.5 => {
+            Some(t) if syncing && t.elapsed().as_secs_f64() > 0.5 => {
                 self.sync_done as f64 / t.elapsed().as_secs_f64()
             }
             _ => 0.0,
         };
+        let mut rpo = self.rpo_secs(now_ms, oldest_queued_ms);
+        if let (true, Some(since)) = (self.phase.needs_resync(), dirty_since_ms) {
+            rpo = rpo.max((now_ms - since).max(0) as f64 / 1000.0);
+        }
+        let pending = pending + dirty_bytes;
         DiskReport {
             disk_id: disk_id.to_string(),
             phase: self.phase.name().into(),
@@ -136,7 +164,8 @@ impl Progress {
             durable_seq: self.durable_seq,
             applied_seq: self.applied_seq,
             pending_bytes: pending,
-            rpo_secs: self.rpo_secs(now_ms, oldest_queued_ms),
+            rpo_secs: rpo,
+            drain_bytes_per_sec: self.drain.sample(self.applied_bytes),
             sync_total_bytes: self.sync_total,
             sync_done_bytes: self.sync_done,
             sync_bytes_per_sec: rate,

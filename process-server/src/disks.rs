@@ -4,6 +4,7 @@
 //! assigned is dropped with its cache (it was unprotected).
 use crate::cache::{CacheKey, DiskCache};
 use crate::forward;
+use crate::quota::Quota;
 use lifeboat_common::assigned::Assigned;
 use lifeboat_common::component::RevocationList;
 use lifeboat_common::Identity;
@@ -27,6 +28,8 @@ pub struct DiskEntry {
     /// Bytes received (plain) and stored (compressed and sealed), for the compression ratio.
     pub plain_bytes: AtomicU64,
     pub stored_bytes: AtomicU64,
+    /// The process server's cache quota (shared by every disk).
+    pub quota: Arc<Quota>,
     /// Cancelled when the disk is no longer assigned here.
     pub stop: CancellationToken,
 }
@@ -46,6 +49,7 @@ impl DiskEntry {
 
 pub struct Disks {
     pub cache_dir: PathBuf,
+    pub quota: Arc<Quota>,
     pub key: Arc<CacheKey>,
     pub identity: Arc<Identity>,
     pub revocations: RevocationList,
@@ -56,6 +60,7 @@ pub struct Disks {
 impl Disks {
     pub fn new(
         cache_dir: PathBuf,
+        quota: Arc<Quota>,
         key: Arc<CacheKey>,
         identity: Arc<Identity>,
         revocations: RevocationList,
@@ -63,6 +68,7 @@ impl Disks {
     ) -> Arc<Disks> {
         Arc::new(Disks {
             cache_dir,
+            quota,
             key,
             identity,
             revocations,
@@ -115,6 +121,7 @@ impl Disks {
                     applied,
                     plain_bytes: AtomicU64::new(0),
                     stored_bytes: AtomicU64::new(0),
+                    quota: self.quota.clone(),
                     stop: self.cancel.child_token(),
                 });
                 tracing::info!(disk = %id, "disk assigned here: forwarding to its master target");
@@ -122,6 +129,14 @@ impl Disks {
                 Some(entry)
             },
         );
+    }
+
+    /// Bytes the cache holds now, over all disks.
+    pub fn cache_used(&self) -> u64 {
+        self.all()
+            .iter()
+            .map(|d| d.cache.lock().map(|c| c.bytes()).unwrap_or(0))
+            .sum()
     }
 
     /// Total cache bytes and the compression ratio so far.

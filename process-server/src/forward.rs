@@ -5,12 +5,16 @@
 use crate::cache::Cursor;
 use crate::disks::DiskEntry;
 use lifeboat_common::{tls, Identity, Role};
-use lifeboat_proto::v1::{replica_client::ReplicaClient, ChangeBatch, ResumeRequest};
+use lifeboat_proto::v1::{
+    replica_client::ReplicaClient, ChangeBatch, DiskAssignment, ResumeRequest,
+};
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 
 /// Payload bytes read from the cache at a time.
 const READ_BYTES: usize = 8 * 1024 * 1024;
@@ -39,8 +43,11 @@ pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
     }
 }
 
-async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<()> {
-    let assignment = entry.assignment();
+/// A client of the disk's master target.
+pub fn replica_client(
+    identity: &Identity,
+    assignment: &DiskAssignment,
+) -> anyhow::Result<ReplicaClient<Channel>> {
     if assignment.master_target_address.is_empty() {
         anyhow::bail!("the master target's address is not known yet");
     }
@@ -49,9 +56,14 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
         &assignment.master_target_address,
         Role::MasterTarget,
     )?;
-    let mut client = ReplicaClient::new(channel)
+    Ok(ReplicaClient::new(channel)
         .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
+}
+
+async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<()> {
+    let assignment = entry.assignment();
+    let mut client = replica_client(identity, &assignment)?;
     let status = client
         .status(ResumeRequest {
             disk_id: entry.disk_id.clone(),
@@ -131,7 +143,11 @@ async fn release(entry: &Arc<DiskEntry>, applied: u64) -> anyhow::Result<()> {
             // the disk moved here): continue after what it has.
             cache.skip_to(applied);
         }
+        let before = cache.bytes();
         cache.release_through(applied)?;
+        e.quota
+            .released_total
+            .fetch_add(before.saturating_sub(cache.bytes()), Ordering::Relaxed);
         Ok(())
     })
     .await?

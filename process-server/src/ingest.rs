@@ -5,7 +5,9 @@
 //! written again; a gap, a bad checksum or a foreign disk ends the stream with an error and
 //! nothing from the bad batch on is stored.
 use crate::disks::{DiskEntry, Disks};
+use crate::quota::Admission;
 use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::blockhash;
 use lifeboat_common::group::Groups;
 use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::Role;
@@ -63,14 +65,58 @@ fn batch_status(e: BatchError) -> Status {
     }
 }
 
-fn ack(entry: &DiskEntry, durable: u64) -> IngestAck {
+fn ack(disks: &Disks, entry: &DiskEntry, durable: u64) -> IngestAck {
     let (applied_seq, applied_write_unix_ms) = entry.applied();
     IngestAck {
         disk_id: entry.disk_id.clone(),
         durable_seq: durable,
         applied_seq,
         applied_write_unix_ms,
+        cache_fill_percent: disks.quota.fill_percent(disks.cache_used()),
     }
+}
+
+/// Flow control: waits until the cache quota admits at least the first of `batches`, slowing
+/// the stream as the cache fills (see `quota`); returns how many of them it admits.
+async fn admitted(disks: &Disks, batches: &[ChangeBatch]) -> usize {
+    let mut held_since: Option<std::time::Instant> = None;
+    let taken = loop {
+        let used = disks.cache_used();
+        let (free, _) = lifeboat_common::facts::space(&disks.cache_dir);
+        let mut incoming = 0u64;
+        let mut fits = 0;
+        let mut delay = std::time::Duration::ZERO;
+        for b in batches {
+            incoming += batch::payload_bytes(b) as u64;
+            match disks.quota.admit(used, incoming, free) {
+                Admission::Accept => {}
+                Admission::Slow(d) => delay = d,
+                Admission::Full => break,
+            }
+            fits += 1;
+        }
+        if fits > 0 {
+            if !delay.is_zero() {
+                metrics::counter!("lifeboat_ps_flow_control_delays_total").increment(1);
+                tokio::time::sleep(delay).await;
+            }
+            break fits;
+        }
+        if held_since.is_none() {
+            tracing::warn!(
+                used,
+                quota = disks.quota.quota_bytes,
+                "cache full: holding agent streams until the master targets drain it"
+            );
+            held_since = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    if let Some(t) = held_since {
+        metrics::counter!("lifeboat_ps_cache_full_seconds_total")
+            .increment(t.elapsed().as_secs().max(1));
+    }
+    taken
 }
 
 /// Checks and stores a group of batches; returns one ack per disk touched.
@@ -117,33 +163,40 @@ async fn store(
         // Store the good prefix even if a later batch was bad: it is acknowledged below only
         // if there is no error, and kept either way (the agent resumes after it).
         let compress = assignment.compression;
-        let payload: u64 = fresh.iter().map(|b| batch::payload_bytes(b) as u64).sum();
-        let durable = if fresh.is_empty() {
-            expected - 1
-        } else {
+        let mut durable = expected - 1;
+        let mut rest = fresh;
+        while !rest.is_empty() {
+            // As much of the group as the quota admits, with one fsync for it.
+            let take = admitted(disks, &rest).await;
+            let chunk: Vec<ChangeBatch> = rest.drain(..take).collect();
+            let payload: u64 = chunk.iter().map(|b| batch::payload_bytes(b) as u64).sum();
             let entry2 = entry.clone();
-            let (durable, plain, stored) = tokio::task::spawn_blocking(move || {
+            let (now_durable, plain, stored) = tokio::task::spawn_blocking(move || {
                 let mut cache = entry2
                     .cache
                     .lock()
                     .map_err(|_| Status::internal("cache lock poisoned"))?;
                 cache
-                    .append(&fresh, compress)
+                    .append(&chunk, compress)
                     .map_err(|e| Status::unavailable(e.to_string()))
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
+            durable = now_durable;
             entry.plain_bytes.fetch_add(plain, Ordering::Relaxed);
             entry.stored_bytes.fetch_add(stored, Ordering::Relaxed);
+            disks
+                .quota
+                .stored_total
+                .fetch_add(stored, Ordering::Relaxed);
             metrics::counter!("lifeboat_ps_ingest_bytes_total").increment(payload);
             entry.appended.notify_one();
-            durable
-        };
+        }
         if let Some(status) = error {
             tracing::warn!(disk = %disk_id, agent = %peer.id, "batch refused: {}", status.message());
             return Err(status);
         }
-        acks.push(ack(&entry, durable));
+        acks.push(ack(disks, &entry, durable));
     }
     Ok(acks)
 }
@@ -165,7 +218,26 @@ impl Ingest for IngestService {
         Ok(Response::new(v1::ResumeResponse {
             durable_seq: durable.max(applied),
             applied_seq: applied,
+            cache_fill_percent: self.disks.quota.fill_percent(self.disks.cache_used()),
         }))
+    }
+
+    /// Asks the disk's master target; the agent cannot reach it directly.
+    async fn hashes(
+        &self,
+        request: Request<v1::HashRequest>,
+    ) -> Result<Response<v1::HashResponse>, Status> {
+        let peer = self.authorize(&request)?;
+        let r = request.into_inner();
+        let entry = owned_disk(&self.disks, &peer, &r.disk_id)?;
+        let assignment = entry.assignment();
+        blockhash::check_span(r.offset, r.length, r.block_size, assignment.size_bytes)
+            .map_err(|e| Status::invalid_argument(format!("disk {}: {e}", r.disk_id)))?;
+        let mut client = crate::forward::replica_client(&self.disks.identity, &assignment)
+            .map_err(|e| {
+                Status::unavailable(format!("master target of disk {}: {e}", r.disk_id))
+            })?;
+        client.hashes(r).await
     }
 
     type PushStream = ReceiverStream<Result<IngestAck, Status>>;

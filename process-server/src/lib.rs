@@ -5,6 +5,7 @@ pub mod cache;
 pub mod disks;
 mod forward;
 pub mod ingest;
+pub mod quota;
 
 use cache::CacheKey;
 use disks::Disks;
@@ -33,12 +34,16 @@ struct FileConfig {
     common: CommonFileConfig,
     /// Disk cache directory (default: DATA/cache).
     cache_dir: Option<PathBuf>,
+    /// Cache quota in MiB (default: 80% of the cache file system).
+    cache_quota_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub common: CommonSettings,
     pub cache_dir: PathBuf,
+    /// 0: the default share of the cache file system (see `quota`).
+    pub cache_quota_mib: u64,
 }
 
 impl ComponentSettings for Settings {
@@ -54,7 +59,11 @@ impl ComponentSettings for Settings {
         let cache_dir = file
             .cache_dir
             .unwrap_or_else(|| common.data_dir.join("cache"));
-        Ok(Settings { common, cache_dir })
+        Ok(Settings {
+            common,
+            cache_dir,
+            cache_quota_mib: file.cache_quota_mib.unwrap_or(0),
+        })
     }
 
     fn prepare(&self) -> anyhow::Result<()> {
@@ -78,10 +87,16 @@ struct PsReporter<'a> {
 impl Reporter for PsReporter<'_> {
     fn facts(&self) -> v1::ComponentFacts {
         let (cache_bytes, ratio) = self.disks.cache_totals();
+        let (fill_rate, drain_rate) = self.disks.quota.rates();
         metrics::gauge!("lifeboat_ps_cache_bytes").set(cache_bytes as f64);
+        metrics::gauge!("lifeboat_ps_cache_quota_bytes").set(self.disks.quota.quota_bytes as f64);
         metrics::gauge!("lifeboat_ps_compression_ratio").set(ratio);
-        let facts = self.settings.facts();
+        let mut facts = self.settings.facts();
         metrics::gauge!("lifeboat_ps_cache_free_bytes").set(facts.free_bytes as f64);
+        facts.cache_quota_bytes = self.disks.quota.quota_bytes;
+        facts.cache_used_bytes = cache_bytes;
+        facts.cache_fill_bytes_per_sec = fill_rate;
+        facts.cache_drain_bytes_per_sec = drain_rate;
         facts
     }
 
@@ -120,6 +135,20 @@ fn describe_metrics() {
         "Bytes held in the disk cache"
     );
     metrics::describe_gauge!(
+        "lifeboat_ps_cache_quota_bytes",
+        metrics::Unit::Bytes,
+        "Most bytes the disk cache may hold"
+    );
+    metrics::describe_counter!(
+        "lifeboat_ps_flow_control_delays_total",
+        "Incoming batch groups delayed because the cache is over 75% of its quota"
+    );
+    metrics::describe_counter!(
+        "lifeboat_ps_cache_full_seconds_total",
+        metrics::Unit::Seconds,
+        "Time agent streams were held because the cache was full"
+    );
+    metrics::describe_gauge!(
         "lifeboat_ps_cache_free_bytes",
         metrics::Unit::Bytes,
         "Free space of the cache file system"
@@ -148,8 +177,15 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let key =
         CacheKey::load_or_create(&settings.common.data_dir.join("private").join("cache.key"))?;
     let revocations = RevocationList::default();
+    let quota = quota::Quota::new(settings.cache_dir.clone(), settings.cache_quota_mib);
+    tracing::info!(
+        quota_bytes = quota.quota_bytes,
+        "cache quota {} MiB",
+        quota.quota_bytes >> 20
+    );
     let disks = Disks::new(
         settings.cache_dir.clone(),
+        Arc::new(quota),
         Arc::new(key),
         identity,
         revocations.clone(),

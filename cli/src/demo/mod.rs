@@ -89,6 +89,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         data_dir: data_dir.join("stack"),
         cs_listen: ports.cs,
         ps_listen: ports.ps,
+        ps_cache_quota_mib: 0,
         mt_listen: ports.mt,
         metrics_listen: ports.metrics,
         log_format: LogFormat::Text,
@@ -143,8 +144,10 @@ async fn demonstrate(
         disks: vec![DiskConfig {
             name: "disk0".into(),
             path: disk.clone(),
+            mode: Default::default(),
         }],
         nbd_listen: nbd,
+        tuning: Default::default(),
     };
     agent.prepare()?;
     let register = lifeboat_common::component::RegisterArgs {

@@ -45,6 +45,15 @@ pub struct Facts {
     pub disk_slots_total: u32,
     pub disk_slots_free: u32,
     pub disks: Vec<DiskFacts>,
+    /// Process servers: cache quota and use, and fill/drain rates (bytes/s, last 15 s).
+    #[serde(default)]
+    pub cache_quota_bytes: u64,
+    #[serde(default)]
+    pub cache_used_bytes: u64,
+    #[serde(default)]
+    pub cache_fill_bytes_per_sec: f64,
+    #[serde(default)]
+    pub cache_drain_bytes_per_sec: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -108,6 +117,10 @@ impl Facts {
                     size_bytes: d.size_bytes,
                 })
                 .collect(),
+            cache_quota_bytes: f.cache_quota_bytes,
+            cache_used_bytes: f.cache_used_bytes,
+            cache_fill_bytes_per_sec: f.cache_fill_bytes_per_sec,
+            cache_drain_bytes_per_sec: f.cache_drain_bytes_per_sec,
         }
     }
 
@@ -131,6 +144,10 @@ impl Facts {
                     size_bytes: d.size_bytes,
                 })
                 .collect(),
+            cache_quota_bytes: self.cache_quota_bytes,
+            cache_used_bytes: self.cache_used_bytes,
+            cache_fill_bytes_per_sec: self.cache_fill_bytes_per_sec,
+            cache_drain_bytes_per_sec: self.cache_drain_bytes_per_sec,
         }
     }
 }

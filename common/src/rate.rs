@@ -1,0 +1,54 @@
+//! A rate over a sliding window, from a cumulative counter sampled when the rate is asked for
+//! (heartbeats and reports do it every few seconds). Used for ETAs and drain forecasts.
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct Rate {
+    window: Duration,
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl Rate {
+    pub fn new(window: Duration) -> Rate {
+        Rate {
+            window,
+            samples: VecDeque::new(),
+        }
+    }
+
+    /// Records `total` (a cumulative count) now; returns units per second over the window, 0
+    /// until there is half a second of history.
+    pub fn sample(&mut self, total: u64) -> f64 {
+        self.sample_at(Instant::now(), total)
+    }
+
+    fn sample_at(&mut self, now: Instant, total: u64) -> f64 {
+        self.samples.push_back((now, total));
+        while self.samples.len() > 2 && now - self.samples[1].0 >= self.window {
+            self.samples.pop_front();
+        }
+        let (t0, first) = self.samples[0];
+        let secs = (now - t0).as_secs_f64();
+        if secs < 0.5 {
+            return 0.0;
+        }
+        total.saturating_sub(first) as f64 / secs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_follows_the_recent_window() {
+        let mut r = Rate::new(Duration::from_secs(10));
+        let t = Instant::now();
+        assert_eq!(r.sample_at(t, 0), 0.0);
+        assert_eq!(r.sample_at(t + Duration::from_secs(5), 500), 100.0);
+        // Old samples fall out of the window: only the last ~10 s count.
+        r.sample_at(t + Duration::from_secs(20), 500);
+        assert_eq!(r.sample_at(t + Duration::from_secs(30), 1500), 100.0);
+    }
+}

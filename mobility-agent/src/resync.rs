@@ -1,0 +1,201 @@
+//! Resync: bringing a disk whose stream broke (agent restart, queue overflow, process server
+//! cache full or lost) back to Protected without copying it whole. The dirty map says which
+//! regions may differ from the replica; for each, the agent asks the replica's block hashes
+//! (through the process server, from the master target), reads the region in order with
+//! workload writes, and ships only the blocks whose hashes differ.
+//!
+//! Why this is exact: the pass starts by re-enabling the stream (`Capture::resume_stream`), so
+//! every write from then on is queued in order; it first waits until the master target has
+//! applied every batch sent before that point, so the replica holds no older batch still to
+//! come. A region read at queue position P then equals the source at P; where the replica's
+//! hash already matches it, replaying the queued writes before P onto it yields the same bytes,
+//! and where it differs the shipped blocks overwrite it. Either way, after the queue up to P is
+//! applied the region equals the source at P, and the stream carries it on from there.
+//!
+//! Pace: workload writes keep priority (the pass waits while the capture queue is busy), but
+//! never below the configured floor rate, so a resync always finishes.
+use crate::disk::DiskAgent;
+use crate::progress::Phase;
+use lifeboat_common::blockhash::{self, BlockHash, HASH_LEN};
+use lifeboat_common::{tls, Role};
+use lifeboat_proto::v1::{ingest_client::IngestClient, HashRequest, ResumeRequest};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Bytes compared per hash request.
+const CHUNK: u64 = 8 * 1024 * 1024;
+/// While more than this is queued for shipping, the resync yields to workload writes.
+const BUSY_QUEUE: u64 = 32 * 1024 * 1024;
+/// The resync waits until the process server's cache is below this fill.
+const CACHE_FILL_START: u32 = 50;
+
+/// Runs resync passes until the disk no longer needs one (or the agent stops).
+pub async fn run(agent: Arc<DiskAgent>) {
+    let mut backoff = Duration::from_millis(500);
+    while !agent.stop.is_cancelled() {
+        match pass(&agent).await {
+            Ok(true) => break,
+            Ok(false) => backoff = Duration::from_millis(500),
+            Err(e) => {
+                tracing::warn!(disk = %agent.disk_id, "resync: {e:#}; retrying");
+                agent.set_phase(Phase::ResyncRequired(format!("resync interrupted: {e}")));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = agent.stop.cancelled() => break,
+        }
+    }
+    agent.resync_running.store(false, Ordering::SeqCst);
+}
+
+fn client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Channel>> {
+    let assignment = agent.assignment();
+    if assignment.process_server_address.is_empty() {
+        anyhow::bail!("the process server's address is not known yet");
+    }
+    let channel = tls::mtls_channel(
+        &agent.identity,
+        &assignment.process_server_address,
+        Role::ProcessServer,
+    )?;
+    Ok(IngestClient::new(channel)
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
+}
+
+/// Waits until everything sent is applied on the master target and the process server's
+/// cache has room; `false` if the agent stopped.
+async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> anyhow::Result<bool> {
+    let mut said = false;
+    loop {
+        let r = client
+            .resume(ResumeRequest {
+                disk_id: agent.disk_id.clone(),
+            })
+            .await?
+            .into_inner();
+        agent
+            .cache_fill_percent
+            .store(r.cache_fill_percent, Ordering::Relaxed);
+        let settled = agent.progress.lock().is_ok_and(|p| {
+            p.next_seq > 0
+                && p.unacked.is_empty()
+                && r.applied_seq >= p.next_seq - 1
+                && r.applied_seq >= r.durable_seq
+        });
+        if settled && r.cache_fill_percent < CACHE_FILL_START {
+            return Ok(true);
+        }
+        if !said {
+            tracing::info!(disk = %agent.disk_id, cache_fill = r.cache_fill_percent,
+                "resync waits for the batches in flight to be applied and the process server's cache to drain");
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = agent.stop.cancelled() => return Ok(false),
+        }
+    }
+}
+
+/// One pass over the dirty regions; `true` when it completed.
+async fn pass(agent: &Arc<DiskAgent>) -> anyhow::Result<bool> {
+    let mut client = client(agent)?;
+    if !settle(agent, &mut client).await? {
+        return Ok(false);
+    }
+    let ranges = agent.capture.resume_stream()?;
+    let total: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    tracing::info!(disk = %agent.disk_id, dirty_bytes = total, "resync started");
+    if let Ok(mut p) = agent.progress.lock() {
+        p.sync_total = total;
+        p.sync_done = 0;
+        p.sync_started = Some(Instant::now());
+        p.sync_last_index = None;
+    }
+    agent.set_phase(Phase::Resyncing);
+    let started = Instant::now();
+    let floor = agent.tuning.resync_floor_bytes_per_sec as f64;
+    let (mut done, mut shipped) = (0u64, 0u64);
+    for (start, end) in ranges {
+        let mut offset = start;
+        while offset < end {
+            // Yield to workload writes while they fill the queue, unless behind the floor.
+            while agent.capture.queued_bytes() > BUSY_QUEUE
+                && done as f64 >= floor * started.elapsed().as_secs_f64()
+            {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = agent.stop.cancelled() => return Ok(false),
+                }
+            }
+            if agent.capture.overflowed() {
+                anyhow::bail!("the stream broke again during the resync");
+            }
+            let len = CHUNK.min(end - offset);
+            let replica = replica_hashes(agent, &mut client, offset, len).await?;
+            let c = agent.capture.clone();
+            let (sent, _) =
+                tokio::task::spawn_blocking(move || c.compare_read(offset, len, &replica))
+                    .await??;
+            metrics::counter!("lifeboat_agent_resync_compared_bytes_total").increment(len);
+            metrics::counter!("lifeboat_agent_resync_shipped_bytes_total").increment(sent);
+            offset += len;
+            done += len;
+            shipped += sent;
+            if let Ok(mut p) = agent.progress.lock() {
+                p.sync_done = done;
+            }
+        }
+    }
+    let last = agent
+        .capture
+        .queue
+        .lock()
+        .map(|q| q.last_index())
+        .map_err(|_| anyhow::anyhow!("capture poisoned"))?;
+    if let Ok(mut p) = agent.progress.lock() {
+        p.sync_last_index = Some(last);
+    }
+    agent.capture.queued.notify_one();
+    tracing::info!(disk = %agent.disk_id, compared = done, shipped,
+        secs = started.elapsed().as_secs_f64(), "resync pass finished; completes once applied");
+    Ok(true)
+}
+
+/// The replica's hashes of `len` bytes at `offset`, checked for shape.
+pub async fn replica_hashes(
+    agent: &DiskAgent,
+    client: &mut IngestClient<Channel>,
+    offset: u64,
+    len: u64,
+) -> anyhow::Result<Vec<BlockHash>> {
+    let r = client
+        .hashes(HashRequest {
+            disk_id: agent.disk_id.clone(),
+            offset,
+            length: len,
+            block_size: blockhash::BLOCK as u32,
+        })
+        .await?
+        .into_inner();
+    let expected = len.div_ceil(blockhash::BLOCK) as usize;
+    if r.hashes.len() != expected || r.hashes.iter().any(|h| h.len() != HASH_LEN) {
+        anyhow::bail!(
+            "the replica answered {} hashes for {expected} blocks",
+            r.hashes.len()
+        );
+    }
+    Ok(r.hashes
+        .iter()
+        .map(|h| {
+            let mut a = [0u8; HASH_LEN];
+            a.copy_from_slice(h);
+            a
+        })
+        .collect())
+}

@@ -1,0 +1,294 @@
+//! Replication that survives, with real processes: kill -9 of the agent under writes is
+//! followed by a resync that ships only the blocks that differ, and a process server with a
+//! tiny cache quota slows its agent, lets it fall back to dirty-region tracking, and recovers
+//! through a resync — each ending in a `qemu-img compare` that finds the replica identical.
+use lifeboat_e2e::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const WAIT: Duration = Duration::from_secs(120);
+const MIB: u64 = 1 << 20;
+
+fn have_qemu() -> bool {
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        eprintln!("SKIP: qemu-io is not installed (Debian package qemu-utils)");
+        return false;
+    }
+    true
+}
+
+fn qemu_io(url: &str, commands: &[String]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(url).output().expect("qemu-io");
+    assert!(
+        out.status.success() && !text(&out).contains("failed"),
+        "qemu-io {commands:?}: {}",
+        text(&out)
+    );
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn disk_status(ctx: &Path) -> serde_json::Value {
+    lifeboat_json(ctx, &["status", "--json"])["disks"][0].clone()
+}
+
+/// Waits until the disk is Protected with nothing pending, in a report made after `since`.
+fn caught_up(ctx: &Path, since: i64) {
+    wait_until("replication caught up", WAIT, || {
+        let d = disk_status(ctx);
+        d["last_report_unix_ms"].as_i64().unwrap_or(0) > since
+            && d["pending_bytes"] == 0
+            && d["rpo_secs"].as_f64() == Some(0.0)
+            && d["state"] == "Protected"
+    });
+}
+
+fn assert_identical(source: &Path, replica: &Path) {
+    qemu_check_vpc(replica);
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vpc"])
+        .arg(source)
+        .arg(replica)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "source and replica differ: {}",
+        text(&out)
+    );
+}
+
+/// A counter's value in a Prometheus text page (0 if absent).
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    cs: CsNode,
+    ps: Component,
+    mt: Component,
+    agent: Component,
+    source: std::path::PathBuf,
+    url: String,
+}
+
+impl Setup {
+    /// A stack with one protected machine whose `size`-byte disk holds 0x5a in its first
+    /// `data` bytes; returns once the initial sync is done.
+    fn protected(
+        size: u64,
+        data: u64,
+        ps_config: &str,
+        agent_flags: &[&str],
+        policy_flags: &[&str],
+    ) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cs, _) = CsNode::init(tmp.path().join("cs"));
+        let ctx = cs.context();
+        let source = tmp.path().join("db01.img");
+        std::fs::File::create(&source)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        qemu_io(
+            &source.display().to_string(),
+            &[format!("write -P 0x5a 0 {data}")],
+        );
+        let ps_args: Vec<String> = if ps_config.is_empty() {
+            Vec::new()
+        } else {
+            let path = tmp.path().join("ps.toml");
+            std::fs::write(&path, ps_config).unwrap();
+            vec!["--config".into(), path.display().to_string()]
+        };
+        let ps_args: Vec<&str> = ps_args.iter().map(String::as_str).collect();
+        let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &ps_args);
+        let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
+        let disk_arg = format!("disk0={}", source.display());
+        let mut flags = vec!["--disk", &disk_arg];
+        flags.extend(agent_flags);
+        let mut agent = Component::register("mobility-agent", "db01", tmp.path(), &cs, &flags);
+        ps.start();
+        mt.start();
+        agent.start();
+        wait_until("agent connected", WAIT, || {
+            servers(&ctx, "agent")
+                .first()
+                .is_some_and(|a| a["status"] == "Connected")
+        });
+        let mut policy = vec!["policy", "create", "gold", "--rpo-threshold", "15m"];
+        policy.extend(policy_flags);
+        assert!(lifeboat(&ctx, &policy).status.success());
+        let out = lifeboat(&ctx, &["protect", "db01", "--policy", "gold"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let out = lifeboat(&ctx, &["jobs", "--watch"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let url = format!("nbd://{}/disk0", agent.nbd);
+        Setup {
+            tmp,
+            cs,
+            ps,
+            mt,
+            agent,
+            source,
+            url,
+        }
+    }
+
+    fn replica(&self) -> std::path::PathBuf {
+        let disk_id = disk_status(&self.cs.context())["disk_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.mt.dir.join("replicas").join(disk_id).join("disk.vhd")
+    }
+}
+
+#[test]
+fn agent_killed_under_writes_resyncs_only_what_differs() {
+    if !have_qemu() {
+        return;
+    }
+    let size = 512 * MIB;
+    let mut s = Setup::protected(size, 200 * MIB, "", &[], &[]);
+    let ctx = s.cs.context();
+    let replica = s.replica();
+
+    // kill -9 while a writer is busy and the process server is paused, so nothing the writer
+    // sends becomes durable downstream: the agent's dirty map is all that remembers it.
+    let ps_pid = s.ps.proc().pid().to_string();
+    signal("STOP", &ps_pid);
+    let url = s.url.clone();
+    let writer = std::thread::spawn(move || {
+        for i in 0..24u64 {
+            let cmd = format!("write -P {} {}M 1M", 0x10 + i, 10 + i * 13);
+            let _ = Command::new("qemu-io")
+                .args(["-f", "raw", "-c", &cmd, &url])
+                .output();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    s.agent.proc().kill9();
+    writer.join().unwrap();
+    signal("CONT", &ps_pid);
+
+    s.agent.start();
+    wait_until("ResyncRequired or Resyncing reported", WAIT, || {
+        let d = disk_status(&ctx);
+        d["state"] == "ResyncRequired" || d["state"] == "Resyncing" || {
+            // A fast resync may finish between two looks: the agent's log shows it ran.
+            s.agent.proc().log_text().contains("resync started")
+        }
+    });
+    // Writes continue during the resync.
+    qemu_io(&s.url, &["write -P 0x99 400M 1M".into()]);
+    let t = now_ms();
+    caught_up(&ctx, t);
+    assert_identical(&s.source, &replica);
+
+    let page = http_get(&s.agent.metrics, "/metrics").unwrap();
+    let compared = metric(&page, "lifeboat_agent_resync_compared_bytes_total");
+    let shipped = metric(&page, "lifeboat_agent_shipped_bytes_total");
+    assert!(compared > 0.0, "the resync compared nothing:\n{page}");
+    assert!(
+        compared < (size / 2) as f64,
+        "the resync compared {compared} bytes of a {size}-byte disk"
+    );
+    assert!(
+        shipped < (size / 8) as f64,
+        "after the restart the agent shipped {shipped} bytes of a {size}-byte disk"
+    );
+    let log = s.agent.proc().log_text();
+    assert!(log.contains("resync complete"), "{log}");
+    let history = lifeboat(&ctx, &["status", "db01"]);
+    assert!(history.status.success(), "{}", text(&history));
+    drop(s.tmp);
+}
+
+fn signal(name: &str, pid: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name} {pid}");
+}
+
+#[test]
+fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() {
+    if !have_qemu() {
+        return;
+    }
+    let size = 256 * MIB;
+    let mut s = Setup::protected(
+        size,
+        16 * MIB,
+        "cache_quota_mib = 24\n",
+        &["--capture-queue-mib", "8", "--throttle-wait-secs", "2"],
+        // Patterns compress to nothing; stored as they are they fill the cache.
+        &["--no-compression"],
+    );
+    let ctx = s.cs.context();
+    let replica = s.replica();
+
+    // The master target stops taking data (as if its link stalled): the cache fills.
+    let mt_pid = s.mt.proc().pid().to_string();
+    signal("STOP", &mt_pid);
+    let commands: Vec<String> = (0..160u64)
+        .map(|i| format!("write -P {} {}M 1M", 0x20 + i % 200, 32 + i))
+        .collect();
+    qemu_io(&s.url, &commands);
+    wait_until("ResyncRequired", WAIT, || {
+        disk_status(&ctx)["state"] == "ResyncRequired"
+    });
+    let d = disk_status(&ctx);
+    assert!(
+        d["state_reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("could not keep up"),
+        "{d}"
+    );
+    wait_until("cache alert", WAIT, || {
+        let alerts = lifeboat(&ctx, &["alerts", "--json"]);
+        let a = text(&alerts);
+        a.contains("quota") && a.contains("process server ps1")
+    });
+    let agent_page = http_get(&s.agent.metrics, "/metrics").unwrap();
+    assert!(
+        metric(&agent_page, "lifeboat_agent_throttled_writes_total") >= 1.0,
+        "flow control never made a write wait:\n{agent_page}"
+    );
+    assert!(metric(&agent_page, "lifeboat_agent_stream_breaks_total") >= 1.0);
+
+    // The link comes back: the cache drains, the resync runs, the disk is Protected again.
+    signal("CONT", &mt_pid);
+    let t = now_ms();
+    caught_up(&ctx, t);
+    assert_identical(&s.source, &replica);
+    let ps_page = http_get(&s.ps.metrics, "/metrics").unwrap();
+    assert!(
+        metric(&ps_page, "lifeboat_ps_cache_full_seconds_total")
+            + metric(&ps_page, "lifeboat_ps_flow_control_delays_total")
+            >= 1.0,
+        "the process server never held or slowed a stream:\n{ps_page}"
+    );
+    wait_until("cache alerts cleared", WAIT, || {
+        !text(&lifeboat(&ctx, &["alerts", "--json"])).contains("quota")
+    });
+}
