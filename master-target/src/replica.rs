@@ -31,6 +31,12 @@ pub struct ReplicaState {
     pub applied_seq: u64,
     /// Capture time of the newest write applied (0: none).
     pub applied_write_unix_ms: i64,
+    /// The newest recovery-point tag applied (e.g. "crash:1700000000000:fuzzy") and the seq of
+    /// its batch; recovery points themselves are the retention journal's business.
+    #[serde(default)]
+    pub last_tag: String,
+    #[serde(default)]
+    pub last_tag_seq: u64,
 }
 
 pub struct Replica {
@@ -100,6 +106,8 @@ impl Replica {
             size_bytes,
             applied_seq: 0,
             applied_write_unix_ms: 0,
+            last_tag: String::new(),
+            last_tag_seq: 0,
         };
         let replica = Replica {
             dir: dir.to_path_buf(),
@@ -154,6 +162,10 @@ impl Replica {
             }
         }
         self.image.flush().map_err(image_err)?;
+        if let Some(tagged) = batches.iter().rev().find(|b| !b.tags.is_empty()) {
+            self.state.last_tag = tagged.tags.last().cloned().unwrap_or_default();
+            self.state.last_tag_seq = tagged.seq;
+        }
         self.state.applied_seq = last.seq;
         self.state.applied_write_unix_ms = batches
             .iter()

@@ -3,11 +3,12 @@
 //! disk's name) so the workload can write through the splitter; a disk no longer protected is
 //! stopped, unexported and its local state dropped.
 use crate::capture::Splitter;
-use crate::disk::DiskAgent;
-use crate::settings::Tuning;
+use crate::disk::{DiskAgent, DiskStart};
+use crate::settings::{CaptureMode, DiskConfig, Tuning};
 use lifeboat_common::assigned::Assigned;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::{DiskAssignment, DiskReport};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,8 @@ pub struct Agent {
     pub nbd: nbd::Server,
     pub cancel: CancellationToken,
     pub tuning: Tuning,
+    /// How each disk (by name) is captured.
+    modes: HashMap<String, CaptureMode>,
     disks: Assigned<DiskAgent>,
 }
 
@@ -25,12 +28,14 @@ impl Agent {
     pub fn new(
         identity: Arc<Identity>,
         tuning: Tuning,
+        disks: &[DiskConfig],
         state_dir: PathBuf,
         cancel: CancellationToken,
     ) -> Arc<Agent> {
         Arc::new(Agent {
             identity,
             tuning,
+            modes: disks.iter().map(|d| (d.name.clone(), d.mode)).collect(),
             state_dir,
             nbd: nbd::Server::new(nbd::ServerConfig::default()),
             cancel,
@@ -58,13 +63,26 @@ impl Agent {
             },
             |assignment| {
                 let (id, name) = (assignment.disk_id.clone(), assignment.disk_name.clone());
-                let disk = match DiskAgent::start(self.identity.clone(), assignment, self.state_dir.join(&id), self.tuning.clone(), self.cancel.child_token()) {
+                let mode = self.modes.get(&name).copied().unwrap_or_default();
+                let start = DiskStart {
+                    identity: self.identity.clone(),
+                    assignment,
+                    state_dir: self.state_dir.join(&id),
+                    tuning: self.tuning.clone(),
+                    mode,
+                    stop: self.cancel.child_token(),
+                };
+                let disk = match DiskAgent::start(start) {
                     Ok(disk) => disk,
                     Err(e) => {
                         tracing::error!(disk = %id, "cannot start capture: {e:#}");
                         return None;
                     }
                 };
+                if mode == CaptureMode::Scan {
+                    tracing::info!(disk = %id, "disk protected: capturing changes by periodic scans");
+                    return Some(disk);
+                }
                 let export = nbd::Export::new(name.clone(), Splitter(disk.capture.clone()))
                     .with_description(format!("Lifeboat-protected disk {id}"));
                 if let Err(e) = self.nbd.add_export(export) {

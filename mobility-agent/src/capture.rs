@@ -56,6 +56,8 @@ pub struct Captured {
     pub zero_length: u64,
     /// Initial-sync data rather than a workload write.
     pub sync: bool,
+    /// A recovery-point tag placed after everything queued before it (no data).
+    pub tag: Option<String>,
 }
 
 impl Captured {
@@ -192,6 +194,7 @@ impl Capture {
             data,
             zero_length: 0,
             sync: false,
+            tag: None,
         };
         self.push(&mut q, item);
         drop(q);
@@ -218,6 +221,7 @@ impl Capture {
             data: Vec::new(),
             zero_length: len,
             sync: false,
+            tag: None,
         };
         self.push(&mut q, item);
         drop(q);
@@ -245,6 +249,7 @@ impl Capture {
             data: if zero { Vec::new() } else { data },
             zero_length: if zero { len } else { 0 },
             sync: true,
+            tag: None,
         };
         self.push(&mut q, item);
         drop(q);
@@ -289,6 +294,7 @@ impl Capture {
                     data: Vec::new(),
                     zero_length: bytes.len() as u64,
                     sync: true,
+                    tag: None,
                 }
             } else {
                 Captured {
@@ -298,6 +304,7 @@ impl Capture {
                     data: bytes.to_vec(),
                     zero_length: 0,
                     sync: true,
+                    tag: None,
                 }
             };
             shipped += bytes.len() as u64;
@@ -310,6 +317,24 @@ impl Capture {
             self.queued.notify_one();
         }
         Ok((shipped, hashes))
+    }
+
+    /// Places a recovery-point tag after everything queued so far.
+    pub fn tag(&self, tag: String) -> io::Result<()> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        let item = Captured {
+            index: 0,
+            at_ms: now_ms(),
+            offset: 0,
+            data: Vec::new(),
+            zero_length: 0,
+            sync: true,
+            tag: Some(tag),
+        };
+        self.push(&mut q, item);
+        drop(q);
+        self.queued.notify_one();
+        Ok(())
     }
 
     /// Ends the stream's fallback to the dirty map (a resync starts); returns the dirty ranges
@@ -334,7 +359,12 @@ impl Capture {
             bytes += front.covered();
             let item = q.items.pop_front().expect("front exists");
             q.bytes -= item.data.len() as u64;
+            // A batch's tags stand after all of its writes: end the batch at a tag.
+            let tagged = item.tag.is_some();
             out.push(item);
+            if tagged {
+                break;
+            }
         }
         drop(q);
         if !out.is_empty() {

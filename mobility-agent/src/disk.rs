@@ -5,7 +5,7 @@
 use crate::capture::{now_ms, Capture, Captured};
 use crate::dirty::DirtyMap;
 use crate::progress::{InFlight, Phase, Progress};
-use crate::settings::Tuning;
+use crate::settings::{CaptureMode, Tuning};
 use lifeboat_common::batch::{self, KIND_STREAM, KIND_SYNC};
 use lifeboat_common::{fsutil, tls, Identity, Role};
 use lifeboat_proto::v1::{
@@ -13,7 +13,7 @@ use lifeboat_proto::v1::{
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -34,6 +34,16 @@ struct DiskState {
     initial_sync_done: bool,
 }
 
+/// What starting a disk's capture needs.
+pub struct DiskStart {
+    pub identity: Arc<Identity>,
+    pub assignment: DiskAssignment,
+    pub state_dir: PathBuf,
+    pub tuning: Tuning,
+    pub mode: CaptureMode,
+    pub stop: CancellationToken,
+}
+
 pub struct DiskAgent {
     pub disk_id: String,
     pub assignment: RwLock<DiskAssignment>,
@@ -43,11 +53,16 @@ pub struct DiskAgent {
     pub(crate) identity: Arc<Identity>,
     pub stop: CancellationToken,
     pub tuning: Tuning,
+    pub mode: CaptureMode,
     sync_started: AtomicBool,
     /// A resync task is running (at most one per disk).
     pub resync_running: AtomicBool,
     /// The process server's cache fill (percent of its quota) as last reported.
     pub cache_fill_percent: AtomicU32,
+    /// Scan mode: start time (Unix ms) of the newest scan wholly applied on the master target
+    /// (0: none yet); the disk's RPO is its age.
+    pub scan_point_ms: AtomicI64,
+    started_ms: i64,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -57,13 +72,15 @@ fn state_path(dir: &Path) -> PathBuf {
 impl DiskAgent {
     /// Opens the source and the dirty map, decides where replication stands, and starts
     /// shipping.
-    pub fn start(
-        identity: Arc<Identity>,
-        assignment: DiskAssignment,
-        state_dir: PathBuf,
-        tuning: Tuning,
-        stop: CancellationToken,
-    ) -> anyhow::Result<Arc<DiskAgent>> {
+    pub fn start(start: DiskStart) -> anyhow::Result<Arc<DiskAgent>> {
+        let DiskStart {
+            identity,
+            assignment,
+            state_dir,
+            tuning,
+            mode,
+            stop,
+        } = start;
         fsutil::create_private_dir(&state_dir)?;
         let source = std::fs::OpenOptions::new()
             .read(true)
@@ -105,11 +122,17 @@ impl DiskAgent {
             identity,
             stop,
             tuning,
+            mode,
             sync_started: AtomicBool::new(false),
             resync_running: AtomicBool::new(false),
             cache_fill_percent: AtomicU32::new(0),
+            scan_point_ms: AtomicI64::new(0),
+            started_ms: now_ms(),
         });
         tokio::spawn(ship(agent.clone()));
+        if mode == CaptureMode::Scan {
+            tokio::spawn(crate::scan::run(agent.clone()));
+        }
         Ok(agent)
     }
 
@@ -167,7 +190,16 @@ impl DiskAgent {
         };
         let mut p = self.progress.lock().ok()?;
         let dirty = dirty.unwrap_or(p.sync_total.saturating_sub(p.sync_done));
-        Some(p.report(&self.disk_id, now, oldest, queued, since, dirty))
+        let mut report = p.report(&self.disk_id, now, oldest, queued, since, dirty);
+        if self.mode == CaptureMode::Scan {
+            // Changes since the newest applied scan are not captured anywhere yet.
+            let point = match self.scan_point_ms.load(Ordering::Relaxed) {
+                0 => self.started_ms,
+                t => t,
+            };
+            report.rpo_secs = report.rpo_secs.max((now - point).max(0) as f64 / 1000.0);
+        }
+        Some(report)
     }
 
     pub fn set_phase(&self, phase: Phase) {
@@ -191,19 +223,23 @@ fn build(disk_id: &str, seq: u64, items: Vec<Captured>) -> (ChangeBatch, InFligh
     };
     let all_sync = items.iter().all(|i| i.sync);
     let last = items.iter().map(|i| i.at_ms).max().unwrap_or(0);
-    let extents = items
-        .into_iter()
-        .map(|i| Extent {
-            offset: i.offset,
-            data: i.data,
-            zero_length: i.zero_length,
-        })
-        .collect();
+    let mut tags = Vec::new();
+    let mut extents = Vec::with_capacity(items.len());
+    for i in items {
+        match i.tag {
+            Some(tag) => tags.push(tag),
+            None => extents.push(Extent {
+                offset: i.offset,
+                data: i.data,
+                zero_length: i.zero_length,
+            }),
+        }
+    }
     let mut b = ChangeBatch {
         disk_id: disk_id.to_string(),
         seq,
         extents,
-        tags: Vec::new(),
+        tags,
         first_write_unix_ms: flight.first_write_ms,
         last_write_unix_ms: last,
         kind: if all_sync { KIND_SYNC } else { KIND_STREAM }.into(),
@@ -292,7 +328,9 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
         agent.progress.lock().map(|p| p.phase.clone()),
         Ok(Phase::InitialSync)
     );
-    if in_initial_sync && !agent.sync_started.swap(true, Ordering::SeqCst) {
+    // A scan-mode disk's first scan is its initial sync and its resync (see `scan`).
+    let nbd_mode = agent.mode == CaptureMode::Nbd;
+    if nbd_mode && in_initial_sync && !agent.sync_started.swap(true, Ordering::SeqCst) {
         let zeros_matter = resume.durable_seq > 0 || resume.applied_seq > 0;
         tokio::spawn(initial_sync(agent.clone(), zeros_matter));
     }
@@ -316,7 +354,7 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
             .progress
             .lock()
             .is_ok_and(|p| matches!(p.phase, Phase::ResyncRequired(_)));
-        if needs_resync && !agent.resync_running.swap(true, Ordering::SeqCst) {
+        if nbd_mode && needs_resync && !agent.resync_running.swap(true, Ordering::SeqCst) {
             tokio::spawn(crate::resync::run(agent.clone()));
         }
         let window_full = agent
@@ -419,6 +457,23 @@ fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether every captured item up to capture index `last` is applied on the master target.
+pub(crate) fn applied_through(agent: &DiskAgent, last: u64) -> anyhow::Result<bool> {
+    // The shipper takes items from the queue while holding the progress lock, so looking at
+    // both under it sees each item in exactly one place.
+    let p = agent
+        .progress
+        .lock()
+        .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
+    Ok(p.in_flight.front().is_none_or(|f| f.first_index > last)
+        && agent
+            .capture
+            .queue
+            .lock()
+            .map(|q| q.items.front().is_none_or(|i| i.index > last))
+            .unwrap_or(false))
+}
+
 /// An initial sync or a resync is complete when everything up to its last read is applied.
 fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
     let (phase, last) = {
@@ -434,19 +489,7 @@ fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
     if !matches!(phase, Phase::InitialSync | Phase::Resyncing) {
         return Ok(());
     }
-    let done = {
-        let p = agent
-            .progress
-            .lock()
-            .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
-        p.in_flight.front().is_none_or(|f| f.first_index > last)
-            && agent
-                .capture
-                .queue
-                .lock()
-                .map(|q| q.items.front().is_none_or(|i| i.index > last))
-                .unwrap_or(false)
-    };
+    let done = applied_through(agent, last)?;
     if !done {
         return Ok(());
     }

@@ -15,6 +15,7 @@ pub mod dirty;
 pub mod disk;
 pub mod progress;
 pub mod resync;
+pub mod scan;
 pub mod settings;
 
 pub use settings::{DiskArgs, DiskConfig, Settings, Tuning};
@@ -99,6 +100,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let agent = Agent::new(
         identity,
         settings.tuning.clone(),
+        &settings.disks,
         settings.common.data_dir.join("disks"),
         cancel.child_token(),
     );

@@ -69,7 +69,7 @@ fn client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Channel>> {
 
 /// Waits until everything sent is applied on the master target and the process server's
 /// cache has room; `false` if the agent stopped.
-async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> anyhow::Result<bool> {
+pub async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> anyhow::Result<bool> {
     let mut said = false;
     loop {
         let r = client

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod workload;
+
 static BUILD: Once = Once::new();
 
 /// Directory holding the workspace's binaries (the profile the tests were built with).

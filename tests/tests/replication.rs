@@ -2,45 +2,10 @@
 //! client) writes through the agent's NBD export during and after the initial sync, and after
 //! catch-up `qemu-img compare` finds the source and the replica VHD identical — also after
 //! kill -9 of the process server and of the master target while writes flow.
+use lifeboat_e2e::workload::*;
 use lifeboat_e2e::*;
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-const WAIT: Duration = Duration::from_secs(90);
-
-fn qemu_io(url: &str, commands: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(url).output().expect("qemu-io");
-    assert!(
-        out.status.success() && !text(&out).contains("failed"),
-        "qemu-io {commands:?}: {}",
-        text(&out)
-    );
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-/// Waits until the agent reports nothing pending for the disk in a report made after `since`.
-fn caught_up(ctx: &Path, since: i64) {
-    wait_until("replication caught up", WAIT, || {
-        let s = lifeboat_json(ctx, &["status", "--json"]);
-        let d = &s["disks"][0];
-        d["last_report_unix_ms"].as_i64().unwrap_or(0) > since
-            && d["pending_bytes"] == 0
-            && d["rpo_secs"].as_f64() == Some(0.0)
-            && d["state"] == "Protected"
-    });
-}
+use std::time::Duration;
 
 /// Twenty 1 MiB writes of patterns `pattern..`, from `first_mib` every `step_mib`, on a thread.
 fn background_writes(
@@ -60,25 +25,9 @@ fn background_writes(
     })
 }
 
-fn assert_identical(source: &Path, replica: &Path) {
-    qemu_check_vpc(replica);
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "vpc"])
-        .arg(source)
-        .arg(replica)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "source and replica differ: {}",
-        text(&out)
-    );
-}
-
 #[test]
 fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
-    if Command::new("qemu-io").arg("--version").output().is_err() {
-        eprintln!("SKIP: qemu-io is not installed (Debian package qemu-utils)");
+    if !have_qemu() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

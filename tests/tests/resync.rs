@@ -2,80 +2,12 @@
 //! followed by a resync that ships only the blocks that differ, and a process server with a
 //! tiny cache quota slows its agent, lets it fall back to dirty-region tracking, and recovers
 //! through a resync — each ending in a `qemu-img compare` that finds the replica identical.
+use lifeboat_e2e::workload::*;
 use lifeboat_e2e::*;
-use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-const WAIT: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
-
-fn have_qemu() -> bool {
-    if Command::new("qemu-io").arg("--version").output().is_err() {
-        eprintln!("SKIP: qemu-io is not installed (Debian package qemu-utils)");
-        return false;
-    }
-    true
-}
-
-fn qemu_io(url: &str, commands: &[String]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.args(["-c", c]);
-    }
-    let out = cmd.arg(url).output().expect("qemu-io");
-    assert!(
-        out.status.success() && !text(&out).contains("failed"),
-        "qemu-io {commands:?}: {}",
-        text(&out)
-    );
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn disk_status(ctx: &Path) -> serde_json::Value {
-    lifeboat_json(ctx, &["status", "--json"])["disks"][0].clone()
-}
-
-/// Waits until the disk is Protected with nothing pending, in a report made after `since`.
-fn caught_up(ctx: &Path, since: i64) {
-    wait_until("replication caught up", WAIT, || {
-        let d = disk_status(ctx);
-        d["last_report_unix_ms"].as_i64().unwrap_or(0) > since
-            && d["pending_bytes"] == 0
-            && d["rpo_secs"].as_f64() == Some(0.0)
-            && d["state"] == "Protected"
-    });
-}
-
-fn assert_identical(source: &Path, replica: &Path) {
-    qemu_check_vpc(replica);
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "vpc"])
-        .arg(source)
-        .arg(replica)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "source and replica differ: {}",
-        text(&out)
-    );
-}
-
-/// A counter's value in a Prometheus text page (0 if absent).
-fn metric(page: &str, name: &str) -> f64 {
-    page.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 struct Setup {
     tmp: tempfile::TempDir,
@@ -171,8 +103,8 @@ fn agent_killed_under_writes_resyncs_only_what_differs() {
 
     // kill -9 while a writer is busy and the process server is paused, so nothing the writer
     // sends becomes durable downstream: the agent's dirty map is all that remembers it.
-    let ps_pid = s.ps.proc().pid().to_string();
-    signal("STOP", &ps_pid);
+    let ps_pid = s.ps.proc().pid();
+    signal("STOP", ps_pid);
     let url = s.url.clone();
     let writer = std::thread::spawn(move || {
         for i in 0..24u64 {
@@ -185,7 +117,7 @@ fn agent_killed_under_writes_resyncs_only_what_differs() {
     std::thread::sleep(Duration::from_millis(1500));
     s.agent.proc().kill9();
     writer.join().unwrap();
-    signal("CONT", &ps_pid);
+    signal("CONT", ps_pid);
 
     s.agent.start();
     wait_until("ResyncRequired or Resyncing reported", WAIT, || {
@@ -196,7 +128,7 @@ fn agent_killed_under_writes_resyncs_only_what_differs() {
         }
     });
     // Writes continue during the resync.
-    qemu_io(&s.url, &["write -P 0x99 400M 1M".into()]);
+    qemu_io(&s.url, &["write -P 0x99 400M 1M"]);
     let t = now_ms();
     caught_up(&ctx, t);
     assert_identical(&s.source, &replica);
@@ -220,15 +152,6 @@ fn agent_killed_under_writes_resyncs_only_what_differs() {
     drop(s.tmp);
 }
 
-fn signal(name: &str, pid: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{name}"), pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{name} {pid}");
-}
-
 #[test]
 fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() {
     if !have_qemu() {
@@ -247,8 +170,8 @@ fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() 
     let replica = s.replica();
 
     // The master target stops taking data (as if its link stalled): the cache fills.
-    let mt_pid = s.mt.proc().pid().to_string();
-    signal("STOP", &mt_pid);
+    let mt_pid = s.mt.proc().pid();
+    signal("STOP", mt_pid);
     let commands: Vec<String> = (0..160u64)
         .map(|i| format!("write -P {} {}M 1M", 0x20 + i % 200, 32 + i))
         .collect();
@@ -277,7 +200,7 @@ fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() 
     assert!(metric(&agent_page, "lifeboat_agent_stream_breaks_total") >= 1.0);
 
     // The link comes back: the cache drains, the resync runs, the disk is Protected again.
-    signal("CONT", &mt_pid);
+    signal("CONT", mt_pid);
     let t = now_ms();
     caught_up(&ctx, t);
     assert_identical(&s.source, &replica);

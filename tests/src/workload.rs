@@ -1,0 +1,93 @@
+//! Helpers for tests that replicate a disk: a real NBD client (`qemu-io`) writing through the
+//! agent's export, waiting for the replica to catch up, and comparing source and replica with
+//! `qemu-img compare`.
+use crate::{lifeboat_json, qemu_check_vpc, text, wait_until};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// False (after printing why) when qemu-utils is missing.
+pub fn have_qemu() -> bool {
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        eprintln!("SKIP: qemu-io is not installed (Debian package qemu-utils)");
+        return false;
+    }
+    true
+}
+
+/// Runs `qemu-io -f raw -c CMD… url`; panics if any command fails.
+pub fn qemu_io<S: AsRef<str>>(url: &str, commands: &[S]) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c.as_ref()]);
+    }
+    let out = cmd.arg(url).output().expect("qemu-io");
+    assert!(
+        out.status.success() && !text(&out).contains("failed"),
+        "qemu-io {:?}: {}",
+        commands.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
+        text(&out)
+    );
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The first disk of `lifeboat status --json`.
+pub fn disk_status(ctx: &Path) -> serde_json::Value {
+    lifeboat_json(ctx, &["status", "--json"])["disks"][0].clone()
+}
+
+/// Waits until the (only) disk is Protected with nothing pending, in a report made after
+/// `since` (Unix ms).
+pub fn caught_up(ctx: &Path, since: i64) {
+    wait_until("replication caught up", WAIT, || {
+        let d = disk_status(ctx);
+        d["last_report_unix_ms"].as_i64().unwrap_or(0) > since
+            && d["pending_bytes"] == 0
+            && d["rpo_secs"].as_f64() == Some(0.0)
+            && d["state"] == "Protected"
+    });
+}
+
+/// `qemu-img compare` of a raw source and a VHD replica must say identical.
+pub fn assert_identical(source: &Path, replica: &Path) {
+    qemu_check_vpc(replica);
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "vpc"])
+        .arg(source)
+        .arg(replica)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "source and replica differ: {}",
+        text(&out)
+    );
+}
+
+/// The sum of a metric's samples in a Prometheus text page (0 if absent).
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Sends signal `name` (STOP, CONT, …) to `pid`.
+pub fn signal(name: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name} {pid}");
+}
