@@ -92,6 +92,10 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         "Bytes a resync or scan compared with the replica's block hashes"
     );
     metrics::describe_counter!(
+        "lifeboat_agent_scans_total",
+        "Scans of scan-mode disks finished"
+    );
+    metrics::describe_counter!(
         "lifeboat_agent_resync_shipped_bytes_total",
         metrics::Unit::Bytes,
         "Bytes a resync or scan shipped because their blocks differed"
