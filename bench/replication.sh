@@ -4,20 +4,28 @@
 #      splitter, replicating) versus the same client writing to `qemu-nbd` serving the same
 #      kind of file;
 #  (b) initial sync of a 2 GiB disk with mixed zero/non-zero data, end to end (agent -> process
-#      server -> master target VHD), versus a local `qemu-img convert -O vpc` of the same disk.
+#      server -> master target VHD), versus a local `qemu-img convert -O vpc` of the same disk;
+#  (c) RPO p50/p99 while fio sustains 50 MB/s of 64 KiB random writes through the NBD export;
+#  (d) a full resync of a 4 GiB disk with 1% of its 64 KiB blocks changed behind the agent's
+#      back (time and bytes shipped) versus `rsync --inplace --no-whole-file` of the same images.
 # Usage: bench/replication.sh [WRITE_MIB (default 1024)] [SYNC_GIB (default 2)]
+#                             [RPO_SECS (default 60)] [RESYNC_GIB (default 4)]
+# SECTIONS="a c" runs only some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+want() { [[ " ${SECTIONS:-a b c d} " == *" $1 "* ]]; }
 WRITE_MIB=${1:-1024}
 SYNC_GIB=${2:-2}
-for tool in qemu-img qemu-nbd python3; do
-  command -v $tool >/dev/null || { echo "needs $tool (Debian: qemu-utils, python3)"; exit 1; }
+RPO_SECS=${3:-60}
+RESYNC_GIB=${4:-4}
+for tool in qemu-img qemu-nbd python3 curl fio rsync; do
+  command -v $tool >/dev/null || { echo "needs $tool (Debian: qemu-utils python3 curl fio rsync)"; exit 1; }
 done
 cargo build --release --quiet --workspace --bins
 BIN=$PWD/target/release
 WORK=$(mktemp -d /tmp/lifeboat-bench.XXXXXX)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
@@ -49,12 +57,22 @@ PY
 }
 $BIN/lifeboat policy create bench >/dev/null
 
-# Starts an agent for machine $1 with disk file $2 on NBD address $3.
+declare -A AGENT_PID AGENT_METRICS
+# Starts an agent for machine $1 with disk file $2 on NBD address $3 (registers it first).
 start_agent() {
   $BIN/mobility-agent register --data-dir $WORK/$1 --cs $CS --passphrase-file $PASS --name $1 --disk disk0=$2 >/dev/null
-  $BIN/mobility-agent run --data-dir $WORK/$1 --disk disk0=$2 --nbd-listen $3 --metrics-listen 127.0.0.1:$(port) 2>$WORK/$1.log & PIDS+=($!)
+  AGENT_METRICS[$1]=127.0.0.1:$(port)
+  run_agent "$@"
   for i in $(seq 100); do $BIN/lifeboat servers list --json | grep "\"name\": \"$1\"" >/dev/null && break; sleep 0.1; done
   sleep 1.5
+}
+run_agent() {
+  $BIN/mobility-agent run --data-dir $WORK/$1 --disk disk0=$2 --nbd-listen $3 --metrics-listen ${AGENT_METRICS[$1]} 2>>$WORK/$1.log & PIDS+=($!)
+  AGENT_PID[$1]=$!
+}
+# A metric's value on an agent (0 if absent).
+agent_metric() {
+  curl -s http://${AGENT_METRICS[$1]}/metrics | awk -v m="$2" '$1 ~ "^"m"({|$)" {s+=$2} END {print s+0}'
 }
 protect() { start_agent "$@"; $BIN/lifeboat protect $1 --policy bench >/dev/null; }
 # Waits until machine $1's disk is Protected with nothing pending.
@@ -68,6 +86,7 @@ sys.exit(0 if d["state"]=="Protected" and d["pending_bytes"]==0 and d["rpo_secs"
   echo "timed out waiting for $1"; exit 1
 }
 
+if want a; then
 echo "== (a) write throughput: qemu-img convert -n of ${WRITE_MIB} MiB of random data"
 head -c $((WRITE_MIB << 20)) /dev/urandom > $WORK/src.raw
 truncate -s $((WRITE_MIB << 20)) $WORK/a.img $WORK/q.img
@@ -86,7 +105,9 @@ echo "replica caught up $(python3 -c "print(f'{$t2-$t1:.1f}')") s after the clie
 pipeline_stats
 D=$(ls $WORK/master-target/replicas | head -1)
 qemu-img compare -q -f raw -F vpc $WORK/a.img $WORK/master-target/replicas/*/disk.vhd 2>/dev/null && echo "replica identical to the source" || true
+fi
 
+if want b; then
 echo "== (b) initial sync of a ${SYNC_GIB} GiB disk, half of its 4 MiB regions random data"
 SIZE=$((SYNC_GIB << 30))
 truncate -s $SIZE $WORK/b.img
@@ -105,3 +126,72 @@ t2=$(now); qemu-img convert -f raw -O vpc -o subformat=dynamic $WORK/b.img $WORK
 L=$(rate $SIZE $t0 $t1); QC=$(rate $SIZE $t2 $t3)
 echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s from protect to Protected, including up to ~2 s of heartbeat and status polling)"
 echo "qemu-img convert -O vpc locally:  $QC MB/s   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"
+fi
+
+if want c; then
+echo "== (c) RPO while fio writes 50 MB/s of 64 KiB random blocks for ${RPO_SECS} s"
+truncate -s 4G $WORK/c.img
+NBD=127.0.0.1:$(port)
+protect bench-c $WORK/c.img $NBD
+caught_up bench-c
+fio --name=rpo --ioengine=nbd --uri=nbd://$NBD/disk0 --rw=randwrite --bs=64k --iodepth=8 \
+    --rate=50000000 --time_based --runtime=$RPO_SECS --size=4g --randrepeat=0 \
+    --output=$WORK/fio.txt >/dev/null 2>&1 & FIO=$!
+: > $WORK/rpo.txt
+while kill -0 $FIO 2>/dev/null; do agent_metric bench-c lifeboat_disk_rpo_seconds >> $WORK/rpo.txt; sleep 0.25; done
+wait $FIO || { echo "fio failed:"; cat $WORK/fio.txt; exit 1; }
+BW=$(grep -oE 'WRITE: bw=[^ ]+ \(([0-9.]+[kM]B/s)' $WORK/fio.txt | grep -oE '[0-9.]+[kM]B/s' | tail -1)
+python3 - $WORK/rpo.txt "$BW" <<'PY'
+import sys
+v = sorted(float(x) for x in open(sys.argv[1]) if x.strip())
+if not v: sys.exit("no RPO samples")
+p = lambda q: v[min(len(v) - 1, int(q * len(v)))]
+print(f"fio achieved {sys.argv[2]}; RPO over {len(v)} samples (every 250 ms): p50 {p(0.5):.2f} s  p99 {p(0.99):.2f} s  max {v[-1]:.2f} s   (goal p99 <= 2 s)")
+PY
+caught_up bench-c
+pipeline_stats
+fi
+
+if want d; then
+echo "== (d) full resync of a ${RESYNC_GIB} GiB disk with 1% of its 64 KiB blocks changed, versus rsync --inplace"
+SIZE=$((RESYNC_GIB << 30))
+truncate -s $SIZE $WORK/d.img
+python3 - $WORK/d.img $SIZE <<'PY'
+import os, sys
+path, size = sys.argv[1], int(sys.argv[2])
+with open(path, "r+b") as f:
+    for off in range(0, size, 8 << 20):
+        f.seek(off); f.write(os.urandom(4 << 20))
+PY
+NBD=127.0.0.1:$(port)
+protect bench-d $WORK/d.img $NBD
+caught_up bench-d
+kill ${AGENT_PID[bench-d]}; wait ${AGENT_PID[bench-d]} 2>/dev/null || true
+cp --sparse=always $WORK/d.img $WORK/d-old.img
+# 1% of the blocks change while the agent is stopped (nothing captures them).
+python3 - $WORK/d.img $SIZE <<'PY'
+import os, random, sys
+path, size = sys.argv[1], int(sys.argv[2])
+blocks = size // 65536
+with open(path, "r+b") as f:
+    for b in random.sample(range(blocks), blocks // 100):
+        f.seek(b * 65536); f.write(os.urandom(65536))
+PY
+sync
+CHANGED=$(( (SIZE / 65536 / 100) * 65536 ))
+$BIN/mobility-agent mark-for-resync --data-dir $WORK/bench-d >/dev/null
+t0=$(now); run_agent bench-d $WORK/d.img $NBD
+for i in $(seq 6000); do grep -q "resync complete" $WORK/bench-d.log && break; sleep 0.1; done
+caught_up bench-d; t1=$(now)
+SHIPPED=$(agent_metric bench-d lifeboat_agent_resync_shipped_bytes_total)
+COMPARED=$(agent_metric bench-d lifeboat_agent_resync_compared_bytes_total)
+t2=$(now); rsync --inplace --no-whole-file --ignore-times --stats $WORK/d.img $WORK/d-old.img > $WORK/rsync.txt; t3=$(now)
+LITERAL=$(awk -F': ' '/Literal data/ {gsub(/[ ,a-z]/, "", $2); print $2}' $WORK/rsync.txt)
+python3 - <<PY
+l, r = $t1 - $t0, $t3 - $t2
+print(f"Lifeboat resync: {l:.1f} s, compared {$COMPARED/2**20:.0f} MiB, shipped {$SHIPPED/2**20:.1f} MiB (changed: {$CHANGED/2**20:.1f} MiB; includes agent start and heartbeat)")
+print(f"rsync --inplace: {r:.1f} s, literal data {int('$LITERAL' or 0)/2**20:.1f} MiB   time ratio rsync/Lifeboat: {r/l:.2f}")
+PY
+D=$($BIN/lifeboat status bench-d --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["disks"][0]["disk_id"])')
+qemu-img compare -q -f raw -F vpc $WORK/d.img $WORK/master-target/replicas/$D/disk.vhd && echo "replica identical to the source"
+fi

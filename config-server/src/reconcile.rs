@@ -32,6 +32,11 @@ pub async fn run(node: Arc<Node>, cancel: CancellationToken) {
         "lifeboat_disk_sync_progress_ratio",
         "Initial sync or resync progress, 0 to 1"
     );
+    metrics::describe_gauge!(
+        "lifeboat_disk_eta_seconds",
+        metrics::Unit::Seconds,
+        "Expected time until the sync, resync or backlog is done (-1: unknown)"
+    );
     metrics::describe_gauge!("lifeboat_jobs", "Jobs by state");
     let mut leader_since: Option<i64> = None;
     loop {
@@ -99,6 +104,7 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
             metrics::gauge!("lifeboat_disk_pending_bytes", &labels).set(lag.pending_bytes as f64);
             metrics::gauge!("lifeboat_disk_sync_progress_ratio", &labels)
                 .set(lag.sync_progress_pct / 100.0);
+            metrics::gauge!("lifeboat_disk_eta_seconds", &labels).set(lag.eta_secs as f64);
             let Some(received) = report else { continue };
             if let Some((next, why)) = next_state(disk.state, &received.report.phase) {
                 let reason = if received.report.error.is_empty() {

@@ -65,6 +65,44 @@ pub struct DiskAgent {
     started_ms: i64,
 }
 
+/// A file in a disk's state directory asking the next start to compare the whole disk with
+/// the replica (written by `mobility-agent mark-for-resync`).
+pub const RESYNC_ALL_MARKER: &str = "resync-all";
+
+/// Asks the next agent start to resync every protected disk (or only `disk_id`) in full;
+/// returns the disk ids marked.
+pub fn mark_for_resync(data_dir: &Path, disk_id: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let disks = data_dir.join("disks");
+    let mut marked = Vec::new();
+    if !disks.exists() {
+        anyhow::bail!(
+            "no protected disk has state in {} (is --data-dir the agent's?)",
+            disks.display()
+        );
+    }
+    let entries = std::fs::read_dir(&disks)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", disks.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let id = entry.file_name().to_string_lossy().to_string();
+        if disk_id.is_some_and(|want| want != id) || !entry.path().is_dir() {
+            continue;
+        }
+        fsutil::durable_write(&entry.path().join(RESYNC_ALL_MARKER), b"", 0o600)?;
+        marked.push(id);
+    }
+    if marked.is_empty() {
+        match disk_id {
+            Some(id) => anyhow::bail!(
+                "disk {id} is not protected on this agent ({} has no state for it)",
+                disks.display()
+            ),
+            None => anyhow::bail!("no protected disk has state in {}", disks.display()),
+        }
+    }
+    Ok(marked)
+}
+
 fn state_path(dir: &Path) -> PathBuf {
     dir.join("state.json")
 }
@@ -94,13 +132,24 @@ impl DiskAgent {
                 )
             })?;
         let size = assignment.size_bytes;
-        let dirty = DirtyMap::open(&state_dir.join("dirty.map"), size)?;
+        let mut dirty = DirtyMap::open(&state_dir.join("dirty.map"), size)?;
         let state: DiskState = std::fs::read(state_path(&state_dir))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
+        let marker = state_dir.join(RESYNC_ALL_MARKER);
+        let full = state.initial_sync_done && marker.exists();
+        if full {
+            // The operator says the disk changed behind the agent's back: compare all of it.
+            dirty.mark_all()?;
+        }
+        if marker.exists() {
+            std::fs::remove_file(&marker)?;
+        }
         let phase = if !state.initial_sync_done {
             Phase::InitialSync
+        } else if full {
+            Phase::ResyncRequired("a full resync was requested (mark-for-resync)".into())
         } else if dirty.any_dirty() {
             Phase::ResyncRequired("the agent stopped with writes not confirmed shipped".into())
         } else {

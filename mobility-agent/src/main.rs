@@ -25,6 +25,16 @@ enum Command {
         #[command(flatten)]
         register: RegisterArgs,
     },
+    /// Ask for a full resync of the protected disks (or one) at the next start: use it after a
+    /// disk was written while the agent was stopped. The agent then compares every block with
+    /// the replica and ships only what differs.
+    MarkForResync {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Only this disk (its id, as `lifeboat status` shows it).
+        #[arg(long)]
+        disk_id: Option<String>,
+    },
     /// Run.
     Run {
         #[command(flatten)]
@@ -54,6 +64,19 @@ fn main() -> ExitCode {
                 println!(
                     "Registered machine {} as {}; start the agent with `mobility-agent run`",
                     identity.info.name, identity.info.id
+                );
+                Ok(())
+            }
+            Command::MarkForResync { common, disk_id } => {
+                let settings = Settings::resolve(&common, &DiskArgs::default())?;
+                let marked = lifeboat_mobility_agent::disk::mark_for_resync(
+                    &settings.common.data_dir,
+                    disk_id.as_deref(),
+                )?;
+                println!(
+                    "Marked {} for a full resync at the next agent start: {}",
+                    if marked.len() == 1 { "disk" } else { "disks" },
+                    marked.join(", ")
                 );
                 Ok(())
             }

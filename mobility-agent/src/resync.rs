@@ -19,17 +19,24 @@ use crate::progress::Phase;
 use lifeboat_common::blockhash::{self, BlockHash, HASH_LEN};
 use lifeboat_common::{tls, Role};
 use lifeboat_proto::v1::{ingest_client::IngestClient, HashRequest, ResumeRequest};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 /// Bytes compared per hash request.
 const CHUNK: u64 = 8 * 1024 * 1024;
 /// While more than this is queued for shipping, the resync yields to workload writes.
 const BUSY_QUEUE: u64 = 32 * 1024 * 1024;
+/// Hash requests in flight ahead of the compare.
+const PREFETCH: usize = 4;
 /// The resync waits until the process server's cache is below this fill.
 const CACHE_FILL_START: u32 = 50;
+
+/// A request for the replica's hashes of one span, running ahead of the compare.
+type HashFetch = JoinHandle<anyhow::Result<Vec<BlockHash>>>;
 
 /// Runs resync passes until the disk no longer needs one (or the agent stops).
 pub async fn run(agent: Arc<DiskAgent>) {
@@ -121,35 +128,59 @@ async fn pass(agent: &Arc<DiskAgent>) -> anyhow::Result<bool> {
     let started = Instant::now();
     let floor = agent.tuning.resync_floor_bytes_per_sec as f64;
     let (mut done, mut shipped) = (0u64, 0u64);
-    for (start, end) in ranges {
-        let mut offset = start;
-        while offset < end {
-            // Yield to workload writes while they fill the queue, unless behind the floor.
-            while agent.capture.queued_bytes() > BUSY_QUEUE
-                && done as f64 >= floor * started.elapsed().as_secs_f64()
-            {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                    _ = agent.stop.cancelled() => return Ok(false),
-                }
+    // Where the time goes: waiting for the replica's hashes (beyond the prefetch), reading
+    // and comparing locally.
+    let (mut remote, mut local) = (Duration::ZERO, Duration::ZERO);
+    // The replica's hashes are fetched a few spans ahead: any replica state from after the
+    // settle point is good to compare with (see the module doc), so they need not wait for
+    // the local compare, and the master target's flushes overlap the agent's reads.
+    let spans: Vec<(u64, u64)> = ranges
+        .iter()
+        .flat_map(|&(start, end)| {
+            (start..end)
+                .step_by(CHUNK as usize)
+                .map(move |o| (o, CHUNK.min(end - o)))
+        })
+        .collect();
+    let mut ahead: VecDeque<(u64, u64, HashFetch)> = VecDeque::new();
+    let mut next = 0;
+    loop {
+        while ahead.len() < PREFETCH && next < spans.len() {
+            let (offset, len) = spans[next];
+            next += 1;
+            let (a, mut c) = (agent.clone(), client.clone());
+            let fetch = tokio::spawn(async move { replica_hashes(&a, &mut c, offset, len).await });
+            ahead.push_back((offset, len, fetch));
+        }
+        let Some((offset, len, fetch)) = ahead.pop_front() else {
+            break;
+        };
+        // Yield to workload writes while they fill the queue, unless behind the floor.
+        while agent.capture.queued_bytes() > BUSY_QUEUE
+            && done as f64 >= floor * started.elapsed().as_secs_f64()
+        {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = agent.stop.cancelled() => return Ok(false),
             }
-            if agent.capture.overflowed() {
-                anyhow::bail!("the stream broke again during the resync");
-            }
-            let len = CHUNK.min(end - offset);
-            let replica = replica_hashes(agent, &mut client, offset, len).await?;
-            let c = agent.capture.clone();
-            let (sent, _) =
-                tokio::task::spawn_blocking(move || c.compare_read(offset, len, &replica))
-                    .await??;
-            metrics::counter!("lifeboat_agent_resync_compared_bytes_total").increment(len);
-            metrics::counter!("lifeboat_agent_resync_shipped_bytes_total").increment(sent);
-            offset += len;
-            done += len;
-            shipped += sent;
-            if let Ok(mut p) = agent.progress.lock() {
-                p.sync_done = done;
-            }
+        }
+        if agent.capture.overflowed() {
+            anyhow::bail!("the stream broke again during the resync");
+        }
+        let t = Instant::now();
+        let replica = fetch.await??;
+        remote += t.elapsed();
+        let t = Instant::now();
+        let c = agent.capture.clone();
+        let (sent, _) =
+            tokio::task::spawn_blocking(move || c.compare_read(offset, len, &replica)).await??;
+        local += t.elapsed();
+        metrics::counter!("lifeboat_agent_resync_compared_bytes_total").increment(len);
+        metrics::counter!("lifeboat_agent_resync_shipped_bytes_total").increment(sent);
+        done += len;
+        shipped += sent;
+        if let Ok(mut p) = agent.progress.lock() {
+            p.sync_done = done;
         }
     }
     let last = agent
@@ -163,7 +194,8 @@ async fn pass(agent: &Arc<DiskAgent>) -> anyhow::Result<bool> {
     }
     agent.capture.queued.notify_one();
     tracing::info!(disk = %agent.disk_id, compared = done, shipped,
-        secs = started.elapsed().as_secs_f64(), "resync pass finished; completes once applied");
+        secs = started.elapsed().as_secs_f64(), replica_hash_secs = remote.as_secs_f64(),
+        local_secs = local.as_secs_f64(), "resync pass finished; completes once applied");
     Ok(true)
 }
 

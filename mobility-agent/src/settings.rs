@@ -17,7 +17,7 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 pub const DEFAULT_RESYNC_FLOOR_MIB: u64 = 16;
 
 /// Disks given on the command line; they replace the config file's list.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct DiskArgs {
     /// A disk of this machine, NAME=PATH (a block device or an image file), captured in `nbd`
     /// mode: the workload writes through the agent's NBD export. Repeatable.

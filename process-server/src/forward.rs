@@ -84,6 +84,17 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     let mut pending: VecDeque<ChangeBatch> = VecDeque::new();
     loop {
         if pending.is_empty() && sent - applied < WINDOW {
+            let (hot, after) = entry
+                .recent
+                .lock()
+                .map(|mut r| r.take_after(sent, READ_BYTES))
+                .unwrap_or_default();
+            pending.extend(hot);
+            if let Some(after) = after {
+                cursor = after;
+            }
+        }
+        if pending.is_empty() && sent - applied < WINDOW {
             let (e, from) = (entry.clone(), cursor.clone());
             let (batches, next) = tokio::task::spawn_blocking(move || {
                 let cache = e

@@ -176,9 +176,14 @@ async fn store(
                     .cache
                     .lock()
                     .map_err(|_| Status::internal("cache lock poisoned"))?;
-                cache
-                    .append(&chunk, compress)
-                    .map_err(|e| Status::unavailable(e.to_string()))
+                let (seq, plain, stored, cursors) = cache
+                    .append_tracked(&chunk, compress)
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                // Durable now: the forwarder may send them from memory.
+                if let Ok(mut recent) = entry2.recent.lock() {
+                    recent.push(chunk.into_iter().zip(cursors).collect());
+                }
+                Ok::<_, Status>((seq, plain, stored))
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
@@ -233,10 +238,9 @@ impl Ingest for IngestService {
         let assignment = entry.assignment();
         blockhash::check_span(r.offset, r.length, r.block_size, assignment.size_bytes)
             .map_err(|e| Status::invalid_argument(format!("disk {}: {e}", r.disk_id)))?;
-        let mut client = crate::forward::replica_client(&self.disks.identity, &assignment)
-            .map_err(|e| {
-                Status::unavailable(format!("master target of disk {}: {e}", r.disk_id))
-            })?;
+        let mut client = entry.replica_client(&self.disks.identity).map_err(|e| {
+            Status::unavailable(format!("master target of disk {}: {e}", r.disk_id))
+        })?;
         client.hashes(r).await
     }
 

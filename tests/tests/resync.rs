@@ -147,6 +147,42 @@ fn agent_killed_under_writes_resyncs_only_what_differs() {
     );
     let log = s.agent.proc().log_text();
     assert!(log.contains("resync complete"), "{log}");
+
+    // The disk is written while the agent is stopped (nothing captures it): the operator asks
+    // for a full resync, which compares every block and ships only what changed.
+    assert_eq!(s.agent.proc().terminate(), Some(0));
+    qemu_io(
+        &s.source.display().to_string(),
+        &["write -P 0x7e 450M 640k", "write -z 20M 64k"],
+    );
+    let out = run(
+        "mobility-agent",
+        &[
+            "mark-for-resync",
+            "--data-dir",
+            &s.agent.dir.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    s.agent.start();
+    wait_until("full resync finished", WAIT, || {
+        s.agent.proc().log_text().contains("resync complete")
+    });
+    let t = now_ms();
+    caught_up(&ctx, t);
+    assert_identical(&s.source, &replica);
+    let page = http_get(&s.agent.metrics, "/metrics").unwrap();
+    assert_eq!(
+        metric(&page, "lifeboat_agent_resync_compared_bytes_total"),
+        size as f64,
+        "a full resync compares the whole disk"
+    );
+    let shipped = metric(&page, "lifeboat_agent_resync_shipped_bytes_total");
+    assert!(
+        shipped >= (640 << 10) as f64 && shipped <= (4 << 20) as f64,
+        "the full resync shipped {shipped} bytes for 704 KiB of changes"
+    );
     let history = lifeboat(&ctx, &["status", "db01"]);
     assert!(history.status.success(), "{}", text(&history));
     drop(s.tmp);

@@ -170,7 +170,19 @@ impl DiskCache {
         batches: &[ChangeBatch],
         compress: bool,
     ) -> Result<(u64, u64, u64), CacheError> {
+        self.append_tracked(batches, compress)
+            .map(|(seq, plain, stored, _)| (seq, plain, stored))
+    }
+
+    /// Like `append`, also returning for each batch the read cursor just after it, so a reader
+    /// that got the batches some other way (from memory) can continue in the file after them.
+    pub fn append_tracked(
+        &mut self,
+        batches: &[ChangeBatch],
+        compress: bool,
+    ) -> Result<(u64, u64, u64, Vec<Cursor>), CacheError> {
         let (mut plain, mut stored) = (0u64, 0u64);
+        let mut cursors = Vec::with_capacity(batches.len());
         for batch in batches {
             if self.writer.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES) {
                 self.close_writer()?;
@@ -186,12 +198,18 @@ impl DiskCache {
             plain += p as u64;
             stored += s as u64;
             self.bytes += s as u64;
+            cursors.push(Cursor {
+                path: Some(writer.path.clone()),
+                offset: writer.len,
+                index: writer.records(),
+                seq: batch.seq,
+            });
         }
         if let (Some(writer), Some(last)) = (&self.writer, batches.last()) {
             writer.sync().map_err(io_err(&writer.path))?;
             self.durable_seq = last.seq;
         }
-        Ok((self.durable_seq, plain, stored))
+        Ok((self.durable_seq, plain, stored, cursors))
     }
 
     fn close_writer(&mut self) -> Result<(), CacheError> {

@@ -36,6 +36,36 @@ fn aad(disk_id: &str, seq: u64, flags: u8, plain_len: u32) -> Vec<u8> {
     a
 }
 
+/// Bytes of a batch compressed to judge whether the rest is worth compressing.
+const PROBE: usize = 64 * 1024;
+
+/// Whether zstd is likely to shrink `plain`: a probe from its middle (past the framing) must
+/// shrink by at least an eighth. Already-compressed or encrypted data is stored as it is, which
+/// saves compressing it and decompressing it again on the way to the master target.
+fn worth_compressing(plain: &[u8]) -> io::Result<bool> {
+    if plain.len() <= PROBE {
+        return Ok(true);
+    }
+    let start = (plain.len() - PROBE) / 2;
+    let probe = zstd::bulk::compress(&plain[start..start + PROBE], 1)?;
+    Ok(probe.len() < PROBE - PROBE / 8)
+}
+
+/// Writes `a` then `b` with as few system calls as the kernel allows.
+fn write_all_vectored(file: &mut File, a: &[u8], b: &[u8]) -> io::Result<()> {
+    let (mut a, mut b) = (a, b);
+    while !a.is_empty() || !b.is_empty() {
+        let n = file.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
 /// The segment being appended to.
 pub struct SegmentWriter {
     pub path: PathBuf,
@@ -86,7 +116,7 @@ impl SegmentWriter {
     ) -> io::Result<(usize, usize)> {
         let plain = batch.encode_to_vec();
         let plain_len = plain.len() as u32;
-        let (flags, mut body) = if compress {
+        let (flags, mut body) = if compress && worth_compressing(&plain)? {
             (FLAG_ZSTD, zstd::bulk::compress(&plain, 1)?)
         } else {
             (0, plain)
@@ -97,18 +127,18 @@ impl SegmentWriter {
             &aad(&batch.disk_id, batch.seq, flags, plain_len),
             &mut body,
         )?;
-        let mut record = Vec::with_capacity(RECORD_HEADER + body.len());
-        record.extend_from_slice(RECORD_MAGIC);
-        record.extend_from_slice(&batch.seq.to_be_bytes());
-        record.push(flags);
-        record.extend_from_slice(&plain_len.to_be_bytes());
-        record.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        record.extend_from_slice(&body);
-        self.file.write_all(&record)?;
+        let mut header = Vec::with_capacity(RECORD_HEADER);
+        header.extend_from_slice(RECORD_MAGIC);
+        header.extend_from_slice(&batch.seq.to_be_bytes());
+        header.push(flags);
+        header.extend_from_slice(&plain_len.to_be_bytes());
+        header.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        write_all_vectored(&mut self.file, &header, &body)?;
+        let stored = header.len() + body.len();
         self.next_index += 1;
-        self.len += record.len() as u64;
+        self.len += stored as u64;
         self.last_seq = batch.seq;
-        Ok((plain_len as usize, record.len()))
+        Ok((plain_len as usize, stored))
     }
 
     /// Makes every record written so far durable.
@@ -283,5 +313,28 @@ impl SegmentReader {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_compressible_batches_are_compressed() {
+        assert!(worth_compressing(&vec![0u8; 1 << 20]).unwrap());
+        // xorshift64: noise zstd cannot shrink.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        assert!(!worth_compressing(&noise).unwrap());
+        // Small batches are always compressed (the probe would be most of the batch).
+        assert!(worth_compressing(&noise[..1000]).unwrap());
     }
 }
