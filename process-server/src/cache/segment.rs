@@ -15,6 +15,7 @@ use prost::Message;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use zstd::bulk::Compressor;
 
 const SEGMENT_MAGIC: &[u8; 8] = b"LBCSEG01";
 const RECORD_MAGIC: &[u8; 4] = b"LBRC";
@@ -42,12 +43,12 @@ const PROBE: usize = 64 * 1024;
 /// Whether zstd is likely to shrink `plain`: a probe from its middle (past the framing) must
 /// shrink by at least an eighth. Already-compressed or encrypted data is stored as it is, which
 /// saves compressing it and decompressing it again on the way to the master target.
-fn worth_compressing(plain: &[u8]) -> io::Result<bool> {
+fn worth_compressing(zstd: &mut Compressor<'static>, plain: &[u8]) -> io::Result<bool> {
     if plain.len() <= PROBE {
         return Ok(true);
     }
     let start = (plain.len() - PROBE) / 2;
-    let probe = zstd::bulk::compress(&plain[start..start + PROBE], 1)?;
+    let probe = zstd.compress(&plain[start..start + PROBE])?;
     Ok(probe.len() < PROBE - PROBE / 8)
 }
 
@@ -75,6 +76,8 @@ pub struct SegmentWriter {
     pub len: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Reused between batches (making a zstd context is not free).
+    zstd: Compressor<'static>,
 }
 
 impl SegmentWriter {
@@ -96,6 +99,7 @@ impl SegmentWriter {
         file.sync_data()?;
         lifeboat_common::fsutil::fsync_dir(dir)?;
         Ok(SegmentWriter {
+            zstd: Compressor::new(1)?,
             path,
             file,
             salt,
@@ -116,8 +120,8 @@ impl SegmentWriter {
     ) -> io::Result<(usize, usize)> {
         let plain = batch.encode_to_vec();
         let plain_len = plain.len() as u32;
-        let (flags, mut body) = if compress && worth_compressing(&plain)? {
-            (FLAG_ZSTD, zstd::bulk::compress(&plain, 1)?)
+        let (flags, mut body) = if compress && worth_compressing(&mut self.zstd, &plain)? {
+            (FLAG_ZSTD, self.zstd.compress(&plain)?)
         } else {
             (0, plain)
         };
@@ -322,7 +326,8 @@ mod tests {
 
     #[test]
     fn only_compressible_batches_are_compressed() {
-        assert!(worth_compressing(&vec![0u8; 1 << 20]).unwrap());
+        let mut z = Compressor::new(1).unwrap();
+        assert!(worth_compressing(&mut z, &vec![0u8; 1 << 20]).unwrap());
         // xorshift64: noise zstd cannot shrink.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let noise: Vec<u8> = (0..1 << 20)
@@ -333,8 +338,8 @@ mod tests {
                 x as u8
             })
             .collect();
-        assert!(!worth_compressing(&noise).unwrap());
+        assert!(!worth_compressing(&mut z, &noise).unwrap());
         // Small batches are always compressed (the probe would be most of the batch).
-        assert!(worth_compressing(&noise[..1000]).unwrap());
+        assert!(worth_compressing(&mut z, &noise[..1000]).unwrap());
     }
 }
