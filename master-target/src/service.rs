@@ -75,7 +75,15 @@ async fn apply_group(
         let mut expected = replica.state().applied_seq + 1;
         let mut fresh = Vec::new();
         let mut error = None;
+        let disk_id = replica.state().disk_id.clone();
         for b in batches {
+            if b.disk_id != disk_id {
+                error = Some(Status::invalid_argument(format!(
+                    "a batch for disk {} arrived in a group for disk {disk_id}",
+                    b.disk_id
+                )));
+                break;
+            }
             if let Err(e) = batch::verify(&b, size) {
                 error = Some(batch_status(e));
                 break;

@@ -45,6 +45,10 @@ impl Limits {
     }
 }
 
+/// Largest data item queued: a larger workload write is split (a batch holds at least one
+/// item, and must stay under the batch size limit receivers enforce).
+const MAX_ITEM: usize = 4 * 1024 * 1024;
+
 /// One captured write or initial-sync read, in source order.
 #[derive(Debug, Clone)]
 pub struct Captured {
@@ -143,7 +147,7 @@ impl Capture {
                     "a write waited {:?} for the process server: falling back to dirty-region tracking; the disk needs a resync",
                     limits.throttle_wait
                 );
-                Self::overflow(&mut q);
+                self.overflow(&mut q);
                 break;
             }
             q = self
@@ -157,14 +161,25 @@ impl Capture {
         Ok(q)
     }
 
-    /// Gives up on the stream: the dirty map already holds every queued region.
-    fn overflow(q: &mut Queue) {
+    /// Gives up on the stream: the dirty map already holds every queued region, and from now
+    /// on its set regions are pinned — only a resync's compare may release them.
+    fn overflow(&self, q: &mut Queue) {
         if !q.overflowed {
             metrics::counter!("lifeboat_agent_stream_breaks_total").increment(1);
+            q.dirty.pin_all();
         }
         q.overflowed = true;
         q.items.clear();
         q.bytes = 0;
+        // Writers waiting for room need not wait any longer.
+        self.drained.notify_all();
+    }
+
+    /// Gives up on the stream (a resync pass failed, or the initial sync was cut short).
+    pub fn break_stream(&self) -> io::Result<()> {
+        let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        self.overflow(&mut q);
+        Ok(())
     }
 
     fn push(&self, q: &mut Queue, mut item: Captured) {
@@ -177,26 +192,50 @@ impl Capture {
             tracing::warn!("capture queue over {max} bytes: falling back to dirty-region tracking; the disk needs a resync");
         }
         if q.bytes > max || q.overflowed {
-            Self::overflow(q);
+            self.overflow(q);
         }
     }
 
-    /// The write splitter's write: dirty map, source, queue, in one critical section.
+    /// The capture index to mark a write's regions with, given how many items it will queue:
+    /// the last of them (the regions are clean once it is durable), or pinned while the stream
+    /// is given up.
+    fn mark_index(q: &Queue, items: u64) -> u64 {
+        if q.overflowed {
+            u64::MAX
+        } else {
+            q.next_index + items.max(1) - 1
+        }
+    }
+
+    /// The write splitter's write: dirty map, source, queue, in one critical section. A write
+    /// larger than `MAX_ITEM` is queued in pieces, so every batch stays within the limit.
     pub fn write(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
         let mut q = self.lock_with_room()?;
-        let index = q.next_index;
+        let pieces = data.len().div_ceil(MAX_ITEM).max(1);
+        let index = Self::mark_index(&q, pieces as u64);
         q.dirty.mark(offset, data.len() as u64, index)?;
         self.source.write_all_at(&data, offset)?;
-        let item = Captured {
-            index,
-            at_ms: now_ms(),
-            offset,
-            data,
-            zero_length: 0,
-            sync: false,
-            tag: None,
+        let at_ms = now_ms();
+        let items: Vec<(u64, Vec<u8>)> = if pieces == 1 {
+            vec![(offset, data)]
+        } else {
+            data.chunks(MAX_ITEM)
+                .enumerate()
+                .map(|(i, c)| (offset + (i * MAX_ITEM) as u64, c.to_vec()))
+                .collect()
         };
-        self.push(&mut q, item);
+        for (at, data) in items {
+            let item = Captured {
+                index: 0,
+                at_ms,
+                offset: at,
+                data,
+                zero_length: 0,
+                sync: false,
+                tag: None,
+            };
+            self.push(&mut q, item);
+        }
         drop(q);
         self.queued.notify_one();
         Ok(())
@@ -205,7 +244,7 @@ impl Capture {
     /// Zeroes a range on the source and captures it as a zero-fill.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut q = self.lock_with_room()?;
-        let index = q.next_index;
+        let index = Self::mark_index(&q, 1);
         q.dirty.mark(offset, len, index)?;
         let zeros = vec![0u8; len.min(1 << 20) as usize];
         let mut at = offset;

@@ -133,7 +133,10 @@ impl DirtyMap {
             if r >= self.last_write.len() {
                 break;
             }
-            self.last_write[r] = index;
+            // A pinned region (fate unknown) stays pinned until a resync compares it.
+            if self.last_write[r] != u64::MAX {
+                self.last_write[r] = index;
+            }
             if !self.is_set(r) {
                 self.bits[r / 8] |= 1 << (r % 8);
                 self.since[r] = now;
@@ -188,6 +191,16 @@ impl DirtyMap {
                 && (self.last_write[r] == u64::MAX || self.last_write[r] < index)
             {
                 self.last_write[r] = index;
+            }
+        }
+    }
+
+    /// Pins every set region: their writes will not all reach the stream, so only a resync's
+    /// compare (`resynced`) may release them.
+    pub fn pin_all(&mut self) {
+        for r in 0..self.last_write.len() {
+            if self.is_set(r) {
+                self.last_write[r] = u64::MAX;
             }
         }
     }

@@ -199,14 +199,36 @@ impl DiskAgent {
         if !self.capture.overflowed() {
             return;
         }
-        let broke = self.progress.lock().is_ok_and(|p| {
-            p.phase != Phase::InitialSync && !matches!(p.phase, Phase::ResyncRequired(_))
-        });
-        if broke {
-            self.set_phase(Phase::ResyncRequired(
+        let phase = match self.progress.lock() {
+            Ok(p) => p.phase.clone(),
+            Err(_) => return,
+        };
+        match phase {
+            Phase::ResyncRequired(_) => {}
+            Phase::InitialSync => self.interrupt_initial_sync(
+                "the initial sync was interrupted: replication could not keep up with the writes",
+            ),
+            _ => self.set_phase(Phase::ResyncRequired(
                 "replication could not keep up with the writes (process server slow, full or unreachable)".into(),
-            ));
+            )),
         }
+    }
+
+    /// The initial sync cannot go on as a copy (its reads were dropped, or failed): the whole
+    /// disk is compared with the replica instead, which ships only what the replica lacks.
+    fn interrupt_initial_sync(&self, why: &str) {
+        if let Ok(mut q) = self.capture.queue.lock() {
+            if let Err(e) = q.dirty.mark_all() {
+                tracing::error!(disk = %self.disk_id, "cannot mark the disk for a resync: {e}");
+            }
+        }
+        if let Err(e) = self.capture.break_stream() {
+            tracing::error!(disk = %self.disk_id, "{e}");
+        }
+        if let Ok(mut p) = self.progress.lock() {
+            p.sync_last_index = None;
+        }
+        self.set_phase(Phase::ResyncRequired(why.into()));
     }
 
     pub fn report(&self) -> Option<DiskReport> {
@@ -535,7 +557,8 @@ fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
         };
         (p.phase.clone(), last)
     };
-    if !matches!(phase, Phase::InitialSync | Phase::Resyncing) {
+    // Dropped reads (an overflow) mean the pass did not cover what it read.
+    if !matches!(phase, Phase::InitialSync | Phase::Resyncing) || agent.capture.overflowed() {
         return Ok(());
     }
     let done = applied_through(agent, last)?;
@@ -553,12 +576,12 @@ fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
         q.dirty.clear_through(last);
         q.dirty.write_back()?;
         tracing::info!(disk = %agent.disk_id, "resync complete: the replica matches the source");
-    } else {
-        let bytes = serde_json::to_vec(&DiskState {
-            initial_sync_done: true,
-        })?;
-        fsutil::durable_write(&state_path(&agent.state_dir), &bytes, 0o600)?;
     }
+    // A resync may stand in for an interrupted initial sync: either way the replica is whole.
+    let bytes = serde_json::to_vec(&DiskState {
+        initial_sync_done: true,
+    })?;
+    fsutil::durable_write(&state_path(&agent.state_dir), &bytes, 0o600)?;
     if let Ok(mut p) = agent.progress.lock() {
         p.sync_last_index = None;
     }
@@ -576,8 +599,15 @@ async fn initial_sync(agent: Arc<DiskAgent>, zeros_matter: bool) {
     }
     tracing::info!(disk = %agent.disk_id, size, "initial sync started");
     let mut offset = 0u64;
+    let still_syncing = |agent: &DiskAgent| {
+        agent
+            .progress
+            .lock()
+            .is_ok_and(|p| p.phase == Phase::InitialSync)
+    };
     while offset < size {
-        if agent.stop.is_cancelled() {
+        // Stopped, or turned into a resync (stream broken, batches lost): this copy is over.
+        if agent.stop.is_cancelled() || !still_syncing(&agent) {
             return;
         }
         while agent.capture.queued_bytes() > SYNC_QUEUE_LIMIT {
@@ -604,9 +634,7 @@ async fn initial_sync(agent: Arc<DiskAgent>, zeros_matter: bool) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::error!(disk = %agent.disk_id, "initial sync read at {offset}: {e}");
-                agent.set_phase(Phase::ResyncRequired(format!(
-                    "initial sync cannot read the disk: {e}"
-                )));
+                agent.interrupt_initial_sync(&format!("initial sync cannot read the disk: {e}"));
                 return;
             }
             Err(e) => {
@@ -626,6 +654,9 @@ async fn initial_sync(agent: Arc<DiskAgent>, zeros_matter: bool) {
         .map(|q| q.last_index())
         .unwrap_or(0);
     if let Ok(mut p) = agent.progress.lock() {
+        if p.phase != Phase::InitialSync {
+            return;
+        }
         p.sync_done = size;
         p.sync_last_index = Some(last_index);
     }

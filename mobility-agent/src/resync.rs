@@ -47,6 +47,11 @@ pub async fn run(agent: Arc<DiskAgent>) {
             Ok(false) => backoff = Duration::from_millis(500),
             Err(e) => {
                 tracing::warn!(disk = %agent.disk_id, "resync: {e:#}; retrying");
+                // Give the stream up again: the next pass must start from a settled point,
+                // which sustained writes on a live stream might never offer.
+                if let Err(e) = agent.capture.break_stream() {
+                    tracing::error!(disk = %agent.disk_id, "{e}");
+                }
                 agent.set_phase(Phase::ResyncRequired(format!("resync interrupted: {e}")));
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }

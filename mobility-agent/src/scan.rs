@@ -32,6 +32,8 @@ const CHUNK: u64 = 8 * 1024 * 1024;
 const BUSY_QUEUE: u64 = 32 * 1024 * 1024;
 /// Longest a freeze or thaw hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a scan keeps the disk frozen.
+const MAX_FREEZE: Duration = Duration::from_secs(120);
 /// Scan interval when the policy gives none.
 const DEFAULT_EVERY: Duration = Duration::from_secs(300);
 
@@ -140,7 +142,7 @@ async fn scan_once(
             agent.set_phase(Phase::Resyncing);
         }
     }
-    let frozen = match &agent.tuning.freeze_hook {
+    let mut frozen = match &agent.tuning.freeze_hook {
         Some(h) => hook(agent, h, "freeze").await,
         None => false,
     };
@@ -150,7 +152,7 @@ async fn scan_once(
         p.sync_done = 0;
         p.sync_started = Some(Instant::now());
     }
-    let result = read_all(agent, &mut client, known).await;
+    let result = read_all(agent, &mut client, known, &mut frozen).await;
     if let (Some(h), true) = (&agent.tuning.freeze_hook, frozen) {
         hook(agent, h, "thaw").await;
     }
@@ -204,16 +206,27 @@ async fn scan_once(
     Ok(Some(hashes))
 }
 
-/// Reads and compares the whole disk; returns its hashes and the bytes queued.
+/// Reads and compares the whole disk; returns its hashes and the bytes queued. A disk frozen
+/// for longer than `MAX_FREEZE` (a slow replica, a held stream) is thawed and `frozen` cleared:
+/// the workload must not stall on the scan.
 async fn read_all(
     agent: &Arc<DiskAgent>,
     client: &mut IngestClient<Channel>,
     known: Option<Vec<BlockHash>>,
+    frozen: &mut bool,
 ) -> anyhow::Result<Option<(Vec<BlockHash>, u64)>> {
     let size = agent.capture.size;
+    let freeze_started = Instant::now();
     let mut hashes = Vec::with_capacity(size.div_ceil(BLOCK) as usize);
     let (mut offset, mut shipped) = (0u64, 0u64);
     while offset < size {
+        if *frozen && freeze_started.elapsed() > MAX_FREEZE {
+            if let Some(h) = &agent.tuning.freeze_hook {
+                tracing::warn!(disk = %agent.disk_id, "the scan held the disk frozen for {MAX_FREEZE:?}: thawing; this point is fuzzy");
+                hook(agent, h, "thaw").await;
+            }
+            *frozen = false;
+        }
         while agent.capture.queued_bytes() > BUSY_QUEUE {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}

@@ -38,6 +38,9 @@ pub struct DiskEntry {
     /// A client of the disk's master target for requests outside the forwarding stream (block
     /// hashes), with the address it was made for; kept so each request does not handshake.
     pub replica_client: Mutex<Option<(String, ReplicaClient<Channel>)>>,
+    /// Set once the forwarder has heard where the master target stands. Until then an empty
+    /// cache cannot tell an agent where to resume (see `Ingest.Resume`).
+    pub mt_status_known: std::sync::atomic::AtomicBool,
     /// Cancelled when the disk is no longer assigned here.
     pub stop: CancellationToken,
 }
@@ -209,6 +212,7 @@ impl Disks {
                     quota: self.quota.clone(),
                     replica_client: Mutex::new(None),
                     recent: Mutex::new(Recent::default()),
+                    mt_status_known: std::sync::atomic::AtomicBool::new(false),
                     stop: self.cancel.child_token(),
                 });
                 tracing::info!(disk = %id, "disk assigned here: forwarding to its master target");

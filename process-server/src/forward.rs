@@ -74,6 +74,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     entry
         .applied
         .send_replace((applied, status.applied_write_unix_ms));
+    entry.mt_status_known.store(true, Ordering::SeqCst);
     release(entry, applied).await?;
 
     let (tx, rx) = mpsc::channel::<ChangeBatch>(WINDOW as usize);
@@ -83,7 +84,8 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     // Read from the cache but not yet sent (the window was full).
     let mut pending: VecDeque<ChangeBatch> = VecDeque::new();
     loop {
-        if pending.is_empty() && sent - applied < WINDOW {
+        let wanted = pending.is_empty() && sent.saturating_sub(applied) < WINDOW;
+        if wanted {
             let (hot, after) = entry
                 .recent
                 .lock()
@@ -94,7 +96,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
                 cursor = after;
             }
         }
-        if pending.is_empty() && sent - applied < WINDOW {
+        if pending.is_empty() && sent.saturating_sub(applied) < WINDOW {
             let (e, from) = (entry.clone(), cursor.clone());
             let (batches, next) = tokio::task::spawn_blocking(move || {
                 let cache = e
@@ -109,7 +111,8 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
             cursor = next;
             pending.extend(batches);
         }
-        while sent - applied < WINDOW {
+        let sent_before = sent;
+        while sent.saturating_sub(applied) < WINDOW {
             let Some(b) = pending.pop_front() else { break };
             let seq = b.seq;
             let bytes = lifeboat_common::batch::payload_bytes(&b) as u64;
@@ -126,12 +129,24 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
                 .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?;
             sent >= cache.durable_seq()
         };
-        let window_full = sent - applied >= WINDOW;
+        let window_full = sent.saturating_sub(applied) >= WINDOW;
+        if wanted && !caught_up && pending.is_empty() && sent == sent_before {
+            // The cache says it holds more, but nothing could be read: start over (fresh
+            // cursor, after a backoff) rather than spin.
+            anyhow::bail!("the cache holds batches after {sent} that could not be read");
+        }
         tokio::select! {
             biased;
             ack = acks.message() => {
                 let Some(ack) = ack? else { anyhow::bail!("the master target ended the stream") };
                 applied = ack.applied_seq;
+                // A group from before this session may be acknowledged late: never count
+                // batches as sent that this session has not sent, nor resend applied ones.
+                if applied > sent {
+                    sent = applied;
+                    pending.retain(|b| b.seq > applied);
+                    cursor = Cursor::default();
+                }
                 entry.applied.send_replace((applied, ack.applied_write_unix_ms));
                 release(entry, applied).await?;
             }

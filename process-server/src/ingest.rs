@@ -76,12 +76,31 @@ fn ack(disks: &Disks, entry: &DiskEntry, durable: u64) -> IngestAck {
     }
 }
 
+/// An empty cache (after a restart, everything released) does not know where the disk's
+/// stream stands until the master target has said what it applied: answering 0 before that
+/// would make the agent believe batches were lost, or restart its sequence.
+fn require_position(entry: &DiskEntry, durable: u64) -> Result<(), Status> {
+    if durable == 0 && !entry.mt_status_known.load(Ordering::SeqCst) {
+        return Err(Status::unavailable(format!(
+            "disk {}: this process server has not yet reached the disk's master target; retry shortly",
+            entry.disk_id
+        )));
+    }
+    Ok(())
+}
+
 /// Flow control: waits until the cache quota admits at least the first of `batches`, slowing
 /// the stream as the cache fills (see `quota`); returns how many of them it admits.
-async fn admitted(disks: &Disks, batches: &[ChangeBatch]) -> usize {
+async fn admitted(disks: &Disks, entry: &DiskEntry, batches: &[ChangeBatch]) -> usize {
     let mut held_since: Option<std::time::Instant> = None;
     let taken = loop {
-        let used = disks.cache_used();
+        // A disk with nothing waiting for its master target always gets one group in: what it
+        // holds is being released, and it must not starve behind other disks' backlogs.
+        let idle = entry
+            .cache
+            .lock()
+            .is_ok_and(|c| c.durable_seq() <= entry.applied().0);
+        let used = if idle { 0 } else { disks.cache_used() };
         let (free, _) = lifeboat_common::facts::space(&disks.cache_dir);
         let mut incoming = 0u64;
         let mut fits = 0;
@@ -134,12 +153,13 @@ async fn store(
         let entry = owned_disk(disks, peer, &disk_id)?;
         let assignment = entry.assignment();
         let mut fresh = Vec::new();
-        let mut expected = entry
+        let durable_now = entry
             .cache
             .lock()
             .map_err(|_| Status::internal("cache lock poisoned"))?
-            .durable_seq()
-            + 1;
+            .durable_seq();
+        require_position(&entry, durable_now)?;
+        let mut expected = durable_now + 1;
         let mut error = None;
         for b in batches {
             if let Err(e) = batch::verify(&b, assignment.size_bytes) {
@@ -167,7 +187,7 @@ async fn store(
         let mut rest = fresh;
         while !rest.is_empty() {
             // As much of the group as the quota admits, with one fsync for it.
-            let take = admitted(disks, &rest).await;
+            let take = admitted(disks, &entry, &rest).await;
             let chunk: Vec<ChangeBatch> = rest.drain(..take).collect();
             let payload: u64 = chunk.iter().map(|b| batch::payload_bytes(b) as u64).sum();
             let entry2 = entry.clone();
@@ -176,6 +196,19 @@ async fn store(
                     .cache
                     .lock()
                     .map_err(|_| Status::internal("cache lock poisoned"))?;
+                // Checked again under the lock: another stream of the same disk (an agent
+                // that reconnected while this one waited for room) may have stored them.
+                let durable = cache.durable_seq();
+                let chunk: Vec<ChangeBatch> =
+                    chunk.into_iter().filter(|b| b.seq > durable).collect();
+                if chunk.first().is_some_and(|b| b.seq != durable + 1) {
+                    return Err(Status::failed_precondition(format!(
+                        "disk {}: batch {} arrived but {} is next",
+                        entry2.disk_id,
+                        chunk[0].seq,
+                        durable + 1
+                    )));
+                }
                 let (seq, plain, stored, cursors) = cache
                     .append_tracked(&chunk, compress)
                     .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -219,6 +252,7 @@ impl Ingest for IngestService {
             .lock()
             .map_err(|_| Status::internal("cache lock poisoned"))?
             .durable_seq();
+        require_position(&entry, durable)?;
         let (applied, _) = entry.applied();
         Ok(Response::new(v1::ResumeResponse {
             durable_seq: durable.max(applied),

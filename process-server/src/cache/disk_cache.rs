@@ -192,9 +192,10 @@ impl DiskCache {
                 self.writer = Some(w);
             }
             let writer = self.writer.as_mut().expect("writer created above");
-            let (p, s) = writer
-                .append(&self.key, batch, compress)
-                .map_err(io_err(&writer.path))?;
+            let (p, s) = match writer.append(&self.key, batch, compress) {
+                Ok(sizes) => sizes,
+                Err(e) => return Err(self.abandon_writer(e)),
+            };
             plain += p as u64;
             stored += s as u64;
             self.bytes += s as u64;
@@ -205,11 +206,28 @@ impl DiskCache {
                 seq: batch.seq,
             });
         }
-        if let (Some(writer), Some(last)) = (&self.writer, batches.last()) {
-            writer.sync().map_err(io_err(&writer.path))?;
+        if let (Some(writer), Some(last)) = (self.writer.as_mut(), batches.last()) {
+            if let Err(e) = writer.sync() {
+                return Err(self.abandon_writer(e));
+            }
             self.durable_seq = last.seq;
         }
         Ok((self.durable_seq, plain, stored, cursors))
+    }
+
+    /// After a failed write or fsync: cuts the segment back to what was synced (those batches
+    /// were not acknowledged) and closes it, so the next append starts a fresh segment rather
+    /// than write after a failure.
+    fn abandon_writer(&mut self, e: std::io::Error) -> CacheError {
+        let Some(writer) = self.writer.as_mut() else {
+            return io_err(&self.dir)(e);
+        };
+        let err = io_err(&writer.path)(e);
+        self.bytes = self.bytes.saturating_sub(writer.rollback());
+        if let Err(close) = self.close_writer() {
+            tracing::warn!(disk = %self.disk_id, "closing a failed cache segment: {close}");
+        }
+        err
     }
 
     fn close_writer(&mut self) -> Result<(), CacheError> {
@@ -299,12 +317,23 @@ impl DiskCache {
                     return Ok((out, next));
                 }
             }
-            if let Tail::Corrupt(detail) = reader.tail {
-                return Err(CacheError::Corrupt {
-                    disk: self.disk_id.clone(),
-                    path,
-                    detail,
-                });
+            match reader.tail {
+                Tail::Clean => {}
+                // Within the readable length every record was written whole and synced.
+                Tail::Torn => {
+                    return Err(CacheError::Corrupt {
+                        disk: self.disk_id.clone(),
+                        path,
+                        detail: "a torn record inside the written part of the segment".into(),
+                    })
+                }
+                Tail::Corrupt(detail) => {
+                    return Err(CacheError::Corrupt {
+                        disk: self.disk_id.clone(),
+                        path,
+                        detail,
+                    })
+                }
             }
         }
         Ok((out, next))

@@ -13,7 +13,7 @@ use lifeboat_common::batch::MAX_BATCH_BYTES;
 use lifeboat_proto::v1::ChangeBatch;
 use prost::Message;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use zstd::bulk::Compressor;
 
@@ -78,6 +78,8 @@ pub struct SegmentWriter {
     pub last_seq: u64,
     /// Reused between batches (making a zstd context is not free).
     zstd: Compressor<'static>,
+    /// (len, next_index, last_seq) as of the last successful `sync`.
+    synced: (u64, u32, u64),
 }
 
 impl SegmentWriter {
@@ -107,12 +109,29 @@ impl SegmentWriter {
             len: header.len() as u64,
             first_seq,
             last_seq: first_seq.saturating_sub(1),
+            synced: (header.len() as u64, 0, first_seq.saturating_sub(1)),
         })
     }
 
     /// Encodes, compresses, seals and writes one batch (not yet durable). Returns the
     /// (plain, stored) sizes.
     pub fn append(
+        &mut self,
+        key: &CacheKey,
+        batch: &ChangeBatch,
+        compress: bool,
+    ) -> io::Result<(usize, usize)> {
+        let result = self.append_record(key, batch, compress);
+        if result.is_err() {
+            // Cut off whatever part of the record reached the file, so the next record starts
+            // where readers expect it (`len`).
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::Start(self.len));
+        }
+        result
+    }
+
+    fn append_record(
         &mut self,
         key: &CacheKey,
         batch: &ChangeBatch,
@@ -146,8 +165,23 @@ impl SegmentWriter {
     }
 
     /// Makes every record written so far durable.
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.synced = (self.len, self.next_index, self.last_seq);
+        Ok(())
+    }
+
+    /// Drops every record written since the last successful `sync` (after a failed write or
+    /// fsync: they were never acknowledged, and will be sent again). Returns the bytes dropped.
+    pub fn rollback(&mut self) -> u64 {
+        let (len, index, seq) = self.synced;
+        let dropped = self.len - len;
+        let _ = self.file.set_len(len);
+        let _ = self.file.seek(SeekFrom::Start(len));
+        self.len = len;
+        self.next_index = index;
+        self.last_seq = seq;
+        dropped
     }
 
     pub fn records(&self) -> u32 {
