@@ -279,16 +279,30 @@ mod tests {
             m.dirty_ranges(size),
             vec![(0, REGION), (2 * REGION, 4 * REGION), (10 * REGION, size)]
         );
-        // Capture indices are not persisted: after a reopen everything set stays set until
-        // written again and made durable.
+        // Capture indices are not persisted: after a reopen every set region is pinned. A
+        // new write does not release it, durable acknowledgements do not clear it; only a
+        // resync's compare does, once what it queued is durable.
         m.mark(0, 1, 5).unwrap();
-        m.clear_through(4);
-        assert_eq!(m.dirty_ranges(size)[0], (0, REGION));
+        m.clear_through(100);
+        assert_eq!(m.dirty_ranges(size).len(), 3);
+        m.resynced(0, REGION, 6);
         m.clear_through(5);
+        assert_eq!(m.dirty_ranges(size)[0], (0, REGION));
+        m.clear_through(6);
         m.write_back().unwrap();
         drop(m);
-        let m = DirtyMap::open(&path, size).unwrap();
+        let mut m = DirtyMap::open(&path, size).unwrap();
         assert!(m.any_dirty());
         assert_eq!(m.dirty_ranges(size).len(), 2);
+        // Pinning (the stream was given up) holds regions marked with real indices too.
+        m.resynced(0, size, 7);
+        m.clear_through(7);
+        assert!(!m.any_dirty());
+        m.mark(REGION, 10, 8).unwrap();
+        m.pin_all();
+        m.clear_through(100);
+        assert_eq!(m.dirty_ranges(size), vec![(REGION, 2 * REGION)]);
+        // Dirty since when: the oldest set region's time.
+        assert!(m.oldest_dirty_secs(0).is_some_and(|t| t > 0));
     }
 }

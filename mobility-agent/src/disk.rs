@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 /// Largest batch the agent builds (payload bytes) and most extents in it.
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
@@ -342,7 +343,8 @@ async fn ship(agent: Arc<DiskAgent>) {
     }
 }
 
-async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
+/// A client of the disk's process server (shipping, resync and scan each make their own).
+pub(crate) fn ingest_client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Channel>> {
     let assignment = agent.assignment();
     if assignment.process_server_address.is_empty() {
         anyhow::bail!("the process server's address is not known yet");
@@ -352,9 +354,29 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
         &assignment.process_server_address,
         Role::ProcessServer,
     )?;
-    let mut client = IngestClient::new(channel)
+    Ok(IngestClient::new(channel)
         .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
-        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
+}
+
+/// Marks the end of a sync, resync or first scan: it is complete once everything queued so
+/// far is applied (see `check_sync_complete`).
+pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
+    let last = agent
+        .capture
+        .queue
+        .lock()
+        .map(|q| q.last_index())
+        .map_err(|_| anyhow::anyhow!("capture poisoned"))?;
+    if let Ok(mut p) = agent.progress.lock() {
+        p.sync_last_index = Some(last);
+    }
+    agent.capture.queued.notify_one();
+    Ok(())
+}
+
+async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
+    let mut client = ingest_client(agent)?;
     let resume = client
         .resume(ResumeRequest {
             disk_id: agent.disk_id.clone(),

@@ -17,7 +17,6 @@
 use crate::disk::DiskAgent;
 use crate::progress::Phase;
 use lifeboat_common::blockhash::{self, BlockHash, HASH_LEN};
-use lifeboat_common::{tls, Role};
 use lifeboat_proto::v1::{ingest_client::IngestClient, HashRequest, ResumeRequest};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -64,21 +63,6 @@ pub async fn run(agent: Arc<DiskAgent>) {
     agent.resync_running.store(false, Ordering::SeqCst);
 }
 
-fn client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Channel>> {
-    let assignment = agent.assignment();
-    if assignment.process_server_address.is_empty() {
-        anyhow::bail!("the process server's address is not known yet");
-    }
-    let channel = tls::mtls_channel(
-        &agent.identity,
-        &assignment.process_server_address,
-        Role::ProcessServer,
-    )?;
-    Ok(IngestClient::new(channel)
-        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
-}
-
 /// Waits until everything sent is applied on the master target and the process server's
 /// cache has room; `false` if the agent stopped.
 pub async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> anyhow::Result<bool> {
@@ -116,7 +100,7 @@ pub async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> an
 
 /// One pass over the dirty regions; `true` when it completed.
 async fn pass(agent: &Arc<DiskAgent>) -> anyhow::Result<bool> {
-    let mut client = client(agent)?;
+    let mut client = crate::disk::ingest_client(agent)?;
     if !settle(agent, &mut client).await? {
         return Ok(false);
     }
@@ -188,16 +172,7 @@ async fn pass(agent: &Arc<DiskAgent>) -> anyhow::Result<bool> {
             p.sync_done = done;
         }
     }
-    let last = agent
-        .capture
-        .queue
-        .lock()
-        .map(|q| q.last_index())
-        .map_err(|_| anyhow::anyhow!("capture poisoned"))?;
-    if let Ok(mut p) = agent.progress.lock() {
-        p.sync_last_index = Some(last);
-    }
-    agent.capture.queued.notify_one();
+    crate::disk::mark_pass_end(agent)?;
     tracing::info!(disk = %agent.disk_id, compared = done, shipped,
         secs = started.elapsed().as_secs_f64(), replica_hash_secs = remote.as_secs_f64(),
         local_secs = local.as_secs_f64(), "resync pass finished; completes once applied");

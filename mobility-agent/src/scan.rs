@@ -17,7 +17,6 @@ use crate::disk::DiskAgent;
 use crate::progress::Phase;
 use crate::resync;
 use lifeboat_common::blockhash::{BlockHash, BLOCK};
-use lifeboat_common::{tls, Role};
 use lifeboat_proto::v1::ingest_client::IngestClient;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -70,21 +69,6 @@ pub async fn run(agent: Arc<DiskAgent>) {
     }
 }
 
-fn client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Channel>> {
-    let assignment = agent.assignment();
-    if assignment.process_server_address.is_empty() {
-        anyhow::bail!("the process server's address is not known yet");
-    }
-    let channel = tls::mtls_channel(
-        &agent.identity,
-        &assignment.process_server_address,
-        Role::ProcessServer,
-    )?;
-    Ok(IngestClient::new(channel)
-        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
-}
-
 /// Runs the freeze hook with `action`; true if it succeeded.
 async fn hook(agent: &DiskAgent, hook: &Path, action: &str) -> bool {
     let a = agent.assignment();
@@ -119,7 +103,7 @@ async fn scan_once(
     known: Option<Vec<BlockHash>>,
 ) -> anyhow::Result<Option<Vec<BlockHash>>> {
     let size = agent.capture.size;
-    let mut client = client(agent)?;
+    let mut client = crate::disk::ingest_client(agent)?;
     // A stream that broke since the last scan leaves the shipped state unknown.
     let known = if agent.capture.overflowed() {
         None
@@ -175,16 +159,7 @@ async fn scan_once(
     tracing::info!(disk = %agent.disk_id, shipped, frozen, %tag, against_replica = first, "scan finished");
     if first {
         // Like an initial sync: complete (and the disk Protected) once all of it is applied.
-        let last = agent
-            .capture
-            .queue
-            .lock()
-            .map(|q| q.last_index())
-            .map_err(|_| anyhow::anyhow!("capture poisoned"))?;
-        if let Ok(mut p) = agent.progress.lock() {
-            p.sync_last_index = Some(last);
-        }
-        agent.capture.queued.notify_one();
+        crate::disk::mark_pass_end(agent)?;
     }
     // The point counts (for the RPO) once the master target has applied it.
     loop {
