@@ -10,6 +10,7 @@ use lifeboat_common::batch::{self, KIND_STREAM, KIND_SYNC};
 use lifeboat_common::{fsutil, tls, Identity, Role};
 use lifeboat_proto::v1::{
     ingest_client::IngestClient, ChangeBatch, DiskAssignment, DiskReport, Extent, ResumeRequest,
+    ResumeResponse,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -359,6 +360,23 @@ pub(crate) fn ingest_client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Ch
         .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
 }
 
+/// Asks the process server where the disk's stream stands, noting how full its cache is.
+pub(crate) async fn ask_position(
+    agent: &DiskAgent,
+    client: &mut IngestClient<Channel>,
+) -> anyhow::Result<ResumeResponse> {
+    let r = client
+        .resume(ResumeRequest {
+            disk_id: agent.disk_id.clone(),
+        })
+        .await?
+        .into_inner();
+    agent
+        .cache_fill_percent
+        .store(r.cache_fill_percent, Ordering::Relaxed);
+    Ok(r)
+}
+
 /// Marks the end of a sync, resync or first scan: it is complete once everything queued so
 /// far is applied (see `check_sync_complete`).
 pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
@@ -377,12 +395,7 @@ pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
 
 async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
     let mut client = ingest_client(agent)?;
-    let resume = client
-        .resume(ResumeRequest {
-            disk_id: agent.disk_id.clone(),
-        })
-        .await?
-        .into_inner();
+    let resume = ask_position(agent, &mut client).await?;
     let resend: Vec<ChangeBatch> = {
         let mut p = agent
             .progress
@@ -477,15 +490,7 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
             .unwrap_or(false);
         if waiting && last_poll.elapsed() >= Duration::from_millis(500) {
             last_poll = Instant::now();
-            let r = client
-                .resume(ResumeRequest {
-                    disk_id: agent.disk_id.clone(),
-                })
-                .await?
-                .into_inner();
-            agent
-                .cache_fill_percent
-                .store(r.cache_fill_percent, Ordering::Relaxed);
+            let r = ask_position(agent, &mut client).await?;
             on_ack(agent, r.durable_seq, r.applied_seq)?;
         }
     }

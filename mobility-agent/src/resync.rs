@@ -17,7 +17,7 @@
 use crate::disk::DiskAgent;
 use crate::progress::Phase;
 use lifeboat_common::blockhash::{self, BlockHash, HASH_LEN};
-use lifeboat_proto::v1::{ingest_client::IngestClient, HashRequest, ResumeRequest};
+use lifeboat_proto::v1::{ingest_client::IngestClient, HashRequest};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -68,15 +68,7 @@ pub async fn run(agent: Arc<DiskAgent>) {
 pub async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> anyhow::Result<bool> {
     let mut said = false;
     loop {
-        let r = client
-            .resume(ResumeRequest {
-                disk_id: agent.disk_id.clone(),
-            })
-            .await?
-            .into_inner();
-        agent
-            .cache_fill_percent
-            .store(r.cache_fill_percent, Ordering::Relaxed);
+        let r = crate::disk::ask_position(agent, client).await?;
         let settled = agent.progress.lock().is_ok_and(|p| {
             p.next_seq > 0
                 && p.unacked.is_empty()

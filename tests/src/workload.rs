@@ -1,7 +1,7 @@
 //! Helpers for tests that replicate a disk: a real NBD client (`qemu-io`) writing through the
 //! agent's export, waiting for the replica to catch up, and comparing source and replica with
 //! `qemu-img compare`.
-use crate::{lifeboat_json, qemu_check_vpc, text, wait_until};
+use crate::{lifeboat_json, qemu_check_vpc, servers, text, wait_until, Component};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -90,4 +90,17 @@ pub fn signal(name: &str, pid: u32) {
         .unwrap()
         .success();
     assert!(ok, "kill -{name} {pid}");
+}
+
+/// Starts a process server, a master target and an agent, and waits until the configuration
+/// server sees the agent connected.
+pub fn start_connected(ctx: &Path, ps: &mut Component, mt: &mut Component, agent: &mut Component) {
+    ps.start();
+    mt.start();
+    agent.start();
+    wait_until("agent connected", WAIT, || {
+        servers(ctx, "agent")
+            .first()
+            .is_some_and(|a| a["status"] == "Connected")
+    });
 }

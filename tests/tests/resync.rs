@@ -55,14 +55,7 @@ impl Setup {
         let mut flags = vec!["--disk", &disk_arg];
         flags.extend(agent_flags);
         let mut agent = Component::register("mobility-agent", "db01", tmp.path(), &cs, &flags);
-        ps.start();
-        mt.start();
-        agent.start();
-        wait_until("agent connected", WAIT, || {
-            servers(&ctx, "agent")
-                .first()
-                .is_some_and(|a| a["status"] == "Connected")
-        });
+        start_connected(&ctx, &mut ps, &mut mt, &mut agent);
         let mut policy = vec!["policy", "create", "gold", "--rpo-threshold", "15m"];
         policy.extend(policy_flags);
         assert!(lifeboat(&ctx, &policy).status.success());

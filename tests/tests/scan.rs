@@ -84,14 +84,7 @@ fn scans_replicate_changes_made_by_another_process() {
         &cs,
         &["--scan-disk", &disk_arg, "--freeze-hook", &hook_arg],
     );
-    ps.start();
-    mt.start();
-    agent.start();
-    wait_until("agent connected", WAIT, || {
-        servers(&ctx, "agent")
-            .first()
-            .is_some_and(|a| a["status"] == "Connected")
-    });
+    start_connected(&ctx, &mut ps, &mut mt, &mut agent);
     let policy = [
         "policy",
         "create",
