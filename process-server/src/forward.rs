@@ -85,6 +85,13 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     let mut pending: VecDeque<ChangeBatch> = VecDeque::new();
     loop {
         let wanted = pending.is_empty() && sent.saturating_sub(applied) < WINDOW;
+        // What the cache held before reading: batches stored after the reads below are not a
+        // reason to worry that nothing was read.
+        let durable_before = entry
+            .cache
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?
+            .durable_seq();
         if wanted {
             let (hot, after) = entry
                 .recent
@@ -130,7 +137,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
             sent >= cache.durable_seq()
         };
         let window_full = sent.saturating_sub(applied) >= WINDOW;
-        if wanted && !caught_up && pending.is_empty() && sent == sent_before {
+        if wanted && pending.is_empty() && sent == sent_before && sent < durable_before {
             // The cache says it holds more, but nothing could be read: start over (fresh
             // cursor, after a backoff) rather than spin.
             anyhow::bail!("the cache holds batches after {sent} that could not be read");
