@@ -28,8 +28,8 @@ const BATCH_EXTENTS: usize = 1024;
 /// Payload bytes sent but not yet durable at the process server before the agent waits.
 const WINDOW_BYTES: u64 = 64 * 1024 * 1024;
 /// Initial sync reads this much at a time, and pauses while this much is queued.
-const SYNC_CHUNK: u64 = 1024 * 1024;
-const SYNC_QUEUE_LIMIT: u64 = 32 * 1024 * 1024;
+pub(crate) const SYNC_CHUNK: u64 = 1024 * 1024;
+pub(crate) const SYNC_QUEUE_LIMIT: u64 = 32 * 1024 * 1024;
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct DiskState {
@@ -67,44 +67,6 @@ pub struct DiskAgent {
     started_ms: i64,
 }
 
-/// A file in a disk's state directory asking the next start to compare the whole disk with
-/// the replica (written by `mobility-agent mark-for-resync`).
-pub const RESYNC_ALL_MARKER: &str = "resync-all";
-
-/// Asks the next agent start to resync every protected disk (or only `disk_id`) in full;
-/// returns the disk ids marked.
-pub fn mark_for_resync(data_dir: &Path, disk_id: Option<&str>) -> anyhow::Result<Vec<String>> {
-    let disks = data_dir.join("disks");
-    let mut marked = Vec::new();
-    if !disks.exists() {
-        anyhow::bail!(
-            "no protected disk has state in {} (is --data-dir the agent's?)",
-            disks.display()
-        );
-    }
-    let entries = std::fs::read_dir(&disks)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", disks.display()))?;
-    for entry in entries {
-        let entry = entry?;
-        let id = entry.file_name().to_string_lossy().to_string();
-        if disk_id.is_some_and(|want| want != id) || !entry.path().is_dir() {
-            continue;
-        }
-        fsutil::durable_write(&entry.path().join(RESYNC_ALL_MARKER), b"", 0o600)?;
-        marked.push(id);
-    }
-    if marked.is_empty() {
-        match disk_id {
-            Some(id) => anyhow::bail!(
-                "disk {id} is not protected on this agent ({} has no state for it)",
-                disks.display()
-            ),
-            None => anyhow::bail!("no protected disk has state in {}", disks.display()),
-        }
-    }
-    Ok(marked)
-}
-
 fn state_path(dir: &Path) -> PathBuf {
     dir.join("state.json")
 }
@@ -139,7 +101,7 @@ impl DiskAgent {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let marker = state_dir.join(RESYNC_ALL_MARKER);
+        let marker = state_dir.join(crate::resync::RESYNC_ALL_MARKER);
         let full = state.initial_sync_done && marker.exists();
         if full {
             // The operator says the disk changed behind the agent's back: compare all of it.
@@ -218,7 +180,7 @@ impl DiskAgent {
 
     /// The initial sync cannot go on as a copy (its reads were dropped, or failed): the whole
     /// disk is compared with the replica instead, which ships only what the replica lacks.
-    fn interrupt_initial_sync(&self, why: &str) {
+    pub(crate) fn interrupt_initial_sync(&self, why: &str) {
         if let Ok(mut q) = self.capture.queue.lock() {
             if let Err(e) = q.dirty.mark_all() {
                 tracing::error!(disk = %self.disk_id, "cannot mark the disk for a resync: {e}");
@@ -438,7 +400,7 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
     let nbd_mode = agent.mode == CaptureMode::Nbd;
     if nbd_mode && in_initial_sync && !agent.sync_started.swap(true, Ordering::SeqCst) {
         let zeros_matter = resume.durable_seq > 0 || resume.applied_seq > 0;
-        tokio::spawn(initial_sync(agent.clone(), zeros_matter));
+        tokio::spawn(crate::initial_sync::run(agent.clone(), zeros_matter));
     }
     agent
         .cache_fill_percent
@@ -614,94 +576,4 @@ fn check_sync_complete(agent: &DiskAgent) -> anyhow::Result<()> {
     }
     agent.set_phase(Phase::Streaming);
     Ok(())
-}
-
-/// Copies the disk's data once, in order with concurrent writes (see `Capture::sync_read`).
-async fn initial_sync(agent: Arc<DiskAgent>, zeros_matter: bool) {
-    let size = agent.capture.size;
-    if let Ok(mut p) = agent.progress.lock() {
-        p.sync_total = size;
-        p.sync_done = 0;
-        p.sync_started = Some(Instant::now());
-    }
-    tracing::info!(disk = %agent.disk_id, size, "initial sync started");
-    let mut offset = 0u64;
-    let still_syncing = |agent: &DiskAgent| {
-        agent
-            .progress
-            .lock()
-            .is_ok_and(|p| p.phase == Phase::InitialSync)
-    };
-    while offset < size {
-        // Stopped, or turned into a resync (stream broken, batches lost): this copy is over.
-        if agent.stop.is_cancelled() || !still_syncing(&agent) {
-            return;
-        }
-        while agent.capture.queued_bytes() > SYNC_QUEUE_LIMIT {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = agent.stop.cancelled() => return,
-            }
-        }
-        if !zeros_matter {
-            match next_data(&agent.capture.source, offset) {
-                Some(data) if data >= size => offset = size,
-                Some(data) => offset = data - data % 4096,
-                None => offset = size,
-            }
-            if offset >= size {
-                break;
-            }
-        }
-        let len = SYNC_CHUNK.min(size - offset);
-        let c = agent.capture.clone();
-        let read =
-            tokio::task::spawn_blocking(move || c.sync_read(offset, len, zeros_matter)).await;
-        match read {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::error!(disk = %agent.disk_id, "initial sync read at {offset}: {e}");
-                agent.interrupt_initial_sync(&format!("initial sync cannot read the disk: {e}"));
-                return;
-            }
-            Err(e) => {
-                tracing::error!(disk = %agent.disk_id, "initial sync task: {e}");
-                return;
-            }
-        }
-        offset += len;
-        if let Ok(mut p) = agent.progress.lock() {
-            p.sync_done = offset;
-        }
-    }
-    let last_index = agent
-        .capture
-        .queue
-        .lock()
-        .map(|q| q.last_index())
-        .unwrap_or(0);
-    if let Ok(mut p) = agent.progress.lock() {
-        if p.phase != Phase::InitialSync {
-            return;
-        }
-        p.sync_done = size;
-        p.sync_last_index = Some(last_index);
-    }
-    agent.capture.queued.notify_one();
-    tracing::info!(disk = %agent.disk_id, "initial sync scan finished");
-}
-
-/// The next offset at or after `offset` holding data (SEEK_DATA), `None` if only a hole
-/// follows; `Some(offset)` where holes cannot be detected (block devices).
-fn next_data(file: &std::fs::File, offset: u64) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek only reads its integer arguments; the descriptor is open for the call.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-    if r >= 0 {
-        return Some(r as u64);
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::ENXIO) => None,
-        _ => Some(offset),
-    }
 }

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod capture;
 pub mod dirty;
 pub mod disk;
+pub mod initial_sync;
 pub mod progress;
 pub mod resync;
 pub mod scan;

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             }
             Command::MarkForResync { common, disk_id } => {
                 let settings = Settings::resolve(&common, &DiskArgs::default())?;
-                let marked = lifeboat_mobility_agent::disk::mark_for_resync(
+                let marked = lifeboat_mobility_agent::resync::mark_for_resync(
                     &settings.common.data_dir,
                     disk_id.as_deref(),
                 )?;

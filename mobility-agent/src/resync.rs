@@ -203,3 +203,44 @@ pub async fn replica_hashes(
         })
         .collect())
 }
+
+/// A file in a disk's state directory asking the next start to compare the whole disk with
+/// the replica (written by `mobility-agent mark-for-resync`).
+pub const RESYNC_ALL_MARKER: &str = "resync-all";
+
+/// Asks the next agent start to resync every protected disk (or only `disk_id`) in full;
+/// returns the disk ids marked.
+pub fn mark_for_resync(
+    data_dir: &std::path::Path,
+    disk_id: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let disks = data_dir.join("disks");
+    let mut marked = Vec::new();
+    if !disks.exists() {
+        anyhow::bail!(
+            "no protected disk has state in {} (is --data-dir the agent's?)",
+            disks.display()
+        );
+    }
+    let entries = std::fs::read_dir(&disks)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", disks.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let id = entry.file_name().to_string_lossy().to_string();
+        if disk_id.is_some_and(|want| want != id) || !entry.path().is_dir() {
+            continue;
+        }
+        lifeboat_common::fsutil::durable_write(&entry.path().join(RESYNC_ALL_MARKER), b"", 0o600)?;
+        marked.push(id);
+    }
+    if marked.is_empty() {
+        match disk_id {
+            Some(id) => anyhow::bail!(
+                "disk {id} is not protected on this agent ({} has no state for it)",
+                disks.display()
+            ),
+            None => anyhow::bail!("no protected disk has state in {}", disks.display()),
+        }
+    }
+    Ok(marked)
+}
