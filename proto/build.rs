@@ -9,6 +9,7 @@ const FILES: &[&str] = &[
     "proto/lifeboat/v1/cluster.proto",
     "proto/lifeboat/v1/protection.proto",
     "proto/lifeboat/v1/data.proto",
+    "proto/lifeboat/v1/recovery.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

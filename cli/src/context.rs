@@ -4,7 +4,10 @@
 use anyhow::Context as _;
 use lifeboat_common::{tls, Identity, Role};
 use lifeboat_config_server::init::CliContext;
-use lifeboat_proto::v1::{admin_client::AdminClient, protection_client::ProtectionClient, Empty};
+use lifeboat_proto::v1::{
+    admin_client::AdminClient, protection_client::ProtectionClient,
+    recovery_client::RecoveryClient, Empty,
+};
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 
@@ -54,6 +57,17 @@ impl ContextArgs {
     pub async fn protection(&self) -> anyhow::Result<ProtectionClient<Channel>> {
         let channel = self.leader_channel().await?;
         Ok(ProtectionClient::new(channel))
+    }
+
+    /// Recovery and Protection clients (jobs are followed through the latter).
+    pub async fn recovery(
+        &self,
+    ) -> anyhow::Result<(RecoveryClient<Channel>, ProtectionClient<Channel>)> {
+        let channel = self.leader_channel().await?;
+        Ok((
+            RecoveryClient::new(channel.clone()),
+            ProtectionClient::new(channel),
+        ))
     }
 
     /// An admin client connected to the leader if it can be reached, else any node.

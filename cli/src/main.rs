@@ -9,7 +9,7 @@ mod demo;
 mod format;
 mod up;
 
-use commands::{alerts, audit, cluster, jobs, passphrase, policy, protect, servers};
+use commands::{alerts, audit, cluster, jobs, passphrase, policy, protect, recovery, servers};
 use context::ContextArgs;
 
 #[derive(Parser)]
@@ -66,6 +66,12 @@ enum Command {
     /// One job.
     #[command(subcommand)]
     Job(JobCommand),
+    /// A machine's recovery points (time, type, id) inside its retention window.
+    RecoveryPoints(recovery::PointsArgs),
+    /// Bring up a machine's disks at a point while replication goes on (a drill).
+    TestFailover(recovery::TestFailoverArgs),
+    /// Fail a machine over (planned or to a point), or commit a failover.
+    Failover(recovery::FailoverArgs),
     /// VHD images: info, check, create, convert (raw <-> VHD).
     #[command(subcommand)]
     Vhd(vhd::cli::VhdCommand),
@@ -111,6 +117,9 @@ fn main() -> ExitCode {
             Command::Jobs(args) => jobs::list(&cli.context, args).await,
             Command::Alerts { json } => alerts::list(&cli.context, json).await,
             Command::Job(JobCommand::Show { id, json }) => jobs::show(&cli.context, id, json).await,
+            Command::RecoveryPoints(args) => recovery::points(&cli.context, args).await,
+            Command::TestFailover(args) => recovery::test_failover(&cli.context, args).await,
+            Command::Failover(args) => recovery::failover(&cli.context, args).await,
             // Image work is blocking file I/O with its own progress bar.
             Command::Vhd(command) => {
                 tokio::task::spawn_blocking(move || vhd::cli::run(command)).await?

@@ -33,6 +33,9 @@ pub struct UpArgs {
     /// Master target gRPC address.
     #[arg(long, default_value = "127.0.0.1:9444")]
     pub mt_listen: SocketAddr,
+    /// Master target NBD address of recovery-point views (test failover, failover).
+    #[arg(long, default_value = "127.0.0.1:10810")]
+    pub mt_nbd_listen: String,
     /// Prometheus metrics of all three services.
     #[arg(long, default_value = "127.0.0.1:9100")]
     pub metrics_listen: SocketAddr,
@@ -133,6 +136,8 @@ impl Stack {
             ),
             replica_dir: data_dir.join("master-target").join("replicas"),
             disk_slots: lifeboat_master_target::DEFAULT_DISK_SLOTS,
+            nbd_listen: args.mt_nbd_listen.clone(),
+            nbd_advertise: args.mt_nbd_listen.clone(),
         };
         let passphrase_file = cs_init::passphrase_file(&cs_settings.data_dir);
         let register = RegisterArgs {

@@ -16,6 +16,8 @@ pub mod placement;
 pub mod progress;
 pub mod raft;
 pub mod reconcile;
+pub mod recovery;
+pub mod retention;
 pub mod server;
 pub mod services;
 pub mod settings;

@@ -131,6 +131,7 @@ mod tests {
                 })
                 .collect(),
             protected_at_ms: 0,
+            recovery: Default::default(),
         }
     }
 

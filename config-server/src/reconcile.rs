@@ -197,6 +197,7 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
         }
     }
     wanted.extend(cache_alerts(node, now)?);
+    wanted.extend(crate::retention::retention_alerts(node, now)?);
     if judge_liveness {
         for r in state.identities()? {
             if r.revoked.is_some()

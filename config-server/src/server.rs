@@ -16,6 +16,7 @@ use crate::settings::Settings;
 use crate::state::{Command, CommandResult};
 use crate::tasks;
 use lifeboat_common::{serve, Identity, Role};
+use lifeboat_proto::v1::recovery_server::RecoveryServer;
 use lifeboat_proto::v1::{
     admin_server::AdminServer, bootstrap_server::BootstrapServer, cluster_server::ClusterServer,
     component_server::ComponentServer, protection_server::ProtectionServer, JoinClusterRequest,
@@ -79,6 +80,9 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         .add_service(ComponentServer::new(ComponentService::new(node.clone())))
         .add_service(AdminServer::new(AdminService::new(node.clone())))
         .add_service(ProtectionServer::new(ProtectionService::new(node.clone())))
+        .add_service(RecoveryServer::new(crate::recovery::RecoveryService::new(
+            node.clone(),
+        )))
         .add_service(
             ClusterServer::new(ClusterService::new(node.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -1,15 +1,26 @@
-//! The Lifeboat master target: holds replica disks on the recovery site. This crate owns its
-//! settings, what it reports about itself, and its run loop; the binary (`main.rs`) and
-//! `lifeboat up` both drive it through `run`.
+//! The Lifeboat master target: holds replica disks on the recovery site, their retention
+//! journals and recovery-point views. This crate owns its settings, what it reports about
+//! itself, and its run loop; the binary (`main.rs`) and `lifeboat up` both drive it through
+//! `run`.
+pub mod exports;
+pub mod journal;
+pub mod pit;
+pub mod rangemap;
 pub mod replica;
 pub mod replicas;
 pub mod service;
+pub mod undo;
+pub mod view;
+pub mod views;
+pub mod writes;
 
 use lifeboat_common::component::{run_component, ComponentRun, Reporter, RevocationList};
 use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::{facts, Role};
-use lifeboat_proto::v1::{self, replica_server::ReplicaServer};
+use lifeboat_proto::v1::{
+    self, point_in_time_server::PointInTimeServer, replica_server::ReplicaServer,
+};
 use replicas::Replicas;
 use serde::Deserialize;
 use service::ReplicaService;
@@ -22,6 +33,9 @@ pub const DEFAULTS: RoleDefaults = RoleDefaults {
     listen: "0.0.0.0:9443",
     metrics_listen: "0.0.0.0:9102",
 };
+
+/// Where views are exported over NBD unless configured.
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10810";
 
 /// Disk slots of a master target unless configured (the seed documents' limit).
 pub const DEFAULT_DISK_SLOTS: u32 = 31;
@@ -37,6 +51,18 @@ struct FileConfig {
     replica_dir: Option<PathBuf>,
     /// Disk slots, one of them reserved for the retention volume (default: 31).
     disk_slots: Option<u32>,
+    /// NBD listen address of recovery-point views (default: 127.0.0.1:10810).
+    nbd_listen: Option<String>,
+    /// `host:port` put in views' NBD URIs (default: the advertised host, nbd_listen's port).
+    nbd_advertise: Option<String>,
+}
+
+/// Flags of `master-target register|run` beyond the common ones; they override the file.
+#[derive(Debug, Default, clap::Args)]
+pub struct MtArgs {
+    /// NBD listen address of recovery-point views [default: 127.0.0.1:10810]
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +70,20 @@ pub struct Settings {
     pub common: CommonSettings,
     pub replica_dir: PathBuf,
     pub disk_slots: u32,
+    pub nbd_listen: String,
+    pub nbd_advertise: String,
+}
+
+/// The address clients reach views at: the NBD port on the advertised host, unless the NBD
+/// server listens on one specific address.
+fn nbd_advertise(listen: &str, advertise: &str) -> String {
+    let (listen_host, port) = listen.rsplit_once(':').unwrap_or((listen, "10810"));
+    let host = if listen_host == "0.0.0.0" || listen_host == "[::]" {
+        advertise.rsplit_once(':').map_or(advertise, |(h, _)| h)
+    } else {
+        listen_host
+    };
+    format!("{host}:{port}")
 }
 
 impl ComponentSettings for Settings {
@@ -54,20 +94,7 @@ impl ComponentSettings for Settings {
     }
 
     fn resolve(args: &CommonArgs) -> anyhow::Result<Settings> {
-        let file: FileConfig = lifeboat_common::config::load_toml(args.config.as_deref())?;
-        let common = args.resolve(&file.common, &DEFAULTS)?;
-        let replica_dir = file
-            .replica_dir
-            .unwrap_or_else(|| common.data_dir.join("replicas"));
-        let disk_slots = file.disk_slots.unwrap_or(DEFAULT_DISK_SLOTS);
-        if disk_slots <= RESERVED_SLOTS {
-            anyhow::bail!("disk_slots must be at least {}", RESERVED_SLOTS + 1);
-        }
-        Ok(Settings {
-            common,
-            replica_dir,
-            disk_slots,
-        })
+        Settings::resolve_with(args, &MtArgs::default())
     }
 
     fn prepare(&self) -> anyhow::Result<()> {
@@ -83,6 +110,35 @@ impl ComponentSettings for Settings {
         // No replica disks are placed yet: every slot but the retention volume's is free.
         f.disk_slots_free = self.disk_slots - RESERVED_SLOTS;
         f
+    }
+}
+
+impl Settings {
+    pub fn resolve_with(args: &CommonArgs, mt: &MtArgs) -> anyhow::Result<Settings> {
+        let file: FileConfig = lifeboat_common::config::load_toml(args.config.as_deref())?;
+        let common = args.resolve(&file.common, &DEFAULTS)?;
+        let replica_dir = file
+            .replica_dir
+            .unwrap_or_else(|| common.data_dir.join("replicas"));
+        let disk_slots = file.disk_slots.unwrap_or(DEFAULT_DISK_SLOTS);
+        if disk_slots <= RESERVED_SLOTS {
+            anyhow::bail!("disk_slots must be at least {}", RESERVED_SLOTS + 1);
+        }
+        let nbd_listen = mt
+            .nbd_listen
+            .clone()
+            .or(file.nbd_listen)
+            .unwrap_or_else(|| DEFAULT_NBD_LISTEN.to_string());
+        let nbd_advertise = file
+            .nbd_advertise
+            .unwrap_or_else(|| nbd_advertise(&nbd_listen, &common.advertise));
+        Ok(Settings {
+            common,
+            replica_dir,
+            disk_slots,
+            nbd_listen,
+            nbd_advertise,
+        })
     }
 }
 
@@ -108,13 +164,21 @@ impl Reporter for MtReporter<'_> {
             .filter_map(|r| {
                 let replica = r.replica.lock().ok()?;
                 let state = replica.state();
+                let points = replica.points();
                 Some(v1::DiskReport {
                     disk_id: r.disk_id.clone(),
-                    phase: "applying".into(),
+                    phase: if state.failover.is_some() {
+                        "failed over".into()
+                    } else {
+                        "applying".into()
+                    },
                     seq: state.applied_seq,
                     applied_seq: state.applied_seq,
                     durable_seq: state.applied_seq,
                     stored_bytes: replica.file_bytes(),
+                    journal_bytes: replica.journal_bytes(),
+                    points: points.len() as u32,
+                    oldest_point_unix_ms: points.first().map_or(0, |p| p.time_ms),
                     ..Default::default()
                 })
             })
@@ -143,12 +207,31 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         "lifeboat_mt_disk_slots_free",
         "Disk slots not holding a replica (retention slot excluded)"
     );
+    describe_retention_metrics();
     let revocations = RevocationList::default();
-    let replicas = Replicas::new(settings.replica_dir.clone(), revocations.clone());
+    let nbd_listener = tokio::net::TcpListener::bind(&settings.nbd_listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen for NBD on {}: {e}; set nbd_listen to a free address",
+                settings.nbd_listen
+            )
+        })?;
+    let exports = exports::Exports {
+        server: nbd::Server::new(nbd::ServerConfig::default()),
+        advertise: settings.nbd_advertise.clone(),
+    };
+    let replicas = Replicas::new(settings.replica_dir.clone(), revocations.clone(), exports);
     let service = ReplicaServer::new(ReplicaService::new(replicas.clone()))
         .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
-    run_component(ComponentRun {
+    let pit = PointInTimeServer::new(pit::PitService::new(replicas.clone()));
+    let nbd_task = {
+        let (server, token) = (replicas.exports.server.clone(), cancel.clone());
+        tokio::spawn(async move { server.serve(nbd_listener, token).await })
+    };
+    let maintenance = tokio::spawn(maintain(replicas.clone(), cancel.clone()));
+    let result = run_component(ComponentRun {
         role: Role::MasterTarget,
         settings: settings.common.clone(),
         serve: true,
@@ -156,9 +239,83 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
             settings: &settings,
             replicas,
         },
-        cancel,
-        routes: tonic::service::Routes::default().add_service(service),
+        cancel: cancel.clone(),
+        routes: tonic::service::Routes::default()
+            .add_service(service)
+            .add_service(pit),
         revocations,
     })
-    .await
+    .await;
+    cancel.cancel();
+    let _ = nbd_task.await;
+    let _ = maintenance.await;
+    result
+}
+
+fn describe_retention_metrics() {
+    metrics::describe_gauge!(
+        "lifeboat_mt_journal_bytes",
+        metrics::Unit::Bytes,
+        "Bytes held by a disk's retention journal"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_mt_recovery_points",
+        "Recovery points a disk's replica can show"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_mt_oldest_point_age_seconds",
+        metrics::Unit::Seconds,
+        "Age of a disk's oldest recovery point"
+    );
+    metrics::describe_counter!(
+        "lifeboat_mt_journal_pruned_bytes_total",
+        metrics::Unit::Bytes,
+        "Retention journal bytes dropped past the policy window"
+    );
+}
+
+/// How often retention is pruned and its gauges refreshed.
+const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Prunes every journal past its policy's retention window and publishes retention gauges.
+async fn maintain(replicas: Arc<Replicas>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(MAINTENANCE_EVERY) => {}
+            _ = cancel.cancelled() => return,
+        }
+        let r = replicas.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let now = lifeboat_common::now_ms();
+            for entry in r.all() {
+                let retention = entry.assignment().retention_secs;
+                let Ok(mut replica) = entry.replica.lock() else {
+                    continue;
+                };
+                if retention > 0 {
+                    match replica.prune(retention, now) {
+                        Ok(0) => {}
+                        Ok(freed) => {
+                            metrics::counter!("lifeboat_mt_journal_pruned_bytes_total",
+                                "disk" => entry.disk_id.clone())
+                            .increment(freed);
+                            tracing::info!(disk = %entry.disk_id, freed, "retention journal pruned");
+                        }
+                        Err(e) => tracing::warn!(disk = %entry.disk_id, "cannot prune: {e}"),
+                    }
+                }
+                let points = replica.points();
+                let disk = entry.disk_id.clone();
+                metrics::gauge!("lifeboat_mt_journal_bytes", "disk" => disk.clone())
+                    .set(replica.journal_bytes() as f64);
+                metrics::gauge!("lifeboat_mt_recovery_points", "disk" => disk.clone())
+                    .set(points.len() as f64);
+                let age = points
+                    .first()
+                    .map_or(0.0, |p| (now - p.time_ms).max(0) as f64 / 1000.0);
+                metrics::gauge!("lifeboat_mt_oldest_point_age_seconds", "disk" => disk).set(age);
+            }
+        })
+        .await;
+    }
 }

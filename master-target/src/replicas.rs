@@ -1,7 +1,9 @@
 //! The replica disks this master target holds, following the configuration server's
 //! assignments: a newly assigned disk gets an empty replica (one disk slot), a disk no longer
 //! assigned is deleted (its slot freed). Each replica is used from blocking threads behind a
-//! mutex; batches of one disk are applied one group at a time, in order.
+//! mutex; batches of one disk are applied one group at a time, in order. A replica's views
+//! are exported over NBD as soon as it is opened.
+use crate::exports::Exports;
 use crate::replica::Replica;
 use lifeboat_common::assigned::Assigned;
 use lifeboat_common::component::RevocationList;
@@ -27,14 +29,16 @@ impl ReplicaEntry {
 pub struct Replicas {
     pub dir: PathBuf,
     pub revocations: RevocationList,
+    pub exports: Exports,
     disks: Assigned<ReplicaEntry>,
 }
 
 impl Replicas {
-    pub fn new(dir: PathBuf, revocations: RevocationList) -> Arc<Replicas> {
+    pub fn new(dir: PathBuf, revocations: RevocationList, exports: Exports) -> Arc<Replicas> {
         Arc::new(Replicas {
             dir,
             revocations,
+            exports,
             disks: Assigned::default(),
         })
     }
@@ -65,7 +69,15 @@ impl Replicas {
         }
         self.disks.follow(
             assignments,
-            |id, _| {
+            |id, entry| {
+                if let Ok(replica) = entry.replica.lock() {
+                    for view in replica.views() {
+                        self.exports.unexport(&view.view_id);
+                    }
+                    if let Some(f) = &replica.state().failover {
+                        self.exports.unexport(&f.view_id);
+                    }
+                }
                 let dir = self.dir.join(id);
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => tracing::info!(disk = %id, "disk unprotected: replica deleted, slot freed"),
@@ -83,11 +95,13 @@ impl Replicas {
                 match Replica::open_or_create(&self.dir.join(&id), &id, assignment.size_bytes) {
                     Ok(replica) => {
                         tracing::info!(disk = %id, applied = replica.state().applied_seq, "replica ready");
-                        Some(Arc::new(ReplicaEntry {
+                        let entry = Arc::new(ReplicaEntry {
                             disk_id: id,
                             assignment: RwLock::new(assignment),
                             replica: Mutex::new(replica),
-                        }))
+                        });
+                        self.exports.export_all(&entry);
+                        Some(entry)
                     }
                     Err(e) => {
                         tracing::error!(disk = %id, "cannot open replica: {e}");

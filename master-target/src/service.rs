@@ -18,6 +18,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Most payload bytes applied with one flush.
 const GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Space always left free on the replica file system: below it batches are refused (the
+/// process server keeps them) instead of failing half-written or eating the retention.
+pub const SPACE_RESERVE: u64 = 256 * 1024 * 1024;
 
 pub struct ReplicaService {
     replicas: Arc<Replicas>,
@@ -65,6 +68,7 @@ fn batch_status(e: BatchError) -> Status {
 async fn apply_group(
     entry: Arc<ReplicaEntry>,
     batches: Vec<ChangeBatch>,
+    replicas_dir: std::path::PathBuf,
 ) -> Result<ApplyAck, Status> {
     let size = entry.assignment().size_bytes;
     tokio::task::spawn_blocking(move || {
@@ -103,10 +107,18 @@ async fn apply_group(
         }
         if !fresh.is_empty() {
             let bytes: u64 = fresh.iter().map(batch::covered_bytes).sum();
+            // The group may need its size in the replica and again in the journal.
+            let (free, _) = lifeboat_common::facts::space(&replicas_dir);
+            if free < SPACE_RESERVE + 2 * bytes {
+                return Err(Status::resource_exhausted(format!(
+                    "master target is out of space for disk {disk_id}: {} MiB free; shorten \
+                     the policy's retention or add space (batches stay in the process server's \
+                     cache)",
+                    free >> 20
+                )));
+            }
             let started = Instant::now();
-            replica
-                .apply(&fresh)
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+            replica.apply(&fresh).map_err(crate::pit::replica_status)?;
             metrics::histogram!("lifeboat_mt_apply_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("lifeboat_mt_apply_bytes_total").increment(bytes);
@@ -189,7 +201,7 @@ impl ReplicaRpc for ReplicaService {
             while let Some(group) = groups.next(GROUP_BYTES).await {
                 let disk_id = group.first().map(|b| b.disk_id.clone()).unwrap_or_default();
                 let result = match owned(&replicas, &peer, &disk_id) {
-                    Ok(entry) => apply_group(entry, group).await,
+                    Ok(entry) => apply_group(entry, group, replicas.dir.clone()).await,
                     Err(e) => Err(e),
                 };
                 if let Err(status) = &result {

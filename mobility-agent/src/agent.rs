@@ -43,6 +43,13 @@ impl Agent {
         })
     }
 
+    pub fn disks(&self) -> Vec<Arc<DiskAgent>> {
+        let mut disks = self.disks.all();
+        // One lock order for every multi-disk tag.
+        disks.sort_by(|a, b| a.disk_id.cmp(&b.disk_id));
+        disks
+    }
+
     pub fn reports(&self) -> Vec<DiskReport> {
         self.disks.all().iter().filter_map(|d| d.report()).collect()
     }

@@ -81,6 +81,8 @@ pub struct Queue {
     pub dirty: DirtyMap,
     /// Set when the queue overflowed and was dropped: the stream is broken until a resync.
     pub overflowed: bool,
+    /// Writes are refused (a planned failover is under way).
+    pub writes_stopped: bool,
 }
 
 /// The capture state of one disk, shared by the NBD backend, the initial sync and the shipper.
@@ -106,6 +108,44 @@ fn poisoned() -> io::Error {
     io::Error::other("capture state poisoned")
 }
 
+fn refuse_if_stopped(q: &Queue) -> io::Result<()> {
+    if q.writes_stopped {
+        // NBD clients see EPERM: the disk is read-only while it fails over.
+        return Err(io::Error::new(
+            io::ErrorKind::ReadOnlyFilesystem,
+            "writes are stopped: the machine is failing over",
+        ));
+    }
+    Ok(())
+}
+
+/// Places the same tag on several disks at one instant: every queue is locked (in the order
+/// given) before any tag is placed, so a write acknowledged on one disk before a write on
+/// another was issued cannot end up after the tag on the first and before it on the second.
+pub fn tag_all(captures: &[Arc<Capture>], tag: &str) -> io::Result<()> {
+    let mut locked = Vec::with_capacity(captures.len());
+    for c in captures {
+        locked.push(c.queue.lock().map_err(|_| poisoned())?);
+    }
+    for (c, q) in captures.iter().zip(locked.iter_mut()) {
+        let item = Captured {
+            index: 0,
+            at_ms: now_ms(),
+            offset: 0,
+            data: Vec::new(),
+            zero_length: 0,
+            sync: true,
+            tag: Some(tag.to_string()),
+        };
+        c.push(q, item);
+    }
+    drop(locked);
+    for c in captures {
+        c.queued.notify_one();
+    }
+    Ok(())
+}
+
 impl Queue {
     /// Capture index of the newest item ever queued (0: none).
     pub fn last_index(&self) -> u64 {
@@ -124,6 +164,7 @@ impl Capture {
                 bytes: 0,
                 dirty,
                 overflowed: false,
+                writes_stopped: false,
             }),
             queued: Notify::new(),
             drained: Condvar::new(),
@@ -211,6 +252,7 @@ impl Capture {
     /// larger than `MAX_ITEM` is queued in pieces, so every batch stays within the limit.
     pub fn write(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
         let mut q = self.lock_with_room()?;
+        refuse_if_stopped(&q)?;
         let pieces = data.len().div_ceil(MAX_ITEM).max(1);
         let index = Self::mark_index(&q, pieces as u64);
         q.dirty.mark(offset, data.len() as u64, index)?;
@@ -244,6 +286,7 @@ impl Capture {
     /// Zeroes a range on the source and captures it as a zero-fill.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut q = self.lock_with_room()?;
+        refuse_if_stopped(&q)?;
         let index = Self::mark_index(&q, 1);
         q.dirty.mark(offset, len, index)?;
         let zeros = vec![0u8; len.min(1 << 20) as usize];
@@ -356,6 +399,13 @@ impl Capture {
             self.queued.notify_one();
         }
         Ok((shipped, hashes))
+    }
+
+    /// Refuses (or accepts again) workload writes. Set under the queue lock, so every write
+    /// acknowledged before is queued before anything placed after this returns.
+    pub fn stop_writes(&self, stop: bool) -> io::Result<()> {
+        self.queue.lock().map_err(|_| poisoned())?.writes_stopped = stop;
+        Ok(())
     }
 
     /// Places a recovery-point tag after everything queued so far.

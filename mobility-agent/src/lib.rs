@@ -14,6 +14,7 @@ pub mod capture;
 pub mod dirty;
 pub mod disk;
 pub mod initial_sync;
+pub mod points;
 pub mod progress;
 pub mod resync;
 pub mod scan;
@@ -108,6 +109,14 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         metrics::Unit::Bytes,
         "Bytes a resync or scan shipped because their blocks differed"
     );
+    metrics::describe_counter!(
+        "lifeboat_agent_points_total",
+        "Recovery points placed on nbd-mode disks, by kind"
+    );
+    metrics::describe_counter!(
+        "lifeboat_agent_app_point_failures_total",
+        "App-consistent points not placed because a freeze hook failed"
+    );
     let identity = Arc::new(lifeboat_common::Identity::load(&settings.common.data_dir)?);
     let agent = Agent::new(
         identity,
@@ -131,6 +140,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
             }
         });
     }
+    tokio::spawn(points::run(agent.clone()));
     let nbd_task = {
         let (server, stop) = (agent.nbd.clone(), agent.cancel.clone());
         tokio::spawn(async move { server.serve(listener, stop).await })

@@ -174,6 +174,7 @@ impl Progress {
                 Phase::ResyncRequired(why) => why.clone(),
                 _ => String::new(),
             },
+            ..Default::default()
         }
     }
 }

@@ -22,15 +22,12 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::process::Command;
 use tonic::transport::Channel;
 
 /// Bytes read and compared at a time.
 const CHUNK: u64 = 8 * 1024 * 1024;
 /// While more than this is queued for shipping, the scan waits.
 const BUSY_QUEUE: u64 = 32 * 1024 * 1024;
-/// Longest a freeze or thaw hook may run.
-const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a scan keeps the disk frozen.
 const MAX_FREEZE: Duration = Duration::from_secs(120);
 /// Scan interval when the policy gives none.
@@ -71,30 +68,7 @@ pub async fn run(agent: Arc<DiskAgent>) {
 
 /// Runs the freeze hook with `action`; true if it succeeded.
 async fn hook(agent: &DiskAgent, hook: &Path, action: &str) -> bool {
-    let a = agent.assignment();
-    let run = Command::new(hook)
-        .arg(action)
-        .arg(&a.disk_name)
-        .arg(&a.source_path)
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(HOOK_TIMEOUT, run).await {
-        Ok(Ok(out)) if out.status.success() => true,
-        Ok(Ok(out)) => {
-            tracing::warn!(disk = %agent.disk_id, hook = %hook.display(), action,
-                "hook failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
-            false
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(disk = %agent.disk_id, hook = %hook.display(), action, "cannot run hook: {e}");
-            false
-        }
-        Err(_) => {
-            tracing::warn!(disk = %agent.disk_id, hook = %hook.display(), action,
-                "hook did not finish within {HOOK_TIMEOUT:?}");
-            false
-        }
-    }
+    crate::points::run_hook(hook, action, agent).await
 }
 
 /// One scan; returns the hashes now shipped, or `None` if the agent stopped.

@@ -372,7 +372,7 @@ pub struct Component {
     pub dir: PathBuf,
     pub listen: String,
     pub metrics: String,
-    /// The agent's NBD address (a free port: tests run in parallel).
+    /// The agent's or master target's NBD address (a free port: tests run in parallel).
     pub nbd: String,
     extra: Vec<String>,
     pub proc: Option<Proc>,
@@ -422,7 +422,8 @@ impl Component {
             "--metrics-listen".into(),
             self.metrics.clone(),
         ];
-        if self.binary == "mobility-agent" {
+        // Agents serve their disks and master targets their views over NBD.
+        if self.binary == "mobility-agent" || self.binary == "master-target" {
             f.extend(["--nbd-listen".to_string(), self.nbd.clone()]);
         }
         f.extend(self.extra.iter().cloned());

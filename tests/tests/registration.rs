@@ -32,9 +32,9 @@ fn register(
         "--metrics-listen",
         &metrics,
     ];
-    // Agents serve NBD; tests run in parallel, so never on the default port.
+    // Agents and master targets serve NBD; tests run in parallel, so never on the default port.
     let nbd = free_addr();
-    if binary == "mobility-agent" {
+    if binary == "mobility-agent" || binary == "master-target" {
         args.extend(["--nbd-listen", nbd.as_str()]);
     }
     args.extend_from_slice(extra);
@@ -55,9 +55,9 @@ fn start(binary: &str, dir: &Path, extra: &[&str]) -> Proc {
         "--metrics-listen",
         &metrics,
     ];
-    // Agents serve NBD; tests run in parallel, so never on the default port.
+    // Agents and master targets serve NBD; tests run in parallel, so never on the default port.
     let nbd = free_addr();
-    if binary == "mobility-agent" {
+    if binary == "mobility-agent" || binary == "master-target" {
         args.extend(["--nbd-listen", nbd.as_str()]);
     }
     args.extend_from_slice(extra);

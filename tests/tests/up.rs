@@ -6,7 +6,7 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn start_up(tmp: &Path, ports: &[String; 4], log: &str) -> Proc {
+fn start_up(tmp: &Path, ports: &[String; 5], log: &str) -> Proc {
     let data = tmp.join("lb").display().to_string();
     Proc::start(
         "lifeboat up",
@@ -23,6 +23,8 @@ fn start_up(tmp: &Path, ports: &[String; 4], log: &str) -> Proc {
             &ports[1],
             "--mt-listen",
             &ports[2],
+            "--mt-nbd-listen",
+            &ports[4],
             "--metrics-listen",
             &ports[3],
         ],
@@ -54,7 +56,13 @@ fn connected(context: &Path) -> Vec<(String, String)> {
 fn up_runs_the_stack_stops_on_signal_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();
     let context = tmp.path().join("context.toml");
-    let ports = [free_addr(), free_addr(), free_addr(), free_addr()];
+    let ports = [
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+        free_addr(),
+    ];
     let mut up = start_up(tmp.path(), &ports, "up1.log");
     wait_until("three services connected", WAIT, || {
         connected(&context).len() == 3

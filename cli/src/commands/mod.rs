@@ -6,4 +6,5 @@ pub mod jobs;
 pub mod passphrase;
 pub mod policy;
 pub mod protect;
+pub mod recovery;
 pub mod servers;

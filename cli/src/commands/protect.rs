@@ -21,6 +21,13 @@ pub struct ProtectArgs {
     /// Follow the job until it finishes.
     #[arg(long)]
     wait: bool,
+    /// Command template run after a test failover or failover, e.g.
+    /// 'boot-vm --name {machine} --network {network} {disks}' (see docs/operate.md).
+    #[arg(long)]
+    recovery_hook: Option<String>,
+    /// Network mapping handed to the recovery hook, e.g. "lan=recovery-lan".
+    #[arg(long)]
+    network_map: Option<String>,
 }
 
 pub async fn protect(ctx: &ContextArgs, args: ProtectArgs) -> anyhow::Result<()> {
@@ -31,6 +38,8 @@ pub async fn protect(ctx: &ContextArgs, args: ProtectArgs) -> anyhow::Result<()>
             policy: args.policy,
             process_server: args.ps.unwrap_or_default(),
             master_target: args.mt.unwrap_or_default(),
+            recovery_hook: args.recovery_hook.unwrap_or_default(),
+            network_map: args.network_map.unwrap_or_default(),
         })
         .await
         .map_err(status_error)?

@@ -57,6 +57,9 @@ struct Ports {
     mt: SocketAddr,
     metrics: SocketAddr,
     nbd: SocketAddr,
+    /// Master target's NBD views (added later: older demo directories lack it).
+    #[serde(default)]
+    mt_nbd: Option<SocketAddr>,
 }
 
 impl Ports {
@@ -71,6 +74,7 @@ impl Ports {
             mt: free_addr()?,
             metrics: free_addr()?,
             nbd: free_addr()?,
+            mt_nbd: Some(free_addr()?),
         };
         lifeboat_common::fsutil::durable_write(&path, toml::to_string(&ports)?.as_bytes(), 0o644)?;
         Ok(ports)
@@ -91,6 +95,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ps_listen: ports.ps,
         ps_cache_quota_mib: 0,
         mt_listen: ports.mt,
+        mt_nbd_listen: match ports.mt_nbd {
+            Some(a) => a.to_string(),
+            None => free_addr()?.to_string(),
+        },
         metrics_listen: ports.metrics,
         log_format: LogFormat::Text,
         heartbeat_interval_secs: 1,
@@ -195,8 +203,7 @@ async fn demonstrate(
         .protect(ProtectRequest {
             machine: MACHINE.into(),
             policy: POLICY.into(),
-            process_server: String::new(),
-            master_target: String::new(),
+            ..Default::default()
         })
         .await;
     match job {

@@ -108,6 +108,8 @@ pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignmen
                     .unwrap_or(0),
                 compression: policy.as_ref().map(|p| p.compression).unwrap_or(true),
                 agent_id: machine.agent_id.clone(),
+                retention_secs: policy.as_ref().map(|p| p.retention_secs).unwrap_or(0),
+                stop_writes: machine.recovery.stop_writes,
             });
         }
     }

@@ -6,7 +6,8 @@ use crate::placement::{self, Candidate};
 use crate::progress;
 use crate::state::model::now_ms;
 use crate::state::protection::{
-    Job, JobState, JobStep, Policy, ProtectedDisk, ProtectedMachine, ReplicationState,
+    Job, JobState, JobStep, MachineRecovery, Policy, ProtectedDisk, ProtectedMachine,
+    ReplicationState,
 };
 use crate::state::{Command, CommandResult};
 use lifeboat_common::Role;
@@ -317,6 +318,11 @@ impl Protection for ProtectionService {
                 })
                 .collect(),
             protected_at_ms: now,
+            recovery: MachineRecovery {
+                hook: req.recovery_hook.clone(),
+                network_map: req.network_map.clone(),
+                ..Default::default()
+            },
         };
         let job = new_job(
             "protect",

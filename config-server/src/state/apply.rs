@@ -148,6 +148,10 @@ pub fn apply(
             at_ms,
         } => protection_apply::set_disk_state(&mut tx, machine, disk_id, *state, reason, *at_ms)?,
         Command::UpdateJob { job } => protection_apply::update_job(&mut tx, job)?,
+        Command::CreateJob { job } => protection_apply::create_job(&mut tx, job)?,
+        Command::PutRecovery { name, recovery } => {
+            protection_apply::put_recovery(&mut tx, name, recovery)?
+        }
         Command::RaiseAlert { alert } => {
             if tx
                 .get::<serde_json::Value>(&keys::alert(&alert.key))?

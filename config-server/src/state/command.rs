@@ -2,7 +2,7 @@
 //! applied identically on every node. Non-deterministic inputs (time, ids, signatures) are made
 //! by the proposer and carried in the command.
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, Facts, IdentityRecord};
-use super::protection::{Alert, Job, Policy, ProtectedMachine, ReplicationState};
+use super::protection::{Alert, Job, MachineRecovery, Policy, ProtectedMachine, ReplicationState};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,6 +71,15 @@ pub enum Command {
     },
     UpdateJob {
         job: Job,
+    },
+    /// Records a job started outside protect/unprotect (recovery operations).
+    CreateJob {
+        job: Job,
+    },
+    /// Replaces a machine's recovery settings and records.
+    PutRecovery {
+        name: String,
+        recovery: MachineRecovery,
     },
     /// Raises an alert unless one with the same key is active.
     RaiseAlert {

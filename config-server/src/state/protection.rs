@@ -68,7 +68,7 @@ impl ReplicationState {
                 | (ResyncRequired, Resyncing)
                 | (Resyncing, Protected)
                 | (Resyncing, ResyncRequired)
-                | (Protected, FailedOver)
+                | (Protected | ResyncRequired | Resyncing, FailedOver)
                 | (FailedOver, Reprotecting)
                 | (Reprotecting, FailbackSync)
                 | (FailbackSync, Protected)
@@ -98,6 +98,48 @@ pub struct ProtectedMachine {
     pub mt_id: String,
     pub disks: Vec<ProtectedDisk>,
     pub protected_at_ms: i64,
+    #[serde(default)]
+    pub recovery: MachineRecovery,
+}
+
+/// How the machine is recovered, and the recovery under way (DESIGN §7).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MachineRecovery {
+    /// Command template run after a (test) failover; see `recovery::hook`.
+    #[serde(default)]
+    pub hook: String,
+    /// Network mapping handed to the hook, e.g. "lan=recovery-lan".
+    #[serde(default)]
+    pub network_map: String,
+    #[serde(default)]
+    pub test_failover: Option<RecoveryRecord>,
+    #[serde(default)]
+    pub failover: Option<RecoveryRecord>,
+    /// A planned failover asked the agent to refuse writes and place a final point.
+    #[serde(default)]
+    pub stop_writes: bool,
+}
+
+/// A test failover or failover: which point, and the views its disks run on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RecoveryRecord {
+    pub job_id: String,
+    pub point: String,
+    pub point_time_ms: i64,
+    pub views: Vec<ViewRecord>,
+    #[serde(default)]
+    pub committed: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ViewRecord {
+    pub disk_id: String,
+    pub disk_name: String,
+    pub view_id: String,
+    pub nbd_uri: String,
+    /// A standalone copy on the master target (test failover with --materialize).
+    #[serde(default)]
+    pub materialized_path: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -105,6 +147,8 @@ pub enum JobState {
     Running,
     Succeeded,
     Failed,
+    /// A step not started yet.
+    Pending,
 }
 
 impl JobState {
@@ -113,6 +157,7 @@ impl JobState {
             JobState::Running => "Running",
             JobState::Succeeded => "Succeeded",
             JobState::Failed => "Failed",
+            JobState::Pending => "Pending",
         }
     }
 }

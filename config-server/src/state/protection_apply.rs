@@ -3,7 +3,9 @@
 use super::command::CommandResult;
 use super::keys;
 use super::kv::{KvError, KvRead, Overlay};
-use super::protection::{Job, Policy, ProtectedMachine, ReplicationState, FAILBACK_SUFFIX};
+use super::protection::{
+    Job, MachineRecovery, Policy, ProtectedMachine, ReplicationState, FAILBACK_SUFFIX,
+};
 use super::query::StateReader;
 
 type Tx<'a, K> = Overlay<'a, K>;
@@ -172,5 +174,29 @@ pub(super) fn update_job(
         return Ok(CommandResult::NotFound(format!("no job {}", job.id)));
     }
     tx.writes.put(keys::job(&job.id), job);
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn create_job(
+    tx: &mut Tx<'_, impl KvRead>,
+    job: &Job,
+) -> Result<CommandResult, KvError> {
+    if StateReader(&*tx).job(&job.id)?.is_some() {
+        return Ok(CommandResult::Refused(format!("job {} exists", job.id)));
+    }
+    tx.writes.put(keys::job(&job.id), job);
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn put_recovery(
+    tx: &mut Tx<'_, impl KvRead>,
+    name: &str,
+    recovery: &MachineRecovery,
+) -> Result<CommandResult, KvError> {
+    let Some(mut machine) = StateReader(&*tx).machine(name)? else {
+        return Ok(CommandResult::NotFound(format!("{name} is not protected")));
+    };
+    machine.recovery = recovery.clone();
+    tx.writes.put(keys::machine(name), &machine);
     Ok(CommandResult::Done)
 }

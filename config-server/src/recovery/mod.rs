@@ -1,0 +1,247 @@
+//! Recovery (DESIGN §7): the admin `Recovery` service — recovery points, test failover and its
+//! cleanup, failover and commit. Each operation is a job: the call checks what it can at
+//! once (unknown machine, a test failover already open, a committed failover), records the
+//! job and returns it; the job then runs on this node (`flows`), its steps written through
+//! Raft as they go, and `lifeboat` follows it.
+pub mod flows;
+pub mod hook;
+pub mod jobs;
+pub mod points;
+
+use crate::node::{storage_status, Node};
+use crate::services::protection::job_info;
+use crate::state::protection::ProtectedMachine;
+use jobs::JobRun;
+use lifeboat_common::Role;
+use lifeboat_proto::v1::{self, recovery_server::Recovery};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+pub struct RecoveryService {
+    node: Arc<Node>,
+}
+
+impl RecoveryService {
+    pub fn new(node: Arc<Node>) -> Self {
+        RecoveryService { node }
+    }
+
+    fn machine(&self, name: &str) -> Result<ProtectedMachine, Status> {
+        self.node
+            .state()
+            .machine(name)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("{name} is not protected; see `lifeboat status`"))
+            })
+    }
+
+    /// Records the job and runs `flow` in the background.
+    async fn spawn<F, Fut>(
+        &self,
+        kind: &str,
+        machine: &str,
+        steps: &[&str],
+        flow: F,
+    ) -> Result<Response<v1::JobInfo>, Status>
+    where
+        F: FnOnce(Arc<Node>, JobRun) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let run = JobRun::start(self.node.clone(), kind, machine, steps).await?;
+        let info = job_info(&run.job);
+        tokio::spawn(flow(self.node.clone(), run));
+        Ok(Response::new(info))
+    }
+}
+
+fn is_failed_over(machine: &ProtectedMachine) -> bool {
+    machine.recovery.failover.is_some()
+}
+
+#[tonic::async_trait]
+impl Recovery for RecoveryService {
+    async fn list_points(
+        &self,
+        request: Request<v1::PointsRequest>,
+    ) -> Result<Response<v1::PointList>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let r = request.into_inner();
+        let machine = self.machine(&r.machine)?;
+        let mut mt = flows::master_target(&self.node, &machine).map_err(Status::unavailable)?;
+        let disks = flows::disk_points(&self.node, &mut mt, &machine)
+            .await
+            .map_err(Status::unavailable)?;
+        let since = if r.since_secs > 0 {
+            crate::state::model::now_ms() - (r.since_secs as i64).saturating_mul(1000)
+        } else {
+            i64::MIN
+        };
+        let retention_secs = self
+            .node
+            .state()
+            .policy(&machine.policy)
+            .map_err(storage_status)?
+            .map_or(0, |p| p.retention_secs);
+        Ok(Response::new(v1::PointList {
+            machine: machine.name.clone(),
+            points: points::machine_points(&disks)
+                .into_iter()
+                .filter(|p| p.time_ms >= since)
+                .map(|p| v1::RecoveryPoint {
+                    id: p.id,
+                    kind: p.kind,
+                    time_unix_ms: p.time_ms,
+                    fuzzy: p.fuzzy,
+                })
+                .collect(),
+            latest_unix_ms: points::latest(&disks).time_ms,
+            journal_bytes: disks.iter().map(|d| d.journal_bytes).sum(),
+            retention_secs,
+        }))
+    }
+
+    async fn test_failover(
+        &self,
+        request: Request<v1::RecoverRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let r = request.into_inner();
+        let machine = self.machine(&r.machine)?;
+        if machine.recovery.test_failover.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "{} is already in a test failover; run `lifeboat test-failover cleanup {}` first",
+                r.machine, r.machine
+            )));
+        }
+        if machine
+            .recovery
+            .failover
+            .as_ref()
+            .is_some_and(|f| f.committed)
+        {
+            return Err(Status::failed_precondition(format!(
+                "{} failed over and was committed: it has no recovery points",
+                r.machine
+            )));
+        }
+        let mut steps = vec!["Choose recovery point", "Open views"];
+        if r.materialize {
+            steps.push("Materialize");
+        }
+        steps.push("Run recovery hook");
+        self.spawn(
+            "test-failover",
+            &r.machine.clone(),
+            &steps,
+            move |node, mut run| async move {
+                let result =
+                    flows::test_failover(node, &mut run, &r.machine, &r.point, r.materialize).await;
+                run.finish(result).await;
+            },
+        )
+        .await
+    }
+
+    async fn cleanup_test_failover(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let name = request.into_inner().name;
+        if self.machine(&name)?.recovery.test_failover.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "{name} has no test failover to clean up"
+            )));
+        }
+        self.spawn(
+            "test-failover-cleanup",
+            &name.clone(),
+            &["Delete views"],
+            move |node, mut run| async move {
+                let result = flows::cleanup_test_failover(node, &mut run, &name).await;
+                run.finish(result).await;
+            },
+        )
+        .await
+    }
+
+    async fn failover(
+        &self,
+        request: Request<v1::RecoverRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let r = request.into_inner();
+        let machine = self.machine(&r.machine)?;
+        if let Some(f) = &machine.recovery.failover {
+            if f.committed {
+                return Err(Status::failed_precondition(format!(
+                    "{} failed over and was committed; reprotect it to replicate again",
+                    r.machine
+                )));
+            }
+            if r.planned {
+                return Err(Status::failed_precondition(format!(
+                    "{} already failed over: the source no longer replicates, so a planned \
+                     failover is not possible; choose another point with --point, or commit",
+                    r.machine
+                )));
+            }
+        } else if machine.disks.iter().any(|d| {
+            !matches!(
+                d.state,
+                crate::state::protection::ReplicationState::Protected
+                    | crate::state::protection::ReplicationState::ResyncRequired
+                    | crate::state::protection::ReplicationState::Resyncing
+            )
+        }) {
+            return Err(Status::failed_precondition(format!(
+                "{} cannot fail over before its initial sync is complete (see `lifeboat status`)",
+                r.machine
+            )));
+        }
+        let mut steps = Vec::new();
+        if r.planned {
+            steps.extend(["Stop writes at the source", "Final sync"]);
+        }
+        steps.extend([
+            "Choose recovery point",
+            "Fail over disks",
+            "Run recovery hook",
+        ]);
+        self.spawn(
+            "failover",
+            &r.machine.clone(),
+            &steps,
+            move |node, mut run| async move {
+                let result = flows::failover(node, &mut run, &r.machine, &r.point, r.planned).await;
+                run.finish(result).await;
+            },
+        )
+        .await
+    }
+
+    async fn commit_failover(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let name = request.into_inner().name;
+        let machine = self.machine(&name)?;
+        if !is_failed_over(&machine) {
+            return Err(Status::failed_precondition(format!(
+                "{name} has not failed over; run `lifeboat failover {name}` first"
+            )));
+        }
+        self.spawn(
+            "failover-commit",
+            &name.clone(),
+            &["Commit disks"],
+            move |node, mut run| async move {
+                let result = flows::commit(node, &mut run, &name).await;
+                run.finish(result).await;
+            },
+        )
+        .await
+    }
+}

@@ -1,0 +1,86 @@
+//! A recovery point seen through the journal: which ranges of the disk must be read from undo
+//! records instead of the replica to see the disk as it was after batch `point_seq`.
+//!
+//! Undoing the records after the point newest first leaves, in each byte, the content of the
+//! oldest record after the point that covers it; so the overlay is built by walking the
+//! records forward and only filling gaps. When replication goes on while the view is open,
+//! each new batch's record is added the same way before the batch is written, so the view
+//! keeps showing the point. Building reads record headers only: the time it takes depends on
+//! how many batches came after the point, not on the size of the disk.
+use crate::journal::{Journal, RecordMeta};
+use crate::rangemap::RangeMap;
+use std::io;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undo {
+    /// Journal segment `n`; the position is the piece's.
+    Journal(u64),
+    Zero,
+}
+
+#[derive(Debug, Clone)]
+pub struct PointOverlay {
+    pub point_seq: u64,
+    map: RangeMap<Undo>,
+}
+
+impl PointOverlay {
+    /// The overlay of the point after batch `point_seq`, from the journal's records.
+    pub fn build(journal: &Journal, point_seq: u64) -> io::Result<PointOverlay> {
+        let mut overlay = PointOverlay {
+            point_seq,
+            map: RangeMap::default(),
+        };
+        let newer: Vec<RecordMeta> = journal
+            .records()
+            .iter()
+            .filter(|r| r.seq > point_seq)
+            .cloned()
+            .collect();
+        overlay.add(journal, &newer)?;
+        Ok(overlay)
+    }
+
+    /// Adds the records of batches about to be applied (in seq order).
+    pub fn add(&mut self, journal: &Journal, records: &[RecordMeta]) -> io::Result<()> {
+        for meta in records.iter().filter(|r| r.seq > self.point_seq) {
+            let header = journal.header(meta)?;
+            let mut pos = meta.data_pos();
+            for e in header.extents {
+                if e.zero {
+                    self.map.fill(e.offset, e.len, Undo::Zero, 0);
+                } else {
+                    self.map
+                        .fill(e.offset, e.len, Undo::Journal(meta.segment), pos);
+                    pos += e.len;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces, in `buf` (read from the replica at `offset`), what the point held.
+    pub fn patch(&self, journal: &Journal, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        for piece in self.map.lookup(offset, buf.len() as u64) {
+            let Some((source, at)) = piece.source else {
+                continue;
+            };
+            let dst = &mut buf[(piece.offset - offset) as usize..][..piece.len as usize];
+            match source {
+                Undo::Zero => dst.fill(0),
+                Undo::Journal(segment) => journal.read(segment, at, dst)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Every range that differs from the replica, with where its content is.
+    pub fn pieces(&self) -> impl Iterator<Item = (u64, u64, Undo, u64)> + '_ {
+        self.map.iter()
+    }
+
+    /// Bytes that differ from the replica.
+    pub fn covered(&self) -> u64 {
+        self.map.covered()
+    }
+}

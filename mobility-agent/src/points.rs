@@ -1,0 +1,189 @@
+//! Recovery points of a machine's `nbd` disks (DESIGN §7). In `nbd` mode every prefix of the
+//! stream is crash-consistent, so a point is just a tag placed in the capture queues:
+//! - `crash:<ms>` at the policy's crash-consistent interval;
+//! - `app:<ms>` at the app-consistent interval, with the freeze hook run as
+//!   `HOOK freeze NAME PATH` for every disk before and `HOOK thaw NAME PATH` after (no point
+//!   when a freeze fails: an app-consistent point that is not is worse than none);
+//! - `planned:<ms>` once the configuration server asks for a planned failover: writes are
+//!   refused from then on, and the tag marks the end of everything the machine wrote.
+//!
+//! One tag goes on all of the machine's disks at one instant (`capture::tag_all`), and only
+//! while every disk streams: during an initial sync or a resync the replica is not a state
+//! the disk was ever in, so a point then would be a lie. (Scan-mode disks tag their own
+//! scans.)
+use crate::agent::Agent;
+use crate::capture::{self, now_ms};
+use crate::disk::DiskAgent;
+use crate::progress::Phase;
+use crate::settings::CaptureMode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+
+/// How often due points are checked.
+const TICK: Duration = Duration::from_secs(1);
+/// Longest a freeze or thaw hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct Schedule {
+    last_crash: Option<Instant>,
+    last_app: Option<Instant>,
+    /// The planned-failover tag was placed (writes stay stopped until the request goes).
+    planned_tagged: bool,
+    writes_stopped: bool,
+}
+
+/// Places the machine's points until the agent stops.
+pub async fn run(agent: Arc<Agent>) {
+    let mut schedule = Schedule::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = agent.cancel.cancelled() => return,
+        }
+        let disks: Vec<Arc<DiskAgent>> = agent
+            .disks()
+            .into_iter()
+            .filter(|d| d.mode == CaptureMode::Nbd)
+            .collect();
+        if disks.is_empty() {
+            continue;
+        }
+        if let Err(e) = tick(&disks, &mut schedule).await {
+            tracing::warn!("recovery point not placed: {e:#}");
+        }
+    }
+}
+
+fn streaming(disks: &[Arc<DiskAgent>]) -> bool {
+    disks.iter().all(|d| {
+        !d.capture.overflowed()
+            && d.progress
+                .lock()
+                .map(|p| p.phase == Phase::Streaming)
+                .unwrap_or(false)
+    })
+}
+
+async fn tick(disks: &[Arc<DiskAgent>], s: &mut Schedule) -> anyhow::Result<()> {
+    let captures: Vec<_> = disks.iter().map(|d| d.capture.clone()).collect();
+    let assignments: Vec<_> = disks.iter().map(|d| d.assignment()).collect();
+    let stop = assignments.iter().any(|a| a.stop_writes);
+    if stop != s.writes_stopped {
+        for c in &captures {
+            c.stop_writes(stop)?;
+        }
+        s.writes_stopped = stop;
+        s.planned_tagged = false;
+        tracing::info!(
+            stopped = stop,
+            "{}",
+            if stop {
+                "planned failover: writes refused from now on"
+            } else {
+                "writes accepted again"
+            }
+        );
+    }
+    if stop {
+        if !s.planned_tagged && streaming(disks) {
+            capture::tag_all(&captures, &format!("planned:{}", now_ms()))?;
+            s.planned_tagged = true;
+            tracing::info!("planned failover: final point placed after the last write");
+        }
+        return Ok(());
+    }
+    if !streaming(disks) {
+        return Ok(());
+    }
+    let every = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+    let due = |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
+    let app_every = assignments
+        .iter()
+        .filter_map(|a| every(a.app_consistent_every_secs))
+        .min();
+    if let Some(app_every) = app_every {
+        if due(s.last_app, app_every) {
+            s.last_app = Some(Instant::now());
+            let hook = disks[0].tuning.freeze_hook.clone();
+            if app_point(disks, &captures, hook.as_deref()).await? {
+                s.last_crash = Some(Instant::now()); // an app point is a crash point too
+                return Ok(());
+            }
+        }
+    }
+    let crash_every = assignments
+        .iter()
+        .filter_map(|a| every(a.crash_consistent_every_secs))
+        .min();
+    if let Some(crash_every) = crash_every {
+        if due(s.last_crash, crash_every) {
+            s.last_crash = Some(Instant::now());
+            capture::tag_all(&captures, &format!("crash:{}", now_ms()))?;
+            metrics::counter!("lifeboat_agent_points_total", "kind" => "crash").increment(1);
+        }
+    }
+    Ok(())
+}
+
+/// Freeze, tag, thaw. Returns whether the app-consistent point was placed.
+async fn app_point(
+    disks: &[Arc<DiskAgent>],
+    captures: &[Arc<capture::Capture>],
+    hook: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    let Some(hook) = hook else {
+        // Without a hook the application is not asked to make its data consistent: the
+        // point is crash-consistent and is tagged so.
+        return Ok(false);
+    };
+    let mut frozen = Vec::new();
+    let mut ok = true;
+    for d in disks {
+        if run_hook(hook, "freeze", d).await {
+            frozen.push(d.clone());
+        } else {
+            ok = false;
+            break;
+        }
+    }
+    if ok {
+        capture::tag_all(captures, &format!("app:{}", now_ms()))?;
+        metrics::counter!("lifeboat_agent_points_total", "kind" => "app").increment(1);
+    } else {
+        metrics::counter!("lifeboat_agent_app_point_failures_total").increment(1);
+    }
+    for d in frozen.iter().rev() {
+        run_hook(hook, "thaw", d).await;
+    }
+    Ok(ok)
+}
+
+/// Runs `HOOK ACTION NAME PATH`; true if it succeeded in time.
+pub async fn run_hook(hook: &std::path::Path, action: &str, disk: &DiskAgent) -> bool {
+    let a = disk.assignment();
+    let run = Command::new(hook)
+        .arg(action)
+        .arg(&a.disk_name)
+        .arg(&a.source_path)
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(HOOK_TIMEOUT, run).await {
+        Ok(Ok(out)) if out.status.success() => true,
+        Ok(Ok(out)) => {
+            tracing::warn!(disk = %disk.disk_id, hook = %hook.display(), action,
+                "hook failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(disk = %disk.disk_id, hook = %hook.display(), action, "cannot run hook: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(disk = %disk.disk_id, hook = %hook.display(), action,
+                "hook did not finish within {HOOK_TIMEOUT:?}");
+            false
+        }
+    }
+}

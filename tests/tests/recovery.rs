@@ -1,0 +1,358 @@
+//! Recovery points, test failover and failover with real processes: views of points are
+//! bit-identical (`qemu-img compare` over NBD) to copies of the source the test made at those
+//! instants; writes into a test view stay out of the replica while replication goes on; an
+//! unplanned failover shows the chosen point and runs the hook with the right arguments; a
+//! commit folds the point into the replica; a planned failover loses nothing.
+use lifeboat_e2e::workload::*;
+use lifeboat_e2e::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const MIB: u64 = 1 << 20;
+const MACHINE: &str = "db01";
+
+/// Fields drop in order: the processes (whose logs are printed when a test fails) before
+/// the directory that holds the logs.
+struct Site {
+    _cs: CsNode,
+    ctx: PathBuf,
+    _ps: Component,
+    mt: Component,
+    agent: Component,
+    source: PathBuf,
+    hook_log: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl Site {
+    fn nbd(&self) -> String {
+        format!("nbd://{}/disk0", self.agent.nbd)
+    }
+
+    fn replica(&self) -> PathBuf {
+        let disk_id = disk_status(&self.ctx)["disk_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.mt.dir.join("replicas").join(disk_id).join("disk.vhd")
+    }
+
+    fn copy(&self, name: &str) -> PathBuf {
+        let to = self.tmp.path().join(name);
+        std::fs::copy(&self.source, &to).unwrap();
+        to
+    }
+}
+
+fn hook_script(dir: &Path, log: &Path, name: &str) -> PathBuf {
+    let hook = dir.join(name);
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho \"mode=$LIFEBOAT_MODE\" >> {}\n",
+            log.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    hook
+}
+
+/// A protected machine with one 64 MiB nbd disk, a freeze hook, and a recovery hook that
+/// records its arguments; points every second (app every 2 s).
+fn site() -> Site {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cs, _) = CsNode::init(tmp.path().join("cs"));
+    let ctx = cs.context();
+    let source = tmp.path().join("db01-disk0.img");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    let freeze_log = tmp.path().join("freeze.log");
+    let freeze = hook_script(tmp.path(), &freeze_log, "freeze.sh");
+    let hook_log = tmp.path().join("recovery-hook.log");
+    let recovery_hook = hook_script(tmp.path(), &hook_log, "recover.sh");
+    let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
+    let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
+    let disk_arg = format!("disk0={}", source.display());
+    let freeze_arg = freeze.display().to_string();
+    let mut agent = Component::register(
+        "mobility-agent",
+        MACHINE,
+        tmp.path(),
+        &cs,
+        &["--disk", &disk_arg, "--freeze-hook", &freeze_arg],
+    );
+    start_connected(&ctx, &mut ps, &mut mt, &mut agent);
+    for role in ["process-server", "master-target"] {
+        wait_until(&format!("{role} connected"), WAIT, || {
+            servers(&ctx, role)
+                .first()
+                .is_some_and(|s| s["status"] == "Connected")
+        });
+    }
+    let out = lifeboat(
+        &ctx,
+        &[
+            "policy",
+            "create",
+            "drill",
+            "--crash-consistent-every",
+            "1s",
+            "--app-consistent-every",
+            "2s",
+            "--retention",
+            "1h",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let hook = format!(
+        "{} {{mode}} {{machine}} --net {{network}} {{disks}}",
+        recovery_hook.display()
+    );
+    let out = lifeboat(
+        &ctx,
+        &[
+            "protect",
+            MACHINE,
+            "--policy",
+            "drill",
+            "--recovery-hook",
+            &hook,
+            "--network-map",
+            "lan=recovery-lan",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = lifeboat(&ctx, &["jobs", "--watch"]);
+    assert!(out.status.success(), "{}", text(&out));
+    Site {
+        tmp,
+        _cs: cs,
+        ctx,
+        _ps: ps,
+        mt,
+        agent,
+        source,
+        hook_log,
+    }
+}
+
+fn points(ctx: &Path) -> Vec<serde_json::Value> {
+    lifeboat_json(ctx, &["recovery-points", MACHINE, "--json"])["points"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits for a point of `kind` (any kind if empty) taken after `since`; returns its id.
+fn point_after(ctx: &Path, kind: &str, since: i64) -> String {
+    let mut id = String::new();
+    wait_until(&format!("a {kind} point after the writes"), WAIT, || {
+        let found = points(ctx).into_iter().rev().find(|p| {
+            p["time_unix_ms"].as_i64().unwrap_or(0) > since
+                && (kind.is_empty() || p["kind"] == kind)
+        });
+        if let Some(p) = found {
+            id = p["id"].as_str().unwrap().to_string();
+        }
+        !id.is_empty()
+    });
+    id
+}
+
+/// Runs a recovery command; returns its output (the job's steps).
+fn recover(ctx: &Path, args: &[&str]) -> String {
+    let out = lifeboat(ctx, args);
+    assert!(out.status.success(), "lifeboat {args:?}: {}", text(&out));
+    text(&out)
+}
+
+/// The NBD URI the output shows for disk0.
+fn uri(output: &str) -> String {
+    output
+        .split_whitespace()
+        .find(|w| w.starts_with("nbd://"))
+        .unwrap_or_else(|| panic!("no NBD URI in: {output}"))
+        .to_string()
+}
+
+/// Waits until everything written to the source is in the replica. (Not `caught_up`: with a
+/// point every second something is nearly always in flight, so a report with nothing
+/// pending may take long to come.)
+fn replica_equals(source: &Path, replica: &Path) {
+    wait_until("replica equal to the source", WAIT, || {
+        Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", "vpc"])
+            .arg(source)
+            .arg(replica)
+            .status()
+            .unwrap()
+            .success()
+    });
+}
+
+fn compare_nbd(copy: &Path, uri: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(copy)
+        .arg(uri)
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+#[test]
+fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
+    if !have_qemu() {
+        return;
+    }
+    let mut s = site();
+    let ctx = s.ctx.clone();
+    let nbd = s.nbd();
+    // A, then an app-consistent point; B, then a point; C.
+    qemu_io(&nbd, &["write -P 0xa1 0 4M", "write -P 0xa2 10M 1M"]);
+    let after_a = now_ms();
+    let copy_a = s.copy("a.img");
+    let point_a = point_after(&ctx, "app", after_a);
+    qemu_io(
+        &nbd,
+        &[
+            "write -P 0xb1 2M 4M",
+            "write -z 10M 512K",
+            "write -P 0xb2 30M 3M",
+        ],
+    );
+    let after_b = now_ms();
+    let copy_b = s.copy("b.img");
+    let point_b = point_after(&ctx, "", after_b);
+    qemu_io(&nbd, &["write -P 0xc1 1M 1M", "write -P 0xc2 60M 4M"]);
+    let copy_c = s.copy("c.img");
+    let replica = s.replica();
+    replica_equals(&copy_c, &replica);
+    let freezes = std::fs::read_to_string(s.tmp.path().join("freeze.log")).unwrap();
+    assert!(
+        freezes.contains(&format!("freeze disk0 {}", s.source.display())),
+        "{freezes}"
+    );
+
+    for (point, copy) in [
+        (&point_a, &copy_a),
+        (&point_b, &copy_b),
+        (&"latest".to_string(), &copy_c),
+    ] {
+        let out = recover(&ctx, &["test-failover", MACHINE, "--point", point]);
+        assert!(
+            compare_nbd(copy, &uri(&out)),
+            "view of {point} differs from the source then"
+        );
+        recover(&ctx, &["test-failover", "cleanup", MACHINE]);
+    }
+
+    // A drill while replication goes on: writes into the view stay in it.
+    let out = recover(
+        &ctx,
+        &[
+            "test-failover",
+            MACHINE,
+            "--point",
+            &point_b,
+            "--materialize",
+        ],
+    );
+    let view = uri(&out);
+    let hook = std::fs::read_to_string(&s.hook_log).unwrap();
+    assert!(
+        hook.contains(&format!("test {MACHINE} --net lan=recovery-lan {view}")),
+        "{hook}"
+    );
+    assert!(hook.contains("mode=test"), "{hook}");
+    let copy = out
+        .split_whitespace()
+        .find(|w| w.ends_with("disk.vhd)"))
+        .map(|w| w.trim_end_matches(')').to_string())
+        .unwrap_or_else(|| panic!("no materialised copy in: {out}"));
+    assert_identical(&copy_b, Path::new(&copy));
+    qemu_io(&view, &["write -P 0xee 0 1M"]);
+    assert!(
+        !compare_nbd(&copy_b, &view),
+        "a write into the view did not show in it"
+    );
+    qemu_io(&nbd, &["write -P 0xd1 40M 2M"]);
+    replica_equals(&s.source, &replica);
+    recover(&ctx, &["test-failover", "cleanup", MACHINE]);
+    assert!(
+        !Path::new(&copy).exists(),
+        "cleanup left the materialised copy"
+    );
+
+    let page = http_get(&s.mt.metrics, "/metrics").unwrap();
+    assert!(
+        metric(&page, "lifeboat_mt_recovery_points") >= 3.0,
+        "{page}"
+    );
+    assert!(metric(&page, "lifeboat_mt_journal_bytes") > 0.0, "{page}");
+
+    // Unplanned failover to B: the view shows B, the hook ran, commit makes B the replica.
+    let out = recover(&ctx, &["failover", MACHINE, "--point", &point_b]);
+    let failed_over = uri(&out);
+    assert!(compare_nbd(&copy_b, &failed_over));
+    let hook = std::fs::read_to_string(&s.hook_log).unwrap();
+    assert!(
+        hook.contains(&format!(
+            "failover {MACHINE} --net lan=recovery-lan {failed_over}"
+        )),
+        "{hook}"
+    );
+    assert_eq!(disk_status(&ctx)["state"], "FailedOver");
+    // The source is fenced: it must not take writes that are no longer replicated.
+    wait_until("source refuses writes", WAIT, || {
+        !Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
+            .arg(&nbd)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    recover(&ctx, &["failover", "commit", MACHINE]);
+    assert_identical(&copy_b, &replica);
+    assert!(
+        compare_nbd(&copy_b, &failed_over),
+        "the committed disk is no longer served"
+    );
+    assert!(points(&ctx).is_empty(), "a commit keeps no older points");
+    s.agent.proc().terminate();
+}
+
+#[test]
+fn a_planned_failover_loses_nothing() {
+    if !have_qemu() {
+        return;
+    }
+    let mut s = site();
+    let ctx = s.ctx.clone();
+    let nbd = s.nbd();
+    qemu_io(&nbd, &["write -P 0x31 0 8M", "write -P 0x32 20M 5M"]);
+    let out = recover(&ctx, &["failover", MACHINE, "--planned"]);
+    assert!(out.contains("planned:"), "{out}");
+    // Nothing can be written at the source any more, and the failed-over disk is the source.
+    let write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
+        .arg(&nbd)
+        .output()
+        .unwrap();
+    assert!(
+        !write.status.success(),
+        "the source took a write after a planned failover"
+    );
+    let copy = s.copy("final.img");
+    assert!(
+        compare_nbd(&copy, &uri(&out)),
+        "the planned failover lost data"
+    );
+    s.agent.proc().terminate();
+}
