@@ -1,0 +1,70 @@
+# Shared by the benchmarks: builds the release binaries, starts a configuration server, a
+# process server and a master target in a temporary directory, and defines helpers to start
+# agents and wait for replication. Source it after checking the tools a benchmark needs.
+cargo build --release --quiet --workspace --bins
+BIN=$PWD/target/release
+WORK=$(mktemp -d /tmp/lifeboat-bench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+rate() { python3 -c "print(f'{$1/1048576/($3-$2):.0f}')"; }
+
+CS=127.0.0.1:$(port); export LIFEBOAT_CONTEXT=$WORK/cs/admin/context.toml
+$BIN/config-server init --data-dir $WORK/cs --listen $CS --metrics-listen 127.0.0.1:$(port) --heartbeat-interval-secs 1 >/dev/null
+$BIN/config-server run --data-dir $WORK/cs --listen $CS --metrics-listen 127.0.0.1:$(port) --heartbeat-interval-secs 1 2>$WORK/cs.log & PIDS+=($!)
+for i in $(seq 50); do $BIN/lifeboat cluster status >/dev/null 2>&1 && break; sleep 0.2; done
+PASS=$WORK/cs/private/connection.passphrase
+declare -A METRICS
+MT_NBD=127.0.0.1:$(port)
+for c in process-server master-target; do
+  $BIN/$c register --data-dir $WORK/$c --cs $CS --passphrase-file $PASS --name $c >/dev/null
+  METRICS[$c]=127.0.0.1:$(port)
+  $BIN/$c run --data-dir $WORK/$c --listen 127.0.0.1:$(port) --metrics-listen ${METRICS[$c]} \
+    $([ $c = master-target ] && echo --nbd-listen $MT_NBD) 2>$WORK/$c.log & PIDS+=($!)
+done
+# Prints the mean of a histogram/summary and a counter from a component's metrics.
+pipeline_stats() {
+  python3 - "$(curl -s http://${METRICS[master-target]}/metrics)" <<'PY'
+import sys, re
+m = sys.argv[1]
+def val(name):
+    x = re.search(r'^' + re.escape(name) + r'(?:\{[^}]*\})? ([0-9.e+]+)$', m, re.M)
+    return float(x.group(1)) if x else 0.0
+n, s = val("lifeboat_mt_apply_seconds_count"), val("lifeboat_mt_apply_seconds_sum")
+print(f"  master target: {n:.0f} apply groups, mean {1000*s/max(n,1):.1f} ms per group (write + VHD flush + marker)")
+PY
+  echo "  CPU time so far: $(ps -o comm=,time= -p "$(IFS=,; echo "${PIDS[*]}")" | awk '{printf "%s %s; ", $1, $2}')"
+}
+$BIN/lifeboat policy create bench ${BENCH_POLICY_FLAGS:-} >/dev/null
+
+declare -A AGENT_PID AGENT_METRICS
+# Starts an agent for machine $1 with disk file $2 on NBD address $3 (registers it first).
+start_agent() {
+  $BIN/mobility-agent register --data-dir $WORK/$1 --cs $CS --passphrase-file $PASS --name $1 --disk disk0=$2 >/dev/null
+  AGENT_METRICS[$1]=127.0.0.1:$(port)
+  run_agent "$@"
+  for i in $(seq 100); do $BIN/lifeboat servers list --json | grep "\"name\": \"$1\"" >/dev/null && break; sleep 0.1; done
+  sleep 1.5
+}
+run_agent() {
+  $BIN/mobility-agent run --data-dir $WORK/$1 --disk disk0=$2 --nbd-listen $3 --metrics-listen ${AGENT_METRICS[$1]} 2>>$WORK/$1.log & PIDS+=($!)
+  AGENT_PID[$1]=$!
+}
+# A metric's value on an agent (0 if absent).
+agent_metric() {
+  curl -s http://${AGENT_METRICS[$1]}/metrics | awk -v m="$2" '$1 ~ "^"m"({|$)" {s+=$2} END {print s+0}'
+}
+protect() { start_agent "$@"; $BIN/lifeboat protect $1 --policy bench >/dev/null; }
+# Waits until machine $1's disk is Protected with nothing pending.
+caught_up() {
+  for i in $(seq 3000); do
+    $BIN/lifeboat status $1 --json | python3 -c '
+import json,sys; d=json.load(sys.stdin)["disks"][0]
+sys.exit(0 if d["state"]=="Protected" and d["pending_bytes"]==0 and d["rpo_secs"]==0 else 1)' && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for $1"; exit 1
+}
+
