@@ -9,7 +9,9 @@ mod demo;
 mod format;
 mod up;
 
-use commands::{alerts, audit, cluster, jobs, passphrase, policy, protect, recovery, servers};
+use commands::{
+    alerts, audit, cluster, groups, jobs, passphrase, policy, protect, recovery, servers,
+};
 use context::ContextArgs;
 
 #[derive(Parser)]
@@ -66,6 +68,9 @@ enum Command {
     /// One job.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Protection groups: machines with group-consistent recovery points.
+    #[command(subcommand)]
+    Group(groups::GroupCommand),
     /// A machine's recovery points (time, type, id) inside its retention window.
     RecoveryPoints(recovery::PointsArgs),
     /// Bring up a machine's disks at a point while replication goes on (a drill).
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
             Command::Jobs(args) => jobs::list(&cli.context, args).await,
             Command::Alerts { json } => alerts::list(&cli.context, json).await,
             Command::Job(JobCommand::Show { id, json }) => jobs::show(&cli.context, id, json).await,
+            Command::Group(command) => groups::run(&cli.context, command).await,
             Command::RecoveryPoints(args) => recovery::points(&cli.context, args).await,
             Command::TestFailover(args) => recovery::test_failover(&cli.context, args).await,
             Command::Failover(args) => recovery::failover(&cli.context, args).await,

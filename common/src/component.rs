@@ -90,6 +90,11 @@ pub trait Reporter: Send + Sync {
     }
     /// The disks this component must handle now (the full list, every heartbeat).
     fn assignments(&self, _assignments: Vec<v1::DiskAssignment>) {}
+    /// Time to the next heartbeat, given the configured interval (an agent in a group
+    /// barrier answers sooner).
+    fn heartbeat_every(&self, interval: Duration) -> Duration {
+        interval
+    }
 }
 
 impl<F: Fn() -> v1::ComponentFacts + Send + Sync> Reporter for F {
@@ -150,7 +155,7 @@ pub async fn heartbeat_loop(
         was_connected = Some(connected);
         metrics::gauge!("lifeboat_cs_connected").set(if connected { 1.0 } else { 0.0 });
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(reporter.heartbeat_every(interval)) => {}
             _ = cancel.cancelled() => return Ok(()),
         }
     }

@@ -8,6 +8,7 @@
 //! - `services`: the gRPC handlers; `ca`: certificates; `guard`: bootstrap protections;
 //! - `liveness`: heartbeats in memory; `tasks`: background work; `init`, `server`: lifecycle.
 pub mod ca;
+pub mod groups;
 pub mod guard;
 pub mod init;
 pub mod liveness;

@@ -99,6 +99,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(tasks::raft_metrics(node.clone(), cancel.clone()));
     background.spawn(tasks::summarise_liveness(node.clone(), cancel.clone()));
+    background.spawn(crate::groups::coordinate(node.clone(), cancel.clone()));
     background.spawn(crate::reconcile::run(node.clone(), cancel.clone()));
     background.spawn(tasks::self_heartbeat(
         node.clone(),

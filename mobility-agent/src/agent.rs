@@ -21,6 +21,8 @@ pub struct Agent {
     pub tuning: Tuning,
     /// How each disk (by name) is captured.
     modes: HashMap<String, CaptureMode>,
+    /// This machine's answer to a group barrier ("held:<id>", ...), reported with every disk.
+    pub barrier_answer: std::sync::Mutex<String>,
     disks: Assigned<DiskAgent>,
 }
 
@@ -36,6 +38,7 @@ impl Agent {
             identity,
             tuning,
             modes: disks.iter().map(|d| (d.name.clone(), d.mode)).collect(),
+            barrier_answer: Default::default(),
             state_dir,
             nbd: nbd::Server::new(nbd::ServerConfig::default()),
             cancel,
@@ -51,7 +54,33 @@ impl Agent {
     }
 
     pub fn reports(&self) -> Vec<DiskReport> {
-        self.disks.all().iter().filter_map(|d| d.report()).collect()
+        let barrier = self.barrier_answer();
+        self.disks
+            .all()
+            .iter()
+            .filter_map(|d| d.report())
+            .map(|r| DiskReport {
+                barrier: barrier.clone(),
+                ..r
+            })
+            .collect()
+    }
+
+    pub fn barrier_answer(&self) -> String {
+        self.barrier_answer
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default()
+    }
+
+    /// A group barrier concerns this machine (it is told one, or still answers one).
+    pub fn in_barrier(&self) -> bool {
+        !self.barrier_answer().is_empty()
+            || self
+                .disks
+                .all()
+                .iter()
+                .any(|d| !d.assignment().barrier.is_empty())
     }
 
     pub fn assign(&self, assignments: Vec<DiskAssignment>) {

@@ -83,6 +83,8 @@ pub struct Queue {
     pub overflowed: bool,
     /// Writes are refused (a planned failover is under way).
     pub writes_stopped: bool,
+    /// New writes wait until then (a group barrier holds them; see `points`).
+    pub held_until: Option<Instant>,
 }
 
 /// The capture state of one disk, shared by the NBD backend, the initial sync and the shipper.
@@ -165,6 +167,7 @@ impl Capture {
                 dirty,
                 overflowed: false,
                 writes_stopped: false,
+                held_until: None,
             }),
             queued: Notify::new(),
             drained: Condvar::new(),
@@ -251,7 +254,7 @@ impl Capture {
     /// The write splitter's write: dirty map, source, queue, in one critical section. A write
     /// larger than `MAX_ITEM` is queued in pieces, so every batch stays within the limit.
     pub fn write(&self, offset: u64, data: Vec<u8>) -> io::Result<()> {
-        let mut q = self.lock_with_room()?;
+        let mut q = self.wait_unheld(self.lock_with_room()?)?;
         refuse_if_stopped(&q)?;
         let pieces = data.len().div_ceil(MAX_ITEM).max(1);
         let index = Self::mark_index(&q, pieces as u64);
@@ -285,7 +288,7 @@ impl Capture {
 
     /// Zeroes a range on the source and captures it as a zero-fill.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mut q = self.lock_with_room()?;
+        let mut q = self.wait_unheld(self.lock_with_room()?)?;
         refuse_if_stopped(&q)?;
         let index = Self::mark_index(&q, 1);
         q.dirty.mark(offset, len, index)?;
@@ -399,6 +402,33 @@ impl Capture {
             self.queued.notify_one();
         }
         Ok((shipped, hashes))
+    }
+
+    /// Holds new workload writes until `until` (or releases them with `None`). A write that
+    /// already entered the critical section is queued before this returns.
+    pub fn hold_writes(&self, until: Option<Instant>) -> io::Result<()> {
+        self.queue.lock().map_err(|_| poisoned())?.held_until = until;
+        if until.is_none() {
+            self.drained.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits while writes are held (never past the hold's deadline).
+    fn wait_unheld<'a>(&self, mut q: MutexGuard<'a, Queue>) -> io::Result<MutexGuard<'a, Queue>> {
+        while let Some(until) = q.held_until {
+            let now = Instant::now();
+            if now >= until {
+                q.held_until = None;
+                break;
+            }
+            q = self
+                .drained
+                .wait_timeout(q, until - now)
+                .map_err(|_| poisoned())?
+                .0;
+        }
+        Ok(q)
     }
 
     /// Refuses (or accepts again) workload writes. Set under the queue lock, so every write

@@ -49,7 +49,19 @@ impl Reporter for AgentReporter<'_> {
     fn assignments(&self, assignments: Vec<v1::DiskAssignment>) {
         self.agent.assign(assignments);
     }
+
+    /// During a group barrier the configuration server waits for this agent's answers.
+    fn heartbeat_every(&self, interval: std::time::Duration) -> std::time::Duration {
+        if self.agent.in_barrier() {
+            BARRIER_HEARTBEAT.min(interval)
+        } else {
+            interval
+        }
+    }
 }
+
+/// Heartbeat interval while a group barrier is under way.
+const BARRIER_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Sets the per-disk gauges from `reports` and passes them on.
 fn publish(reports: Vec<v1::DiskReport>) -> Vec<v1::DiskReport> {

@@ -7,6 +7,12 @@
 //! - `planned:<ms>` once the configuration server asks for a planned failover: writes are
 //!   refused from then on, and the tag marks the end of everything the machine wrote.
 //!
+//! - `group:<id>:<group>` through the configuration server's barrier across every agent of a
+//!   protection group (see the config server's `groups`): told `prepare`, the agent answers
+//!   `prepared`; told `hold`, it holds new writes on all its disks and answers `held`; told
+//!   `tag`, it tags, releases and answers `tagged`. Writes are never held longer than
+//!   `HOLD_MAX`, whatever the configuration server does.
+//!
 //! One tag goes on all of the machine's disks at one instant (`capture::tag_all`), and only
 //! while every disk streams: during an initial sync or a resync the replica is not a state
 //! the disk was ever in, so a point then would be a lie. (Scan-mode disks tag their own
@@ -20,8 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
 
-/// How often due points are checked.
-const TICK: Duration = Duration::from_secs(1);
+/// How often due points and barrier signals are checked.
+const TICK: Duration = Duration::from_millis(50);
+/// Longest writes are held for a group barrier.
+const HOLD_MAX: Duration = Duration::from_secs(5);
 /// Longest a freeze or thaw hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -32,6 +40,10 @@ struct Schedule {
     /// The planned-failover tag was placed (writes stay stopped until the request goes).
     planned_tagged: bool,
     writes_stopped: bool,
+    /// The group barrier held here: its id and when the hold ends at the latest.
+    holding: Option<(String, Instant)>,
+    /// The last barrier this agent finished (tagged or gave up), so it is not held twice.
+    finished: String,
 }
 
 /// Places the machine's points until the agent stops.
@@ -50,9 +62,87 @@ pub async fn run(agent: Arc<Agent>) {
         if disks.is_empty() {
             continue;
         }
+        if let Err(e) = barrier(&agent, &disks, &mut schedule) {
+            tracing::warn!("group barrier: {e:#}");
+        }
         if let Err(e) = tick(&disks, &mut schedule).await {
             tracing::warn!("recovery point not placed: {e:#}");
         }
+    }
+}
+
+/// Follows the group barrier the configuration server signals (`phase:id:group`).
+fn barrier(agent: &Agent, disks: &[Arc<DiskAgent>], s: &mut Schedule) -> anyhow::Result<()> {
+    let signal = disks
+        .iter()
+        .map(|d| d.assignment().barrier)
+        .find(|b| !b.is_empty())
+        .unwrap_or_default();
+    let mut parts = signal.splitn(3, ':');
+    let (phase, id, group) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let captures: Vec<_> = disks.iter().map(|d| d.capture.clone()).collect();
+    let release = |s: &mut Schedule| -> anyhow::Result<()> {
+        for c in &captures {
+            c.hold_writes(None)?;
+        }
+        if let Some((id, _)) = s.holding.take() {
+            s.finished = id;
+        }
+        Ok(())
+    };
+    // A hold that outlived HOLD_MAX ends here, whatever the signal says.
+    if let Some((held, until)) = s.holding.clone() {
+        if Instant::now() >= until || held != id {
+            release(s)?;
+            metrics::counter!("lifeboat_agent_barrier_aborts_total").increment(1);
+            tracing::warn!(barrier = %held, "group barrier: writes released without a point");
+            answer(agent, format!("aborted:{held}"));
+            return Ok(());
+        }
+    }
+    match phase {
+        "prepare" if streaming(disks) && !s.writes_stopped => {
+            answer(agent, format!("prepared:{id}"))
+        }
+        "hold" if s.holding.is_none() && s.finished != id => {
+            let until = Instant::now() + HOLD_MAX;
+            for c in &captures {
+                c.hold_writes(Some(until))?;
+            }
+            s.holding = Some((id.to_string(), until));
+            answer(agent, format!("held:{id}"));
+        }
+        "tag" if s.holding.as_ref().is_some_and(|(h, _)| h == id) => {
+            let tagged = capture::tag_all(&captures, &format!("group:{id}:{group}"));
+            release(s)?;
+            tagged?;
+            metrics::counter!("lifeboat_agent_points_total", "kind" => "group").increment(1);
+            answer(agent, format!("tagged:{id}"));
+        }
+        "abort" => {
+            if s.holding.is_some() {
+                release(s)?;
+            }
+            answer(agent, format!("aborted:{id}"));
+        }
+        "" => {
+            if s.holding.is_some() {
+                release(s)?;
+            }
+            answer(agent, String::new());
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn answer(agent: &Agent, text: String) {
+    if let Ok(mut a) = agent.barrier_answer.lock() {
+        *a = text;
     }
 }
 
@@ -67,6 +157,10 @@ fn streaming(disks: &[Arc<DiskAgent>]) -> bool {
 }
 
 async fn tick(disks: &[Arc<DiskAgent>], s: &mut Schedule) -> anyhow::Result<()> {
+    if s.holding.is_some() {
+        // A group barrier holds writes: no freeze hook now (its flush would wait on the hold).
+        return Ok(());
+    }
     let captures: Vec<_> = disks.iter().map(|d| d.capture.clone()).collect();
     let assignments: Vec<_> = disks.iter().map(|d| d.assignment()).collect();
     let stop = assignments.iter().any(|a| a.stop_writes);

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+pub mod recovery;
 pub mod workload;
 
 static BUILD: Once = Once::new();

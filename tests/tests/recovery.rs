@@ -3,9 +3,9 @@
 //! instants; writes into a test view stay out of the replica while replication goes on; an
 //! unplanned failover shows the chosen point and runs the hook with the right arguments; a
 //! commit folds the point into the replica; a planned failover loses nothing.
+use lifeboat_e2e::recovery::*;
 use lifeboat_e2e::workload::*;
 use lifeboat_e2e::*;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,21 +43,6 @@ impl Site {
         std::fs::copy(&self.source, &to).unwrap();
         to
     }
-}
-
-fn hook_script(dir: &Path, log: &Path, name: &str) -> PathBuf {
-    let hook = dir.join(name);
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\necho \"$@\" >> {}\necho \"mode=$LIFEBOAT_MODE\" >> {}\n",
-            log.display(),
-            log.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    hook
 }
 
 /// A protected machine with one 64 MiB nbd disk, a freeze hook, and a recovery hook that
@@ -141,70 +126,6 @@ fn site() -> Site {
     }
 }
 
-fn points(ctx: &Path) -> Vec<serde_json::Value> {
-    lifeboat_json(ctx, &["recovery-points", MACHINE, "--json"])["points"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-/// Waits for a point of `kind` (any kind if empty) taken after `since`; returns its id.
-fn point_after(ctx: &Path, kind: &str, since: i64) -> String {
-    let mut id = String::new();
-    wait_until(&format!("a {kind} point after the writes"), WAIT, || {
-        let found = points(ctx).into_iter().rev().find(|p| {
-            p["time_unix_ms"].as_i64().unwrap_or(0) > since
-                && (kind.is_empty() || p["kind"] == kind)
-        });
-        if let Some(p) = found {
-            id = p["id"].as_str().unwrap().to_string();
-        }
-        !id.is_empty()
-    });
-    id
-}
-
-/// Runs a recovery command; returns its output (the job's steps).
-fn recover(ctx: &Path, args: &[&str]) -> String {
-    let out = lifeboat(ctx, args);
-    assert!(out.status.success(), "lifeboat {args:?}: {}", text(&out));
-    text(&out)
-}
-
-/// The NBD URI the output shows for disk0.
-fn uri(output: &str) -> String {
-    output
-        .split_whitespace()
-        .find(|w| w.starts_with("nbd://"))
-        .unwrap_or_else(|| panic!("no NBD URI in: {output}"))
-        .to_string()
-}
-
-/// Waits until everything written to the source is in the replica. (Not `caught_up`: with a
-/// point every second something is nearly always in flight, so a report with nothing
-/// pending may take long to come.)
-fn replica_equals(source: &Path, replica: &Path) {
-    wait_until("replica equal to the source", WAIT, || {
-        Command::new("qemu-img")
-            .args(["compare", "-q", "-f", "raw", "-F", "vpc"])
-            .arg(source)
-            .arg(replica)
-            .status()
-            .unwrap()
-            .success()
-    });
-}
-
-fn compare_nbd(copy: &Path, uri: &str) -> bool {
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(copy)
-        .arg(uri)
-        .output()
-        .unwrap();
-    out.status.success()
-}
-
 #[test]
 fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
     if !have_qemu() {
@@ -217,7 +138,7 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
     qemu_io(&nbd, &["write -P 0xa1 0 4M", "write -P 0xa2 10M 1M"]);
     let after_a = now_ms();
     let copy_a = s.copy("a.img");
-    let point_a = point_after(&ctx, "app", after_a);
+    let point_a = point_after(&ctx, MACHINE, "app", after_a);
     qemu_io(
         &nbd,
         &[
@@ -228,7 +149,7 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
     );
     let after_b = now_ms();
     let copy_b = s.copy("b.img");
-    let point_b = point_after(&ctx, "", after_b);
+    let point_b = point_after(&ctx, MACHINE, "", after_b);
     qemu_io(&nbd, &["write -P 0xc1 1M 1M", "write -P 0xc2 60M 4M"]);
     let copy_c = s.copy("c.img");
     let replica = s.replica();
@@ -324,7 +245,10 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
         compare_nbd(&copy_b, &failed_over),
         "the committed disk is no longer served"
     );
-    assert!(points(&ctx).is_empty(), "a commit keeps no older points");
+    assert!(
+        points(&ctx, MACHINE).is_empty(),
+        "a commit keeps no older points"
+    );
     s.agent.proc().terminate();
 }
 

@@ -2,6 +2,7 @@
 pub mod alerts;
 pub mod audit;
 pub mod cluster;
+pub mod groups;
 pub mod jobs;
 pub mod passphrase;
 pub mod policy;

@@ -10,7 +10,10 @@ pub mod points;
 
 use crate::node::{storage_status, Node};
 use crate::services::protection::job_info;
+use crate::services::protection::result_status;
+use crate::state::groups::ProtectionGroup;
 use crate::state::protection::ProtectedMachine;
+use crate::state::Command;
 use jobs::JobRun;
 use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, recovery_server::Recovery};
@@ -52,6 +55,18 @@ impl RecoveryService {
         let info = job_info(&run.job);
         tokio::spawn(flow(self.node.clone(), run));
         Ok(Response::new(info))
+    }
+}
+
+fn group_info(g: ProtectionGroup) -> v1::GroupInfo {
+    v1::GroupInfo {
+        barrier: g.barrier_signal(),
+        last_point_unix_ms: g.last_point_ms,
+        spec: Some(v1::GroupSpec {
+            name: g.name,
+            machines: g.machines,
+            every_secs: g.every_secs,
+        }),
     }
 }
 
@@ -243,5 +258,66 @@ impl Recovery for RecoveryService {
             },
         )
         .await
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<v1::GroupSpec>,
+    ) -> Result<Response<v1::GroupInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let spec = request.into_inner();
+        let valid_name = !spec.name.is_empty()
+            && spec.name.len() <= 64
+            && spec
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !valid_name {
+            return Err(Status::invalid_argument(
+                "group names are 1-64 letters, digits, '-' or '_'",
+            ));
+        }
+        if spec.machines.is_empty() || spec.every_secs == 0 {
+            return Err(Status::invalid_argument(
+                "a group needs at least one machine and a positive point interval",
+            ));
+        }
+        let group = ProtectionGroup {
+            name: spec.name.clone(),
+            machines: spec.machines,
+            every_secs: spec.every_secs,
+            created_at_ms: crate::state::model::now_ms(),
+            last_point_ms: 0,
+            barrier: None,
+        };
+        result_status(self.node.write(Command::CreateGroup { group }).await?)?;
+        let created = self
+            .node
+            .state()
+            .group(&spec.name)
+            .map_err(storage_status)?
+            .ok_or_else(|| Status::internal("group vanished after creation"))?;
+        Ok(Response::new(group_info(created)))
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<v1::Empty>,
+    ) -> Result<Response<v1::GroupList>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let groups = self.node.state().groups().map_err(storage_status)?;
+        Ok(Response::new(v1::GroupList {
+            groups: groups.into_iter().map(group_info).collect(),
+        }))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let name = request.into_inner().name;
+        result_status(self.node.write(Command::DeleteGroup { name }).await?)?;
+        Ok(Response::new(v1::Empty {}))
     }
 }

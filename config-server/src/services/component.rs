@@ -78,6 +78,11 @@ pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignmen
         })
     };
     let mut assignments = Vec::new();
+    let groups = if peer.role == Role::Agent {
+        state.groups().map_err(storage_status)?
+    } else {
+        Vec::new()
+    };
     for machine in state
         .machines()
         .map_err(storage_status)?
@@ -86,6 +91,11 @@ pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignmen
     {
         let policy = state.policy(&machine.policy).map_err(storage_status)?;
         let (ps_address, mt_address) = (address_of(&machine.ps_id)?, address_of(&machine.mt_id)?);
+        let barrier = groups
+            .iter()
+            .find(|g| g.machines.contains(&machine.name))
+            .map(|g| g.barrier_signal())
+            .unwrap_or_default();
         for disk in &machine.disks {
             assignments.push(v1::DiskAssignment {
                 disk_id: disk.disk_id.clone(),
@@ -110,6 +120,7 @@ pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignmen
                 agent_id: machine.agent_id.clone(),
                 retention_secs: policy.as_ref().map(|p| p.retention_secs).unwrap_or(0),
                 stop_writes: machine.recovery.stop_writes,
+                barrier: barrier.clone(),
             });
         }
     }

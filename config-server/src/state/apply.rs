@@ -1,6 +1,7 @@
 //! Applying a command to the state: validation that must be identical on every node, then the
 //! writes. Pure logic over `KvRead`; the storage makes the writes atomic.
 use super::command::{AuditDraft, Command, CommandResult};
+use super::groups;
 use super::keys;
 use super::kv::{KvError, KvOp, KvRead, Overlay};
 use super::model::{IdentityRecord, PassphraseState, Revocation};
@@ -149,6 +150,13 @@ pub fn apply(
         } => protection_apply::set_disk_state(&mut tx, machine, disk_id, *state, reason, *at_ms)?,
         Command::UpdateJob { job } => protection_apply::update_job(&mut tx, job)?,
         Command::CreateJob { job } => protection_apply::create_job(&mut tx, job)?,
+        Command::CreateGroup { group } => groups::create_group(&mut tx, group)?,
+        Command::DeleteGroup { name } => groups::delete_group(&mut tx, name)?,
+        Command::PutBarrier {
+            group,
+            barrier,
+            last_point_ms,
+        } => groups::put_barrier(&mut tx, group, barrier, *last_point_ms)?,
         Command::PutRecovery { name, recovery } => {
             protection_apply::put_recovery(&mut tx, name, recovery)?
         }

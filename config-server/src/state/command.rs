@@ -1,6 +1,7 @@
 //! Commands: every change to the replicated state is one of these, proposed through Raft and
 //! applied identically on every node. Non-deterministic inputs (time, ids, signatures) are made
 //! by the proposer and carried in the command.
+use super::groups::{Barrier, ProtectionGroup};
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, Facts, IdentityRecord};
 use super::protection::{Alert, Job, MachineRecovery, Policy, ProtectedMachine, ReplicationState};
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,18 @@ pub enum Command {
     /// Records a job started outside protect/unprotect (recovery operations).
     CreateJob {
         job: Job,
+    },
+    CreateGroup {
+        group: ProtectionGroup,
+    },
+    DeleteGroup {
+        name: String,
+    },
+    /// Moves a group's barrier to a new phase (or ends it, noting when).
+    PutBarrier {
+        group: String,
+        barrier: Option<Barrier>,
+        last_point_ms: Option<i64>,
     },
     /// Replaces a machine's recovery settings and records.
     PutRecovery {

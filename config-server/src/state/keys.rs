@@ -25,6 +25,11 @@ pub fn audit(seq: u64) -> String {
 
 pub const POLICY_PREFIX: &str = "policy/";
 pub const MACHINE_PREFIX: &str = "machine/";
+pub const GROUP_PREFIX: &str = "group/";
+
+pub fn group(name: &str) -> String {
+    format!("{GROUP_PREFIX}{name}")
+}
 pub const JOB_PREFIX: &str = "job/";
 
 pub fn policy(name: &str) -> String {

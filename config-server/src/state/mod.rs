@@ -2,6 +2,7 @@
 //! changes (`command`, `apply`) and how it is read (`query`), independent of Raft and of sled.
 pub mod apply;
 pub mod command;
+pub mod groups;
 pub mod keys;
 pub mod kv;
 pub mod model;

@@ -1,4 +1,5 @@
 //! Typed reads of the state, shared by the command logic and the API handlers.
+use super::groups::ProtectionGroup;
 use super::keys;
 use super::kv::{KvError, KvRead};
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, IdentityRecord, PassphraseState};
@@ -50,6 +51,14 @@ impl<K: KvRead> StateReader<'_, K> {
 
     pub fn machines(&self) -> Result<Vec<ProtectedMachine>, KvError> {
         self.0.scan(keys::MACHINE_PREFIX)
+    }
+
+    pub fn group(&self, name: &str) -> Result<Option<ProtectionGroup>, KvError> {
+        self.0.get(&keys::group(name))
+    }
+
+    pub fn groups(&self) -> Result<Vec<ProtectionGroup>, KvError> {
+        self.0.scan(keys::GROUP_PREFIX)
     }
 
     pub fn job(&self, id: &str) -> Result<Option<Job>, KvError> {

@@ -1,0 +1,88 @@
+//! Helpers of the recovery tests: hooks that record their calls, recovery points, recovery
+//! commands and comparisons of views (over NBD) and replicas with copies of the source.
+use crate::workload::WAIT;
+use crate::{lifeboat, lifeboat_json, text, wait_until};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A hook script that appends its arguments and `mode=$LIFEBOAT_MODE` to `log`.
+pub fn hook_script(dir: &Path, log: &Path, name: &str) -> PathBuf {
+    let hook = dir.join(name);
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\necho \"mode=$LIFEBOAT_MODE\" >> {}\n",
+            log.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    hook
+}
+
+/// The recovery points of `machine`, oldest first.
+pub fn points(ctx: &Path, machine: &str) -> Vec<serde_json::Value> {
+    lifeboat_json(ctx, &["recovery-points", machine, "--json"])["points"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits for a point of `kind` (any kind if empty) taken after `since`; returns its id.
+pub fn point_after(ctx: &Path, machine: &str, kind: &str, since: i64) -> String {
+    let mut id = String::new();
+    wait_until(&format!("a {kind} point after the writes"), WAIT, || {
+        let found = points(ctx, machine).into_iter().rev().find(|p| {
+            p["time_unix_ms"].as_i64().unwrap_or(0) > since
+                && (kind.is_empty() || p["kind"] == kind)
+        });
+        if let Some(p) = found {
+            id = p["id"].as_str().unwrap().to_string();
+        }
+        !id.is_empty()
+    });
+    id
+}
+
+/// Runs a recovery command; returns its output (the job's steps).
+pub fn recover(ctx: &Path, args: &[&str]) -> String {
+    let out = lifeboat(ctx, args);
+    assert!(out.status.success(), "lifeboat {args:?}: {}", text(&out));
+    text(&out)
+}
+
+/// The NBD URI the output shows for disk0.
+pub fn uri(output: &str) -> String {
+    output
+        .split_whitespace()
+        .find(|w| w.starts_with("nbd://"))
+        .unwrap_or_else(|| panic!("no NBD URI in: {output}"))
+        .to_string()
+}
+
+/// Waits until everything written to the source is in the replica. (Not `caught_up`: with a
+/// point every second something is nearly always in flight, so a report with nothing
+/// pending may take long to come.)
+pub fn replica_equals(source: &Path, replica: &Path) {
+    wait_until("replica equal to the source", WAIT, || {
+        Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", "vpc"])
+            .arg(source)
+            .arg(replica)
+            .status()
+            .unwrap()
+            .success()
+    });
+}
+
+pub fn compare_nbd(copy: &Path, uri: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(copy)
+        .arg(uri)
+        .output()
+        .unwrap();
+    out.status.success()
+}
