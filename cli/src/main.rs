@@ -10,7 +10,7 @@ mod format;
 mod up;
 
 use commands::{
-    alerts, audit, cluster, groups, jobs, passphrase, policy, protect, recovery, servers,
+    alerts, audit, cluster, groups, jobs, passphrase, plans, policy, protect, recovery, servers,
 };
 use context::ContextArgs;
 
@@ -68,6 +68,9 @@ enum Command {
     /// One job.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Recovery plans: machines in ordered groups with scripts and manual steps.
+    #[command(subcommand)]
+    Plan(plans::PlanCommand),
     /// Protection groups: machines with group-consistent recovery points.
     #[command(subcommand)]
     Group(groups::GroupCommand),
@@ -90,6 +93,12 @@ enum JobCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Go on with a plan waiting at a manual step.
+    Resume { id: String },
+    /// Run a plan's failed step again.
+    Retry { id: String },
+    /// Go on with a plan without its failed (or manual) step.
+    Skip { id: String },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +131,14 @@ fn main() -> ExitCode {
             Command::Jobs(args) => jobs::list(&cli.context, args).await,
             Command::Alerts { json } => alerts::list(&cli.context, json).await,
             Command::Job(JobCommand::Show { id, json }) => jobs::show(&cli.context, id, json).await,
+            Command::Job(JobCommand::Resume { id }) => {
+                plans::control(&cli.context, id, "resume").await
+            }
+            Command::Job(JobCommand::Retry { id }) => {
+                plans::control(&cli.context, id, "retry").await
+            }
+            Command::Job(JobCommand::Skip { id }) => plans::control(&cli.context, id, "skip").await,
+            Command::Plan(command) => plans::run(&cli.context, command).await,
             Command::Group(command) => groups::run(&cli.context, command).await,
             Command::RecoveryPoints(args) => recovery::points(&cli.context, args).await,
             Command::TestFailover(args) => recovery::test_failover(&cli.context, args).await,

@@ -1,7 +1,7 @@
 //! Helpers of the recovery tests: hooks that record their calls, recovery points, recovery
 //! commands and comparisons of views (over NBD) and replicas with copies of the source.
 use crate::workload::WAIT;
-use crate::{lifeboat, lifeboat_json, text, wait_until};
+use crate::{lifeboat, lifeboat_json, servers, text, wait_until, Component, CsNode};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,4 +85,72 @@ pub fn compare_nbd(copy: &Path, uri: &str) -> bool {
         .output()
         .unwrap();
     out.status.success()
+}
+
+/// A configuration server, a process server, a master target and one agent per machine,
+/// each machine with one 32 MiB disk in nbd mode, all protected with policy `erp`.
+pub struct Machines {
+    pub agents: Vec<Component>,
+    pub sources: Vec<PathBuf>,
+    _ps: Component,
+    _mt: Component,
+    pub ctx: PathBuf,
+    _cs: CsNode,
+}
+
+impl Machines {
+    pub fn start(tmp: &Path, names: &[&str], policy: &[&str]) -> Machines {
+        let (cs, _) = CsNode::init(tmp.join("cs"));
+        let ctx = cs.context();
+        let mut ps = Component::register("process-server", "ps1", tmp, &cs, &[]);
+        let mut mt = Component::register("master-target", "mt1", tmp, &cs, &[]);
+        ps.start();
+        mt.start();
+        let mut agents = Vec::new();
+        let mut sources = Vec::new();
+        for name in names {
+            let source = tmp.join(format!("{name}.img"));
+            std::fs::File::create(&source)
+                .unwrap()
+                .set_len(32 << 20)
+                .unwrap();
+            let disk = format!("disk0={}", source.display());
+            let mut agent =
+                Component::register("mobility-agent", name, tmp, &cs, &["--disk", &disk]);
+            agent.start();
+            agents.push(agent);
+            sources.push(source);
+        }
+        wait_until("every component connected", WAIT, || {
+            ["process-server", "master-target", "agent"]
+                .iter()
+                .all(|role| {
+                    let list = servers(&ctx, role);
+                    !list.is_empty() && list.iter().all(|s| s["status"] == "Connected")
+                })
+                && servers(&ctx, "agent").len() == names.len()
+        });
+        let mut create = vec!["policy", "create", "erp"];
+        create.extend_from_slice(policy);
+        let out = lifeboat(&ctx, &create);
+        assert!(out.status.success(), "{}", text(&out));
+        for name in names {
+            let out = lifeboat(&ctx, &["protect", name, "--policy", "erp"]);
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        let out = lifeboat(&ctx, &["jobs", "--watch"]);
+        assert!(out.status.success(), "{}", text(&out));
+        Machines {
+            agents,
+            sources,
+            _ps: ps,
+            _mt: mt,
+            ctx,
+            _cs: cs,
+        }
+    }
+
+    pub fn nbd(&self, i: usize) -> String {
+        format!("nbd://{}/disk0", self.agents[i].nbd)
+    }
 }

@@ -6,63 +6,23 @@ use lifeboat_e2e::workload::*;
 use lifeboat_e2e::*;
 use std::path::PathBuf;
 
-const MIB: u64 = 1 << 20;
-
 #[test]
 fn a_group_point_shows_every_machine_as_it_was_at_the_barrier() {
     if !have_qemu() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (cs, _) = CsNode::init(tmp.path().join("cs"));
-    let ctx = cs.context();
-    let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
-    let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
-    ps.start();
-    mt.start();
-    let mut agents = Vec::new();
-    let mut sources: Vec<PathBuf> = Vec::new();
-    for name in ["db01", "app01"] {
-        let source = tmp.path().join(format!("{name}.img"));
-        std::fs::File::create(&source)
-            .unwrap()
-            .set_len(32 * MIB)
-            .unwrap();
-        let disk = format!("disk0={}", source.display());
-        let mut agent =
-            Component::register("mobility-agent", name, tmp.path(), &cs, &["--disk", &disk]);
-        agent.start();
-        agents.push(agent);
-        sources.push(source);
-    }
-    wait_until("every component connected", WAIT, || {
-        ["process-server", "master-target", "agent"]
-            .iter()
-            .all(|role| {
-                let list = servers(&ctx, role);
-                !list.is_empty() && list.iter().all(|s| s["status"] == "Connected")
-            })
-            && servers(&ctx, "agent").len() == 2
-    });
-    let out = lifeboat(
-        &ctx,
+    let m = Machines::start(
+        tmp.path(),
+        &["db01", "app01"],
         &[
-            "policy",
-            "create",
-            "erp",
             "--crash-consistent-every",
             "1h",
             "--app-consistent-every",
             "0s",
         ],
     );
-    assert!(out.status.success(), "{}", text(&out));
-    for name in ["db01", "app01"] {
-        let out = lifeboat(&ctx, &["protect", name, "--policy", "erp"]);
-        assert!(out.status.success(), "{}", text(&out));
-    }
-    let out = lifeboat(&ctx, &["jobs", "--watch"]);
-    assert!(out.status.success(), "{}", text(&out));
+    let ctx = m.ctx.clone();
     let out = lifeboat(
         &ctx,
         &[
@@ -85,12 +45,13 @@ fn a_group_point_shows_every_machine_as_it_was_at_the_barrier() {
     );
 
     // Both machines write; the writes stop; copies are made; a group point after that.
-    for (i, agent) in agents.iter().enumerate() {
-        let uri = format!("nbd://{}/disk0", agent.nbd);
+    for i in 0..2 {
+        let uri = m.nbd(i);
         let pattern = format!("write -P {} 0 3M", 0x40 + i);
         qemu_io(&uri, &[pattern.as_str(), "write -P 0x77 20M 1M"]);
     }
-    let copies: Vec<PathBuf> = sources
+    let copies: Vec<PathBuf> = m
+        .sources
         .iter()
         .map(|s| {
             let to = s.with_extension("copy");
@@ -111,11 +72,8 @@ fn a_group_point_shows_every_machine_as_it_was_at_the_barrier() {
             .any(|p| p["id"] == point.as_str())
     });
     // Writes after the point do not show in its views.
-    for agent in &agents {
-        qemu_io(
-            &format!("nbd://{}/disk0", agent.nbd),
-            &["write -P 0x99 1M 1M"],
-        );
+    for i in 0..2 {
+        qemu_io(&m.nbd(i), &["write -P 0x99 1M 1M"]);
     }
     // (Points keep coming every 2 s, so the point is named; `latest-group` picks the newest.)
     for (name, copy) in ["db01", "app01"].iter().zip(&copies) {
@@ -127,7 +85,7 @@ fn a_group_point_shows_every_machine_as_it_was_at_the_barrier() {
         );
         recover(&ctx, &["test-failover", "cleanup", name]);
     }
-    let page = http_get(&agents[0].metrics, "/metrics").unwrap();
+    let page = http_get(&m.agents[0].metrics, "/metrics").unwrap();
     assert!(
         metric(&page, "lifeboat_agent_points_total") >= 1.0,
         "{page}"

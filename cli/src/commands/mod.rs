@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod groups;
 pub mod jobs;
 pub mod passphrase;
+pub mod plans;
 pub mod policy;
 pub mod protect;
 pub mod recovery;

@@ -104,12 +104,26 @@ pub async fn points(ctx: &ContextArgs, args: PointsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Follows a job to its end and prints its steps.
-async fn follow(ctx: &ContextArgs, job: v1::JobInfo) -> anyhow::Result<()> {
+/// Follows a job until it ends or waits for the operator, and prints its steps.
+pub async fn follow(ctx: &ContextArgs, job: v1::JobInfo) -> anyhow::Result<()> {
     let (_, mut protection) = ctx.recovery().await?;
     println!("{} {}: job {}", job.kind, job.target, job.id);
     let watched = jobs::watch(&mut protection, Some(vec![job.id.clone()])).await;
-    jobs::show(ctx, job.id, false).await?;
+    jobs::show(ctx, job.id.clone(), false).await?;
+    let now = protection
+        .get_job(NameRequest {
+            name: job.id.clone(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if now.state == "Waiting" {
+        println!(
+            "Waiting for you: `lifeboat job resume {id}` after a manual step, or \
+             `lifeboat job retry {id}` / `lifeboat job skip {id}` after a failed one",
+            id = now.id
+        );
+    }
     watched
 }
 

@@ -26,13 +26,35 @@ impl JobRun {
             .map(|s| (*s, JobState::Pending, String::new()))
             .collect();
         let job = new_job(kind, target, &steps);
+        Self::record(node, job).await
+    }
+
+    /// Records `job` (made by the caller) and returns its run.
+    pub async fn record(node: Arc<Node>, job: Job) -> Result<JobRun, Status> {
         crate::services::protection::result_status(
             node.write(Command::CreateJob { job: job.clone() }).await?,
         )?;
         Ok(JobRun { node, job })
     }
 
-    async fn save(&mut self) {
+    /// Takes over a recorded job (a plan run continued after the operator's word).
+    pub fn resume(node: Arc<Node>, job: Job) -> JobRun {
+        JobRun { node, job }
+    }
+
+    /// Sets step `i`.
+    pub async fn set(&mut self, i: usize, state: JobState, detail: impl Into<String>) {
+        let step = &mut self.job.steps[i];
+        step.state = state;
+        step.detail = detail.into();
+        step.progress_pct = match state {
+            JobState::Succeeded | JobState::Skipped => 100.0,
+            _ => 0.0,
+        };
+        self.save().await;
+    }
+
+    pub async fn save(&mut self) {
         self.job.updated_at_ms = now_ms();
         if let Err(e) = self
             .node

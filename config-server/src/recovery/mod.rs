@@ -6,12 +6,15 @@
 pub mod flows;
 pub mod hook;
 pub mod jobs;
+pub mod plans;
 pub mod points;
 
 use crate::node::{storage_status, Node};
 use crate::services::protection::job_info;
 use crate::services::protection::result_status;
 use crate::state::groups::ProtectionGroup;
+use crate::state::plans::{PlanAction, PlanGroup, RecoveryPlan};
+use crate::state::protection::JobControl;
 use crate::state::protection::ProtectedMachine;
 use crate::state::Command;
 use jobs::JobRun;
@@ -69,6 +72,30 @@ fn group_info(g: ProtectionGroup) -> v1::GroupInfo {
         }),
     }
 }
+
+pub fn test_failover_steps(materialize: bool) -> Vec<&'static str> {
+    let mut steps = vec!["Choose recovery point", "Open views"];
+    if materialize {
+        steps.push("Materialize");
+    }
+    steps.push("Run recovery hook");
+    steps
+}
+
+pub fn failover_steps(planned: bool) -> Vec<&'static str> {
+    let mut steps = Vec::new();
+    if planned {
+        steps.extend(["Stop writes at the source", "Final sync"]);
+    }
+    steps.extend([
+        "Choose recovery point",
+        "Fail over disks",
+        "Run recovery hook",
+    ]);
+    steps
+}
+
+pub const CLEANUP_STEPS: &[&str] = &["Delete views"];
 
 fn is_failed_over(machine: &ProtectedMachine) -> bool {
     machine.recovery.failover.is_some()
@@ -140,11 +167,7 @@ impl Recovery for RecoveryService {
                 r.machine
             )));
         }
-        let mut steps = vec!["Choose recovery point", "Open views"];
-        if r.materialize {
-            steps.push("Materialize");
-        }
-        steps.push("Run recovery hook");
+        let steps = test_failover_steps(r.materialize);
         self.spawn(
             "test-failover",
             &r.machine.clone(),
@@ -172,7 +195,7 @@ impl Recovery for RecoveryService {
         self.spawn(
             "test-failover-cleanup",
             &name.clone(),
-            &["Delete views"],
+            CLEANUP_STEPS,
             move |node, mut run| async move {
                 let result = flows::cleanup_test_failover(node, &mut run, &name).await;
                 run.finish(result).await;
@@ -319,5 +342,188 @@ impl Recovery for RecoveryService {
         let name = request.into_inner().name;
         result_status(self.node.write(Command::DeleteGroup { name }).await?)?;
         Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn create_plan(
+        &self,
+        request: Request<v1::PlanSpec>,
+    ) -> Result<Response<v1::PlanSpec>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let plan = plan_from_spec(request.into_inner())?;
+        let name = plan.name.clone();
+        result_status(self.node.write(Command::CreatePlan { plan }).await?)?;
+        let plan = self
+            .node
+            .state()
+            .plan(&name)
+            .map_err(storage_status)?
+            .ok_or_else(|| Status::internal("plan vanished after creation"))?;
+        Ok(Response::new(plan_spec(plan)))
+    }
+
+    async fn list_plans(
+        &self,
+        request: Request<v1::Empty>,
+    ) -> Result<Response<v1::PlanList>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let plans = self.node.state().plans().map_err(storage_status)?;
+        Ok(Response::new(v1::PlanList {
+            plans: plans.into_iter().map(plan_spec).collect(),
+        }))
+    }
+
+    async fn delete_plan(
+        &self,
+        request: Request<v1::NameRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let name = request.into_inner().name;
+        result_status(self.node.write(Command::DeletePlan { name }).await?)?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
+    async fn run_plan(
+        &self,
+        request: Request<v1::PlanRunRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let r = request.into_inner();
+        if !["test-failover", "test-failover-cleanup", "failover"].contains(&r.mode.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "unknown plan mode {:?}: test-failover, test-failover-cleanup or failover",
+                r.mode
+            )));
+        }
+        if r.mode == "failover" && !r.planned && r.point.is_empty() {
+            return Err(Status::invalid_argument(
+                "a plan failover needs --planned or --point",
+            ));
+        }
+        let plan = self
+            .node
+            .state()
+            .plan(&r.plan)
+            .map_err(storage_status)?
+            .ok_or_else(|| {
+                Status::not_found(format!("no plan {:?}; see `lifeboat plan list`", r.plan))
+            })?;
+        let point = if r.point.is_empty() {
+            "latest".to_string()
+        } else {
+            r.point
+        };
+        let job = plans::plan_job(&plan, &r.mode, &point, r.planned);
+        let job = plans::start(self.node.clone(), job).await?;
+        Ok(Response::new(job_info(&job)))
+    }
+
+    async fn control_job(
+        &self,
+        request: Request<v1::JobControlRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let r = request.into_inner();
+        let control = match r.action.as_str() {
+            "resume" => JobControl::Resume,
+            "retry" => JobControl::Retry,
+            "skip" => JobControl::Skip,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown action {other:?}: resume, retry or skip"
+                )))
+            }
+        };
+        let job = self
+            .node
+            .state()
+            .job(&r.id)
+            .map_err(storage_status)?
+            .ok_or_else(|| Status::not_found(format!("no job {}", r.id)))?;
+        if job.plan.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "job {} is not a recovery plan run; only plan runs wait for the operator",
+                r.id
+            )));
+        }
+        result_status(
+            self.node
+                .write(Command::ControlJob {
+                    id: r.id.clone(),
+                    control,
+                })
+                .await?,
+        )?;
+        // The run goes on here if no runner in this process has it (its node may be gone).
+        plans::spawn(self.node.clone(), r.id.clone());
+        let job = self
+            .node
+            .state()
+            .job(&r.id)
+            .map_err(storage_status)?
+            .ok_or_else(|| Status::not_found(format!("no job {}", r.id)))?;
+        Ok(Response::new(job_info(&job)))
+    }
+}
+
+fn plan_from_spec(spec: v1::PlanSpec) -> Result<RecoveryPlan, Status> {
+    let valid_name = !spec.name.is_empty()
+        && spec.name.len() <= 64
+        && spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !valid_name {
+        return Err(Status::invalid_argument(
+            "plan names are 1-64 letters, digits, '-' or '_'",
+        ));
+    }
+    if spec.groups.iter().all(|g| g.machines.is_empty()) {
+        return Err(Status::invalid_argument(
+            "a plan needs at least one machine",
+        ));
+    }
+    let mut groups = Vec::new();
+    for g in spec.groups {
+        let parse = |list: Vec<String>| -> Result<Vec<PlanAction>, Status> {
+            list.iter()
+                .map(|a| PlanAction::parse(a).map_err(Status::invalid_argument))
+                .collect()
+        };
+        groups.push(PlanGroup {
+            number: g.number,
+            machines: g.machines,
+            before: parse(g.before)?,
+            after: parse(g.after)?,
+        });
+    }
+    groups.sort_by_key(|g| g.number);
+    let mut seen = std::collections::HashSet::new();
+    for m in groups.iter().flat_map(|g| g.machines.iter()) {
+        if !seen.insert(m.clone()) {
+            return Err(Status::invalid_argument(format!(
+                "{m} is in the plan twice"
+            )));
+        }
+    }
+    Ok(RecoveryPlan {
+        name: spec.name,
+        groups,
+        created_at_ms: crate::state::model::now_ms(),
+    })
+}
+
+fn plan_spec(plan: RecoveryPlan) -> v1::PlanSpec {
+    v1::PlanSpec {
+        name: plan.name,
+        groups: plan
+            .groups
+            .into_iter()
+            .map(|g| v1::PlanGroupSpec {
+                number: g.number,
+                machines: g.machines,
+                before: g.before.iter().map(PlanAction::describe).collect(),
+                after: g.after.iter().map(PlanAction::describe).collect(),
+            })
+            .collect(),
     }
 }

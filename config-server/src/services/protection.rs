@@ -153,6 +153,8 @@ pub fn new_job(kind: &str, target: &str, steps: &[(&str, JobState, String)]) -> 
         created_at_ms: now,
         updated_at_ms: now,
         error: String::new(),
+        control: None,
+        plan: None,
     }
 }
 

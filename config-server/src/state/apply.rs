@@ -5,6 +5,7 @@ use super::groups;
 use super::keys;
 use super::kv::{KvError, KvOp, KvRead, Overlay};
 use super::model::{IdentityRecord, PassphraseState, Revocation};
+use super::plans;
 use super::protection_apply;
 use super::query::StateReader;
 
@@ -150,6 +151,11 @@ pub fn apply(
         } => protection_apply::set_disk_state(&mut tx, machine, disk_id, *state, reason, *at_ms)?,
         Command::UpdateJob { job } => protection_apply::update_job(&mut tx, job)?,
         Command::CreateJob { job } => protection_apply::create_job(&mut tx, job)?,
+        Command::CreatePlan { plan } => plans::create_plan(&mut tx, plan)?,
+        Command::DeletePlan { name } => plans::delete_plan(&mut tx, name)?,
+        Command::ControlJob { id, control } => {
+            protection_apply::control_job(&mut tx, id, *control)?
+        }
         Command::CreateGroup { group } => groups::create_group(&mut tx, group)?,
         Command::DeleteGroup { name } => groups::delete_group(&mut tx, name)?,
         Command::PutBarrier {

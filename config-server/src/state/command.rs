@@ -3,9 +3,15 @@
 //! by the proposer and carried in the command.
 use super::groups::{Barrier, ProtectionGroup};
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, Facts, IdentityRecord};
-use super::protection::{Alert, Job, MachineRecovery, Policy, ProtectedMachine, ReplicationState};
+use super::plans::RecoveryPlan;
+use super::protection::{
+    Alert, Job, JobControl, MachineRecovery, Policy, ProtectedMachine, ReplicationState,
+};
 use serde::{Deserialize, Serialize};
 
+// A command lives only until it is serialised into a Raft entry: the size of its largest
+// variant costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Command {
     /// First entry of a new cluster, written by the node that ran `init`.
@@ -88,6 +94,17 @@ pub enum Command {
         group: String,
         barrier: Option<Barrier>,
         last_point_ms: Option<i64>,
+    },
+    CreatePlan {
+        plan: RecoveryPlan,
+    },
+    DeletePlan {
+        name: String,
+    },
+    /// An operator's word to a waiting job: resume, retry or skip.
+    ControlJob {
+        id: String,
+        control: JobControl,
     },
     /// Replaces a machine's recovery settings and records.
     PutRecovery {

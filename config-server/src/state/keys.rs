@@ -26,6 +26,11 @@ pub fn audit(seq: u64) -> String {
 pub const POLICY_PREFIX: &str = "policy/";
 pub const MACHINE_PREFIX: &str = "machine/";
 pub const GROUP_PREFIX: &str = "group/";
+pub const PLAN_PREFIX: &str = "plan/";
+
+pub fn plan(name: &str) -> String {
+    format!("{PLAN_PREFIX}{name}")
+}
 
 pub fn group(name: &str) -> String {
     format!("{GROUP_PREFIX}{name}")

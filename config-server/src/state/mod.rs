@@ -6,6 +6,7 @@ pub mod groups;
 pub mod keys;
 pub mod kv;
 pub mod model;
+pub mod plans;
 pub mod protection;
 mod protection_apply;
 pub mod query;

@@ -149,6 +149,10 @@ pub enum JobState {
     Failed,
     /// A step not started yet.
     Pending,
+    /// Waiting for the operator: a manual step, or a failed step to retry or skip.
+    Waiting,
+    /// A step the operator chose to skip.
+    Skipped,
 }
 
 impl JobState {
@@ -158,6 +162,8 @@ impl JobState {
             JobState::Succeeded => "Succeeded",
             JobState::Failed => "Failed",
             JobState::Pending => "Pending",
+            JobState::Waiting => "Waiting",
+            JobState::Skipped => "Skipped",
         }
     }
 }
@@ -183,6 +189,41 @@ pub struct Job {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub error: String,
+    /// The operator's answer to a waiting job, until the job takes it.
+    #[serde(default)]
+    pub control: Option<JobControl>,
+    /// For a recovery-plan job: what each step does.
+    #[serde(default)]
+    pub plan: Option<PlanRun>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum JobControl {
+    /// Go on after a manual step.
+    Resume,
+    /// Run the failed step again.
+    Retry,
+    /// Leave the failed (or manual) step and go on.
+    Skip,
+}
+
+/// A recovery plan as one run of it does it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlanRun {
+    pub plan: String,
+    /// "test-failover", "test-failover-cleanup" or "failover".
+    pub mode: String,
+    pub point: String,
+    #[serde(default)]
+    pub planned: bool,
+    /// One per job step, in order.
+    pub steps: Vec<PlanStep>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum PlanStep {
+    Machine(String),
+    Action(crate::state::plans::PlanAction),
 }
 
 impl Job {
@@ -194,7 +235,7 @@ impl Job {
             .steps
             .iter()
             .map(|s| match s.state {
-                JobState::Succeeded => 100.0,
+                JobState::Succeeded | JobState::Skipped => 100.0,
                 _ => s.progress_pct,
             })
             .sum();

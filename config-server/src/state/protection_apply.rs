@@ -4,7 +4,8 @@ use super::command::CommandResult;
 use super::keys;
 use super::kv::{KvError, KvRead, Overlay};
 use super::protection::{
-    Job, MachineRecovery, Policy, ProtectedMachine, ReplicationState, FAILBACK_SUFFIX,
+    Job, JobControl, JobState, MachineRecovery, Policy, ProtectedMachine, ReplicationState,
+    FAILBACK_SUFFIX,
 };
 use super::query::StateReader;
 
@@ -198,5 +199,27 @@ pub(super) fn put_recovery(
     };
     machine.recovery = recovery.clone();
     tx.writes.put(keys::machine(name), &machine);
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn control_job(
+    tx: &mut Tx<'_, impl KvRead>,
+    id: &str,
+    control: JobControl,
+) -> Result<CommandResult, KvError> {
+    let Some(mut job) = StateReader(&*tx).job(id)? else {
+        return Ok(CommandResult::NotFound(format!("no job {id}")));
+    };
+    if job.state != JobState::Waiting {
+        return Ok(CommandResult::Refused(format!(
+            "job {id} is {}, not waiting for the operator",
+            job.state.as_str()
+        )));
+    }
+    job.control = Some(control);
+    // Running again from now on (the step itself changes when the run takes the word).
+    job.state = JobState::Running;
+    job.error.clear();
+    tx.writes.put(keys::job(id), &job);
     Ok(CommandResult::Done)
 }

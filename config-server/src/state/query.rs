@@ -3,6 +3,7 @@ use super::groups::ProtectionGroup;
 use super::keys;
 use super::kv::{KvError, KvRead};
 use super::model::{AuditRecord, CaMaterial, ClusterMeta, IdentityRecord, PassphraseState};
+use super::plans::RecoveryPlan;
 use super::protection::{Alert, Job, Policy, ProtectedMachine};
 
 /// A typed view over any `KvRead`.
@@ -59,6 +60,14 @@ impl<K: KvRead> StateReader<'_, K> {
 
     pub fn groups(&self) -> Result<Vec<ProtectionGroup>, KvError> {
         self.0.scan(keys::GROUP_PREFIX)
+    }
+
+    pub fn plan(&self, name: &str) -> Result<Option<RecoveryPlan>, KvError> {
+        self.0.get(&keys::plan(name))
+    }
+
+    pub fn plans(&self) -> Result<Vec<RecoveryPlan>, KvError> {
+        self.0.scan(keys::PLAN_PREFIX)
     }
 
     pub fn job(&self, id: &str) -> Result<Option<Job>, KvError> {
