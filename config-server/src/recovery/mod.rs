@@ -8,12 +8,12 @@ pub mod hook;
 pub mod jobs;
 pub mod plans;
 pub mod points;
+mod specs;
 
 use crate::node::{storage_status, Node};
 use crate::services::protection::job_info;
 use crate::services::protection::result_status;
 use crate::state::groups::ProtectionGroup;
-use crate::state::plans::{PlanAction, PlanGroup, RecoveryPlan};
 use crate::state::protection::JobControl;
 use crate::state::protection::ProtectedMachine;
 use crate::state::Command;
@@ -58,18 +58,6 @@ impl RecoveryService {
         let info = job_info(&run.job);
         tokio::spawn(flow(self.node.clone(), run));
         Ok(Response::new(info))
-    }
-}
-
-fn group_info(g: ProtectionGroup) -> v1::GroupInfo {
-    v1::GroupInfo {
-        barrier: g.barrier_signal(),
-        last_point_unix_ms: g.last_point_ms,
-        spec: Some(v1::GroupSpec {
-            name: g.name,
-            machines: g.machines,
-            every_secs: g.every_secs,
-        }),
     }
 }
 
@@ -289,17 +277,7 @@ impl Recovery for RecoveryService {
     ) -> Result<Response<v1::GroupInfo>, Status> {
         self.node.authorize(&request, &[Role::Admin])?;
         let spec = request.into_inner();
-        let valid_name = !spec.name.is_empty()
-            && spec.name.len() <= 64
-            && spec
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-        if !valid_name {
-            return Err(Status::invalid_argument(
-                "group names are 1-64 letters, digits, '-' or '_'",
-            ));
-        }
+        specs::check_name("group", &spec.name)?;
         if spec.machines.is_empty() || spec.every_secs == 0 {
             return Err(Status::invalid_argument(
                 "a group needs at least one machine and a positive point interval",
@@ -320,7 +298,7 @@ impl Recovery for RecoveryService {
             .group(&spec.name)
             .map_err(storage_status)?
             .ok_or_else(|| Status::internal("group vanished after creation"))?;
-        Ok(Response::new(group_info(created)))
+        Ok(Response::new(specs::group_info(created)))
     }
 
     async fn list_groups(
@@ -330,7 +308,7 @@ impl Recovery for RecoveryService {
         self.node.authorize(&request, &[Role::Admin])?;
         let groups = self.node.state().groups().map_err(storage_status)?;
         Ok(Response::new(v1::GroupList {
-            groups: groups.into_iter().map(group_info).collect(),
+            groups: groups.into_iter().map(specs::group_info).collect(),
         }))
     }
 
@@ -349,7 +327,7 @@ impl Recovery for RecoveryService {
         request: Request<v1::PlanSpec>,
     ) -> Result<Response<v1::PlanSpec>, Status> {
         self.node.authorize(&request, &[Role::Admin])?;
-        let plan = plan_from_spec(request.into_inner())?;
+        let plan = specs::plan_from_spec(request.into_inner())?;
         let name = plan.name.clone();
         result_status(self.node.write(Command::CreatePlan { plan }).await?)?;
         let plan = self
@@ -358,7 +336,7 @@ impl Recovery for RecoveryService {
             .plan(&name)
             .map_err(storage_status)?
             .ok_or_else(|| Status::internal("plan vanished after creation"))?;
-        Ok(Response::new(plan_spec(plan)))
+        Ok(Response::new(specs::plan_spec(plan)))
     }
 
     async fn list_plans(
@@ -368,7 +346,7 @@ impl Recovery for RecoveryService {
         self.node.authorize(&request, &[Role::Admin])?;
         let plans = self.node.state().plans().map_err(storage_status)?;
         Ok(Response::new(v1::PlanList {
-            plans: plans.into_iter().map(plan_spec).collect(),
+            plans: plans.into_iter().map(specs::plan_spec).collect(),
         }))
     }
 
@@ -462,68 +440,5 @@ impl Recovery for RecoveryService {
             .map_err(storage_status)?
             .ok_or_else(|| Status::not_found(format!("no job {}", r.id)))?;
         Ok(Response::new(job_info(&job)))
-    }
-}
-
-fn plan_from_spec(spec: v1::PlanSpec) -> Result<RecoveryPlan, Status> {
-    let valid_name = !spec.name.is_empty()
-        && spec.name.len() <= 64
-        && spec
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if !valid_name {
-        return Err(Status::invalid_argument(
-            "plan names are 1-64 letters, digits, '-' or '_'",
-        ));
-    }
-    if spec.groups.iter().all(|g| g.machines.is_empty()) {
-        return Err(Status::invalid_argument(
-            "a plan needs at least one machine",
-        ));
-    }
-    let mut groups = Vec::new();
-    for g in spec.groups {
-        let parse = |list: Vec<String>| -> Result<Vec<PlanAction>, Status> {
-            list.iter()
-                .map(|a| PlanAction::parse(a).map_err(Status::invalid_argument))
-                .collect()
-        };
-        groups.push(PlanGroup {
-            number: g.number,
-            machines: g.machines,
-            before: parse(g.before)?,
-            after: parse(g.after)?,
-        });
-    }
-    groups.sort_by_key(|g| g.number);
-    let mut seen = std::collections::HashSet::new();
-    for m in groups.iter().flat_map(|g| g.machines.iter()) {
-        if !seen.insert(m.clone()) {
-            return Err(Status::invalid_argument(format!(
-                "{m} is in the plan twice"
-            )));
-        }
-    }
-    Ok(RecoveryPlan {
-        name: spec.name,
-        groups,
-        created_at_ms: crate::state::model::now_ms(),
-    })
-}
-
-fn plan_spec(plan: RecoveryPlan) -> v1::PlanSpec {
-    v1::PlanSpec {
-        name: plan.name,
-        groups: plan
-            .groups
-            .into_iter()
-            .map(|g| v1::PlanGroupSpec {
-                number: g.number,
-                machines: g.machines,
-                before: g.before.iter().map(PlanAction::describe).collect(),
-                after: g.after.iter().map(PlanAction::describe).collect(),
-            })
-            .collect(),
     }
 }
