@@ -268,6 +268,16 @@ fn describe_retention_metrics() {
         "Age of a disk's oldest recovery point"
     );
     metrics::describe_counter!(
+        "lifeboat_mt_view_open_read_bytes_total",
+        metrics::Unit::Bytes,
+        "Journal bytes read to open views (record headers; never disk data)"
+    );
+    metrics::describe_histogram!(
+        "lifeboat_mt_view_open_seconds",
+        metrics::Unit::Seconds,
+        "Time to open a recovery-point view"
+    );
+    metrics::describe_counter!(
         "lifeboat_mt_journal_pruned_bytes_total",
         metrics::Unit::Bytes,
         "Retention journal bytes dropped past the policy window"

@@ -119,13 +119,14 @@ impl PointInTime for PitService {
         let entry = self.entry(&r.disk_id)?;
         let size = entry.assignment().size_bytes;
         let view_id = r.view_id.clone();
-        let point_seq = locked(entry.clone(), move |replica| {
+        let started = std::time::Instant::now();
+        let (point_seq, read_bytes) = locked(entry.clone(), move |replica| {
             let point_seq = if r.latest {
                 replica.state().applied_seq
             } else {
                 r.point_seq
             };
-            replica.open_view(ViewSpec {
+            let read_bytes = replica.open_view(ViewSpec {
                 view_id: r.view_id,
                 kind: if r.failover {
                     ViewKind::Failover
@@ -135,11 +136,16 @@ impl PointInTime for PitService {
                 point_seq,
                 created_ms: lifeboat_common::now_ms(),
             })?;
-            Ok(point_seq)
+            Ok((point_seq, read_bytes))
         })
         .await?;
         self.replicas.exports.export(&entry, &view_id);
-        tracing::info!(disk = %entry.disk_id, view = %view_id, point_seq, "view opened");
+        metrics::counter!("lifeboat_mt_view_open_read_bytes_total", "disk" => entry.disk_id.clone())
+            .increment(read_bytes);
+        metrics::histogram!("lifeboat_mt_view_open_seconds")
+            .record(started.elapsed().as_secs_f64());
+        tracing::info!(disk = %entry.disk_id, view = %view_id, point_seq, read_bytes,
+            "view opened");
         Ok(Response::new(v1::ViewInfo {
             nbd_uri: self.replicas.exports.uri(&view_id),
             view_id,

@@ -22,6 +22,8 @@ pub enum Undo {
 pub struct PointOverlay {
     pub point_seq: u64,
     map: RangeMap<Undo>,
+    /// Journal bytes read to build it (record headers only; never disk data).
+    pub read_bytes: u64,
 }
 
 impl PointOverlay {
@@ -30,6 +32,7 @@ impl PointOverlay {
         let mut overlay = PointOverlay {
             point_seq,
             map: RangeMap::default(),
+            read_bytes: 0,
         };
         let newer: Vec<RecordMeta> = journal
             .records()
@@ -45,6 +48,7 @@ impl PointOverlay {
     pub fn add(&mut self, journal: &Journal, records: &[RecordMeta]) -> io::Result<()> {
         for meta in records.iter().filter(|r| r.seq > self.point_seq) {
             let header = journal.header(meta)?;
+            self.read_bytes += meta.header_len as u64;
             let mut pos = meta.data_pos();
             for e in header.extents {
                 if e.zero {

@@ -106,11 +106,12 @@ impl Replica {
 
     /// Opens a view of the point after batch `point_seq`. Opening the same view again is a
     /// no-op; a failover view replaces an uncommitted one (a different point was chosen).
-    pub fn open_view(&mut self, spec: ViewSpec) -> Result<(), ReplicaError> {
+    /// Returns the journal bytes read to build it (headers only, whatever the disk size).
+    pub fn open_view(&mut self, spec: ViewSpec) -> Result<u64, ReplicaError> {
         check_view_id(&spec.view_id)?;
         if let Some(open) = self.views.get(&spec.view_id) {
             if open.spec.point_seq == spec.point_seq && open.spec.kind == spec.kind {
-                return Ok(());
+                return Ok(0);
             }
             if spec.kind == ViewKind::Test {
                 return Err(refused(format!(
@@ -149,6 +150,7 @@ impl Replica {
         let writes = PrivateWrites::open(&dir).map_err(self.io_error("create a view"))?;
         let overlay = PointOverlay::build(&self.journal, spec.point_seq)
             .map_err(self.io_error("read the retention journal"))?;
+        let read_bytes = overlay.read_bytes;
         if spec.kind == ViewKind::Failover {
             // From here on the replica takes no more batches.
             self.state.failover = Some(FailoverState {
@@ -170,7 +172,7 @@ impl Replica {
                 writes,
             },
         );
-        Ok(())
+        Ok(read_bytes)
     }
 
     fn remove_view(&mut self, id: &str) -> Result<(), ReplicaError> {

@@ -88,18 +88,25 @@ pub fn compare_nbd(copy: &Path, uri: &str) -> bool {
 }
 
 /// A configuration server, a process server, a master target and one agent per machine,
-/// each machine with one 32 MiB disk in nbd mode, all protected with policy `erp`.
+/// each machine with one disk (32 MiB unless sized) in nbd mode, all protected with policy
+/// `erp`.
 pub struct Machines {
     pub agents: Vec<Component>,
     pub sources: Vec<PathBuf>,
     _ps: Component,
-    _mt: Component,
+    pub mt: Component,
     pub ctx: PathBuf,
     _cs: CsNode,
 }
 
 impl Machines {
     pub fn start(tmp: &Path, names: &[&str], policy: &[&str]) -> Machines {
+        let sizes: Vec<u64> = names.iter().map(|_| 32).collect();
+        Machines::start_sized(tmp, names, &sizes, policy)
+    }
+
+    /// As `start`, with each machine's disk size in MiB.
+    pub fn start_sized(tmp: &Path, names: &[&str], sizes_mib: &[u64], policy: &[&str]) -> Machines {
         let (cs, _) = CsNode::init(tmp.join("cs"));
         let ctx = cs.context();
         let mut ps = Component::register("process-server", "ps1", tmp, &cs, &[]);
@@ -108,11 +115,11 @@ impl Machines {
         mt.start();
         let mut agents = Vec::new();
         let mut sources = Vec::new();
-        for name in names {
+        for (name, mib) in names.iter().zip(sizes_mib) {
             let source = tmp.join(format!("{name}.img"));
             std::fs::File::create(&source)
                 .unwrap()
-                .set_len(32 << 20)
+                .set_len(mib << 20)
                 .unwrap();
             let disk = format!("disk0={}", source.display());
             let mut agent =
@@ -144,7 +151,7 @@ impl Machines {
             agents,
             sources,
             _ps: ps,
-            _mt: mt,
+            mt,
             ctx,
             _cs: cs,
         }
