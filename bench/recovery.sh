@@ -109,6 +109,15 @@ P=$(point_before bench-c $((START + 6000)))
 JOURNAL=$($BIN/lifeboat recovery-points bench-c --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["journal_bytes"]>>20)')
 read JOB WALL < <(timed failover bench-c --point $P)
 echo "failover to $P (${BACK_SECS} s back, journal ${JOURNAL} MiB): ${JOB} ms (job), ${WALL} ms (CLI)"
+curl -s http://${METRICS[master-target]}/metrics | python3 -c '
+import re, sys
+m = sys.stdin.read()
+def val(name):
+    x = re.search(r"^" + re.escape(name) + r"(?:\{[^}]*\})? ([0-9.e+]+)$", m, re.M)
+    return float(x.group(1)) if x else 0.0
+n, s = val("lifeboat_mt_view_open_seconds_count"), val("lifeboat_mt_view_open_seconds_sum")
+print(f"  of which the master target opening views: {1000*s/max(n,1):.0f} ms per view (mean of {n:.0f}, section a included)")'
+$BIN/lifeboat job show $(grep -o 'job-[0-9a-f-]*' $WORK/last.txt | head -1) | sed 's/^/  /' 
 FAILED_OVER=$(uri)
 kill -INT $FIO 2>/dev/null || true; wait $FIO 2>/dev/null || true
 echo "fio: $(grep -o 'WRITE: bw=[^,]*, [^,]*, io=[^ ]*' $WORK/fio-c.txt 2>/dev/null || echo 'no summary')"
