@@ -11,6 +11,8 @@ pub struct ViewBackend {
     pub entry: Arc<ReplicaEntry>,
     pub view_id: String,
     pub size: u64,
+    /// The opening of the view this export serves (see `Replica::view_generation`).
+    pub generation: Option<i64>,
 }
 
 fn io_error(e: ReplicaError) -> io::Error {
@@ -27,11 +29,17 @@ impl ViewBackend {
     ) -> io::Result<T> {
         let entry = self.entry.clone();
         let id = self.view_id.clone();
+        let generation = self.generation;
         tokio::task::spawn_blocking(move || {
             let mut replica = entry
                 .replica
                 .lock()
                 .map_err(|_| io::Error::other("replica lock poisoned"))?;
+            if replica.view_generation(&id) != generation {
+                return Err(io::Error::other(format!(
+                    "view {id} was closed or opened again at another point; reconnect"
+                )));
+            }
             f(&mut replica, &id).map_err(io_error)
         })
         .await
@@ -107,10 +115,16 @@ impl Exports {
     pub fn export(&self, entry: &Arc<ReplicaEntry>, view_id: &str) {
         self.server.remove_export(view_id);
         let size = entry.assignment().size_bytes;
+        let generation = entry
+            .replica
+            .lock()
+            .ok()
+            .and_then(|r| r.view_generation(view_id));
         let backend = ViewBackend {
             entry: entry.clone(),
             view_id: view_id.to_string(),
             size,
+            generation,
         };
         let export = nbd::Export::new(view_id, backend)
             .with_description(format!("Lifeboat view of disk {}", entry.disk_id));

@@ -162,9 +162,10 @@ impl PointInTime for PitService {
         self.authorize(&request)?;
         let r = request.into_inner();
         let entry = self.entry(&r.disk_id)?;
-        self.replicas.exports.unexport(&r.view_id);
         let id = r.view_id.clone();
         locked(entry, move |replica| replica.close_view(&id)).await?;
+        // Only once closed: a refused close (a committed failover) keeps serving the disk.
+        self.replicas.exports.unexport(&r.view_id);
         tracing::info!(disk = %r.disk_id, view = %r.view_id, "view closed");
         Ok(Response::new(v1::Empty {}))
     }

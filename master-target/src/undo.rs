@@ -52,11 +52,18 @@ pub fn records(
                     if !zero {
                         data.extend_from_slice(&old);
                     }
-                    header.extents.push(UndoExtent {
-                        offset: at,
-                        len: n,
-                        zero,
-                    });
+                    // Neighbouring pieces of one kind are one extent: a trim of a whole disk
+                    // that held zeros is a single entry, not one per MiB.
+                    match header.extents.last_mut() {
+                        Some(last) if last.zero == zero && last.offset + last.len == at => {
+                            last.len += n
+                        }
+                        _ => header.extents.push(UndoExtent {
+                            offset: at,
+                            len: n,
+                            zero,
+                        }),
+                    }
                     at += n;
                 }
             }

@@ -24,6 +24,8 @@ pub struct PointOverlay {
     map: RangeMap<Undo>,
     /// Journal bytes read to build it (record headers only; never disk data).
     pub read_bytes: u64,
+    /// The newest record it holds (records up to here are in the map).
+    pub through_seq: u64,
 }
 
 impl PointOverlay {
@@ -33,20 +35,22 @@ impl PointOverlay {
             point_seq,
             map: RangeMap::default(),
             read_bytes: 0,
+            through_seq: point_seq,
         };
-        let newer: Vec<RecordMeta> = journal
-            .records()
-            .iter()
-            .filter(|r| r.seq > point_seq)
-            .cloned()
-            .collect();
-        overlay.add(journal, &newer)?;
+        overlay.catch_up(journal)?;
         Ok(overlay)
     }
 
-    /// Adds the records of batches about to be applied (in seq order).
-    pub fn add(&mut self, journal: &Journal, records: &[RecordMeta]) -> io::Result<()> {
-        for meta in records.iter().filter(|r| r.seq > self.point_seq) {
+    /// Adds the journal's records it does not hold yet (those of batches about to be
+    /// applied, or any an earlier failure kept from it), in seq order.
+    pub fn catch_up(&mut self, journal: &Journal) -> io::Result<()> {
+        let newer: Vec<RecordMeta> = journal
+            .records()
+            .iter()
+            .filter(|r| r.seq > self.through_seq)
+            .cloned()
+            .collect();
+        for meta in &newer {
             let header = journal.header(meta)?;
             self.read_bytes += meta.header_len as u64;
             let mut pos = meta.data_pos();

@@ -66,19 +66,29 @@ impl Replica {
         if let Ok(entries) = std::fs::read_dir(self.dir.join("views")) {
             for entry in entries.flatten() {
                 let path = entry.path().join("view.json");
-                match std::fs::read(&path)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<ViewSpec>(&b).ok())
-                {
-                    Some(spec) => specs.push(spec),
+                match std::fs::read(&path) {
+                    Ok(bytes) => match serde_json::from_slice::<ViewSpec>(&bytes) {
+                        Ok(spec) => specs.push(spec),
+                        // Kept for the operator: it may hold a failed-over machine's writes.
+                        Err(e) => tracing::error!(view = %path.display(),
+                            "view spec unreadable, view not opened: {e}"),
+                    },
                     // A view whose spec never became durable was never handed out.
-                    None => {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         let _ = std::fs::remove_dir_all(entry.path());
                     }
+                    Err(e) => tracing::error!(view = %path.display(),
+                        "view spec unreadable, view not opened: {e}"),
                 }
             }
         }
         for spec in specs {
+            if !self.can_show(spec.point_seq) {
+                tracing::error!(disk = %self.state.disk_id, view = %spec.view_id,
+                    "the journal no longer holds this view's point; view not opened (its \
+                     directory is kept)");
+                continue;
+            }
             let dir = self.view_dir_path(&spec.view_id);
             let overlay = PointOverlay::build(&self.journal, spec.point_seq)
                 .map_err(self.io_error("read the retention journal"))?;
@@ -147,10 +157,15 @@ impl Replica {
         }
         let dir = self.view_dir_path(&spec.view_id);
         fsutil::create_private_dir(&dir).map_err(self.io_error("create a view"))?;
+        fsutil::fsync_dir(&self.dir.join("views")).map_err(self.io_error("create a view"))?;
         let writes = PrivateWrites::open(&dir).map_err(self.io_error("create a view"))?;
         let overlay = PointOverlay::build(&self.journal, spec.point_seq)
             .map_err(self.io_error("read the retention journal"))?;
         let read_bytes = overlay.read_bytes;
+        // The spec is durable before the state names the view, so a restart finds both.
+        let json = serde_json::to_vec(&spec).expect("view spec serialises");
+        fsutil::durable_write(&dir.join("view.json"), &json, 0o600)
+            .map_err(self.io_error("write a view"))?;
         if spec.kind == ViewKind::Failover {
             // From here on the replica takes no more batches.
             self.state.failover = Some(FailoverState {
@@ -158,12 +173,10 @@ impl Replica {
                 point_seq: spec.point_seq,
                 commit_pending: false,
                 committed: false,
+                generation: spec.created_ms,
             });
             self.save_state()?;
         }
-        let json = serde_json::to_vec(&spec).expect("view spec serialises");
-        fsutil::durable_write(&dir.join("view.json"), &json, 0o600)
-            .map_err(self.io_error("write a view"))?;
         self.views.insert(
             spec.view_id.clone(),
             OpenView {
@@ -201,6 +214,19 @@ impl Replica {
             }
         }
         self.remove_view(id)
+    }
+
+    /// Which opening of view `id` is current (its creation time): an NBD connection made to
+    /// an earlier one must not be switched to another point under its client.
+    pub fn view_generation(&self, id: &str) -> Option<i64> {
+        if let Some(v) = self.views.get(id) {
+            return Some(v.spec.created_ms);
+        }
+        self.state
+            .failover
+            .as_ref()
+            .filter(|f| f.committed && f.view_id == id)
+            .map(|f| f.generation)
     }
 
     fn committed_view(&self, id: &str) -> bool {

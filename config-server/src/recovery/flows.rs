@@ -68,7 +68,10 @@ pub async fn disk_points(
         .map_err(|e| e.to_string())?
         .map_or(0, |p| p.retention_secs);
     if retention_secs > 0 {
-        let window_start = now_ms() - (retention_secs as i64).saturating_mul(1000);
+        let retention_ms = i64::try_from(retention_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let window_start = now_ms().saturating_sub(retention_ms);
         for d in &mut disks {
             d.points.retain(|p| p.time_unix_ms >= window_start);
         }

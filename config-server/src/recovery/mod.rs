@@ -103,7 +103,10 @@ impl Recovery for RecoveryService {
             .await
             .map_err(Status::unavailable)?;
         let since = if r.since_secs > 0 {
-            crate::state::model::now_ms() - (r.since_secs as i64).saturating_mul(1000)
+            let since_ms = i64::try_from(r.since_secs)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000);
+            crate::state::model::now_ms().saturating_sub(since_ms)
         } else {
             i64::MIN
         };

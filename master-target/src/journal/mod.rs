@@ -61,6 +61,8 @@ pub struct Journal {
     bytes: u64,
     /// `SEGMENT_BYTES` (smaller in tests).
     pub(crate) segment_bytes: u64,
+    /// Lowest number a new segment may take.
+    next_segment: u64,
 }
 
 fn damaged(path: &Path, pos: u64, why: impl std::fmt::Display) -> io::Error {
@@ -98,6 +100,7 @@ impl Journal {
             records: VecDeque::new(),
             bytes: 0,
             segment_bytes: SEGMENT_BYTES,
+            next_segment: 1,
         };
         let last = numbers.last().copied();
         for n in numbers {
@@ -215,27 +218,58 @@ impl Journal {
         self.bytes
     }
 
-    /// Appends records (seq order, each following the last) and makes them durable.
+    /// Appends records (seq order, each following the last) and makes them durable. The index
+    /// shows them only once they are; on any failure the segments are cut back to where they
+    /// were, so the same records are written again on the next try.
     pub fn append(&mut self, records: &[(RecordHeader, Vec<u8>)]) -> io::Result<()> {
+        let lengths: Vec<(u64, u64)> = self.segments.iter().map(|(&n, s)| (n, s.len)).collect();
+        let bytes_before = self.bytes;
+        let mut added = Vec::new();
+        let result = self.write_records(records, &mut added);
+        if let Err(e) = result {
+            for (n, segment) in self.segments.iter_mut() {
+                let len = lengths
+                    .iter()
+                    .find(|(m, _)| m == n)
+                    .map_or(0, |(_, len)| *len);
+                if segment.len != len {
+                    segment.len = len;
+                    let _ = segment.file.set_len(len);
+                }
+            }
+            self.bytes = bytes_before;
+            return Err(e);
+        }
+        self.records.extend(added);
+        Ok(())
+    }
+
+    fn write_records(
+        &mut self,
+        records: &[(RecordHeader, Vec<u8>)],
+        added: &mut Vec<RecordMeta>,
+    ) -> io::Result<()> {
         let mut dirty = None;
+        let mut last_seq = self.records.back().map(|r| r.seq);
         for (header, data) in records {
-            if let Some(last) = self.records.back() {
-                if header.seq != last.seq + 1 {
+            if let Some(last) = last_seq {
+                if header.seq != last + 1 {
                     return Err(io::Error::other(format!(
-                        "journal record {} cannot follow {}",
-                        header.seq, last.seq
+                        "journal record {} cannot follow {last}",
+                        header.seq
                     )));
                 }
             }
-            let bytes = record::encode(header, data);
+            let bytes = record::encode(header, data).map_err(io::Error::other)?;
             let n = self.writable_segment(bytes.len() as u64, &mut dirty)?;
             let segment = self.segments.get_mut(&n).expect("writable segment exists");
             let pos = segment.len;
-            segment.file.write_all_at(&bytes, pos)?;
             segment.len += bytes.len() as u64;
             self.bytes += bytes.len() as u64;
             dirty = Some(n);
-            self.records.push_back(RecordMeta {
+            segment.file.write_all_at(&bytes, pos)?;
+            last_seq = Some(header.seq);
+            added.push(RecordMeta {
                 seq: header.seq,
                 time_ms: header.time_ms,
                 tags: header.tags.clone(),
@@ -262,7 +296,16 @@ impl Journal {
                 segment.file.sync_data()?;
             }
         }
-        let n = self.segments.keys().next_back().map(|n| n + 1).unwrap_or(1);
+        // Numbers are never reused in a process (a cleared journal's views are gone, but a
+        // segment number must never name two different files while anything might hold it).
+        let n = self
+            .segments
+            .keys()
+            .next_back()
+            .map(|n| n + 1)
+            .unwrap_or(1)
+            .max(self.next_segment);
+        self.next_segment = n + 1;
         let path = Self::segment_path(&self.dir, n);
         let file = OpenOptions::new()
             .read(true)
@@ -327,8 +370,17 @@ impl Journal {
 
     /// Drops every record (after a failover commit: the history no longer applies).
     pub fn clear(&mut self) -> io::Result<()> {
-        for n in std::mem::take(&mut self.segments).into_keys() {
-            std::fs::remove_file(Self::segment_path(&self.dir, n))?;
+        let numbers: Vec<u64> = self.segments.keys().copied().collect();
+        for n in numbers {
+            match std::fs::remove_file(Self::segment_path(&self.dir, n)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            if let Some(s) = self.segments.remove(&n) {
+                self.bytes -= s.len;
+            }
+            self.records.retain(|r| r.segment != n);
         }
         lifeboat_common::fsutil::fsync_dir(&self.dir)?;
         self.records.clear();

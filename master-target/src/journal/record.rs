@@ -39,15 +39,26 @@ pub struct RecordHeader {
 }
 
 impl RecordHeader {
-    /// Bytes of data the extents need.
-    pub fn data_len(&self) -> u64 {
-        self.extents.iter().filter(|e| !e.zero).map(|e| e.len).sum()
+    /// Bytes of data the extents need (`None` if a damaged header's lengths overflow).
+    pub fn data_len(&self) -> Option<u64> {
+        self.extents
+            .iter()
+            .filter(|e| !e.zero)
+            .try_fold(0u64, |sum, e| sum.checked_add(e.len))
     }
 }
 
-/// Encodes a record; `data` holds the data extents' bytes in order.
-pub fn encode(header: &RecordHeader, data: &[u8]) -> Vec<u8> {
+/// Encodes a record; `data` holds the data extents' bytes in order. A header too large to be
+/// read back is refused here rather than written.
+pub fn encode(header: &RecordHeader, data: &[u8]) -> Result<Vec<u8>, String> {
     let json = serde_json::to_vec(header).expect("record header serialises");
+    if json.len() > MAX_HEADER {
+        return Err(format!(
+            "the undo record of batch {} would have a {} byte header (limit {MAX_HEADER})",
+            header.seq,
+            json.len()
+        ));
+    }
     let mut out = Vec::with_capacity(PREFIX + json.len() + data.len() + HASH);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(json.len() as u32).to_le_bytes());
@@ -56,7 +67,7 @@ pub fn encode(header: &RecordHeader, data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(data);
     let hash = blake3::hash(&out);
     out.extend_from_slice(hash.as_bytes());
-    out
+    Ok(out)
 }
 
 /// The fixed prefix: header and data lengths, or why it is not a record.
@@ -75,18 +86,26 @@ pub fn parse_prefix(prefix: &[u8; PREFIX]) -> Result<(usize, u64), String> {
 pub fn parse_header(bytes: &[u8], data_len: u64) -> Result<RecordHeader, String> {
     let header: RecordHeader =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable header: {e}"))?;
-    if header.data_len() != data_len {
+    if header.data_len() != Some(data_len) {
         return Err(format!(
-            "header lists {} data bytes, record holds {data_len}",
+            "header lists {:?} data bytes, record holds {data_len}",
             header.data_len()
         ));
+    }
+    if header
+        .extents
+        .iter()
+        .any(|e| e.len == 0 || e.offset.checked_add(e.len).is_none())
+    {
+        return Err("header lists an empty or overflowing extent".into());
     }
     Ok(header)
 }
 
-/// Total encoded length of a record with these lengths.
+/// Total encoded length of a record with these lengths (saturating: a damaged length makes
+/// a record longer than any file, which the reader treats as cut short).
 pub fn record_len(header_len: usize, data_len: u64) -> u64 {
-    (PREFIX + header_len + HASH) as u64 + data_len
+    ((PREFIX + header_len + HASH) as u64).saturating_add(data_len)
 }
 
 #[cfg(test)]
@@ -112,7 +131,7 @@ mod tests {
                 },
             ],
         };
-        let bytes = encode(&header, b"abc");
+        let bytes = encode(&header, b"abc").unwrap();
         let (h, d) = parse_prefix(bytes[..PREFIX].try_into().unwrap()).unwrap();
         assert_eq!(d, 3);
         assert_eq!(record_len(h, d), bytes.len() as u64);

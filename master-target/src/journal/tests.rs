@@ -124,3 +124,34 @@ fn pruning_removes_whole_old_segments_only() {
     assert_eq!(j.bytes(), 0);
     assert!(Journal::open(dir.path()).unwrap().records().is_empty());
 }
+
+#[test]
+fn a_record_too_large_to_read_back_is_refused_and_leaves_the_journal_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(dir.path()).unwrap();
+    j.append(&[record(1, b"kept")]).unwrap();
+    let bytes = j.bytes();
+    let huge = RecordHeader {
+        seq: 3,
+        time_ms: 0,
+        tags: vec![],
+        extents: (0..600_000u64)
+            .map(|i| UndoExtent {
+                offset: i * 1024,
+                len: 512,
+                zero: true,
+            })
+            .collect(),
+    };
+    let err = j
+        .append(&[record(2, b"ok"), (huge, Vec::new())])
+        .unwrap_err();
+    assert!(err.to_string().contains("header"), "{err}");
+    // Nothing of the failed append is indexed or left in the file; the same seqs go again.
+    assert_eq!(j.last_seq(), 1);
+    assert_eq!(j.bytes(), bytes);
+    j.append(&[record(2, b"again")]).unwrap();
+    drop(j);
+    let j = Journal::open(dir.path()).unwrap();
+    assert_eq!(j.last_seq(), 2);
+}

@@ -9,7 +9,7 @@
 //! holds those batches and sends them again, re-applying a batch is a plain overwrite, and
 //! records already journaled are not written twice — so the replica converges and its
 //! history stays right.
-use crate::journal::{Journal, RecordMeta};
+use crate::journal::Journal;
 use crate::views::OpenView;
 use lifeboat_common::{blockhash, fsutil};
 use lifeboat_proto::v1::ChangeBatch;
@@ -65,6 +65,10 @@ pub struct FailoverState {
     /// The replica is the failed-over disk itself; the history is gone.
     #[serde(default)]
     pub committed: bool,
+    /// Creation time of the failover view (its export keeps serving the same connections
+    /// after the commit).
+    #[serde(default)]
+    pub generation: i64,
 }
 
 pub struct Replica {
@@ -258,32 +262,28 @@ impl Replica {
         let journaled = self.journal.last_seq();
         if !self.journal.records().is_empty() && first > journaled + 1 {
             // Batches were applied without records (a journal cleared by hand): the history
-            // before them cannot be rebuilt.
+            // before them cannot be rebuilt, and neither can any open view.
             tracing::warn!(disk = %self.state.disk_id, journaled, first,
-                "retention journal does not reach this batch; older recovery points dropped");
+                "retention journal does not reach this batch; older recovery points and open views dropped");
+            let ids: Vec<String> = self.views.keys().cloned().collect();
+            for id in ids {
+                self.close_view(&id)?;
+            }
             self.journal
                 .clear()
                 .map_err(self.io_error("clear the journal"))?;
         }
         let records = crate::undo::records(&self.image, batches, self.journal.last_seq())
             .map_err(self.image_error())?;
-        if records.is_empty() {
-            return Ok(());
+        if !records.is_empty() {
+            self.journal
+                .append(&records)
+                .map_err(self.io_error("append to the retention journal"))?;
         }
-        let before = self.journal.records().len();
-        self.journal
-            .append(&records)
-            .map_err(self.io_error("append to the retention journal"))?;
-        let added: Vec<RecordMeta> = self
-            .journal
-            .records()
-            .iter()
-            .skip(before)
-            .cloned()
-            .collect();
+        // Every open view takes the records it lacks before the image changes.
         for view in self.views.values_mut() {
             view.overlay
-                .add(&self.journal, &added)
+                .catch_up(&self.journal)
                 .map_err(|source| ReplicaError::Io {
                     disk: self.state.disk_id.clone(),
                     context: "read the retention journal",
@@ -326,7 +326,10 @@ impl Replica {
         if self.state.failover.is_some() {
             return Ok(0); // the history is kept as it was until the failover is committed
         }
-        let window_start = now_ms - (retention_secs as i64).saturating_mul(1000);
+        let retention_ms = i64::try_from(retention_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let window_start = now_ms.saturating_sub(retention_ms);
         let oldest_kept = self
             .points()
             .into_iter()

@@ -218,3 +218,42 @@ fn pruning_keeps_every_point_inside_the_window() {
     r.prune(1, now + 100_000).unwrap();
     assert_eq!(r.points().first().map(|p| p.seq), Some(7));
 }
+
+#[test]
+fn a_whole_disk_trim_of_zeros_is_one_undo_extent_and_views_have_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::open_or_create(dir.path(), "d-test", SIZE).unwrap();
+    let trim = ChangeBatch {
+        disk_id: "d-test".into(),
+        seq: 1,
+        extents: vec![Extent {
+            offset: 0,
+            data: Default::default(),
+            zero_length: SIZE,
+        }],
+        ..Default::default()
+    };
+    r.apply(&[trim]).unwrap();
+    let meta = r.journal.records()[0].clone();
+    assert_eq!(r.journal.header(&meta).unwrap().extents.len(), 1);
+    // A failover view opened again at another point is a new generation: connections to the
+    // first one are refused rather than shown another disk.
+    r.open_view(ViewSpec {
+        created_ms: 1,
+        ..spec("fo", ViewKind::Failover, 0)
+    })
+    .unwrap();
+    assert_eq!(r.view_generation("fo"), Some(1));
+    r.open_view(ViewSpec {
+        created_ms: 2,
+        ..spec("fo", ViewKind::Failover, 1)
+    })
+    .unwrap();
+    assert_eq!(r.view_generation("fo"), Some(2));
+    r.commit_failover("fo").unwrap();
+    assert_eq!(
+        r.view_generation("fo"),
+        Some(2),
+        "a commit keeps serving the same opening"
+    );
+}
