@@ -93,28 +93,9 @@ impl ComponentSettings for Settings {
         &self.common
     }
 
-    fn resolve(args: &CommonArgs) -> anyhow::Result<Settings> {
-        Settings::resolve_with(args, &MtArgs::default())
-    }
+    type Flags = MtArgs;
 
-    fn prepare(&self) -> anyhow::Result<()> {
-        lifeboat_common::fsutil::create_private_dir(&self.common.data_dir)?;
-        lifeboat_common::fsutil::create_private_dir(&self.replica_dir)?;
-        Ok(())
-    }
-
-    /// Address, free space and free disk slots, for registration and heartbeats.
-    fn facts(&self) -> lifeboat_proto::v1::ComponentFacts {
-        let mut f = facts::base_facts(&self.common.advertise, &self.replica_dir);
-        f.disk_slots_total = self.disk_slots;
-        // No replica disks are placed yet: every slot but the retention volume's is free.
-        f.disk_slots_free = self.disk_slots - RESERVED_SLOTS;
-        f
-    }
-}
-
-impl Settings {
-    pub fn resolve_with(args: &CommonArgs, mt: &MtArgs) -> anyhow::Result<Settings> {
+    fn resolve(args: &CommonArgs, mt: &MtArgs) -> anyhow::Result<Settings> {
         let file: FileConfig = lifeboat_common::config::load_toml(args.config.as_deref())?;
         let common = args.resolve(&file.common, &DEFAULTS)?;
         let replica_dir = file
@@ -139,6 +120,21 @@ impl Settings {
             nbd_listen,
             nbd_advertise,
         })
+    }
+
+    fn prepare(&self) -> anyhow::Result<()> {
+        lifeboat_common::fsutil::create_private_dir(&self.common.data_dir)?;
+        lifeboat_common::fsutil::create_private_dir(&self.replica_dir)?;
+        Ok(())
+    }
+
+    /// Address, free space and free disk slots, for registration and heartbeats.
+    fn facts(&self) -> lifeboat_proto::v1::ComponentFacts {
+        let mut f = facts::base_facts(&self.common.advertise, &self.replica_dir);
+        f.disk_slots_total = self.disk_slots;
+        // No replica disks are placed yet: every slot but the retention volume's is free.
+        f.disk_slots_free = self.disk_slots - RESERVED_SLOTS;
+        f
     }
 }
 

@@ -53,7 +53,9 @@ impl ComponentSettings for Settings {
         &self.common
     }
 
-    fn resolve(args: &CommonArgs) -> anyhow::Result<Settings> {
+    type Flags = lifeboat_common::component_cli::NoFlags;
+
+    fn resolve(args: &CommonArgs, _flags: &Self::Flags) -> anyhow::Result<Settings> {
         let file: FileConfig = lifeboat_common::config::load_toml(args.config.as_deref())?;
         let common = args.resolve(&file.common, &DEFAULTS)?;
         let cache_dir = file

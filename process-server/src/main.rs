@@ -2,7 +2,7 @@
 //! passphrase; `run` serves.
 use clap::Parser;
 use lifeboat_common::component::main_with;
-use lifeboat_common::component_cli::{run_cli, ComponentCommand};
+use lifeboat_common::component_cli::{run_cli, ComponentCommand, NoFlags};
 use lifeboat_process_server::{run, Settings};
 use std::process::ExitCode;
 
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 #[command(name = "process-server", version, about = "Lifeboat process server")]
 struct Cli {
     #[command(subcommand)]
-    command: ComponentCommand,
+    command: ComponentCommand<NoFlags>,
 }
 
 fn main() -> ExitCode {
