@@ -44,12 +44,7 @@ impl PointOverlay {
     /// Adds the journal's records it does not hold yet (those of batches about to be
     /// applied, or any an earlier failure kept from it), in seq order.
     pub fn catch_up(&mut self, journal: &Journal) -> io::Result<()> {
-        let newer: Vec<RecordMeta> = journal
-            .records()
-            .iter()
-            .filter(|r| r.seq > self.through_seq)
-            .cloned()
-            .collect();
+        let newer: Vec<RecordMeta> = journal.records_after(self.through_seq).cloned().collect();
         for meta in &newer {
             let header = journal.header(meta)?;
             self.read_bytes += meta.header_len as u64;

@@ -58,6 +58,9 @@ pub struct Journal {
     dir: PathBuf,
     segments: BTreeMap<u64, Segment>,
     records: VecDeque<RecordMeta>,
+    /// Seqs of the records that carry tags (recovery points): few among many records, and
+    /// listed with every heartbeat.
+    tagged: VecDeque<u64>,
     bytes: u64,
     /// `SEGMENT_BYTES` (smaller in tests).
     pub(crate) segment_bytes: u64,
@@ -98,6 +101,7 @@ impl Journal {
             dir: dir.to_path_buf(),
             segments: BTreeMap::new(),
             records: VecDeque::new(),
+            tagged: VecDeque::new(),
             bytes: 0,
             segment_bytes: SEGMENT_BYTES,
             next_segment: 1,
@@ -131,7 +135,7 @@ impl Journal {
                         }
                     }
                     pos += meta.encoded_len();
-                    self.records.push_back(meta);
+                    self.push(meta);
                 }
                 Err(why) if last => {
                     tracing::warn!(journal = %path.display(), pos, "torn journal record cut off: {why}");
@@ -213,6 +217,31 @@ impl Journal {
         self.records.front().map(|r| r.seq)
     }
 
+    fn push(&mut self, meta: RecordMeta) {
+        if !meta.tags.is_empty() {
+            self.tagged.push_back(meta.seq);
+        }
+        self.records.push_back(meta);
+    }
+
+    /// The records that carry tags, oldest first.
+    pub fn tagged(&self) -> impl Iterator<Item = &RecordMeta> {
+        let first = self.first_seq().unwrap_or(0);
+        self.tagged
+            .iter()
+            .filter_map(move |&seq| self.records.get((seq - first) as usize))
+    }
+
+    /// The records of the batches after `seq`, oldest first. Records are contiguous in seq,
+    /// so this is a position, not a scan (it runs for every open view on every apply).
+    pub fn records_after(&self, seq: u64) -> impl Iterator<Item = &RecordMeta> {
+        let skip = match self.first_seq() {
+            Some(first) if seq >= first => (seq - first + 1) as usize,
+            _ => 0,
+        };
+        self.records.range(skip.min(self.records.len())..)
+    }
+
     /// Bytes the segment files hold.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -240,7 +269,9 @@ impl Journal {
             self.bytes = bytes_before;
             return Err(e);
         }
-        self.records.extend(added);
+        for meta in added {
+            self.push(meta);
+        }
         Ok(())
     }
 
@@ -356,36 +387,38 @@ impl Journal {
             if newest_in_segment >= seq {
                 break;
             }
-            std::fs::remove_file(Self::segment_path(&self.dir, n))?;
-            if let Some(s) = self.segments.remove(&n) {
-                freed += s.len;
-                self.bytes -= s.len;
-            }
-            while self.records.front().is_some_and(|r| r.segment == n) {
-                self.records.pop_front();
-            }
+            freed += self.delete_oldest_segment(n)?;
         }
         Ok(freed)
     }
 
+    /// Deletes segment `n`, the oldest, and forgets its records. Returns its size.
+    fn delete_oldest_segment(&mut self, n: u64) -> io::Result<u64> {
+        match std::fs::remove_file(Self::segment_path(&self.dir, n)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let len = self.segments.remove(&n).map_or(0, |s| s.len);
+        self.bytes -= len;
+        while self.records.front().is_some_and(|r| r.segment == n) {
+            self.records.pop_front();
+        }
+        let first = self.first_seq().unwrap_or(u64::MAX);
+        while self.tagged.front().is_some_and(|&s| s < first) {
+            self.tagged.pop_front();
+        }
+        Ok(len)
+    }
+
     /// Drops every record (after a failover commit: the history no longer applies).
     pub fn clear(&mut self) -> io::Result<()> {
+        // Oldest first, so a failure leaves a journal that is still contiguous.
         let numbers: Vec<u64> = self.segments.keys().copied().collect();
         for n in numbers {
-            match std::fs::remove_file(Self::segment_path(&self.dir, n)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            if let Some(s) = self.segments.remove(&n) {
-                self.bytes -= s.len;
-            }
-            self.records.retain(|r| r.segment != n);
+            self.delete_oldest_segment(n)?;
         }
-        lifeboat_common::fsutil::fsync_dir(&self.dir)?;
-        self.records.clear();
-        self.bytes = 0;
-        Ok(())
+        lifeboat_common::fsutil::fsync_dir(&self.dir)
     }
 }
 

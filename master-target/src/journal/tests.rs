@@ -155,3 +155,17 @@ fn a_record_too_large_to_read_back_is_refused_and_leaves_the_journal_as_it_was()
     let j = Journal::open(dir.path()).unwrap();
     assert_eq!(j.last_seq(), 2);
 }
+
+#[test]
+fn records_after_a_seq_are_found_by_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = Journal::open(dir.path()).unwrap();
+    j.append(&[record(5, b"a"), record(6, b"b"), record(7, b"c")])
+        .unwrap();
+    let after = |seq| j.records_after(seq).map(|r| r.seq).collect::<Vec<_>>();
+    assert_eq!(after(0), vec![5, 6, 7]);
+    assert_eq!(after(4), vec![5, 6, 7]);
+    assert_eq!(after(5), vec![6, 7]);
+    assert_eq!(after(7), Vec::<u64>::new());
+    assert_eq!(after(100), Vec::<u64>::new());
+}

@@ -297,8 +297,7 @@ impl Replica {
     /// the oldest journaled one up to the applied position.
     pub fn points(&self) -> Vec<Point> {
         self.journal
-            .records()
-            .iter()
+            .tagged()
             .filter(|r| r.seq <= self.state.applied_seq)
             .flat_map(|r| {
                 r.tags.iter().map(move |tag| Point {
