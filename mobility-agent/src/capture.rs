@@ -99,12 +99,7 @@ pub struct Capture {
     limits: Limits,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use lifeboat_common::now_ms;
 
 fn poisoned() -> io::Error {
     io::Error::other("capture state poisoned")
@@ -121,7 +116,7 @@ fn refuse_if_stopped(q: &Queue) -> io::Result<()> {
     Ok(())
 }
 
-/// Places the same tag on several disks at one instant: every queue is locked (in the order
+/// Places the same tag on one disk, or on several at one instant, after everything queued: every queue is locked (in the order
 /// given) before any tag is placed, so a write acknowledged on one disk before a write on
 /// another was issued cannot end up after the tag on the first and before it on the second.
 pub fn tag_all(captures: &[Arc<Capture>], tag: &str) -> io::Result<()> {
@@ -435,24 +430,6 @@ impl Capture {
     /// acknowledged before is queued before anything placed after this returns.
     pub fn stop_writes(&self, stop: bool) -> io::Result<()> {
         self.queue.lock().map_err(|_| poisoned())?.writes_stopped = stop;
-        Ok(())
-    }
-
-    /// Places a recovery-point tag after everything queued so far.
-    pub fn tag(&self, tag: String) -> io::Result<()> {
-        let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        let item = Captured {
-            index: 0,
-            at_ms: now_ms(),
-            offset: 0,
-            data: Vec::new(),
-            zero_length: 0,
-            sync: true,
-            tag: Some(tag),
-        };
-        self.push(&mut q, item);
-        drop(q);
-        self.queued.notify_one();
         Ok(())
     }
 

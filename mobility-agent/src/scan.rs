@@ -14,11 +14,11 @@
 //! TiB of disk).
 use crate::capture::now_ms;
 use crate::disk::DiskAgent;
+use crate::points::run_hook;
 use crate::progress::Phase;
 use crate::resync;
 use lifeboat_common::blockhash::{BlockHash, BLOCK};
 use lifeboat_proto::v1::ingest_client::IngestClient;
-use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,11 +66,6 @@ pub async fn run(agent: Arc<DiskAgent>) {
     }
 }
 
-/// Runs the freeze hook with `action`; true if it succeeded.
-async fn hook(agent: &DiskAgent, hook: &Path, action: &str) -> bool {
-    crate::points::run_hook(hook, action, agent).await
-}
-
 /// One scan; returns the hashes now shipped, or `None` if the agent stopped.
 async fn scan_once(
     agent: &Arc<DiskAgent>,
@@ -101,7 +96,7 @@ async fn scan_once(
         }
     }
     let mut frozen = match &agent.tuning.freeze_hook {
-        Some(h) => hook(agent, h, "freeze").await,
+        Some(h) => run_hook(h, "freeze", agent).await,
         None => false,
     };
     let at = now_ms();
@@ -112,7 +107,7 @@ async fn scan_once(
     }
     let result = read_all(agent, &mut client, known, &mut frozen).await;
     if let (Some(h), true) = (&agent.tuning.freeze_hook, frozen) {
-        hook(agent, h, "thaw").await;
+        run_hook(h, "thaw", agent).await;
     }
     let Some((hashes, shipped)) = result? else {
         return Ok(None);
@@ -122,7 +117,7 @@ async fn scan_once(
     } else {
         format!("crash:{at}:fuzzy")
     };
-    agent.capture.tag(tag.clone())?;
+    crate::capture::tag_all(std::slice::from_ref(&agent.capture), &tag)?;
     let tag_index = agent
         .capture
         .queue
@@ -172,7 +167,7 @@ async fn read_all(
         if *frozen && freeze_started.elapsed() > MAX_FREEZE {
             if let Some(h) = &agent.tuning.freeze_hook {
                 tracing::warn!(disk = %agent.disk_id, "the scan held the disk frozen for {MAX_FREEZE:?}: thawing; this point is fuzzy");
-                hook(agent, h, "thaw").await;
+                run_hook(h, "thaw", agent).await;
             }
             *frozen = false;
         }

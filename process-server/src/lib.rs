@@ -179,7 +179,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let key =
         CacheKey::load_or_create(&settings.common.data_dir.join("private").join("cache.key"))?;
     let revocations = RevocationList::default();
-    let quota = quota::Quota::new(settings.cache_dir.clone(), settings.cache_quota_mib);
+    let quota = quota::Quota::new(&settings.cache_dir, settings.cache_quota_mib);
     tracing::info!(
         quota_bytes = quota.quota_bytes,
         "cache quota {} MiB",

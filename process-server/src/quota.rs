@@ -6,7 +6,7 @@
 //! long falls back to its dirty map and resyncs later: the writes are never dropped silently.
 //! It also keeps the fill and drain rates the configuration server forecasts from.
 use lifeboat_common::rate::Rate;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,7 +23,6 @@ pub const DEFAULT_SHARE: f64 = 0.8;
 const RATE_WINDOW: Duration = Duration::from_secs(15);
 
 pub struct Quota {
-    pub dir: PathBuf,
     pub quota_bytes: u64,
     /// Bytes stored into the cache and released from it, since start (compressed, sealed).
     pub stored_total: AtomicU64,
@@ -43,15 +42,14 @@ pub enum Admission {
 
 impl Quota {
     /// `quota_mib` 0 means the default share of the file system.
-    pub fn new(dir: PathBuf, quota_mib: u64) -> Quota {
+    pub fn new(dir: &Path, quota_mib: u64) -> Quota {
         let quota_bytes = if quota_mib > 0 {
             quota_mib << 20
         } else {
-            let (_, total) = lifeboat_common::facts::space(&dir);
+            let (_, total) = lifeboat_common::facts::space(dir);
             (total as f64 * DEFAULT_SHARE) as u64
         };
         Quota {
-            dir,
             quota_bytes,
             stored_total: AtomicU64::new(0),
             released_total: AtomicU64::new(0),
@@ -101,7 +99,7 @@ mod tests {
     use super::*;
 
     fn quota(mib: u64) -> Quota {
-        Quota::new(PathBuf::from("/"), mib)
+        Quota::new(Path::new("/"), mib)
     }
 
     #[test]

@@ -141,6 +141,13 @@ async fn open_views(
     Ok(views)
 }
 
+fn view_request(view: &ViewRecord) -> v1::ViewRequest {
+    v1::ViewRequest {
+        view_id: view.view_id.clone(),
+        disk_id: view.disk_id.clone(),
+    }
+}
+
 fn list_views(views: &[ViewRecord]) -> String {
     views
         .iter()
@@ -220,10 +227,7 @@ pub async fn test_failover(
         let total = record.views.len() as f64;
         for (i, view) in record.views.iter_mut().enumerate() {
             let mut stream = mt
-                .materialize(v1::ViewRequest {
-                    view_id: view.view_id.clone(),
-                    disk_id: view.disk_id.clone(),
-                })
+                .materialize(view_request(view))
                 .await
                 .map_err(|s| call_error("cannot materialize a view", s))?
                 .into_inner();
@@ -265,12 +269,7 @@ pub async fn cleanup_test_failover(
     let mut mt = master_target(&node, &machine)?;
     run.running("Delete views", "", 0.0).await;
     for view in &record.views {
-        mt.close_view(v1::ViewRequest {
-            view_id: view.view_id.clone(),
-            disk_id: view.disk_id.clone(),
-        })
-        .await
-        .map_err(|s| {
+        mt.close_view(view_request(view)).await.map_err(|s| {
             call_error(
                 &format!("cannot delete the view of disk {}", view.disk_name),
                 s,
@@ -406,12 +405,9 @@ pub async fn commit(node: Arc<Node>, run: &mut JobRun, name: &str) -> Result<(),
     let mut mt = master_target(&node, &machine)?;
     run.running("Commit disks", "", 0.0).await;
     for view in &record.views {
-        mt.commit_failover(v1::ViewRequest {
-            view_id: view.view_id.clone(),
-            disk_id: view.disk_id.clone(),
-        })
-        .await
-        .map_err(|s| call_error(&format!("cannot commit disk {}", view.disk_name), s))?;
+        mt.commit_failover(view_request(view))
+            .await
+            .map_err(|s| call_error(&format!("cannot commit disk {}", view.disk_name), s))?;
     }
     record.committed = true;
     let mut recovery = current(&node, name)?.recovery;

@@ -42,14 +42,18 @@ impl JobRun {
         JobRun { node, job }
     }
 
-    /// Sets step `i`.
+    /// Sets step `i` (finished steps are at 100%).
     pub async fn set(&mut self, i: usize, state: JobState, detail: impl Into<String>) {
+        self.update(i, state, detail.into(), 0.0).await
+    }
+
+    async fn update(&mut self, i: usize, state: JobState, detail: String, pct: f64) {
         let step = &mut self.job.steps[i];
         step.state = state;
-        step.detail = detail.into();
+        step.detail = detail;
         step.progress_pct = match state {
             JobState::Succeeded | JobState::Skipped => 100.0,
-            _ => 0.0,
+            _ => pct,
         };
         self.save().await;
     }
@@ -78,20 +82,13 @@ impl JobRun {
     /// Marks step `name` running (or updates its progress).
     pub async fn running(&mut self, name: &str, detail: impl Into<String>, pct: f64) {
         let i = self.index(name);
-        let step = &mut self.job.steps[i];
-        step.state = JobState::Running;
-        step.detail = detail.into();
-        step.progress_pct = pct;
-        self.save().await;
+        self.update(i, JobState::Running, detail.into(), pct).await
     }
 
     pub async fn done(&mut self, name: &str, detail: impl Into<String>) {
         let i = self.index(name);
-        let step = &mut self.job.steps[i];
-        step.state = JobState::Succeeded;
-        step.detail = detail.into();
-        step.progress_pct = 100.0;
-        self.save().await;
+        self.update(i, JobState::Succeeded, detail.into(), 100.0)
+            .await
     }
 
     /// Ends the job: succeeded, or failed at its running step with `error`.

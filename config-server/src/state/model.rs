@@ -153,9 +153,4 @@ impl Facts {
 }
 
 /// Milliseconds since the Unix epoch, as stored in records.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use lifeboat_common::now_ms;
