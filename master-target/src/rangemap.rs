@@ -37,15 +37,8 @@ impl<S> Default for RangeMap<S> {
 }
 
 impl<S: Copy + PartialEq> RangeMap<S> {
-    pub fn is_empty(&self) -> bool {
-        self.pieces.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.pieces.len()
-    }
-
     /// Bytes covered.
+    #[cfg(test)]
     pub fn covered(&self) -> u64 {
         self.pieces.iter().map(|(s, p)| p.end - s).sum()
     }

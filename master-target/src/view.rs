@@ -81,9 +81,4 @@ impl PointOverlay {
     pub fn pieces(&self) -> impl Iterator<Item = (u64, u64, Undo, u64)> + '_ {
         self.map.iter()
     }
-
-    /// Bytes that differ from the replica.
-    pub fn covered(&self) -> u64 {
-        self.map.covered()
-    }
 }

@@ -130,10 +130,6 @@ impl PrivateWrites {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.data.read_exact_at(buf, offset)
     }
-
-    pub fn bytes(&self) -> u64 {
-        self.map.covered()
-    }
 }
 
 #[cfg(test)]
