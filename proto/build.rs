@@ -23,6 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Batch payloads are reference-counted: decoding takes them out of the receive buffer
+        // without a copy, and a sender keeping a batch for resending does not copy it.
+        .bytes(".lifeboat.v1.Extent.data")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

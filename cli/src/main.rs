@@ -11,6 +11,7 @@ mod up;
 
 use commands::{
     alerts, audit, cluster, groups, jobs, passphrase, plans, policy, protect, recovery, servers,
+    wait,
 };
 use context::ContextArgs;
 
@@ -58,6 +59,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wait until a machine's disks are Protected (and, with --caught-up, nothing is pending).
+    Wait(wait::WaitArgs),
     /// Jobs with their steps and progress.
     Jobs(jobs::JobsArgs),
     /// Active alerts: RPO over threshold, resync needed, components down.
@@ -128,6 +131,7 @@ fn main() -> ExitCode {
                 protect::unprotect(&cli.context, machine, wait).await
             }
             Command::Status { machine, json } => protect::status(&cli.context, machine, json).await,
+            Command::Wait(args) => wait::run(&cli.context, args).await,
             Command::Jobs(args) => jobs::list(&cli.context, args).await,
             Command::Alerts { json } => alerts::list(&cli.context, json).await,
             Command::Job(JobCommand::Show { id, json }) => jobs::show(&cli.context, id, json).await,

@@ -144,12 +144,12 @@ mod tests {
             extents: vec![
                 Extent {
                     offset: 0,
-                    data: vec![1; 4096],
+                    data: vec![1; 4096].into(),
                     zero_length: 0,
                 },
                 Extent {
                     offset: 8192,
-                    data: vec![],
+                    data: Default::default(),
                     zero_length: 4096,
                 },
             ],
@@ -173,7 +173,9 @@ mod tests {
     #[test]
     fn any_change_breaks_the_checksum() {
         let mut b = batch();
-        b.extents[0].data[100] ^= 1;
+        let mut flipped = b.extents[0].data.to_vec();
+        flipped[100] ^= 1;
+        b.extents[0].data = flipped.into();
         assert!(matches!(
             verify(&b, 1 << 20),
             Err(BatchError::Checksum { .. })

@@ -95,6 +95,11 @@ pub trait Reporter: Send + Sync {
     fn heartbeat_every(&self, interval: Duration) -> Duration {
         interval
     }
+    /// Notified when something worth reporting at once happened (a disk finished its initial
+    /// sync, say): the next heartbeat goes out then instead of at the end of the interval.
+    fn report_soon(&self) -> Option<&tokio::sync::Notify> {
+        None
+    }
 }
 
 impl<F: Fn() -> v1::ComponentFacts + Send + Sync> Reporter for F {
@@ -154,8 +159,15 @@ pub async fn heartbeat_loop(
         }
         was_connected = Some(connected);
         metrics::gauge!("lifeboat_cs_connected").set(if connected { 1.0 } else { 0.0 });
+        let nudged = async {
+            match reporter.report_soon() {
+                Some(notify) => notify.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep(reporter.heartbeat_every(interval)) => {}
+            _ = nudged => {}
             _ = cancel.cancelled() => return Ok(()),
         }
     }

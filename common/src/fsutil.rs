@@ -43,6 +43,16 @@ pub fn durable_write(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> 
     fsync_dir(dir)
 }
 
+/// Drops the page-cache copy of `file`'s bytes `[offset, offset + len)` once they are durable
+/// (call after `sync_data`). For write-once logs (the process server's cache, the retention
+/// journal) whose data is not read back from the file in the normal course: keeping it cached
+/// would only push the workload's own pages out of memory. Advice only: failure is ignored.
+pub fn drop_cached(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed);
+    }
+}
+
 /// Durable write readable only by the owner (keys, passphrase).
 pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     durable_write(path, contents, 0o600)

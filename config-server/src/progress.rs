@@ -17,6 +17,9 @@ pub struct Received {
 #[derive(Debug, Default)]
 pub struct Progress {
     inner: Mutex<HashMap<(String, Role), Received>>,
+    /// Notified when a disk's reported phase changed: the reconciler turns it into a state
+    /// transition at once rather than on its next tick.
+    pub phase_changed: tokio::sync::Notify,
 }
 
 impl Progress {
@@ -24,8 +27,17 @@ impl Progress {
         let Ok(mut map) = self.inner.lock() else {
             return;
         };
+        let mut changed = false;
         for report in reports {
-            map.insert((report.disk_id.clone(), role), Received { at_ms, report });
+            let key = (report.disk_id.clone(), role);
+            changed |= map
+                .get(&key)
+                .is_none_or(|old| old.report.phase != report.phase);
+            map.insert(key, Received { at_ms, report });
+        }
+        drop(map);
+        if changed {
+            self.phase_changed.notify_one();
         }
     }
 

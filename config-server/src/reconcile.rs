@@ -42,6 +42,7 @@ pub async fn run(node: Arc<Node>, cancel: CancellationToken) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = node.progress.phase_changed.notified() => {}
             _ = cancel.cancelled() => return,
         }
         if !node.is_leader() {

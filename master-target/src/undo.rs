@@ -48,7 +48,7 @@ pub fn records(
                 while at < end {
                     let n = (end - at).min(PIECE);
                     let old = read_old(image, batches, &written, at, n)?;
-                    let zero = old.iter().all(|&x| x == 0);
+                    let zero = vhd::is_zero(&old);
                     if !zero {
                         data.extend_from_slice(&old);
                     }

@@ -23,6 +23,8 @@ pub struct Agent {
     modes: HashMap<String, CaptureMode>,
     /// This machine's answer to a group barrier ("held:<id>", ...), reported with every disk.
     pub barrier_answer: std::sync::Mutex<String>,
+    /// Notified when a disk changes phase: the configuration server hears of it at once.
+    pub report_soon: Arc<tokio::sync::Notify>,
     disks: Assigned<DiskAgent>,
 }
 
@@ -39,6 +41,7 @@ impl Agent {
             tuning,
             modes: disks.iter().map(|d| (d.name.clone(), d.mode)).collect(),
             barrier_answer: Default::default(),
+            report_soon: Default::default(),
             state_dir,
             nbd: nbd::Server::new(nbd::ServerConfig::default()),
             cancel,
@@ -107,6 +110,7 @@ impl Agent {
                     tuning: self.tuning.clone(),
                     mode,
                     stop: self.cancel.child_token(),
+                    report_soon: self.report_soon.clone(),
                 };
                 let disk = match DiskAgent::start(start) {
                     Ok(disk) => disk,

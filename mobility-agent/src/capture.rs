@@ -6,11 +6,13 @@
 //! NBD client is answered only after that, so an acknowledged write is both on the source and
 //! recorded for replication (in the queue, and durably in the dirty map until shipped).
 use crate::dirty::DirtyMap;
+use crate::spill::Spill;
 use lifeboat_common::blockhash::{self, BlockHash};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -18,10 +20,13 @@ use tokio::sync::Notify;
 /// How much the capture queue may hold, and for how long a write may wait for room.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Above this many queued bytes a workload write waits for the shipper (flow control): a
-    /// burst faster than replication is slowed to replication speed rather than breaking the
-    /// stream.
+    /// Bytes the queue keeps in memory. Beyond them the data of workload writes goes to the
+    /// spill file (see `spill`), and once that is full too a workload write waits for the
+    /// shipper (flow control): a burst faster than replication is absorbed, then slowed to
+    /// replication speed rather than breaking the stream.
     pub throttle_bytes: u64,
+    /// Bytes the spill file may hold (0: no spill file; writes wait at `throttle_bytes`).
+    pub spill_bytes: u64,
     /// How long one write may wait for room. When it is up the agent gives up on the stream
     /// and falls back to the dirty map (the disk then needs a resync) rather than stalling the
     /// workload further.
@@ -32,6 +37,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             throttle_bytes: 256 * 1024 * 1024,
+            spill_bytes: 4 * 1024 * 1024 * 1024,
             throttle_wait: Duration::from_secs(10),
         }
     }
@@ -62,14 +68,16 @@ pub struct Captured {
     pub sync: bool,
     /// A recovery-point tag placed after everything queued before it (no data).
     pub tag: Option<String>,
+    /// Where the data waits in the spill file while `data` is empty: (offset, length).
+    pub spilled: Option<(u64, u64)>,
 }
 
 impl Captured {
     pub fn covered(&self) -> u64 {
-        if self.data.is_empty() {
-            self.zero_length
-        } else {
-            self.data.len() as u64
+        match self.spilled {
+            Some((_, len)) => len,
+            None if self.data.is_empty() => self.zero_length,
+            None => self.data.len() as u64,
         }
     }
 }
@@ -77,7 +85,9 @@ impl Captured {
 pub struct Queue {
     next_index: u64,
     pub items: VecDeque<Captured>,
+    /// Data bytes of the items held in memory (spilled ones are counted by `spill`).
     pub bytes: u64,
+    spill: Spill,
     pub dirty: DirtyMap,
     /// Set when the queue overflowed and was dropped: the stream is broken until a resync.
     pub overflowed: bool,
@@ -133,6 +143,7 @@ pub fn tag_all(captures: &[Arc<Capture>], tag: &str) -> io::Result<()> {
             zero_length: 0,
             sync: true,
             tag: Some(tag.to_string()),
+            spilled: None,
         };
         c.push(q, item);
     }
@@ -148,10 +159,29 @@ impl Queue {
     pub fn last_index(&self) -> u64 {
         self.next_index - 1
     }
+
+    /// Drops every queued item, in memory and spilled.
+    pub fn drop_items(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+        self.spill.clear();
+    }
+
+    /// Data bytes queued, in memory and spilled.
+    pub fn queued_bytes(&self) -> u64 {
+        self.bytes + self.spill.held()
+    }
 }
 
 impl Capture {
-    pub fn new(source: File, size: u64, dirty: DirtyMap, limits: Limits) -> Arc<Capture> {
+    /// `spill_path`: where the queue's overflow file goes (see `spill`).
+    pub fn new(
+        source: File,
+        size: u64,
+        dirty: DirtyMap,
+        limits: Limits,
+        spill_path: PathBuf,
+    ) -> Arc<Capture> {
         Arc::new(Capture {
             source,
             size,
@@ -159,6 +189,7 @@ impl Capture {
                 next_index: 1,
                 items: VecDeque::new(),
                 bytes: 0,
+                spill: Spill::new(spill_path),
                 dirty,
                 overflowed: false,
                 writes_stopped: false,
@@ -170,16 +201,26 @@ impl Capture {
         })
     }
 
-    /// Locks the queue, first waiting (bounded) while it is over the throttle mark.
+    /// Whether a write's data must go to the spill file (memory is full; the spill has room).
+    fn spills(&self, q: &Queue) -> bool {
+        q.bytes > self.limits.throttle_bytes && q.spill.held() < self.limits.spill_bytes
+    }
+
+    /// Whether a write must wait for the shipper: memory and spill file are both full.
+    fn full(&self, q: &Queue) -> bool {
+        q.bytes > self.limits.throttle_bytes && !self.spills(q) && !q.overflowed
+    }
+
+    /// Locks the queue, first waiting (bounded) while it is full.
     fn lock_with_room(&self) -> io::Result<MutexGuard<'_, Queue>> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
         let limits = self.limits;
-        if q.bytes <= limits.throttle_bytes || q.overflowed {
+        if !self.full(&q) {
             return Ok(q);
         }
         let started = Instant::now();
         metrics::counter!("lifeboat_agent_throttled_writes_total").increment(1);
-        while q.bytes > limits.throttle_bytes && !q.overflowed {
+        while self.full(&q) {
             let left = limits.throttle_wait.saturating_sub(started.elapsed());
             if left.is_zero() {
                 tracing::warn!(
@@ -208,8 +249,7 @@ impl Capture {
             q.dirty.pin_all();
         }
         q.overflowed = true;
-        q.items.clear();
-        q.bytes = 0;
+        q.drop_items();
         // Writers waiting for room need not wait any longer.
         self.drained.notify_all();
     }
@@ -256,6 +296,12 @@ impl Capture {
         q.dirty.mark(offset, data.len() as u64, index)?;
         self.source.write_all_at(&data, offset)?;
         let at_ms = now_ms();
+        if self.spills(&q) && !q.overflowed {
+            self.spill_write(&mut q, offset, &data, at_ms);
+            drop(q);
+            self.queued.notify_one();
+            return Ok(());
+        }
         let items: Vec<(u64, Vec<u8>)> = if pieces == 1 {
             vec![(offset, data)]
         } else {
@@ -273,12 +319,42 @@ impl Capture {
                 zero_length: 0,
                 sync: false,
                 tag: None,
+                spilled: None,
             };
             self.push(&mut q, item);
         }
         drop(q);
         self.queued.notify_one();
         Ok(())
+    }
+
+    /// Queues a workload write whose data goes to the spill file (in `MAX_ITEM` pieces, like
+    /// any write). A spill file that cannot be written (disk full) ends the stream: the write
+    /// is on the source and in the dirty map, so a resync ships it; the workload never sees
+    /// the error.
+    fn spill_write(&self, q: &mut Queue, offset: u64, data: &[u8], at_ms: i64) {
+        for (i, piece) in data.chunks(MAX_ITEM).enumerate() {
+            let at = match q.spill.append(piece) {
+                Ok(at) => at,
+                Err(e) => {
+                    tracing::warn!("cannot write the capture spill file ({e}): falling back to dirty-region tracking; the disk needs a resync");
+                    self.overflow(q);
+                    return;
+                }
+            };
+            metrics::counter!("lifeboat_agent_spilled_bytes_total").increment(piece.len() as u64);
+            let item = Captured {
+                index: 0,
+                at_ms,
+                offset: offset + (i * MAX_ITEM) as u64,
+                data: Vec::new(),
+                zero_length: 0,
+                sync: false,
+                tag: None,
+                spilled: Some((at, piece.len() as u64)),
+            };
+            self.push(q, item);
+        }
     }
 
     /// Zeroes a range on the source and captures it as a zero-fill.
@@ -302,6 +378,7 @@ impl Capture {
             zero_length: len,
             sync: false,
             tag: None,
+            spilled: None,
         };
         self.push(&mut q, item);
         drop(q);
@@ -330,6 +407,7 @@ impl Capture {
             zero_length: if zero { len } else { 0 },
             sync: true,
             tag: None,
+            spilled: None,
         };
         self.push(&mut q, item);
         drop(q);
@@ -375,6 +453,7 @@ impl Capture {
                     zero_length: bytes.len() as u64,
                     sync: true,
                     tag: None,
+                    spilled: None,
                 }
             } else {
                 Captured {
@@ -385,6 +464,7 @@ impl Capture {
                     zero_length: 0,
                     sync: true,
                     tag: None,
+                    spilled: None,
                 }
             };
             shipped += bytes.len() as u64;
@@ -453,8 +533,19 @@ impl Capture {
                 break;
             }
             bytes += front.covered();
-            let item = q.items.pop_front().expect("front exists");
+            let mut item = q.items.pop_front().expect("front exists");
             q.bytes -= item.data.len() as u64;
+            if let Some((at, len)) = item.spilled.take() {
+                match q.spill.take(at, len) {
+                    Ok(data) => item.data = data,
+                    Err(e) => {
+                        // The write is in the dirty map: a resync ships it.
+                        tracing::warn!("cannot read the capture spill file back ({e}): falling back to dirty-region tracking; the disk needs a resync");
+                        self.overflow(&mut q);
+                        return Vec::new();
+                    }
+                }
+            }
             // A batch's tags stand after all of its writes: end the batch at a tag.
             let tagged = item.tag.is_some();
             out.push(item);
@@ -475,7 +566,7 @@ impl Capture {
     }
 
     pub fn queued_bytes(&self) -> u64 {
-        self.queue.lock().map(|q| q.bytes).unwrap_or(0)
+        self.queue.lock().map(|q| q.queued_bytes()).unwrap_or(0)
     }
 
     pub fn overflowed(&self) -> bool {

@@ -44,6 +44,7 @@ pub struct DiskStart {
     pub tuning: Tuning,
     pub mode: CaptureMode,
     pub stop: CancellationToken,
+    pub report_soon: Arc<tokio::sync::Notify>,
 }
 
 pub struct DiskAgent {
@@ -65,6 +66,7 @@ pub struct DiskAgent {
     /// (0: none yet); the disk's RPO is its age.
     pub scan_point_ms: AtomicI64,
     started_ms: i64,
+    report_soon: Arc<tokio::sync::Notify>,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -82,6 +84,7 @@ impl DiskAgent {
             tuning,
             mode,
             stop,
+            report_soon,
         } = start;
         fsutil::create_private_dir(&state_dir)?;
         let source = std::fs::OpenOptions::new()
@@ -119,7 +122,13 @@ impl DiskAgent {
         } else {
             Phase::Streaming
         };
-        let capture = Capture::new(source, size, dirty, tuning.limits);
+        let capture = Capture::new(
+            source,
+            size,
+            dirty,
+            tuning.limits,
+            state_dir.join("capture.spill"),
+        );
         if let Phase::ResyncRequired(why) = &phase {
             tracing::warn!(disk = %assignment.disk_id, "{why}: tracking changes in the dirty map until a resync");
             if let Ok(mut q) = capture.queue.lock() {
@@ -141,10 +150,11 @@ impl DiskAgent {
             cache_fill_percent: AtomicU32::new(0),
             scan_point_ms: AtomicI64::new(0),
             started_ms: now_ms(),
+            report_soon,
         });
-        tokio::spawn(ship(agent.clone()));
+        crate::background::spawn(ship(agent.clone()));
         if mode == CaptureMode::Scan {
-            tokio::spawn(crate::scan::run(agent.clone()));
+            crate::background::spawn(crate::scan::run(agent.clone()));
         }
         Ok(agent)
     }
@@ -242,6 +252,7 @@ impl DiskAgent {
             if p.phase != phase {
                 tracing::info!(disk = %self.disk_id, "replication phase: {}", phase.name());
                 p.phase = phase;
+                self.report_soon.notify_one();
             }
         }
     }
@@ -265,7 +276,7 @@ fn build(disk_id: &str, seq: u64, items: Vec<Captured>) -> (ChangeBatch, InFligh
             Some(tag) => tags.push(tag),
             None => extents.push(Extent {
                 offset: i.offset,
-                data: i.data,
+                data: i.data.into(),
                 zero_length: i.zero_length,
             }),
         }
@@ -385,8 +396,7 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
             p.phase = Phase::ResyncRequired("the process server lost acknowledged batches".into());
             if let Ok(mut q) = agent.capture.queue.lock() {
                 q.overflowed = true;
-                q.items.clear();
-                q.bytes = 0;
+                q.drop_items();
                 q.dirty.mark_all()?;
             }
         }

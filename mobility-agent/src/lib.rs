@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub mod agent;
+pub mod background;
 pub mod capture;
 pub mod dirty;
 pub mod disk;
@@ -19,6 +20,7 @@ pub mod progress;
 pub mod resync;
 pub mod scan;
 pub mod settings;
+pub mod spill;
 
 pub use settings::{DiskArgs, DiskConfig, Settings, Tuning};
 
@@ -48,6 +50,10 @@ impl Reporter for AgentReporter<'_> {
 
     fn assignments(&self, assignments: Vec<v1::DiskAssignment>) {
         self.agent.assign(assignments);
+    }
+
+    fn report_soon(&self) -> Option<&tokio::sync::Notify> {
+        Some(&self.agent.report_soon)
     }
 
     /// During a group barrier the configuration server waits for this agent's answers.
@@ -130,6 +136,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         "App-consistent points not placed because a freeze hook failed"
     );
     let identity = Arc::new(lifeboat_common::Identity::load(&settings.common.data_dir)?);
+    background::configure(settings.tuning.replication_nice);
     let agent = Agent::new(
         identity,
         settings.tuning.clone(),

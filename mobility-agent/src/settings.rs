@@ -37,6 +37,10 @@ pub struct DiskArgs {
     /// Captured bytes (MiB) a disk may queue before workload writes wait for replication.
     #[arg(long)]
     pub capture_queue_mib: Option<u64>,
+    /// Captured bytes (MiB) a disk may hold in its spill file once its queue's memory is full,
+    /// before workload writes wait (0: no spill file).
+    #[arg(long)]
+    pub spill_mib: Option<u64>,
     /// Seconds a workload write may wait for room before the agent falls back to dirty-region
     /// tracking (and a resync).
     #[arg(long)]
@@ -44,6 +48,10 @@ pub struct DiskArgs {
     /// Lowest resync rate (MiB/s), kept even while workload writes are busy.
     #[arg(long)]
     pub resync_floor_mib: Option<u64>,
+    /// Nice value (0-19) of the agent's replication threads, so the workload's writes come
+    /// first on a busy machine; 0 runs them at the workload's priority.
+    #[arg(long)]
+    pub replication_nice: Option<i32>,
 }
 
 /// How a disk's writes are captured.
@@ -69,6 +77,8 @@ pub struct Tuning {
     pub limits: Limits,
     pub resync_floor_bytes_per_sec: u64,
     pub freeze_hook: Option<PathBuf>,
+    /// Nice value of the replication threads (see `background`).
+    pub replication_nice: i32,
 }
 
 impl Default for Tuning {
@@ -77,6 +87,7 @@ impl Default for Tuning {
             limits: Limits::default(),
             resync_floor_bytes_per_sec: DEFAULT_RESYNC_FLOOR_MIB << 20,
             freeze_hook: None,
+            replication_nice: crate::background::DEFAULT_NICE,
         }
     }
 }
@@ -112,8 +123,10 @@ struct FileConfig {
     nbd_listen: Option<SocketAddr>,
     freeze_hook: Option<PathBuf>,
     capture_queue_mib: Option<u64>,
+    spill_mib: Option<u64>,
     throttle_wait_secs: Option<u64>,
     resync_floor_mib: Option<u64>,
+    replication_nice: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -160,6 +173,11 @@ impl Settings {
                 .or(file.capture_queue_mib)
                 .map(|m| m.max(1) << 20)
                 .unwrap_or(defaults.throttle_bytes),
+            spill_bytes: flags
+                .spill_mib
+                .or(file.spill_mib)
+                .map(|m| m << 20)
+                .unwrap_or(defaults.spill_bytes),
             throttle_wait: flags
                 .throttle_wait_secs
                 .or(file.throttle_wait_secs)
@@ -178,6 +196,13 @@ impl Settings {
                 limits,
                 resync_floor_bytes_per_sec: floor.max(1) << 20,
                 freeze_hook: flags.freeze_hook.clone().or(file.freeze_hook),
+                replication_nice: match flags.replication_nice.or(file.replication_nice) {
+                    Some(n) if !(0..=19).contains(&n) => {
+                        anyhow::bail!("replication_nice must be 0-19, got {n}")
+                    }
+                    Some(n) => n,
+                    None => crate::background::DEFAULT_NICE,
+                },
             },
         })
     }

@@ -257,7 +257,7 @@ mod tests {
             seq,
             extents: vec![lifeboat_proto::v1::Extent {
                 offset: 0,
-                data: vec![1; len],
+                data: vec![1; len].into(),
                 zero_length: 0,
             }],
             ..Default::default()

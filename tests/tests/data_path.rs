@@ -30,7 +30,7 @@ fn make_batch(
             model[offset..offset + len].fill(0);
             extents.push(Extent {
                 offset: offset as u64,
-                data: vec![],
+                data: Default::default(),
                 zero_length: len as u64,
             });
         } else {
@@ -38,7 +38,7 @@ fn make_batch(
             model[offset..offset + len].copy_from_slice(&data);
             extents.push(Extent {
                 offset: offset as u64,
-                data,
+                data: data.into(),
                 zero_length: 0,
             });
         }
@@ -187,7 +187,9 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
 
         // A corrupted batch is refused and nothing after it is stored.
         let mut bad = batches[20].clone();
-        bad.extents[0].data[0] ^= 0xff;
+        let mut flipped = bad.extents[0].data.to_vec();
+        flipped[0] ^= 0xff;
+        bad.extents[0].data = flipped.into();
         let err = push(&mut c, vec![bad, batches[21].clone()])
             .await
             .unwrap_err();

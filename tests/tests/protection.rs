@@ -180,6 +180,16 @@ fn policies_protect_status_jobs_and_unprotect() {
     assert_eq!(job["target"], "web01");
     assert_eq!(job["steps"][0]["state"], "Succeeded");
     fails(&ctx, &["policy", "delete", "gold"], "used by machine web01");
+    // `wait` returns once the (small) disks are synced; caught up is judged only on reports
+    // sent after it began, so with no time to wait it gives up and says why.
+    let out = ok(&ctx, &["wait", "web01", "--timeout-secs", "60"]);
+    assert!(out.contains("every disk Protected"), "{out}");
+    fails(
+        &ctx,
+        &["wait", "web01", "--caught-up", "--timeout-secs", "0"],
+        "has not reported since the wait began",
+    );
+    fails(&ctx, &["wait", "nosuch"], "not protected");
     fails(&ctx, &["job", "show", "job-nope"], "NotFound");
 
     // The master target's free slots account for the placed disks.

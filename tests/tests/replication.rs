@@ -92,7 +92,6 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     let replica = mt.dir.join("replicas").join(&disk_id).join("disk.vhd");
 
     // Writes after it, unaligned ones included.
-    let t = now_ms();
     qemu_io(
         &url,
         &[
@@ -102,7 +101,13 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
             "write -z 200M 4M",
         ],
     );
-    caught_up(&ctx, t);
+    // `lifeboat wait --caught-up` returns only once these writes are on the replica.
+    let out = lifeboat(
+        &ctx,
+        &["wait", "web01", "--caught-up", "--timeout-secs", "120"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing pending"), "{}", text(&out));
     assert_identical(&source, &replica);
 
     // kill -9 of the process server while writes flow.

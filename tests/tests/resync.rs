@@ -191,7 +191,14 @@ fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() 
         size,
         16 * MIB,
         "cache_quota_mib = 24\n",
-        &["--capture-queue-mib", "8", "--throttle-wait-secs", "2"],
+        &[
+            "--capture-queue-mib",
+            "8",
+            "--spill-mib",
+            "16",
+            "--throttle-wait-secs",
+            "2",
+        ],
         // Patterns compress to nothing; stored as they are they fill the cache.
         &["--no-compression"],
     );
@@ -243,4 +250,74 @@ fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() 
     wait_until("cache alerts cleared", WAIT, || {
         !text(&lifeboat(&ctx, &["alerts", "--json"])).contains("quota")
     });
+}
+
+#[test]
+fn a_burst_beyond_the_capture_queue_spills_to_disk_and_ships_without_a_resync() {
+    if !have_qemu() {
+        return;
+    }
+    let size = 256 * MIB;
+    let mut s = Setup::protected(
+        size,
+        16 * MIB,
+        "",
+        &["--capture-queue-mib", "8", "--throttle-wait-secs", "2"],
+        &["--no-compression"],
+    );
+    let ctx = s.cs.context();
+    let replica = s.replica();
+
+    // The process server stalls: the agent keeps 64 MiB unacknowledged, then 8 MiB in
+    // memory, and the rest of the burst goes to its spill file instead of making the
+    // workload wait (and, after 2 s, breaking the stream).
+    let ps_pid = s.ps.proc().pid();
+    signal("STOP", ps_pid);
+    let commands: Vec<String> = (0..128u64)
+        .map(|i| format!("write -P {} {}M 1M", 0x20 + i % 200, 32 + i))
+        .collect();
+    qemu_io(&s.url, &commands);
+    let agent_page = http_get(&s.agent.metrics, "/metrics").unwrap();
+    signal("CONT", ps_pid);
+    assert!(
+        metric(&agent_page, "lifeboat_agent_spilled_bytes_total") >= (16 * MIB) as f64,
+        "the burst was not spilled:\n{agent_page}"
+    );
+    let t = now_ms();
+    caught_up(&ctx, t);
+    assert_identical(&s.source, &replica);
+    let agent_page = http_get(&s.agent.metrics, "/metrics").unwrap();
+    assert_eq!(
+        metric(&agent_page, "lifeboat_agent_stream_breaks_total"),
+        0.0,
+        "the stream broke:\n{agent_page}"
+    );
+    assert_eq!(
+        metric(&agent_page, "lifeboat_agent_resync_compared_bytes_total"),
+        0.0,
+        "a resync ran"
+    );
+    assert!(
+        spill_files(&s.agent.dir).is_empty(),
+        "the spill file kept data after everything shipped"
+    );
+}
+
+/// Spill files under an agent's data directory that still hold data.
+fn spill_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "capture.spill")
+                && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0)
+            {
+                found.push(path);
+            }
+        }
+    }
+    found
 }

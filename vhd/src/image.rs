@@ -498,6 +498,18 @@ impl Image {
         Ok(())
     }
 
+    /// Asks the kernel to drop the file's clean cached pages (call after [`Image::flush`]):
+    /// for writers that stream data into the image and rarely read it back, so the page
+    /// cache is left to readers that need it. A hint: nothing changes on disk.
+    pub fn drop_cached_pages(&self) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: posix_fadvise only reads its integer arguments; `file` owns the descriptor
+        // for the duration of the call.
+        unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+
     /// Flushes and closes the image.
     pub fn close(mut self) -> Result<()> {
         self.flush()

@@ -113,6 +113,7 @@ pub use footer::{DiskType, Footer};
 pub use geometry::Geometry;
 pub use image::{Image, Notice};
 pub use uuid::Uuid;
+pub use wire::is_zero;
 
 /// Bytes per sector; VHD offsets and sizes are in these units.
 pub const SECTOR_SIZE: u64 = 512;

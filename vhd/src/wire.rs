@@ -100,7 +100,7 @@ pub(crate) fn write_all_at(
 
 /// True when every byte of `buf` is zero. Runs on every write to an unallocated block, so it
 /// works in 64-byte chunks the compiler vectorises: cheap next to the write it may save.
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
+pub fn is_zero(buf: &[u8]) -> bool {
     let mut chunks = buf.chunks_exact(64);
     let whole = chunks
         .by_ref()

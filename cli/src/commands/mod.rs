@@ -10,3 +10,4 @@ pub mod policy;
 pub mod protect;
 pub mod recovery;
 pub mod servers;
+pub mod wait;

@@ -15,6 +15,7 @@
 //! verifies the last segment's records and cuts it after the last whole one.
 pub mod record;
 
+use lifeboat_common::fsutil;
 use record::{RecordHeader, HASH, PREFIX};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -312,6 +313,20 @@ impl Journal {
         }
         if let Some(n) = dirty {
             self.segments[&n].file.sync_data()?;
+        }
+        // Durable now; records are read back only to build views, so their pages need not
+        // stay cached.
+        let mut ranges: Vec<(u64, u64, u64)> = Vec::new(); // (segment, start, end)
+        for meta in added.iter() {
+            let end =
+                meta.pos + PREFIX as u64 + meta.header_len as u64 + meta.data_len + HASH as u64;
+            match ranges.last_mut() {
+                Some(last) if last.0 == meta.segment && last.2 == meta.pos => last.2 = end,
+                _ => ranges.push((meta.segment, meta.pos, end)),
+            }
+        }
+        for (n, start, end) in ranges {
+            fsutil::drop_cached(&self.segments[&n].file, start, end - start);
         }
         Ok(())
     }

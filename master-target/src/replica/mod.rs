@@ -240,6 +240,9 @@ impl Replica {
             }
         }
         self.image.flush().map_err(&image_err)?;
+        // A replica is written far more than it is read (undo of overwritten ranges, views,
+        // resync hashes): its pages would only crowd the cache.
+        self.image.drop_cached_pages();
         if let Some(tagged) = batches.iter().rev().find(|b| !b.tags.is_empty()) {
             self.state.last_tag = tagged.tags.last().cloned().unwrap_or_default();
             self.state.last_tag_seq = tagged.seq;

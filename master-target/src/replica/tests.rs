@@ -34,7 +34,7 @@ fn batch(rng: &mut Rng, seq: u64, model: &mut [u8]) -> ChangeBatch {
             model[offset as usize..][..len as usize].fill(byte);
             extents.push(Extent {
                 offset,
-                data: vec![byte; len as usize],
+                data: vec![byte; len as usize].into(),
                 zero_length: 0,
             });
         }

@@ -352,7 +352,7 @@ mod tests {
             kind: "stream".into(),
             extents: vec![Extent {
                 offset: seq * 4096,
-                data: vec![fill; len],
+                data: vec![fill; len].into(),
                 zero_length: 0,
             }],
             ..Default::default()

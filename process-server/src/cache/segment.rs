@@ -167,6 +167,10 @@ impl SegmentWriter {
     /// Makes every record written so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()?;
+        // Forwarding reads fresh records from memory; the file is read back only after a
+        // restart or a long backlog, so its pages need not stay cached.
+        let from = self.synced.0;
+        lifeboat_common::fsutil::drop_cached(&self.file, from, self.len.saturating_sub(from));
         self.synced = (self.len, self.next_index, self.last_seq);
         Ok(())
     }
