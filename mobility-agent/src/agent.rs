@@ -2,9 +2,9 @@
 //! newly protected disk gets its capture started and is exported over NBD (export name = the
 //! disk's name) so the workload can write through the splitter; a disk no longer protected is
 //! stopped, unexported and its local state dropped.
-use crate::capture::Splitter;
 use crate::disk::{DiskAgent, DiskStart};
 use crate::settings::{CaptureMode, DiskConfig, Tuning};
+use crate::splitter::Splitter;
 use lifeboat_common::assigned::Assigned;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::{DiskAssignment, DiskReport};

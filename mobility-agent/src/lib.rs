@@ -21,6 +21,7 @@ pub mod resync;
 pub mod scan;
 pub mod settings;
 pub mod spill;
+pub mod splitter;
 
 pub use settings::{DiskArgs, DiskConfig, Settings, Tuning};
 
