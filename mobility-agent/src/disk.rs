@@ -295,9 +295,20 @@ fn build(disk_id: &str, seq: u64, items: Vec<Captured>) -> (ChangeBatch, InFligh
     (b, flight)
 }
 
+/// Whether the process server answered that it is still being set up for the disk: it has
+/// not yet heard of the assignment, or not yet from the disk's master target. Both pass
+/// within a heartbeat, so the agent asks again soon instead of backing off.
+fn process_server_not_ready(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+        s.code() == tonic::Code::NotFound
+            || (s.code() == tonic::Code::Unavailable && s.message().contains("not yet reached"))
+    })
+}
+
 async fn ship(agent: Arc<DiskAgent>) {
     let mut backoff = Duration::from_millis(200);
     let mut last_error = String::new();
+    let mut not_ready = 0u32;
     while !agent.stop.is_cancelled() {
         match session(&agent).await {
             Ok(()) => return,
@@ -307,7 +318,18 @@ async fn ship(agent: Arc<DiskAgent>) {
                     tracing::warn!(disk = %agent.disk_id, "shipping to the process server: {text}");
                     last_error = text;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // Quick retries for the first few seconds only: a process server that stays
+                // "not ready" is not catching up with its heartbeats.
+                not_ready = if process_server_not_ready(&e) {
+                    not_ready + 1
+                } else {
+                    0
+                };
+                backoff = if (1..=50).contains(&not_ready) {
+                    Duration::from_millis(100)
+                } else {
+                    (backoff * 2).min(Duration::from_secs(5))
+                };
             }
         }
         tokio::select! {

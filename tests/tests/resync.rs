@@ -208,10 +208,7 @@ fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() 
     // The master target stops taking data (as if its link stalled): the cache fills.
     let mt_pid = s.mt.proc().pid();
     signal("STOP", mt_pid);
-    let commands: Vec<String> = (0..160u64)
-        .map(|i| format!("write -P {} {}M 1M", 0x20 + i % 200, 32 + i))
-        .collect();
-    qemu_io(&s.url, &commands);
+    burst(&s.url, 160);
     wait_until("ResyncRequired", WAIT, || {
         disk_status(&ctx)["state"] == "ResyncRequired"
     });
@@ -273,10 +270,7 @@ fn a_burst_beyond_the_capture_queue_spills_to_disk_and_ships_without_a_resync() 
     // workload wait (and, after 2 s, breaking the stream).
     let ps_pid = s.ps.proc().pid();
     signal("STOP", ps_pid);
-    let commands: Vec<String> = (0..128u64)
-        .map(|i| format!("write -P {} {}M 1M", 0x20 + i % 200, 32 + i))
-        .collect();
-    qemu_io(&s.url, &commands);
+    burst(&s.url, 128);
     let agent_page = http_get(&s.agent.metrics, "/metrics").unwrap();
     signal("CONT", ps_pid);
     assert!(
@@ -301,6 +295,14 @@ fn a_burst_beyond_the_capture_queue_spills_to_disk_and_ships_without_a_resync() 
         spill_files(&s.agent.dir).is_empty(),
         "the spill file kept data after everything shipped"
     );
+}
+
+/// `mib` patterned 1 MiB writes from 32 MiB on, through the export at `url`.
+fn burst(url: &str, mib: u64) {
+    let commands: Vec<String> = (0..mib)
+        .map(|i| format!("write -P {} {}M 1M", 0x20 + i % 200, 32 + i))
+        .collect();
+    qemu_io(url, &commands);
 }
 
 /// Spill files under an agent's data directory that still hold data.
