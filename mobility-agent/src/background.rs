@@ -5,7 +5,11 @@
 //! takes the CPU they leave: a burst then shows up as a growing RPO and backlog (absorbed by
 //! the capture queue and its spill file) instead of slower writes. CFS never starves a nice
 //! thread outright, and once the backlog reaches the flow-control mark the workload's writes
-//! wait, which hands the CPU to replication.
+//! wait, which hands the CPU to replication. Some replication steps hold the capture lock
+//! briefly (an initial-sync or resync read of at most 8 MiB, taking items and reading spilled
+//! ones back); on a saturated CPU a workload write can wait behind them a little longer than
+//! at equal priority. Hooks started from these threads (scan freeze/thaw) inherit the nice
+//! value.
 use std::future::Future;
 use std::sync::OnceLock;
 use tokio::runtime::{Builder, Runtime};

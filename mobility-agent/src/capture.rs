@@ -6,7 +6,7 @@
 //! NBD client is answered only after that, so an acknowledged write is both on the source and
 //! recorded for replication (in the queue, and durably in the dirty map until shipped).
 use crate::dirty::DirtyMap;
-use crate::spill::Spill;
+use crate::spill::{Spill, Spilled};
 use lifeboat_common::blockhash::{self, BlockHash};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -68,14 +68,14 @@ pub struct Captured {
     pub sync: bool,
     /// A recovery-point tag placed after everything queued before it (no data).
     pub tag: Option<String>,
-    /// Where the data waits in the spill file while `data` is empty: (offset, length).
-    pub spilled: Option<(u64, u64)>,
+    /// Where the data waits in the spill file while `data` is empty.
+    pub spilled: Option<Spilled>,
 }
 
 impl Captured {
     pub fn covered(&self) -> u64 {
-        match self.spilled {
-            Some((_, len)) => len,
+        match &self.spilled {
+            Some(piece) => piece.len,
             None if self.data.is_empty() => self.zero_length,
             None => self.data.len() as u64,
         }
@@ -334,8 +334,8 @@ impl Capture {
     /// the error.
     fn spill_write(&self, q: &mut Queue, offset: u64, data: &[u8], at_ms: i64) {
         for (i, piece) in data.chunks(MAX_ITEM).enumerate() {
-            let at = match q.spill.append(piece) {
-                Ok(at) => at,
+            let spilled = match q.spill.append(piece) {
+                Ok(spilled) => spilled,
                 Err(e) => {
                     tracing::warn!("cannot write the capture spill file ({e}): falling back to dirty-region tracking; the disk needs a resync");
                     self.overflow(q);
@@ -351,7 +351,7 @@ impl Capture {
                 zero_length: 0,
                 sync: false,
                 tag: None,
-                spilled: Some((at, piece.len() as u64)),
+                spilled: Some(spilled),
             };
             self.push(q, item);
         }
@@ -535,8 +535,8 @@ impl Capture {
             bytes += front.covered();
             let mut item = q.items.pop_front().expect("front exists");
             q.bytes -= item.data.len() as u64;
-            if let Some((at, len)) = item.spilled.take() {
-                match q.spill.take(at, len) {
+            if let Some(piece) = item.spilled.take() {
+                match q.spill.take(&piece) {
                     Ok(data) => item.data = data,
                     Err(e) => {
                         // The write is in the dirty map: a resync ships it.

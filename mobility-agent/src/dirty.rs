@@ -18,9 +18,11 @@ pub const REGION: u64 = 1 << 20;
 /// Regions set together when writes run sequentially: a write to a clean region right after a
 /// set one also sets the next clean regions up to this many in all, so a sequential stream
 /// makes the map durable once per 16 MiB instead of once per MiB (each time inside the write
-/// path, under the capture lock). Scattered writes set only their own regions, so what a
-/// resync must compare after a crash stays close to what was written. Regions set ahead clear
-/// on the same acknowledgement as the write that set them unless written meanwhile.
+/// path, under the capture lock). A write whose preceding region is clean sets only its own
+/// regions, so writes scattered over clean space do not inflate what a resync must compare
+/// after a crash; writes next to set regions (including ones set ahead) can extend it by up
+/// to 15 MiB each. Regions set ahead clear on the same acknowledgement as the write that set
+/// them unless written meanwhile.
 const GROUP: usize = 16;
 /// The map is written back in pages of this many bytes.
 const PAGE: usize = 4096;
@@ -29,7 +31,7 @@ pub struct DirtyMap {
     file: File,
     /// Regions set together (see `GROUP`).
     group: usize,
-    /// How many times the map was made durable (for tests and the write path's metrics).
+    /// How many times `mark` made the map durable.
     pub syncs: u64,
     bits: Vec<u8>,
     /// For each region, the capture index of the last write to it (0: none since start).

@@ -4,6 +4,7 @@
 use crate::context::{status_error, ContextArgs};
 use crate::format::bytes;
 use lifeboat_proto::v1::{DiskStatus, StatusRequest};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, clap::Args)]
@@ -11,7 +12,7 @@ pub struct WaitArgs {
     /// The machine (the name its agent registered with).
     machine: String,
     /// Also wait until nothing is pending: every write made before the wait began is applied
-    /// on the master target (RPO 0, as of a report the agent sent after the wait began).
+    /// on the master target (RPO 0). Not for scan-mode disks, whose RPO is never 0.
     #[arg(long)]
     caught_up: bool,
     /// Give up after this many seconds (exit status 1).
@@ -21,10 +22,33 @@ pub struct WaitArgs {
 
 const POLL: Duration = Duration::from_millis(100);
 
-/// Why a disk is not there yet (`None`: it is). `reported_before`: the time of the disk's
-/// last report when the wait began — "caught up" must come from a later report, so it covers
-/// every write made before `lifeboat wait` ran.
-fn not_yet(d: &DiskStatus, caught_up: bool, reported_before: i64) -> Option<String> {
+/// Which reports of a disk may speak for writes made before the wait began. A report that
+/// arrives after the wait began may still have been put together before it (it was in
+/// flight); the one after it cannot, since an agent sends its next heartbeat only once the
+/// previous one is answered. Times are the configuration server's, so clock skew between
+/// hosts does not matter.
+#[derive(Debug, Clone, Copy)]
+enum Freshness {
+    /// The last report seen when the wait began was received at this time.
+    Before(i64),
+    /// A first report arrived after the wait began, at this time.
+    First(i64),
+    /// A report put together after the wait began has arrived.
+    Fresh,
+}
+
+impl Freshness {
+    fn advance(self, last_report_ms: i64) -> Freshness {
+        match self {
+            Freshness::Before(t) if last_report_ms > t => Freshness::First(last_report_ms),
+            Freshness::First(t) if last_report_ms > t => Freshness::Fresh,
+            other => other,
+        }
+    }
+}
+
+/// Why a disk is not there yet (`None`: it is).
+fn not_yet(d: &DiskStatus, caught_up: bool, freshness: Freshness) -> Option<String> {
     if d.state != "Protected" {
         let why = if d.state_reason.is_empty() {
             String::new()
@@ -36,13 +60,16 @@ fn not_yet(d: &DiskStatus, caught_up: bool, reported_before: i64) -> Option<Stri
             d.name, d.state, d.sync_progress_pct
         ));
     }
-    if caught_up && d.last_report_unix_ms <= reported_before {
+    if !caught_up {
+        return None;
+    }
+    if !matches!(freshness, Freshness::Fresh) {
         return Some(format!(
             "disk {} has not reported since the wait began",
             d.name
         ));
     }
-    if caught_up && (d.pending_bytes > 0 || d.rpo_secs > 0.0) {
+    if d.pending_bytes > 0 || d.rpo_secs > 0.0 {
         return Some(format!(
             "disk {} has {} pending (RPO {:.1}s)",
             d.name,
@@ -57,17 +84,27 @@ pub async fn run(ctx: &ContextArgs, args: WaitArgs) -> anyhow::Result<()> {
     let mut client = ctx.protection().await?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout_secs);
-    // Last report time per disk at the start (the configuration server's clock, so clock
-    // skew between hosts does not matter).
-    let mut reported_before: Option<std::collections::HashMap<String, i64>> = None;
-    loop {
-        let reply = client
+    let mut freshness: Option<HashMap<String, Freshness>> = None;
+    let mut waiting: Vec<String> = vec!["no answer from the configuration server yet".into()];
+    while Instant::now() < deadline || freshness.is_none() {
+        let reply = match client
             .status(StatusRequest {
                 machine: args.machine.clone(),
             })
             .await
-            .map_err(status_error)?
-            .into_inner();
+        {
+            Ok(reply) => reply.into_inner(),
+            // A leader change or a restart in between: ask again until the deadline.
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                waiting = vec![format!("configuration server: {}", status.message())];
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(status) => return Err(status_error(status)),
+        };
         let machine = reply
             .machines
             .iter()
@@ -79,22 +116,30 @@ pub async fn run(ctx: &ContextArgs, args: WaitArgs) -> anyhow::Result<()> {
                     args.machine
                 )
             })?;
-        let before = reported_before.get_or_insert_with(|| {
+        let seen = freshness.get_or_insert_with(|| {
             machine
                 .disks
                 .iter()
-                .map(|d| (d.disk_id.clone(), d.last_report_unix_ms))
+                .map(|d| (d.disk_id.clone(), Freshness::Before(d.last_report_unix_ms)))
                 .collect()
         });
-        let waiting: Vec<String> = machine
+        waiting = machine
             .disks
             .iter()
             .filter_map(|d| {
-                let since = before.get(&d.disk_id).copied().unwrap_or(i64::MIN);
-                not_yet(d, args.caught_up, since)
+                let f = seen
+                    .get(&d.disk_id)
+                    .copied()
+                    .unwrap_or(Freshness::Before(i64::MIN))
+                    .advance(d.last_report_unix_ms);
+                seen.insert(d.disk_id.clone(), f);
+                not_yet(d, args.caught_up, f)
             })
             .collect();
-        if waiting.is_empty() && !machine.disks.is_empty() {
+        if machine.disks.is_empty() {
+            waiting = vec!["the machine has no disks yet".into()];
+        }
+        if waiting.is_empty() {
             let what = if args.caught_up {
                 "Protected, nothing pending"
             } else {
@@ -108,17 +153,14 @@ pub async fn run(ctx: &ContextArgs, args: WaitArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            anyhow::bail!(
-                "gave up after {}s: {}; see `lifeboat status {}` and `lifeboat alerts`",
-                args.timeout_secs,
-                if waiting.is_empty() {
-                    "the machine has no disks yet".to_string()
-                } else {
-                    waiting.join("; ")
-                },
-                args.machine
-            );
+            break;
         }
         tokio::time::sleep(POLL).await;
     }
+    anyhow::bail!(
+        "gave up after {}s: {}; see `lifeboat status {}` and `lifeboat alerts`",
+        args.timeout_secs,
+        waiting.join("; "),
+        args.machine
+    )
 }

@@ -240,8 +240,9 @@ impl Replica {
             }
         }
         self.image.flush().map_err(&image_err)?;
-        // A replica is written far more than it is read (undo of overwritten ranges, views,
-        // resync hashes): its pages would only crowd the cache.
+        // Replicas of many disks stream through a master target; keeping what was just
+        // written cached would push out everything else. The cost: undo records of ranges
+        // overwritten later, and views, read the replica from disk.
         self.image.drop_cached_pages();
         if let Some(tagged) = batches.iter().rev().find(|b| !b.tags.is_empty()) {
             self.state.last_tag = tagged.tags.last().cloned().unwrap_or_default();
