@@ -296,21 +296,33 @@ impl Capture {
         q.dirty.mark(offset, data.len() as u64, index)?;
         self.source.write_all_at(&data, offset)?;
         let at_ms = now_ms();
-        if self.spills(&q) && !q.overflowed {
-            self.spill_write(&mut q, offset, &data, at_ms);
-            drop(q);
-            self.queued.notify_one();
-            return Ok(());
-        }
-        let items: Vec<(u64, Vec<u8>)> = if pieces == 1 {
-            vec![(offset, data)]
-        } else {
-            data.chunks(MAX_ITEM)
-                .enumerate()
-                .map(|(i, c)| (offset + (i * MAX_ITEM) as u64, c.to_vec()))
-                .collect()
-        };
-        for (at, data) in items {
+        // Beyond the memory mark the pieces' data goes to the spill file. One that cannot be
+        // written (disk full) ends the stream: the write is on the source and in the dirty
+        // map, so a resync ships it; the workload never sees the error.
+        let spill = self.spills(&q) && !q.overflowed;
+        let mut data = data;
+        let len = data.len();
+        for i in 0..pieces {
+            let range = i * MAX_ITEM..((i + 1) * MAX_ITEM).min(len);
+            let at = offset + range.start as u64;
+            let (data, spilled) = if spill {
+                match q.spill.append(&data[range]) {
+                    Ok(spilled) => {
+                        metrics::counter!("lifeboat_agent_spilled_bytes_total")
+                            .increment(spilled.len);
+                        (Vec::new(), Some(spilled))
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot write the capture spill file ({e}): falling back to dirty-region tracking; the disk needs a resync");
+                        self.overflow(&mut q);
+                        break;
+                    }
+                }
+            } else if pieces == 1 {
+                (std::mem::take(&mut data), None)
+            } else {
+                (data[range].to_vec(), None)
+            };
             let item = Captured {
                 index: 0,
                 at_ms,
@@ -319,42 +331,13 @@ impl Capture {
                 zero_length: 0,
                 sync: false,
                 tag: None,
-                spilled: None,
+                spilled,
             };
             self.push(&mut q, item);
         }
         drop(q);
         self.queued.notify_one();
         Ok(())
-    }
-
-    /// Queues a workload write whose data goes to the spill file (in `MAX_ITEM` pieces, like
-    /// any write). A spill file that cannot be written (disk full) ends the stream: the write
-    /// is on the source and in the dirty map, so a resync ships it; the workload never sees
-    /// the error.
-    fn spill_write(&self, q: &mut Queue, offset: u64, data: &[u8], at_ms: i64) {
-        for (i, piece) in data.chunks(MAX_ITEM).enumerate() {
-            let spilled = match q.spill.append(piece) {
-                Ok(spilled) => spilled,
-                Err(e) => {
-                    tracing::warn!("cannot write the capture spill file ({e}): falling back to dirty-region tracking; the disk needs a resync");
-                    self.overflow(q);
-                    return;
-                }
-            };
-            metrics::counter!("lifeboat_agent_spilled_bytes_total").increment(piece.len() as u64);
-            let item = Captured {
-                index: 0,
-                at_ms,
-                offset: offset + (i * MAX_ITEM) as u64,
-                data: Vec::new(),
-                zero_length: 0,
-                sync: false,
-                tag: None,
-                spilled: Some(spilled),
-            };
-            self.push(q, item);
-        }
     }
 
     /// Zeroes a range on the source and captures it as a zero-fill.

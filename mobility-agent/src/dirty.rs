@@ -29,10 +29,8 @@ const PAGE: usize = 4096;
 
 pub struct DirtyMap {
     file: File,
-    /// Regions set together (see `GROUP`).
-    group: usize,
     /// How many times `mark` made the map durable.
-    pub syncs: u64,
+    syncs: u64,
     bits: Vec<u8>,
     /// For each region, the capture index of the last write to it (0: none since start).
     last_write: Vec<u64>,
@@ -52,11 +50,6 @@ fn now_secs() -> u32 {
 impl DirtyMap {
     /// Opens the map of a disk of `size` bytes, creating a clean one if missing.
     pub fn open(path: &Path, size: u64) -> io::Result<DirtyMap> {
-        Self::open_grouped(path, size, GROUP)
-    }
-
-    /// `open` with `group` regions set together.
-    fn open_grouped(path: &Path, size: u64, group: usize) -> io::Result<DirtyMap> {
         let regions = size.div_ceil(REGION) as usize;
         let len = regions.div_ceil(8);
         let file = OpenOptions::new()
@@ -96,7 +89,6 @@ impl DirtyMap {
             .collect();
         Ok(DirtyMap {
             file,
-            group: group.max(1),
             syncs: 0,
             bits,
             last_write,
@@ -168,7 +160,7 @@ impl DirtyMap {
         // durable update.
         let sequential = written.start > 0 && self.is_set(written.start - 1);
         let end = if sequential {
-            written.end.max(written.start + self.group)
+            written.end.max(written.start + GROUP)
         } else {
             written.end
         }
@@ -307,12 +299,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dirty");
         let size = 10 * REGION + 5;
-        let mut m = DirtyMap::open_grouped(&path, size, 1).unwrap();
+        let mut m = DirtyMap::open(&path, size).unwrap();
         m.mark(0, 10, 1).unwrap();
         m.mark(3 * REGION - 1, 2, 2).unwrap(); // spans regions 2 and 3
         m.mark(10 * REGION, 5, 3).unwrap(); // the partial last region
         drop(m);
-        let mut m = DirtyMap::open_grouped(&path, size, 1).unwrap();
+        let mut m = DirtyMap::open(&path, size).unwrap();
         assert_eq!(
             m.dirty_ranges(size),
             vec![(0, REGION), (2 * REGION, 4 * REGION), (10 * REGION, size)]
@@ -329,7 +321,7 @@ mod tests {
         m.clear_through(6);
         m.write_back().unwrap();
         drop(m);
-        let mut m = DirtyMap::open_grouped(&path, size, 1).unwrap();
+        let mut m = DirtyMap::open(&path, size).unwrap();
         assert!(m.any_dirty());
         assert_eq!(m.dirty_ranges(size).len(), 2);
         // Pinning (the stream was given up) holds regions marked with real indices too.

@@ -295,14 +295,13 @@ fn build(disk_id: &str, seq: u64, items: Vec<Captured>) -> (ChangeBatch, InFligh
     (b, flight)
 }
 
-/// Whether the process server answered that it is still being set up for the disk: it has
-/// not yet heard of the assignment, or not yet from the disk's master target. Both pass
-/// within a heartbeat, so the agent asks again soon instead of backing off.
+/// Whether the process server may still be getting set up for the disk: it has not yet heard
+/// of the assignment (NOT_FOUND) or not yet from the disk's master target (UNAVAILABLE, as
+/// for a process server still starting). Both pass within a heartbeat, so the agent asks again
+/// soon instead of backing off.
 fn process_server_not_ready(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<tonic::Status>().is_some_and(|s| {
-        s.code() == tonic::Code::NotFound
-            || (s.code() == tonic::Code::Unavailable && s.message().contains("not yet reached"))
-    })
+    e.downcast_ref::<tonic::Status>()
+        .is_some_and(|s| matches!(s.code(), tonic::Code::NotFound | tonic::Code::Unavailable))
 }
 
 async fn ship(agent: Arc<DiskAgent>) {

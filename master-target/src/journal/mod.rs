@@ -270,6 +270,12 @@ impl Journal {
             self.bytes = bytes_before;
             return Err(e);
         }
+        // Durable now; records are read back only to build views, so their pages need not
+        // stay cached.
+        for (n, segment) in &self.segments {
+            let before = lengths.iter().find(|(m, _)| m == n).map_or(0, |(_, l)| *l);
+            fsutil::drop_cached(&segment.file, before, segment.len.saturating_sub(before));
+        }
         for meta in added {
             self.push(meta);
         }
@@ -313,20 +319,6 @@ impl Journal {
         }
         if let Some(n) = dirty {
             self.segments[&n].file.sync_data()?;
-        }
-        // Durable now; records are read back only to build views, so their pages need not
-        // stay cached.
-        let mut ranges: Vec<(u64, u64, u64)> = Vec::new(); // (segment, start, end)
-        for meta in added.iter() {
-            let end =
-                meta.pos + PREFIX as u64 + meta.header_len as u64 + meta.data_len + HASH as u64;
-            match ranges.last_mut() {
-                Some(last) if last.0 == meta.segment && last.2 == meta.pos => last.2 = end,
-                _ => ranges.push((meta.segment, meta.pos, end)),
-            }
-        }
-        for (n, start, end) in ranges {
-            fsutil::drop_cached(&self.segments[&n].file, start, end - start);
         }
         Ok(())
     }
