@@ -21,8 +21,9 @@ use crate::bat::{Bat, UNALLOCATED};
 use crate::bitmap::{self, BitmapCache, Bits};
 use crate::dynamic_header::DynamicHeader;
 use crate::error::{Error, Result};
-use crate::wire::{is_zero, write_all_at};
+use crate::wire::{is_zero, write_all_at, write_data_at};
 use crate::{Image, SECTOR_SIZE};
+use dio::DirectFile;
 
 /// State of an open dynamic or differencing image.
 #[derive(Debug)]
@@ -181,6 +182,7 @@ impl Sparse {
     pub(crate) fn write(
         &mut self,
         file: &File,
+        mut direct: Option<&mut DirectFile>,
         parent: Option<&Image>,
         buf: &[u8],
         offset: u64,
@@ -191,7 +193,8 @@ impl Sparse {
             let block = pos / self.block_size;
             let in_block = pos % self.block_size;
             let n = (self.block_size - in_block).min((buf.len() - done) as u64) as usize;
-            self.write_block(file, parent, block, in_block, &buf[done..done + n])?;
+            let chunk = &buf[done..done + n];
+            self.write_block(file, direct.as_deref_mut(), parent, block, in_block, chunk)?;
             done += n;
         }
         Ok(())
@@ -200,6 +203,7 @@ impl Sparse {
     fn write_block(
         &mut self,
         file: &File,
+        direct: Option<&mut DirectFile>,
         parent: Option<&Image>,
         block: u64,
         in_block: u64,
@@ -221,7 +225,7 @@ impl Sparse {
         let data = start + self.bitmap_size;
         let bits = self.bits_mut(file, block, start)?;
         let Bits::Partial(bits) = bits else {
-            return write_all_at(file, chunk, data + in_block, "write data");
+            return write_data_at(file, direct, chunk, data + in_block);
         };
         // Sectors whose bit is clear hold no data of their own: an unaligned write into one
         // must also write the rest of that sector (zeros or the parent's bytes) before the bit
@@ -252,7 +256,7 @@ impl Sparse {
         }
         if lo < hi {
             let part = &chunk[(lo - in_block) as usize..(hi - in_block) as usize];
-            write_all_at(file, part, data + lo, "write data")?;
+            write_data_at(file, direct, part, data + lo)?;
         }
         let first = in_block / SECTOR_SIZE;
         let end = (in_block + n).div_ceil(SECTOR_SIZE);

@@ -155,7 +155,8 @@ impl Replica {
                     disk: disk_id.into(),
                     detail: e.to_string(),
                 })?;
-            let image = vhd::Image::open_rw(&image_path).map_err(image_err)?;
+            let mut image = vhd::Image::open_rw(&image_path).map_err(image_err)?;
+            image.write_data_direct().map_err(image_err)?;
             let mut replica = Replica {
                 dir: dir.to_path_buf(),
                 image,
@@ -168,11 +169,14 @@ impl Replica {
         }
         // A crash during creation may leave an image without a state file: start over.
         let _ = std::fs::remove_file(&image_path);
-        let image = vhd::Image::create(
+        let mut image = vhd::Image::create(
             &image_path,
             &vhd::CreateOptions::dynamic(image_size(size_bytes)),
         )
         .map_err(image_err)?;
+        // Replicated data is written once and read back only by recovery: it goes around the
+        // page cache (where the file system allows), saving a copy of every byte.
+        image.write_data_direct().map_err(image_err)?;
         let state = ReplicaState {
             disk_id: disk_id.into(),
             size_bytes,
@@ -241,8 +245,10 @@ impl Replica {
         }
         self.image.flush().map_err(&image_err)?;
         // Replicas of many disks stream through a master target; keeping what was just
-        // written cached would push out everything else. The cost: undo records of ranges
-        // overwritten later, and views, read the replica from disk.
+        // written cached would push out everything else (data written directly is not
+        // cached anyway; this drops metadata, old data read for undo records, and data
+        // written buffered where direct writes do not apply). The cost: undo records of
+        // ranges overwritten later, and views, read the replica from disk.
         self.image.drop_cached_pages();
         if let Some(tagged) = batches.iter().rev().find(|b| !b.tags.is_empty()) {
             self.state.last_tag = tagged.tags.last().cloned().unwrap_or_default();

@@ -8,12 +8,22 @@
 //! flag bit 0 is set. Records are written unsynced and made durable together by `sync`
 //! (fdatasync); a crash can therefore leave a torn or missing tail, which `scan` detects and
 //! the owner truncates — those batches were never acknowledged.
+//!
+//! Records are written with `O_DIRECT` where the file system allows (see the `dio` crate): a
+//! cached batch is forwarded from memory and read back from the file only after a restart or
+//! a long backlog, so copying it into the page cache would be wasted work. Direct writes must
+//! cover whole aligned blocks, so the writer stages records in an aligned buffer, writes whole
+//! blocks, and rewrites the last, partly filled block with the records that follow (the bytes
+//! already in it are rewritten unchanged, so a torn rewrite cannot damage them). A segment's
+//! file can therefore end in up to one block of zeros after its last record, which readers
+//! take as its end.
 use super::crypto::{new_salt, CacheKey, TAG_LEN};
+use dio::{AlignedBuf, DirectFile};
 use lifeboat_common::batch::MAX_BATCH_BYTES;
 use lifeboat_proto::v1::ChangeBatch;
 use prost::Message;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use zstd::bulk::Compressor;
 
@@ -52,25 +62,19 @@ fn worth_compressing(zstd: &mut Compressor<'static>, plain: &[u8]) -> io::Result
     Ok(probe.len() < PROBE - PROBE / 8)
 }
 
-/// Writes `a` then `b` with as few system calls as the kernel allows.
-fn write_all_vectored(file: &mut File, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let (mut a, mut b) = (a, b);
-    while !a.is_empty() || !b.is_empty() {
-        let n = file.write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
-    }
-    Ok(())
-}
+/// Staged bytes written out (whole blocks) once this many are held, bounding the buffer.
+const STAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Most zero bytes after a segment's last record (the padding of its last direct write).
+const MAX_PADDING: usize = 4096;
 
 /// The segment being appended to.
 pub struct SegmentWriter {
     pub path: PathBuf,
-    file: File,
+    file: DirectFile,
+    /// Records not yet written to the file, from file offset `staged_at` (block-aligned
+    /// when writes are direct) up to `len`.
+    staged: AlignedBuf,
+    staged_at: u64,
     salt: u64,
     next_index: u32,
     pub len: u64,
@@ -80,6 +84,8 @@ pub struct SegmentWriter {
     zstd: Compressor<'static>,
     /// (len, next_index, last_seq) as of the last successful `sync`.
     synced: (u64, u32, u64),
+    /// `staged_at` and the staged bytes (the part of the last block in use) as of that `sync`.
+    synced_tail: (u64, Vec<u8>),
 }
 
 impl SegmentWriter {
@@ -100,10 +106,17 @@ impl SegmentWriter {
         file.write_all(&header)?;
         file.sync_data()?;
         lifeboat_common::fsutil::fsync_dir(dir)?;
+        let file = DirectFile::new(file, &path);
+        // The header's block is rewritten (unchanged) with the first records.
+        let mut staged = AlignedBuf::new();
+        staged.extend_from_slice(&header);
         Ok(SegmentWriter {
             zstd: Compressor::new(1)?,
             path,
             file,
+            staged,
+            staged_at: 0,
+            synced_tail: (0, header.clone()),
             salt,
             next_index: 0,
             len: header.len() as u64,
@@ -113,22 +126,19 @@ impl SegmentWriter {
         })
     }
 
-    /// Encodes, compresses, seals and writes one batch (not yet durable). Returns the
-    /// (plain, stored) sizes.
+    /// Encodes, compresses, seals and stages one batch (not yet durable). Returns the
+    /// (plain, stored) sizes. After an error, `rollback` before anything else.
     pub fn append(
         &mut self,
         key: &CacheKey,
         batch: &ChangeBatch,
         compress: bool,
     ) -> io::Result<(usize, usize)> {
-        let result = self.append_record(key, batch, compress);
-        if result.is_err() {
-            // Cut off whatever part of the record reached the file, so the next record starts
-            // where readers expect it (`len`).
-            let _ = self.file.set_len(self.len);
-            let _ = self.file.seek(SeekFrom::Start(self.len));
+        let sizes = self.append_record(key, batch, compress)?;
+        if self.staged.len() >= STAGE_BYTES {
+            self.write_staged()?;
         }
-        result
+        Ok(sizes)
     }
 
     fn append_record(
@@ -156,7 +166,8 @@ impl SegmentWriter {
         header.push(flags);
         header.extend_from_slice(&plain_len.to_be_bytes());
         header.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        write_all_vectored(&mut self.file, &header, &body)?;
+        self.staged.extend_from_slice(&header);
+        self.staged.extend_from_slice(&body);
         let stored = header.len() + body.len();
         self.next_index += 1;
         self.len += stored as u64;
@@ -164,24 +175,52 @@ impl SegmentWriter {
         Ok((plain_len as usize, stored))
     }
 
-    /// Makes every record written so far durable.
-    pub fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()?;
-        // Forwarding reads fresh records from memory; the file is read back only after a
-        // restart or a long backlog, so its pages need not stay cached.
-        let from = self.synced.0;
-        lifeboat_common::fsutil::drop_cached(&self.file, from, self.len.saturating_sub(from));
-        self.synced = (self.len, self.next_index, self.last_seq);
+    /// Writes the staged records: whole blocks, the last one padded with zeros when writes are
+    /// direct. The last, partly filled block stays staged, to be rewritten with what follows.
+    fn write_staged(&mut self) -> io::Result<()> {
+        let logical = self.staged.len();
+        match self.file.alignment() {
+            Some(align) => {
+                self.staged.pad_to(align as usize);
+                let written = self.file.write_aligned_at(&self.staged, self.staged_at);
+                self.staged.truncate(logical);
+                written?;
+                let whole = logical - logical % align as usize;
+                self.staged.drain_front(whole);
+                self.staged_at += whole as u64;
+            }
+            None => {
+                self.file.write_aligned_at(&self.staged, self.staged_at)?;
+                self.staged.clear();
+                self.staged_at += logical as u64;
+            }
+        }
         Ok(())
     }
 
-    /// Drops every record written since the last successful `sync` (after a failed write or
+    /// Makes every record appended so far durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.write_staged()?;
+        self.file.file().sync_data()?;
+        // Forwarding reads fresh records from memory; the file is read back only after a
+        // restart or a long backlog, so its pages need not stay cached (buffered writes).
+        let from = self.synced.0;
+        lifeboat_common::fsutil::drop_cached(self.file.file(), from, self.len.saturating_sub(from));
+        self.synced = (self.len, self.next_index, self.last_seq);
+        self.synced_tail = (self.staged_at, self.staged.as_slice().to_vec());
+        Ok(())
+    }
+
+    /// Drops every record appended since the last successful `sync` (after a failed write or
     /// fsync: they were never acknowledged, and will be sent again). Returns the bytes dropped.
     pub fn rollback(&mut self) -> u64 {
         let (len, index, seq) = self.synced;
         let dropped = self.len - len;
-        let _ = self.file.set_len(len);
-        let _ = self.file.seek(SeekFrom::Start(len));
+        let _ = self.file.file().set_len(len);
+        let (at, tail) = &self.synced_tail;
+        self.staged_at = *at;
+        self.staged.clear();
+        self.staged.extend_from_slice(tail);
         self.len = len;
         self.next_index = index;
         self.last_seq = seq;
@@ -285,22 +324,49 @@ impl SegmentReader {
         Ok(true)
     }
 
+    /// Reads up to `buf.len()` bytes, fewer only at the end of the data; returns how many.
+    fn fill_upto(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut read = 0;
+        while read < buf.len() {
+            match self.reader.read(&mut buf[read..])? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok(read)
+    }
+
+    /// Whether `seen` (read where a record should start) and everything after it are zeros,
+    /// fewer than a block of them: the padding of the segment's last direct write.
+    fn rest_is_padding(&mut self, seen: &[u8]) -> bool {
+        if seen.iter().any(|&b| b != 0) {
+            return false;
+        }
+        let mut rest = [0u8; MAX_PADDING];
+        match self.fill_upto(&mut rest) {
+            Ok(n) => seen.len() + n < MAX_PADDING && rest[..n].iter().all(|&b| b == 0),
+            Err(_) => false,
+        }
+    }
+
     /// The next batch, or `None` at the end (see `tail` for why).
     pub fn next_batch(&mut self, key: &CacheKey) -> Option<ChangeBatch> {
         if self.tail != Tail::Clean {
             return None;
         }
         let mut header = [0u8; RECORD_HEADER];
-        match self.fill(&mut header) {
-            Ok(true) => {}
-            Ok(false) => return None,
+        let got = match self.fill_upto(&mut header) {
+            Ok(0) => return None,
+            Ok(n) => n,
             Err(_) => {
                 self.tail = Tail::Torn;
                 return None;
             }
-        }
-        if &header[..4] != RECORD_MAGIC {
-            self.tail = Tail::Torn;
+        };
+        if got < RECORD_HEADER || &header[..4] != RECORD_MAGIC {
+            if !self.rest_is_padding(&header[..got]) {
+                self.tail = Tail::Torn;
+            }
             return None;
         }
         let seq = u64::from_be_bytes(header[4..12].try_into().expect("8 bytes"));

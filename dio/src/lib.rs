@@ -1,0 +1,229 @@
+//! Writes that bypass the page cache.
+//!
+//! Lifeboat's process server and master target write every replicated byte once and (in the
+//! normal course) never read it back through the page cache: the process server's cache
+//! segments are forwarded from memory, and a replica's blocks are read only by recovery. Writing
+//! them through the page cache costs a copy into freshly allocated kernel pages and the work of
+//! reclaiming those pages later, and pushes the host's other data out of memory. With
+//! `O_DIRECT` the disk reads the data straight out of the process's buffer.
+//!
+//! `O_DIRECT` has rules: the file offset, the length and the buffer's address must be
+//! multiples of what the file system reports (`statx` `STATX_DIOALIGN`; 512 or 4096 bytes on
+//! common disks), and some file systems (tmpfs, some FUSE and network file systems) refuse it.
+//! [`DirectFile`] follows the rules it can learn and falls back to ordinary buffered writes,
+//! for good, the first time the kernel refuses a direct write: a write never fails because of
+//! how it was issued. Durability is unchanged: the caller's `fdatasync` on the file (through
+//! any of its descriptors) also flushes the disk's cache for direct writes.
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+
+/// Alignment of [`AlignedBuf`]'s memory: enough for every device's direct I/O.
+pub const MEM_ALIGN: usize = 4096;
+/// Largest piece a bounced write copies at a time (bounds the bounce buffer).
+const BOUNCE_BYTES: usize = 1 << 20;
+
+/// A growable byte buffer whose start is [`MEM_ALIGN`]-aligned. Safe code only: it lives at an
+/// aligned offset inside an ordinary `Vec`, and moves to a bigger one when it grows.
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn new() -> AlignedBuf {
+        AlignedBuf::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    fn capacity(&self) -> usize {
+        self.raw.len() - self.start
+    }
+
+    /// Makes room for `len` bytes in all, keeping the content.
+    fn reserve_total(&mut self, len: usize) {
+        if len <= self.capacity() {
+            return;
+        }
+        let cap = len.max(self.capacity() * 2).max(MEM_ALIGN);
+        let raw = vec![0u8; cap + MEM_ALIGN];
+        let start = raw.as_ptr().align_offset(MEM_ALIGN);
+        let mut grown = AlignedBuf {
+            raw,
+            start,
+            len: self.len,
+        };
+        grown.raw[start..start + self.len].copy_from_slice(self.as_slice());
+        *self = grown;
+    }
+
+    pub fn extend_from_slice(&mut self, data: &[u8]) {
+        self.reserve_total(self.len + data.len());
+        let at = self.start + self.len;
+        self.raw[at..at + data.len()].copy_from_slice(data);
+        self.len += data.len();
+    }
+
+    /// Appends zeros up to the next multiple of `align`.
+    pub fn pad_to(&mut self, align: usize) {
+        let padded = self.len.next_multiple_of(align);
+        self.reserve_total(padded);
+        let from = self.start + self.len;
+        self.raw[from..self.start + padded].fill(0);
+        self.len = padded;
+    }
+
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Drops the first `n` bytes, moving the rest to the front (so it stays aligned).
+    pub fn drain_front(&mut self, n: usize) {
+        let n = n.min(self.len);
+        let (from, to) = (self.start + n, self.start + self.len);
+        self.raw.copy_within(from..to, self.start);
+        self.len -= n;
+    }
+
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+/// How a file takes direct writes: the offset and length multiple (`offset_align`), or none.
+fn direct_alignment(file: &File) -> Option<u64> {
+    use rustix::fs::{statx, AtFlags, StatxFlags};
+    let st = statx(file, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN).ok()?;
+    if !StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::DIOALIGN) {
+        // A kernel before 6.1 does not say; 4096 suits every common disk, and a refusal
+        // switches the file to buffered writes.
+        return Some(MEM_ALIGN as u64);
+    }
+    let (offset, mem) = (st.stx_dio_offset_align, st.stx_dio_mem_align);
+    // 0: this file system does not do direct I/O for this file.
+    (offset != 0 && mem != 0 && mem as usize <= MEM_ALIGN && MEM_ALIGN % mem as usize == 0)
+        .then_some(offset as u64)
+}
+
+/// Writing a file's data: direct where the file system allows, buffered otherwise. Holds two
+/// descriptors of the file: an `O_DIRECT` one for aligned writes and an ordinary one for
+/// the rest, reads, `fdatasync` and length changes.
+#[derive(Debug)]
+pub struct DirectFile {
+    buffered: File,
+    /// The `O_DIRECT` descriptor and the offset and length multiple it needs; `None` when the
+    /// file system does not take direct writes, or once it refused one.
+    direct: Option<(File, u64)>,
+    bounce: AlignedBuf,
+}
+
+impl DirectFile {
+    /// Adds a direct descriptor to `buffered`, an open descriptor of `path` (opened for
+    /// writing, and for reading if the caller reads through [`DirectFile::file`]).
+    pub fn new(buffered: File, path: &Path) -> DirectFile {
+        let direct = direct_alignment(&buffered).and_then(|align| {
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(path)
+                .ok()?;
+            Some((file, align))
+        });
+        DirectFile {
+            buffered,
+            direct,
+            bounce: AlignedBuf::new(),
+        }
+    }
+
+    /// Only buffered writes (for files whose pages are wanted in the cache).
+    pub fn buffered(file: File) -> DirectFile {
+        DirectFile {
+            buffered: file,
+            direct: None,
+            bounce: AlignedBuf::new(),
+        }
+    }
+
+    /// The offset and length multiple direct writes need, while they are in use.
+    pub fn alignment(&self) -> Option<u64> {
+        self.direct.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The ordinary descriptor: for reads, `fdatasync`, `set_len` and advice.
+    pub fn file(&self) -> &File {
+        &self.buffered
+    }
+
+    /// Whether a write of `len` bytes at `offset` can go direct.
+    pub fn fits(&self, offset: u64, len: usize) -> bool {
+        self.alignment()
+            .is_some_and(|a| offset % a == 0 && len as u64 % a == 0 && len > 0)
+    }
+
+    /// Writes all of `buf` at `offset`: direct (through an aligned bounce buffer) when
+    /// offset and length fit the alignment, buffered otherwise.
+    pub fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.fits(offset, buf.len()) {
+            return self.buffered.write_all_at(buf, offset);
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            // BOUNCE_BYTES is a multiple of every alignment, so each piece fits too.
+            let n = (buf.len() - done).min(BOUNCE_BYTES);
+            self.bounce.clear();
+            self.bounce.extend_from_slice(&buf[done..done + n]);
+            let at = offset + done as u64;
+            if let Some((file, _)) = &self.direct {
+                if let Err(e) = file.write_all_at(self.bounce.as_slice(), at) {
+                    return self.refused(e, &buf[done..], at);
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes an aligned buffer at `offset` without copying it: direct when offset and
+    /// length fit, buffered otherwise.
+    pub fn write_aligned_at(&mut self, buf: &AlignedBuf, offset: u64) -> io::Result<()> {
+        match &self.direct {
+            Some((file, _)) if self.fits(offset, buf.len()) => {
+                match file.write_all_at(buf.as_slice(), offset) {
+                    Ok(()) => Ok(()),
+                    Err(e) => self.refused(e, buf.as_slice(), offset),
+                }
+            }
+            _ => self.buffered.write_all_at(buf.as_slice(), offset),
+        }
+    }
+
+    /// A direct write failed. If the kernel refused the way it was issued (`EINVAL`: some
+    /// file systems accept `O_DIRECT` at open and refuse it at write), writes are buffered
+    /// from now on and `rest` is written that way; any other error is the caller's.
+    fn refused(&mut self, e: io::Error, rest: &[u8], offset: u64) -> io::Result<()> {
+        if e.raw_os_error() != Some(rustix::io::Errno::INVAL.raw_os_error()) {
+            return Err(e);
+        }
+        self.direct = None;
+        self.bounce = AlignedBuf::new();
+        self.buffered.write_all_at(rest, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests;
