@@ -72,13 +72,22 @@ PY
 sync
 start_agent bench-b $WORK/b.img 127.0.0.1:$(port)
 settle
-t0=$(now); $BIN/lifeboat protect bench-b --policy bench >/dev/null; caught_up bench-b; t1=$(now)
+# Protected: the agent has seen every byte of the copy applied on the master target.
+t0=$(now); $BIN/lifeboat protect bench-b --policy bench >/dev/null
+$BIN/lifeboat wait bench-b --timeout-secs 300 >/dev/null || { echo "timed out waiting for bench-b"; exit 1; }
+t1=$(now)
 pipeline_stats
-settle
-t2=$(now); qemu-img convert -f raw -O vpc -o subformat=dynamic $WORK/b.img $WORK/b.vhd; sync -f $WORK/b.vhd; t3=$(now)
-L=$(rate $SIZE $t0 $t1); QC=$(rate $SIZE $t2 $t3)
-echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s from protect to Protected, including up to ~2 s of heartbeat and status polling)"
-echo "qemu-img convert -O vpc locally:  $QC MB/s   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"
+# The reference three times: on this VM its speed swings with how much of the page cache's
+# memory is already backed by the host (350 MB/s to 3 GB/s have been seen); the median counts.
+QCS=()
+for i in 1 2 3; do
+  rm -f $WORK/b.vhd; settle
+  t2=$(now); qemu-img convert -f raw -O vpc -o subformat=dynamic $WORK/b.img $WORK/b.vhd; sync -f $WORK/b.vhd; t3=$(now)
+  QCS+=($(rate $SIZE $t2 $t3))
+done
+L=$(rate $SIZE $t0 $t1); QC=$(printf '%s\n' "${QCS[@]}" | sort -n | sed -n 2p)
+echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s from protect to Protected, as the CLI saw it polling every 100 ms)"
+echo "qemu-img convert -O vpc locally:  $QC MB/s (median of ${QCS[*]})   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"
 fi
 
 if want c; then

@@ -1,6 +1,7 @@
 //! What process servers, master targets and agents share: the `register` command, the
 //! heartbeat loop that keeps the configuration server informed, and the revocation list the
 //! heartbeat brings back so that servers refuse revoked callers within one interval.
+use crate::assignment_watch::Latest;
 use crate::identity::Identity;
 use crate::register::{register, Registration};
 use crate::role::Role;
@@ -115,14 +116,35 @@ pub enum HeartbeatStop {
     Revoked(String),
 }
 
-/// Sends a heartbeat every interval until cancelled. Returns `Err` only when the identity has
-/// been revoked: then continuing is pointless and the operator must act.
+/// Sends a heartbeat every interval until cancelled, and meanwhile follows assignment
+/// changes as they happen (`assignment_watch`). Returns `Err` only when the identity has been
+/// revoked: then continuing is pointless and the operator must act.
 pub async fn heartbeat_loop(
+    identity: Identity,
+    data_dir: PathBuf,
+    reporter: &impl Reporter,
+    revocations: RevocationList,
+    cancel: CancellationToken,
+) -> Result<(), HeartbeatStop> {
+    let latest = Latest::default();
+    let watcher = identity.clone();
+    let follow = async {
+        crate::assignment_watch::follow(&watcher, reporter, &latest).await;
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    tokio::select! {
+        result = heartbeats(identity, data_dir, reporter, revocations, cancel, &latest) => result,
+        never = follow => match never {},
+    }
+}
+
+async fn heartbeats(
     mut identity: Identity,
     data_dir: PathBuf,
     reporter: &impl Reporter,
     revocations: RevocationList,
     cancel: CancellationToken,
+    latest: &Latest,
 ) -> Result<(), HeartbeatStop> {
     let mut connection: Option<(String, Channel)> = None;
     let mut interval = Duration::from_secs(identity.info.heartbeat_interval_secs.max(1) as u64);
@@ -137,7 +159,7 @@ pub async fn heartbeat_loop(
             Ok(response) => {
                 interval = Duration::from_secs(response.heartbeat_interval_secs.max(1) as u64);
                 revocations.replace(response.revoked_identity_ids);
-                reporter.assignments(response.assignments);
+                latest.offer(response.applied_index, response.assignments, reporter);
                 if let Err(e) = identity.update_cs_addresses(&data_dir, response.cs_addresses) {
                     tracing::warn!("cannot save configuration server addresses: {e}");
                 }

@@ -3,6 +3,7 @@
 //! Nothing here knows about Raft, replication or the state of the configuration server.
 
 pub mod assigned;
+pub mod assignment_watch;
 pub mod batch;
 pub mod blockhash;
 pub mod component;

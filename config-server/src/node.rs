@@ -78,6 +78,16 @@ impl Node {
         StateReader(&self.view)
     }
 
+    /// Index of the last log entry applied to this node's state machine.
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
     }

@@ -127,8 +127,76 @@ pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignmen
     Ok(assignments)
 }
 
+/// `peer`'s assignments as of one applied log index (computed again if the state moved on
+/// while they were being put together), with that index.
+fn versioned_assignments(
+    node: &Node,
+    peer: &Peer,
+) -> Result<(Vec<v1::DiskAssignment>, u64), Status> {
+    loop {
+        let before = node.applied_index();
+        let assignments = assignments_for(node, peer)?;
+        if node.applied_index() == before {
+            return Ok((assignments, before));
+        }
+    }
+}
+
+fn digest(assignments: &[v1::DiskAssignment]) -> Vec<u8> {
+    let mut hasher = blake3::Hasher::new();
+    for a in assignments {
+        hasher.update(&a.encode_to_vec());
+    }
+    hasher.finalize().as_bytes().to_vec()
+}
+
+/// Longest wait of an `AwaitAssignments` call.
+const MAX_AWAIT_SECS: u32 = 60;
+/// How often a waiting call looks again without a new log entry: addresses come from
+/// liveness, which the log does not carry.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[tonic::async_trait]
 impl Component for ComponentService {
+    async fn await_assignments(
+        &self,
+        request: Request<v1::AwaitAssignmentsRequest>,
+    ) -> Result<Response<v1::AssignmentsResponse>, Status> {
+        let (peer, _record) = self.node.authorize(
+            &request,
+            &[Role::ProcessServer, Role::MasterTarget, Role::Agent],
+        )?;
+        let r = request.into_inner();
+        let wait = std::time::Duration::from_secs(r.wait_secs.clamp(1, MAX_AWAIT_SECS) as u64);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut metrics = self.node.raft.metrics();
+        loop {
+            let (assignments, applied_index) = versioned_assignments(&self.node, &peer)?;
+            let digest = digest(&assignments);
+            if digest != r.known_digest || tokio::time::Instant::now() >= deadline {
+                return Ok(Response::new(v1::AssignmentsResponse {
+                    assignments,
+                    digest,
+                    applied_index,
+                }));
+            }
+            // Wait for a newer applied entry (metrics also change for other reasons: look at
+            // the index), the recheck tick, or the deadline.
+            let recheck = tokio::time::Instant::now() + RECHECK;
+            let newer = async {
+                while self.node.applied_index() == applied_index {
+                    if metrics.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = newer => {}
+                _ = tokio::time::sleep_until(recheck.min(deadline)) => {}
+            }
+        }
+    }
+
     async fn heartbeat(
         &self,
         request: Request<v1::HeartbeatRequest>,
@@ -152,11 +220,13 @@ impl Component for ComponentService {
             .filter(|r| r.revoked.is_some())
             .map(|r| r.id)
             .collect();
+        let (assignments, applied_index) = versioned_assignments(&self.node, &peer)?;
         Ok(Response::new(v1::HeartbeatResponse {
             heartbeat_interval_secs: self.node.settings.heartbeat_interval_secs,
             cs_addresses: self.node.cs_addresses(),
             revoked_identity_ids,
-            assignments: assignments_for(&self.node, &peer)?,
+            assignments,
+            applied_index,
         }))
     }
 }
