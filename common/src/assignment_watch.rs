@@ -8,36 +8,57 @@ use crate::component::Reporter;
 use crate::{tls, Identity, Role};
 use lifeboat_proto::v1::{self, component_client::ComponentClient};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long one long-poll waits (below the channel's call timeout).
 const WAIT_SECS: u32 = 10;
 
+/// How long only older lists must arrive before one is followed (see [`Latest::offer`]).
+const STEP_BACK_AFTER: Duration = Duration::from_secs(30);
+
 /// The applied index of the newest list handed to the reporter.
 #[derive(Default)]
 pub struct Latest {
-    /// (index of the list last accepted, an older index seen since).
-    state: Mutex<(u64, Option<u64>)>,
+    /// (index of the list last accepted, since when only older ones have arrived).
+    state: Mutex<(u64, Option<Instant>)>,
 }
 
 impl Latest {
     /// Hands `assignments` (as of log index `index`) to the reporter unless a newer list was
-    /// already handed over. An older index seen twice in a row is accepted anyway: the
-    /// configuration servers' log really went back (a cluster rebuilt from a backup), and
-    /// following it beats holding on to a list nobody serves.
+    /// already handed over. Older lists are followed only once nothing but older lists has
+    /// arrived for 30 s: the configuration servers' log really went back (a cluster rebuilt
+    /// from a backup). A lagging server answering one path while another answers the other
+    /// does not make the list flip back and forth: the long-poll brings the newer index at
+    /// least every 10 s.
     pub fn offer(
         &self,
         index: u64,
         assignments: Vec<v1::DiskAssignment>,
         reporter: &impl Reporter,
     ) {
+        self.offer_at(index, assignments, reporter, Instant::now());
+    }
+
+    fn offer_at(
+        &self,
+        index: u64,
+        assignments: Vec<v1::DiskAssignment>,
+        reporter: &impl Reporter,
+        now: Instant,
+    ) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        let (accepted, older) = *state;
-        if index < accepted && older != Some(index) {
-            state.1 = Some(index);
-            return;
+        let (accepted, older_since) = *state;
+        if index < accepted {
+            match older_since {
+                Some(since) if now.duration_since(since) >= STEP_BACK_AFTER => {}
+                Some(_) => return,
+                None => {
+                    state.1 = Some(now);
+                    return;
+                }
+            }
         }
         *state = (index, None);
         // Under the lock, so the two paths hand lists over one at a time, in index order.
@@ -115,15 +136,20 @@ mod tests {
     }
 
     #[test]
-    fn a_late_older_list_is_ignored_once_and_a_real_step_back_is_followed() {
+    fn a_late_older_list_is_ignored_and_a_lasting_step_back_is_followed() {
         let (latest, seen) = (Latest::default(), Lists::default());
-        latest.offer(5, list(1), &seen);
-        latest.offer(7, list(2), &seen); // the long-poll saw a protect
-        latest.offer(6, list(1), &seen); // a heartbeat reply from before it: ignored
-        latest.offer(7, list(2), &seen); // same index: the same list
-        latest.offer(3, list(0), &seen); // the log went back...
-        latest.offer(3, list(0), &seen); // ...and stays there: followed
-        latest.offer(4, list(4), &seen);
-        assert_eq!(*seen.0.lock().unwrap(), vec![1, 2, 2, 0, 4]);
+        let t = Instant::now();
+        let at = |secs: u64| t + Duration::from_secs(secs);
+        latest.offer_at(5, list(1), &seen, at(0));
+        latest.offer_at(7, list(2), &seen, at(1)); // the long-poll saw a protect
+        latest.offer_at(6, list(1), &seen, at(2)); // a heartbeat reply from before it: ignored
+        latest.offer_at(7, list(2), &seen, at(10)); // the long-poll's next answer
+        latest.offer_at(6, list(1), &seen, at(20)); // a lagging server: ignored...
+        latest.offer_at(7, list(2), &seen, at(30)); // ...while the newer index keeps coming
+        latest.offer_at(6, list(1), &seen, at(45));
+        latest.offer_at(3, list(0), &seen, at(60)); // the log went back...
+        latest.offer_at(3, list(0), &seen, at(80)); // ...and stayed back for 30 s: followed
+        latest.offer_at(4, list(4), &seen, at(81));
+        assert_eq!(*seen.0.lock().unwrap(), vec![1, 2, 2, 2, 0, 4]);
     }
 }

@@ -80,12 +80,7 @@ impl Node {
 
     /// Index of the last log entry applied to this node's state machine.
     pub fn applied_index(&self) -> u64 {
-        self.raft
-            .metrics()
-            .borrow()
-            .last_applied
-            .map(|l| l.index)
-            .unwrap_or(0)
+        self.view.applied_index()
     }
 
     pub fn is_leader(&self) -> bool {

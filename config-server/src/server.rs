@@ -48,6 +48,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let sm = SledStateMachine::open(&db)?;
     let view = sm.view();
     let applied = sm.subscribe_applied();
+    let assignments_changed = sm.subscribe_assignments();
     let committed = log.committed_index();
     let raft = Raft::new(
         node_id,
@@ -77,7 +78,10 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let router = serve::grpc_server(&identity)?
         .add_service(health_service)
         .add_service(BootstrapServer::new(BootstrapService::new(node.clone())))
-        .add_service(ComponentServer::new(ComponentService::new(node.clone())))
+        .add_service(ComponentServer::new(ComponentService::new(
+            node.clone(),
+            assignments_changed,
+        )))
         .add_service(AdminServer::new(AdminService::new(node.clone())))
         .add_service(ProtectionServer::new(ProtectionService::new(node.clone())))
         .add_service(RecoveryServer::new(crate::recovery::RecoveryService::new(

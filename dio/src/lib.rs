@@ -50,7 +50,8 @@ impl AlignedBuf {
         &self.raw[self.start..self.start + self.len]
     }
 
-    fn capacity(&self) -> usize {
+    /// Bytes it can hold without growing.
+    pub fn capacity(&self) -> usize {
         self.raw.len() - self.start
     }
 
@@ -114,9 +115,11 @@ fn direct_alignment(file: &File) -> Option<u64> {
         return Some(MEM_ALIGN as u64);
     }
     let (offset, mem) = (st.stx_dio_offset_align, st.stx_dio_mem_align);
-    // 0: this file system does not do direct I/O for this file.
-    (offset != 0 && mem != 0 && mem as usize <= MEM_ALIGN && MEM_ALIGN % mem as usize == 0)
-        .then_some(offset as u64)
+    // 0: this file system does not do direct I/O for this file. Alignments beyond a page
+    // are left alone: callers pad to the alignment, and more than a page of padding is not
+    // worth it (nor expected by their readers).
+    let fits = |a: u32| a != 0 && a as usize <= MEM_ALIGN && MEM_ALIGN % a as usize == 0;
+    (fits(offset) && fits(mem)).then_some(offset as u64)
 }
 
 /// Writing a file's data: direct where the file system allows, buffered otherwise. Holds two
@@ -212,11 +215,17 @@ impl DirectFile {
         }
     }
 
-    /// A direct write failed. If the kernel refused the way it was issued (`EINVAL`: some
-    /// file systems accept `O_DIRECT` at open and refuse it at write), writes are buffered
+    /// A direct write failed. If the kernel refused the way it was issued (`EINVAL`,
+    /// `EOPNOTSUPP`: some file systems accept `O_DIRECT` at open and refuse it at write),
+    /// writes are buffered
     /// from now on and `rest` is written that way; any other error is the caller's.
     fn refused(&mut self, e: io::Error, rest: &[u8], offset: u64) -> io::Result<()> {
-        if e.raw_os_error() != Some(rustix::io::Errno::INVAL.raw_os_error()) {
+        use rustix::io::Errno;
+        let refusals = [Errno::INVAL, Errno::OPNOTSUPP, Errno::NOTSUP];
+        if !refusals
+            .iter()
+            .any(|r| e.raw_os_error() == Some(r.raw_os_error()))
+        {
             return Err(e);
         }
         self.direct = None;

@@ -45,10 +45,34 @@ impl KvRead for StateView {
     }
 }
 
+impl StateView {
+    /// Index of the last entry applied to this state. Written in the same atomic batch as
+    /// the entry's changes, so two equal readings around other reads mean they saw one state.
+    pub fn applied_index(&self) -> u64 {
+        self.get_raw(LAST_APPLIED)
+            .ok()
+            .flatten()
+            .and_then(|bytes| serde_json::from_slice::<Option<LogId<NodeId>>>(&bytes).ok())
+            .flatten()
+            .map_or(0, |id| id.index)
+    }
+}
+
+/// Whether a change to `key` can change some component's disk assignments (machines and
+/// their disks, policies, protection groups).
+fn affects_assignments(key: &str) -> bool {
+    use crate::state::keys::{GROUP_PREFIX, MACHINE_PREFIX, POLICY_PREFIX};
+    [MACHINE_PREFIX, POLICY_PREFIX, GROUP_PREFIX]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+}
+
 pub struct SledStateMachine {
     view: StateView,
     snapshots: sled::Tree,
     applied: watch::Sender<u64>,
+    /// Bumped after each apply that changed something assignments are made of.
+    assignments: watch::Sender<u64>,
     snapshot_counter: u64,
 }
 
@@ -69,10 +93,12 @@ impl SledStateMachine {
         let tree = db.open_tree("state")?;
         let snapshots = db.open_tree("snapshots")?;
         let (applied, _) = watch::channel(0);
+        let (assignments, _) = watch::channel(0);
         Ok(SledStateMachine {
             view: StateView { tree },
             snapshots,
             applied,
+            assignments,
             snapshot_counter: 0,
         })
     }
@@ -84,6 +110,11 @@ impl SledStateMachine {
     /// Receives the index of the last applied entry after each apply.
     pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
+    }
+
+    /// Changes after each apply that may have changed some component's assignments.
+    pub fn subscribe_assignments(&self) -> watch::Receiver<u64> {
+        self.assignments.subscribe()
     }
 
     fn read_position(&self) -> Result<(Option<LogId<NodeId>>, Membership), StorageError> {
@@ -117,6 +148,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
     {
         let mut results = Vec::new();
         let mut last_index = None;
+        let mut assignments_changed = false;
         for entry in entries {
             let mut batch = sled::Batch::default();
             let result = match &entry.payload {
@@ -125,6 +157,8 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
                     let (ops, result) = apply(command, &self.view)
                         .map_err(|e| io_error(|a| StorageIOError::apply(entry.log_id, a), e))?;
                     for op in ops {
+                        let (KvOp::Put(key, _) | KvOp::Delete(key)) = &op;
+                        assignments_changed |= affects_assignments(key);
                         match op {
                             KvOp::Put(k, v) => batch.insert(k.as_bytes(), v),
                             KvOp::Delete(k) => batch.remove(k.as_bytes()),
@@ -148,6 +182,9 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         }
         if let Some(index) = last_index {
             self.applied.send_replace(index);
+        }
+        if assignments_changed {
+            self.assignments.send_modify(|generation| *generation += 1);
         }
         Ok(results)
     }
@@ -196,6 +233,7 @@ impl RaftStateMachine<TypeConfig> for SledStateMachine {
         if let Some(id) = meta.last_log_id {
             self.applied.send_replace(id.index);
         }
+        self.assignments.send_modify(|generation| *generation += 1);
         Ok(())
     }
 

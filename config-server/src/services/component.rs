@@ -10,15 +10,21 @@ use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, component_server::Component, ForwardedHeartbeat};
 use prost::Message;
 use std::sync::Arc;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 pub struct ComponentService {
     node: Arc<Node>,
+    /// Changes whenever an applied entry may have changed someone's assignments.
+    assignments_changed: watch::Receiver<u64>,
 }
 
 impl ComponentService {
-    pub fn new(node: Arc<Node>) -> Self {
-        ComponentService { node }
+    pub fn new(node: Arc<Node>, assignments_changed: watch::Receiver<u64>) -> Self {
+        ComponentService {
+            node,
+            assignments_changed,
+        }
     }
 }
 
@@ -152,9 +158,6 @@ fn digest(assignments: &[v1::DiskAssignment]) -> Vec<u8> {
 
 /// Longest wait of an `AwaitAssignments` call.
 const MAX_AWAIT_SECS: u32 = 60;
-/// How often a waiting call looks again without a new log entry: addresses come from
-/// liveness, which the log does not carry.
-const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[tonic::async_trait]
 impl Component for ComponentService {
@@ -169,8 +172,10 @@ impl Component for ComponentService {
         let r = request.into_inner();
         let wait = std::time::Duration::from_secs(r.wait_secs.clamp(1, MAX_AWAIT_SECS) as u64);
         let deadline = tokio::time::Instant::now() + wait;
-        let mut metrics = self.node.raft.metrics();
+        let mut changed = self.assignments_changed.clone();
         loop {
+            // Marked seen before reading, so a change made while reading wakes the wait below.
+            changed.borrow_and_update();
             let (assignments, applied_index) = versioned_assignments(&self.node, &peer)?;
             let digest = digest(&assignments);
             if digest != r.known_digest || tokio::time::Instant::now() >= deadline {
@@ -180,19 +185,15 @@ impl Component for ComponentService {
                     applied_index,
                 }));
             }
-            // Wait for a newer applied entry (metrics also change for other reasons: look at
-            // the index), the recheck tick, or the deadline.
-            let recheck = tokio::time::Instant::now() + RECHECK;
-            let newer = async {
-                while self.node.applied_index() == applied_index {
-                    if metrics.changed().await.is_err() {
-                        std::future::pending::<()>().await;
+            // Woken only by entries that touch machines, policies or groups (addresses come
+            // from liveness and reach components with their heartbeats).
+            tokio::select! {
+                result = changed.changed() => {
+                    if result.is_err() {
+                        tokio::time::sleep_until(deadline).await;
                     }
                 }
-            };
-            tokio::select! {
-                _ = newer => {}
-                _ = tokio::time::sleep_until(recheck.min(deadline)) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
             }
         }
     }

@@ -246,6 +246,9 @@ impl DiskCache {
             self.bytes = self.bytes.saturating_sub(w.len);
             std::fs::remove_file(&w.path).map_err(io_err(&w.path))?;
         } else {
+            // Whatever the segment holds now is durable (synced, or rolled back to what
+            // was): if the rest of the group fails, the sender resumes after it, not before.
+            self.durable_seq = self.durable_seq.max(w.last_seq);
             self.closed.push_back(Closed {
                 path: w.path.clone(),
                 last_seq: w.last_seq,

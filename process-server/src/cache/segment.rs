@@ -208,6 +208,11 @@ impl SegmentWriter {
         lifeboat_common::fsutil::drop_cached(self.file.file(), from, self.len.saturating_sub(from));
         self.synced = (self.len, self.next_index, self.last_seq);
         self.synced_tail = (self.staged_at, self.staged.as_slice().to_vec());
+        if self.staged.capacity() > 2 * STAGE_BYTES {
+            // A big batch grew the buffer; it is kept per disk, so do not keep it big.
+            self.staged = AlignedBuf::new();
+            self.staged.extend_from_slice(&self.synced_tail.1);
+        }
         Ok(())
     }
 
