@@ -42,11 +42,33 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 /// A port free right now on 127.0.0.1.
+/// A port nothing listens on, for a component under test to bind. Taken below the kernel's
+/// ephemeral range (32768 and up by default), so the components' own outgoing connections
+/// cannot take it before the component binds it, and never handed out twice in one test
+/// process (two `bind(0)`s in a row can get the same port once the first is closed).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    static TAKEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Where to start differs per process, so test binaries run side by side rarely meet.
+    let mut x = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(1)
+        ^ ((std::process::id() as u64) << 20)
+        | 1;
+    for _ in 0..100_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20_000 + (x % 12_000) as u16;
+        if !taken.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000 on 127.0.0.1");
 }
 
 pub fn free_addr() -> String {
