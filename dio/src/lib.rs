@@ -72,6 +72,20 @@ impl AlignedBuf {
         *self = grown;
     }
 
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+
+    /// Appends `n` zero bytes and returns them, for the caller to fill in place.
+    pub fn grow_zeroed(&mut self, n: usize) -> &mut [u8] {
+        let from = self.len;
+        self.reserve_total(from + n);
+        let at = self.start + from;
+        self.raw[at..at + n].fill(0);
+        self.len += n;
+        &mut self.raw[at..at + n]
+    }
+
     pub fn extend_from_slice(&mut self, data: &[u8]) {
         self.reserve_total(self.len + data.len());
         let at = self.start + self.len;
@@ -153,15 +167,6 @@ impl DirectFile {
         }
     }
 
-    /// Only buffered writes (for files whose pages are wanted in the cache).
-    pub fn buffered(file: File) -> DirectFile {
-        DirectFile {
-            buffered: file,
-            direct: None,
-            bounce: AlignedBuf::new(),
-        }
-    }
-
     /// The offset and length multiple direct writes need, while they are in use.
     pub fn alignment(&self) -> Option<u64> {
         self.direct.as_ref().map(|(_, a)| *a)
@@ -173,7 +178,7 @@ impl DirectFile {
     }
 
     /// Whether a write of `len` bytes at `offset` can go direct.
-    pub fn fits(&self, offset: u64, len: usize) -> bool {
+    fn fits(&self, offset: u64, len: usize) -> bool {
         self.alignment()
             .is_some_and(|a| offset % a == 0 && len as u64 % a == 0 && len > 0)
     }

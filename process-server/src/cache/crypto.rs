@@ -52,11 +52,21 @@ impl CacheKey {
         Nonce::assume_unique_for_key(n)
     }
 
-    /// Encrypts `plain` in place, appending the tag.
-    pub fn seal(&self, salt: u64, index: u32, aad: &[u8], plain: &mut Vec<u8>) -> io::Result<()> {
-        self.0
-            .seal_in_place_append_tag(Self::nonce(salt, index), Aad::from(aad), plain)
-            .map_err(|_| io::Error::other("encryption failed"))
+    /// Encrypts `plain` in place; returns the tag, which follows the ciphertext on disk.
+    pub fn seal(
+        &self,
+        salt: u64,
+        index: u32,
+        aad: &[u8],
+        plain: &mut [u8],
+    ) -> io::Result<[u8; TAG_LEN]> {
+        let tag = self
+            .0
+            .seal_in_place_separate_tag(Self::nonce(salt, index), Aad::from(aad), plain)
+            .map_err(|_| io::Error::other("encryption failed"))?;
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        Ok(out)
     }
 
     /// Decrypts and authenticates; `None` if the record was altered.
@@ -91,7 +101,8 @@ mod tests {
         let key = CacheKey::load_or_create(&path).unwrap();
         let again = CacheKey::load_or_create(&path).unwrap();
         let mut data = b"hello".to_vec();
-        key.seal(1, 2, b"aad", &mut data).unwrap();
+        let tag = key.seal(1, 2, b"aad", &mut data).unwrap();
+        data.extend_from_slice(&tag);
         assert_ne!(&data[..5], b"hello");
         assert_eq!(again.open(1, 2, b"aad", data.clone()).unwrap(), b"hello");
         assert!(

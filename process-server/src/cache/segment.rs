@@ -147,32 +147,60 @@ impl SegmentWriter {
         batch: &ChangeBatch,
         compress: bool,
     ) -> io::Result<(usize, usize)> {
-        let plain = batch.encode_to_vec();
-        let plain_len = plain.len() as u32;
-        let (flags, mut body) = if compress && worth_compressing(&mut self.zstd, &plain)? {
-            (FLAG_ZSTD, self.zstd.compress(&plain)?)
-        } else {
-            (0, plain)
-        };
-        key.seal(
-            self.salt,
-            self.next_index,
-            &aad(&batch.disk_id, batch.seq, flags, plain_len),
-            &mut body,
-        )?;
-        let mut header = Vec::with_capacity(RECORD_HEADER);
-        header.extend_from_slice(RECORD_MAGIC);
-        header.extend_from_slice(&batch.seq.to_be_bytes());
-        header.push(flags);
-        header.extend_from_slice(&plain_len.to_be_bytes());
-        header.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        self.staged.extend_from_slice(&header);
-        self.staged.extend_from_slice(&body);
-        let stored = header.len() + body.len();
+        // Straight into the staging buffer: a header to fill in, the encoded batch, sealed in
+        // place (no copy of the batch besides the encoding itself). Cut back on any error.
+        let start = self.staged.len();
+        let result = self.stage_record(key, batch, compress);
+        if result.is_err() {
+            self.staged.truncate(start);
+        }
+        let (plain_len, stored) = result?;
         self.next_index += 1;
         self.len += stored as u64;
         self.last_seq = batch.seq;
-        Ok((plain_len as usize, stored))
+        Ok((plain_len, stored))
+    }
+
+    /// Appends one record to the staging buffer; returns its (plain, stored) sizes.
+    fn stage_record(
+        &mut self,
+        key: &CacheKey,
+        batch: &ChangeBatch,
+        compress: bool,
+    ) -> io::Result<(usize, usize)> {
+        let start = self.staged.len();
+        let body_at = start + RECORD_HEADER;
+        self.staged.grow_zeroed(RECORD_HEADER);
+        let plain_len = batch.encoded_len();
+        let mut plain = self.staged.grow_zeroed(plain_len);
+        batch
+            .encode(&mut plain)
+            .map_err(|e| io::Error::other(format!("encoding a batch: {e}")))?;
+        let body = &self.staged.as_slice()[body_at..];
+        let flags = if compress && worth_compressing(&mut self.zstd, body)? {
+            let compressed = self.zstd.compress(body)?;
+            self.staged.truncate(body_at);
+            self.staged.extend_from_slice(&compressed);
+            FLAG_ZSTD
+        } else {
+            0
+        };
+        let aad = aad(&batch.disk_id, batch.seq, flags, plain_len as u32);
+        let tag = key.seal(
+            self.salt,
+            self.next_index,
+            &aad,
+            &mut self.staged.as_mut_slice()[body_at..],
+        )?;
+        self.staged.extend_from_slice(&tag);
+        let sealed_len = self.staged.len() - body_at;
+        let header = &mut self.staged.as_mut_slice()[start..body_at];
+        header[..4].copy_from_slice(RECORD_MAGIC);
+        header[4..12].copy_from_slice(&batch.seq.to_be_bytes());
+        header[12] = flags;
+        header[13..17].copy_from_slice(&(plain_len as u32).to_be_bytes());
+        header[17..21].copy_from_slice(&(sealed_len as u32).to_be_bytes());
+        Ok((plain_len, RECORD_HEADER + sealed_len))
     }
 
     /// Writes the staged records: whole blocks, the last one padded with zeros when writes are
@@ -202,10 +230,14 @@ impl SegmentWriter {
     pub fn sync(&mut self) -> io::Result<()> {
         self.write_staged()?;
         self.file.file().sync_data()?;
-        // Forwarding reads fresh records from memory; the file is read back only after a
-        // restart or a long backlog, so its pages need not stay cached (buffered writes).
-        let from = self.synced.0;
-        lifeboat_common::fsutil::drop_cached(self.file.file(), from, self.len.saturating_sub(from));
+        if self.file.alignment().is_none() {
+            // Written through the page cache (no direct writes here): forwarding reads fresh
+            // records from memory and the file only after a restart or a long backlog, so
+            // its pages need not stay cached.
+            let from = self.synced.0;
+            let written = self.len.saturating_sub(from);
+            lifeboat_common::fsutil::drop_cached(self.file.file(), from, written);
+        }
         self.synced = (self.len, self.next_index, self.last_seq);
         self.synced_tail = (self.staged_at, self.staged.as_slice().to_vec());
         if self.staged.capacity() > 2 * STAGE_BYTES {
