@@ -93,14 +93,18 @@ pub fn signal(name: &str, pid: u32) {
 }
 
 /// Starts a process server, a master target and an agent, and waits until the configuration
-/// server sees the agent connected.
+/// server sees all three connected.
 pub fn start_connected(ctx: &Path, ps: &mut Component, mt: &mut Component, agent: &mut Component) {
     ps.start();
     mt.start();
     agent.start();
-    wait_until("agent connected", WAIT, || {
-        servers(ctx, "agent")
-            .first()
-            .is_some_and(|a| a["status"] == "Connected")
-    });
+    // All three: protect places disks only on connected servers, and the agent may well be
+    // heard from before the process server or master target.
+    for role in ["agent", "process-server", "master-target"] {
+        wait_until(&format!("{role} connected"), WAIT, || {
+            servers(ctx, role)
+                .first()
+                .is_some_and(|a| a["status"] == "Connected")
+        });
+    }
 }
