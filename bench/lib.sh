@@ -6,7 +6,8 @@ cargo build --release --quiet --workspace --bins
 # compete with the pipeline being measured.
 PYTHON=$(python3 -c 'import sys; print(sys.executable)')
 python3() { "$PYTHON" "$@"; }
-BIN=$PWD/target/release
+# BIN may name another build of the binaries (for example one with frame pointers, to profile).
+BIN=${BIN:-$PWD/target/release}
 WORK=$(mktemp -d /tmp/lifeboat-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi; }

@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Batch payloads are reference-counted: decoding takes them out of the receive buffer
         // without a copy, and a sender keeping a batch for resending does not copy it.
         .bytes(".lifeboat.v1.Extent.data")
+        // Sizes the encode buffer for the whole message before encoding (see `codec`).
+        .codec_path("crate::codec::LifeboatCodec")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -290,6 +290,7 @@ pub fn main_with<Fut>(future: Fut) -> std::process::ExitCode
 where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    crate::allocator::tune();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

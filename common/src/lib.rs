@@ -2,6 +2,7 @@
 //! TLS, registration and heartbeats of components, configuration, telemetry and shutdown.
 //! Nothing here knows about Raft, replication or the state of the configuration server.
 
+pub mod allocator;
 pub mod assigned;
 pub mod assignment_watch;
 pub mod batch;

@@ -86,6 +86,17 @@ impl AlignedBuf {
         &mut self.raw[at..at + n]
     }
 
+    /// Appends `n` bytes and returns them for the caller to overwrite entirely. Their content
+    /// is unspecified (whatever the buffer held there before, or zeros): cheaper than
+    /// [`grow_zeroed`](Self::grow_zeroed) when every byte is about to be written anyway.
+    pub fn grow(&mut self, n: usize) -> &mut [u8] {
+        let from = self.len;
+        self.reserve_total(from + n);
+        let at = self.start + from;
+        self.len += n;
+        &mut self.raw[at..at + n]
+    }
+
     pub fn extend_from_slice(&mut self, data: &[u8]) {
         self.reserve_total(self.len + data.len());
         let at = self.start + self.len;

@@ -31,6 +31,23 @@ fn the_buffer_stays_aligned_and_keeps_its_content_as_it_grows_and_drains() {
     assert_eq!(buf.as_slice(), &model[..10]);
 }
 
+#[test]
+fn grow_hands_out_room_after_the_content_and_keeps_what_is_written_there() {
+    let mut buf = AlignedBuf::new();
+    buf.extend_from_slice(b"head");
+    buf.grow(3).copy_from_slice(b"abc");
+    assert_eq!(buf.as_slice(), b"headabc");
+    buf.truncate(4);
+    // Room handed out again after a truncate may hold old bytes; the length is what counts.
+    let room = buf.grow(5000);
+    assert_eq!(room.len(), 5000);
+    room.fill(7);
+    assert!(aligned(&buf));
+    assert_eq!(&buf.as_slice()[..4], b"head");
+    assert!(buf.as_slice()[4..].iter().all(|&b| b == 7));
+    assert_eq!(buf.len(), 5004);
+}
+
 /// Every kind of write lands where it should, direct or not, on the file system the tests
 /// run on and on tmpfs (which refuses O_DIRECT) when the machine has one.
 #[test]

@@ -375,9 +375,8 @@ impl Capture {
     /// Returns the bytes queued as data.
     pub fn sync_read(&self, offset: u64, len: u64, zeros_matter: bool) -> io::Result<u64> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        let mut data = vec![0u8; len as usize];
-        self.source.read_exact_at(&mut data, offset)?;
-        let zero = data.iter().all(|b| *b == 0);
+        let data = read_new_at(&self.source, offset, len as usize)?;
+        let zero = is_zero(&data);
         if zero && !zeros_matter {
             return Ok(0);
         }
@@ -410,8 +409,7 @@ impl Capture {
         known: &[BlockHash],
     ) -> io::Result<(u64, Vec<BlockHash>)> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
-        let mut data = vec![0u8; len as usize];
-        self.source.read_exact_at(&mut data, offset)?;
+        let data = read_new_at(&self.source, offset, len as usize)?;
         let hashes = blockhash::hash_blocks(&data, blockhash::BLOCK);
         let block = blockhash::BLOCK as usize;
         let mut shipped = 0u64;
@@ -555,4 +553,33 @@ impl Capture {
     pub fn overflowed(&self) -> bool {
         self.queue.lock().map(|q| q.overflowed).unwrap_or(true)
     }
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first (the
+/// initial sync reads its whole disk through here: zeroing cost as much as the check below).
+fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let at = offset + data.len() as u64;
+        // Fills (part of) the spare capacity and extends the length by what was read.
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut data), at)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the source disk ends before byte {}", offset + len as u64),
+            ));
+        }
+    }
+    // The capacity may exceed `len`, and so may the last read.
+    data.truncate(len);
+    Ok(data)
+}
+
+/// True when every byte is zero, in 64-byte chunks the compiler vectorises.
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+        && chunks.remainder().iter().all(|&b| b == 0)
 }

@@ -239,6 +239,33 @@ async fn store(
     Ok(acks)
 }
 
+/// What a push stream last acknowledged for a disk, and a subscription to what the master
+/// target applies of it.
+struct AppliedWatch {
+    entry: Arc<DiskEntry>,
+    applied: tokio::sync::watch::Receiver<crate::disks::Applied>,
+    durable: u64,
+    reported: u64,
+}
+
+/// Resolves with a fresh ack once the master target has applied batches beyond the last ack's;
+/// never resolves while nothing is watched or the disk left this server.
+async fn applied_since(disks: &Disks, last: &mut Option<AppliedWatch>) -> IngestAck {
+    let Some(w) = last.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        if w.applied.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let (applied, _) = *w.applied.borrow_and_update();
+        if applied > w.reported {
+            w.reported = applied;
+            return ack(disks, &w.entry, w.durable);
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Ingest for IngestService {
     async fn resume(
@@ -289,11 +316,31 @@ impl Ingest for IngestService {
         let disks = self.disks.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            // Groups are read ahead while the previous one is stored: transfer and fsync overlap.
-            while let Some(group) = groups.next(GROUP_BYTES).await {
+            // The disk this stream last stored for, to tell the agent as soon as the master
+            // target has applied more of it (the end of an initial sync waits on that).
+            let mut last: Option<AppliedWatch> = None;
+            loop {
+                // Groups are read ahead while the previous one is stored: transfer and fsync
+                // overlap. `Groups::next` is cancel-safe.
+                let group = tokio::select! {
+                    group = groups.next(GROUP_BYTES) => group,
+                    a = applied_since(&disks, &mut last) => {
+                        if tx.send(Ok(a)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let Some(group) = group else { break };
                 match store(&disks, &peer, group).await {
                     Ok(acks) => {
                         for a in acks {
+                            last = disks.get(&a.disk_id).map(|entry| AppliedWatch {
+                                applied: entry.applied.subscribe(),
+                                durable: a.durable_seq,
+                                reported: a.applied_seq,
+                                entry,
+                            });
                             if tx.send(Ok(a)).await.is_err() {
                                 return;
                             }

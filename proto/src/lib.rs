@@ -1,6 +1,8 @@
 //! Lifeboat's wire protocol, package `lifeboat.v1`: the generated prost messages and tonic
 //! clients and servers. Domain code converts these at the edge; nothing here has behaviour.
 
+pub mod codec;
+
 /// Package `lifeboat.v1`.
 pub mod v1 {
     tonic::include_proto!("lifeboat.v1");

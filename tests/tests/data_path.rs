@@ -166,7 +166,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     let agent_dir = tmp.path().join("web01");
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut model = vec![0u8; DISK as usize];
-    let batches: Vec<ChangeBatch> = (1..=40)
+    let batches: Vec<ChangeBatch> = (1..=45)
         .map(|s| make_batch(&mut rng, &web, s, &mut model))
         .collect();
 
@@ -253,7 +253,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     runtime.block_on(async {
         let mut c = client(&agent_dir, &ps.listen).await;
         assert_eq!(
-            push(&mut c, batches[30..].to_vec())
+            push(&mut c, batches[30..40].to_vec())
                 .await
                 .unwrap()
                 .unwrap()
@@ -264,7 +264,37 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     mt.proc.as_mut().unwrap().kill9();
     qemu_check_vpc(&replica_path(&mt, &web));
     mt.start();
-    assert_replica_matches(&mt, &web, 40, &model, tmp.path());
+    assert_replica_matches(&mt, &web, 40, &model_at(&batches[..40]), tmp.path());
+
+    // The process server passes the master target's applied acknowledgement on while the
+    // agent's stream stays open with nothing more to send (the end of an initial sync waits
+    // on it): the ack of the store itself comes before the master target has applied.
+    runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        for b in &batches[40..] {
+            tx.send(b.clone()).await.unwrap();
+        }
+        let mut acks = c
+            .push(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let last = batches.len() as u64;
+        let applied = tokio::time::timeout(WAIT, async {
+            loop {
+                let ack = acks.message().await.unwrap().expect("the stream is open");
+                if ack.applied_seq >= last {
+                    return ack;
+                }
+            }
+        })
+        .await
+        .expect("no acknowledgement of the applied batches came on the open stream");
+        assert_eq!(applied.durable_seq, last);
+        drop(tx);
+    });
+    assert_replica_matches(&mt, &web, 45, &model, tmp.path());
 
     // The configuration server sees the disks' progress and the PS cache empties.
     wait_until("cache released", WAIT, || {

@@ -172,10 +172,14 @@ impl SegmentWriter {
         let body_at = start + RECORD_HEADER;
         self.staged.grow_zeroed(RECORD_HEADER);
         let plain_len = batch.encoded_len();
-        let mut plain = self.staged.grow_zeroed(plain_len);
+        // Every byte of it is written by the encoding (exactly `encoded_len` bytes).
+        let mut plain = self.staged.grow(plain_len);
         batch
             .encode(&mut plain)
             .map_err(|e| io::Error::other(format!("encoding a batch: {e}")))?;
+        if !plain.is_empty() {
+            return Err(io::Error::other("a batch encoded shorter than its length"));
+        }
         let body = &self.staged.as_slice()[body_at..];
         let flags = if compress && worth_compressing(&mut self.zstd, body)? {
             let compressed = self.zstd.compress(body)?;
