@@ -9,6 +9,7 @@ use crate::{tls, Identity, Role};
 use lifeboat_proto::v1::{self, component_client::ComponentClient};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// How long one long-poll waits (below the channel's call timeout).
 const WAIT_SECS: u32 = 10;
@@ -66,25 +67,38 @@ impl Latest {
     }
 }
 
+/// How long to wait before asking again a configuration server that did not offer the
+/// long-poll (an older version, until it is upgraded); heartbeats carry the lists meanwhile.
+const RETRY_UNIMPLEMENTED: Duration = Duration::from_secs(300);
+
 /// Long-polls the configuration server for assignment changes until the caller drops the
-/// future. Returns only if the server does not offer the call (an older version): heartbeats
-/// then remain the only path.
-pub async fn follow(identity: &Identity, reporter: &impl Reporter, latest: &Latest) {
+/// future. `addresses` are the configuration servers as the heartbeats last learnt them
+/// (read at every reconnect, so a changed cluster is followed). `reconnected` is notified
+/// when a long-poll is answered again after a failure: the server that answers may not
+/// have heard from this component yet (its node was lost), so the heartbeat goes out then
+/// rather than at the end of its interval.
+pub async fn follow(
+    identity: &Identity,
+    addresses: &watch::Receiver<Vec<String>>,
+    reporter: &impl Reporter,
+    latest: &Latest,
+    reconnected: &tokio::sync::Notify,
+) {
     let mut digest = Vec::new();
     let mut backoff = Duration::from_secs(1);
+    let mut failed = false;
     loop {
-        let channel =
-            match tls::mtls_connect_any(identity, &identity.info.cs_addresses, Role::ConfigServer)
-                .await
-            {
-                Ok((_, channel)) => channel,
-                Err(_) => {
-                    // The heartbeat loop reports connection trouble; just try again later.
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            };
+        let servers = addresses.borrow().clone();
+        let channel = match tls::mtls_connect_any(identity, &servers, Role::ConfigServer).await {
+            Ok((_, channel)) => channel,
+            Err(_) => {
+                // The heartbeat loop reports connection trouble; just try again later.
+                failed = true;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
         let mut client = ComponentClient::new(channel);
         loop {
             let request = v1::AwaitAssignmentsRequest {
@@ -97,21 +111,27 @@ pub async fn follow(identity: &Identity, reporter: &impl Reporter, latest: &Late
                     latest.offer(r.applied_index, r.assignments, reporter);
                     digest = r.digest;
                     backoff = Duration::from_secs(1);
+                    if std::mem::take(&mut failed) {
+                        reconnected.notify_one();
+                    }
                 }
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
-                    tracing::debug!(
-                        "configuration server has no AwaitAssignments: heartbeats only"
+                    tracing::info!(
+                        "the configuration server does not offer AwaitAssignments (an older version): assignments follow heartbeats only; asking again in {} s",
+                        RETRY_UNIMPLEMENTED.as_secs()
                     );
-                    return;
+                    tokio::time::sleep(RETRY_UNIMPLEMENTED).await;
+                    break;
                 }
                 Err(status) => {
                     tracing::debug!("waiting for assignments: {}", status.message());
+                    failed = true;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                     break;
                 }
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

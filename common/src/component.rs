@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -128,15 +129,35 @@ pub async fn heartbeat_loop(
 ) -> Result<(), HeartbeatStop> {
     let latest = Latest::default();
     let watcher = identity.clone();
-    let follow = async {
-        crate::assignment_watch::follow(&watcher, reporter, &latest).await;
-        std::future::pending::<std::convert::Infallible>().await
+    // The configuration servers' addresses as heartbeat replies update them, for the long-poll.
+    let (addresses, followed) = watch::channel(identity.info.cs_addresses.clone());
+    let reconnected = tokio::sync::Notify::new();
+    let follow =
+        crate::assignment_watch::follow(&watcher, &followed, reporter, &latest, &reconnected);
+    let links = Links {
+        latest: &latest,
+        addresses: &addresses,
+        reconnected: &reconnected,
     };
+    let beats = heartbeats(identity, data_dir, reporter, revocations, cancel, links);
     tokio::select! {
-        result = heartbeats(identity, data_dir, reporter, revocations, cancel, &latest) => result,
-        never = follow => match never {},
+        result = beats => result,
+        () = follow => Ok(()),
     }
 }
+
+/// What the heartbeats share with the assignment long-poll.
+struct Links<'a> {
+    /// The newest assignment list handed over (by either path).
+    latest: &'a Latest,
+    /// The configuration servers' addresses, updated from heartbeat replies.
+    addresses: &'a watch::Sender<Vec<String>>,
+    /// Notified when the long-poll is answered again after a failure.
+    reconnected: &'a tokio::sync::Notify,
+}
+
+/// First wait before a failed heartbeat is sent again.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
 
 async fn heartbeats(
     mut identity: Identity,
@@ -144,11 +165,17 @@ async fn heartbeats(
     reporter: &impl Reporter,
     revocations: RevocationList,
     cancel: CancellationToken,
-    latest: &Latest,
+    links: Links<'_>,
 ) -> Result<(), HeartbeatStop> {
+    let Links {
+        latest,
+        addresses,
+        reconnected,
+    } = links;
     let mut connection: Option<(String, Channel)> = None;
     let mut interval = Duration::from_secs(identity.info.heartbeat_interval_secs.max(1) as u64);
     let mut was_connected = None;
+    let mut retry = RETRY_FIRST;
     loop {
         let request = v1::HeartbeatRequest {
             facts: Some(reporter.facts()),
@@ -163,6 +190,13 @@ async fn heartbeats(
                 if let Err(e) = identity.update_cs_addresses(&data_dir, response.cs_addresses) {
                     tracing::warn!("cannot save configuration server addresses: {e}");
                 }
+                addresses.send_if_modified(|known| {
+                    let changed = *known != identity.info.cs_addresses;
+                    if changed {
+                        known.clone_from(&identity.info.cs_addresses);
+                    }
+                    changed
+                });
                 true
             }
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
@@ -187,9 +221,20 @@ async fn heartbeats(
                 None => std::future::pending().await,
             }
         };
+        // After a failure, try again soon (another configuration server may answer: the
+        // cluster lost the node this one talked to), backing off up to the interval.
+        let wait = if connected {
+            retry = RETRY_FIRST;
+            reporter.heartbeat_every(interval)
+        } else {
+            let wait = retry.min(interval);
+            retry = (retry * 2).min(interval);
+            wait
+        };
         tokio::select! {
-            _ = tokio::time::sleep(reporter.heartbeat_every(interval)) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = nudged => {}
+            _ = reconnected.notified() => {}
             _ = cancel.cancelled() => return Ok(()),
         }
     }

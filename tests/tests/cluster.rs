@@ -1,6 +1,7 @@
 //! A three-node configuration server cluster on 127.0.0.1: nodes join with the passphrase,
 //! become voters, and after the leader is killed (SIGKILL) a new leader is elected and every
 //! acknowledged write is still there. Writes sent to a follower are forwarded to the leader.
+//! Components registered with a node that is lost follow the rest of the cluster.
 use lifeboat_e2e::*;
 use serde_json::Value;
 use std::path::Path;
@@ -175,4 +176,80 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
         .success()
             && agent_names(&ctx, &back) == expected
     });
+}
+
+/// Runs `lifeboat` against the node at `addr` with the cluster's admin context.
+fn lifeboat_at(context: &Path, addr: &str, args: &[&str]) -> std::process::Output {
+    let mut argv = vec!["--cs", addr];
+    argv.extend_from_slice(args);
+    run(
+        "lifeboat",
+        &argv,
+        &[("LIFEBOAT_CONTEXT", &context.display().to_string())],
+    )
+}
+
+/// Components registered with one node keep following their assignments after that node is
+/// lost: their heartbeats learn the cluster's other members, and the long-poll for
+/// assignments dials those. Heartbeats here are 5 minutes apart, so only the long-poll can
+/// bring the protection in time, and the agent's report of Protected goes out on the retry
+/// that follows its failed heartbeat to the lost node.
+#[test]
+fn components_follow_the_cluster_after_losing_the_node_they_registered_with() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut first, _) = CsNode::init_with_heartbeat(tmp.path().join("cs1"), 300);
+    let ctx = first.context();
+    let img = tmp.path().join("web01.img");
+    std::fs::write(&img, vec![0x5a; 8 << 20]).unwrap();
+    let disk = format!("disk0={}", img.display());
+    let mut agent = Component::register(
+        "mobility-agent",
+        "web01",
+        tmp.path(),
+        &first,
+        &["--disk", &disk],
+    );
+    let mut ps = Component::register("process-server", "ps1", tmp.path(), &first, &[]);
+    let mut mt = Component::register("master-target", "mt1", tmp.path(), &first, &[]);
+    let out = lifeboat(&ctx, &["policy", "create", "gold"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let pf = first.passphrase_file();
+    let others: Vec<CsNode> = (2..=3)
+        .map(|i| {
+            CsNode::join_with_heartbeat(tmp.path().join(format!("cs{i}")), &first.addr, &pf, 300)
+        })
+        .collect();
+    wait_until("three voters", WAIT, || {
+        status(&ctx, &first.addr).is_some_and(|s| voters(&s) == 3)
+    });
+    // Started now, the components' first heartbeat names all three nodes.
+    for c in [&mut ps, &mut mt, &mut agent] {
+        c.start();
+    }
+    let knows_all = |dir: &Path| {
+        std::fs::read_to_string(dir.join("identity").join("identity.toml"))
+            .is_ok_and(|t| others.iter().all(|n| t.contains(&n.addr)))
+    };
+    wait_until("components learnt every node", WAIT, || {
+        [&ps, &mt, &agent].iter().all(|c| knows_all(&c.dir))
+    });
+
+    first.proc.as_mut().unwrap().kill9();
+    let survivor = others[0].addr.clone();
+    wait_until("a leader among the survivors", WAIT, || {
+        status(&ctx, &survivor).is_some_and(|s| {
+            s["leader_address"]
+                .as_str()
+                .is_some_and(|a| others.iter().any(|n| n.addr == a))
+        })
+    });
+    let out = lifeboat_at(&ctx, &survivor, &["protect", "web01", "--policy", "gold"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = lifeboat_at(&ctx, &survivor, &["wait", "web01", "--timeout-secs", "120"]);
+    assert!(
+        out.status.success(),
+        "web01 did not become Protected with its first node gone: {}",
+        text(&out)
+    );
 }
