@@ -74,9 +74,9 @@ const RETRY_UNIMPLEMENTED: Duration = Duration::from_secs(300);
 /// Long-polls the configuration server for assignment changes until the caller drops the
 /// future. `addresses` are the configuration servers as the heartbeats last learnt them
 /// (read at every reconnect, so a changed cluster is followed). `reconnected` is notified
-/// when a long-poll is answered again after a failure: the server that answers may not
-/// have heard from this component yet (its node was lost), so the heartbeat goes out then
-/// rather than at the end of its interval.
+/// when a connection is made again after a failure: the server reached may not have heard
+/// from this component yet (its node was lost), so the heartbeat goes out then rather than at
+/// the end of its interval.
 pub async fn follow(
     identity: &Identity,
     addresses: &watch::Receiver<Vec<String>>,
@@ -90,7 +90,12 @@ pub async fn follow(
     loop {
         let servers = addresses.borrow().clone();
         let channel = match tls::mtls_connect_any(identity, &servers, Role::ConfigServer).await {
-            Ok((_, channel)) => channel,
+            Ok((_, channel)) => {
+                if std::mem::take(&mut failed) {
+                    reconnected.notify_one();
+                }
+                channel
+            }
             Err(_) => {
                 // The heartbeat loop reports connection trouble; just try again later.
                 failed = true;
@@ -111,9 +116,6 @@ pub async fn follow(
                     latest.offer(r.applied_index, r.assignments, reporter);
                     digest = r.digest;
                     backoff = Duration::from_secs(1);
-                    if std::mem::take(&mut failed) {
-                        reconnected.notify_one();
-                    }
                 }
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
                     tracing::info!(

@@ -562,7 +562,11 @@ fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     while data.len() < len {
         let at = offset + data.len() as u64;
         // Fills (part of) the spare capacity and extends the length by what was read.
-        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut data), at)?;
+        let n = match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut data), at) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

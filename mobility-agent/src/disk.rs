@@ -474,8 +474,9 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = agent.stop.cancelled() => return Ok(()),
         }
-        // While batches await the master target, ask where it stands (acks only come with
-        // our own pushes).
+        // While batches await the master target, ask where it stands. A current process
+        // server acks on this stream as the master target applies; an older one only acks
+        // our own pushes, and this poll is what tells the agent then.
         let waiting = agent
             .progress
             .lock()

@@ -240,7 +240,8 @@ async fn store(
 }
 
 /// What a push stream last acknowledged for a disk, and a subscription to what the master
-/// target applies of it.
+/// target applies of it. One disk per stream: the agent opens a stream per disk (on a stream
+/// carrying several, the one stored last is watched).
 struct AppliedWatch {
     entry: Arc<DiskEntry>,
     applied: tokio::sync::watch::Receiver<crate::disks::Applied>,
@@ -249,21 +250,37 @@ struct AppliedWatch {
 }
 
 /// Resolves with a fresh ack once the master target has applied batches beyond the last ack's;
-/// never resolves while nothing is watched or the disk left this server.
-async fn applied_since(disks: &Disks, last: &mut Option<AppliedWatch>) -> IngestAck {
+/// never resolves while nothing is watched. A disk that leaves this server is no longer
+/// watched (the stream must not keep its cache open). Cancel-safe: nothing counts as reported
+/// until the ack is returned, and the applied value is compared before every wait, so a
+/// change between the store's ack and the subscription is not missed either.
+async fn applied_since(disks: &Arc<Disks>, last: &mut Option<AppliedWatch>) -> IngestAck {
     let Some(w) = last.as_mut() else {
         return std::future::pending().await;
     };
     loop {
-        if w.applied.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        let (applied, _) = *w.applied.borrow_and_update();
+        let (applied, _) = *w.applied.borrow();
         if applied > w.reported {
-            w.reported = applied;
-            return ack(disks, &w.entry, w.durable);
+            // The fill figure takes every disk's cache lock, held through their fsyncs: not
+            // on a runtime thread.
+            let (d, entry, durable) = (disks.clone(), w.entry.clone(), w.durable);
+            let fresh = tokio::task::spawn_blocking(move || ack(&d, &entry, durable)).await;
+            if let Ok(a) = fresh {
+                w.reported = applied;
+                return a;
+            }
+        }
+        tokio::select! {
+            changed = w.applied.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = w.entry.stop.cancelled() => break,
         }
     }
+    *last = None;
+    std::future::pending().await
 }
 
 #[tonic::async_trait]

@@ -244,8 +244,15 @@ fn components_follow_the_cluster_after_losing_the_node_they_registered_with() {
                 .is_some_and(|a| others.iter().any(|n| n.addr == a))
         })
     });
-    let out = lifeboat_at(&ctx, &survivor, &["protect", "web01", "--policy", "gold"]);
-    assert!(out.status.success(), "{}", text(&out));
+    // Placement needs the survivors to have heard from the process server and master target
+    // (the lost node may have died before its summary of their heartbeats was committed):
+    // their heartbeats go out when their long-polls reconnect, so this succeeds within
+    // seconds, not at the next heartbeat five minutes away.
+    wait_until("protect accepted by the survivors", WAIT, || {
+        lifeboat_at(&ctx, &survivor, &["protect", "web01", "--policy", "gold"])
+            .status
+            .success()
+    });
     let out = lifeboat_at(&ctx, &survivor, &["wait", "web01", "--timeout-secs", "120"]);
     assert!(
         out.status.success(),
