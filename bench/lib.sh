@@ -48,7 +48,11 @@ def val(name):
 n, s = val("lifeboat_mt_apply_seconds_count"), val("lifeboat_mt_apply_seconds_sum")
 print(f"  master target: {n:.0f} apply groups, mean {1000*s/max(n,1):.1f} ms per group (write + VHD flush + marker)")
 PY
-  echo "  CPU time so far: $(ps -o comm=,time= -p "$(IFS=,; echo "${PIDS[*]}")" | awk '{printf "%s %s; ", $1, $2}')"
+  # User + system CPU seconds of each process still running, from /proc (to 1/100 s).
+  local tck; tck=$(getconf CLK_TCK)
+  echo "  CPU seconds so far: $(for p in "${PIDS[@]}"; do
+    [ -r /proc/$p/stat ] && awk -v t="$tck" -v n="$(cat /proc/$p/comm)" '{printf "%s %.2f; ", n, ($14+$15)/t}' /proc/$p/stat
+  done)"
 }
 $BIN/lifeboat policy create bench ${BENCH_POLICY_FLAGS:-} >/dev/null
 
