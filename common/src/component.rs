@@ -152,7 +152,7 @@ struct Links<'a> {
     latest: &'a Latest,
     /// The configuration servers' addresses, updated from heartbeat replies.
     addresses: &'a watch::Sender<Vec<String>>,
-    /// Notified when the long-poll is answered again after a failure.
+    /// Notified when the long-poll connects again after a failure.
     reconnected: &'a tokio::sync::Notify,
 }
 
@@ -190,13 +190,9 @@ async fn heartbeats(
                 if let Err(e) = identity.update_cs_addresses(&data_dir, response.cs_addresses) {
                     tracing::warn!("cannot save configuration server addresses: {e}");
                 }
-                addresses.send_if_modified(|known| {
-                    let changed = *known != identity.info.cs_addresses;
-                    if changed {
-                        known.clone_from(&identity.info.cs_addresses);
-                    }
-                    changed
-                });
+                if *addresses.borrow() != identity.info.cs_addresses {
+                    addresses.send_replace(identity.info.cs_addresses.clone());
+                }
                 true
             }
             Err(status) if status.code() == tonic::Code::Unauthenticated => {

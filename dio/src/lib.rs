@@ -76,19 +76,9 @@ impl AlignedBuf {
         &mut self.raw[self.start..self.start + self.len]
     }
 
-    /// Appends `n` zero bytes and returns them, for the caller to fill in place.
-    pub fn grow_zeroed(&mut self, n: usize) -> &mut [u8] {
-        let from = self.len;
-        self.reserve_total(from + n);
-        let at = self.start + from;
-        self.raw[at..at + n].fill(0);
-        self.len += n;
-        &mut self.raw[at..at + n]
-    }
-
     /// Appends `n` bytes and returns them for the caller to overwrite entirely. Their content
-    /// is unspecified (whatever the buffer held there before, or zeros): cheaper than
-    /// [`grow_zeroed`](Self::grow_zeroed) when every byte is about to be written anyway.
+    /// is unspecified (whatever the buffer held there before, or zeros): nothing is zeroed
+    /// that is about to be written anyway.
     pub fn grow(&mut self, n: usize) -> &mut [u8] {
         let from = self.len;
         self.reserve_total(from + n);

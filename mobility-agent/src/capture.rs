@@ -376,7 +376,7 @@ impl Capture {
     pub fn sync_read(&self, offset: u64, len: u64, zeros_matter: bool) -> io::Result<u64> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
         let data = read_new_at(&self.source, offset, len as usize)?;
-        let zero = is_zero(&data);
+        let zero = vhd::is_zero(&data);
         if zero && !zeros_matter {
             return Ok(0);
         }
@@ -425,7 +425,7 @@ impl Capture {
             }
             let bytes = &data[start * block..(i * block).min(data.len())];
             let at = offset + (start * block) as u64;
-            let item = if bytes.iter().all(|b| *b == 0) {
+            let item = if vhd::is_zero(bytes) {
                 Captured {
                     index: 0,
                     at_ms: now_ms(),
@@ -577,13 +577,4 @@ fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     // The capacity may exceed `len`, and so may the last read.
     data.truncate(len);
     Ok(data)
-}
-
-/// True when every byte is zero, in 64-byte chunks the compiler vectorises.
-fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(64);
-    chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-        && chunks.remainder().iter().all(|&b| b == 0)
 }

@@ -24,6 +24,8 @@ pub struct DiskEntry {
     pub disk_id: String,
     pub assignment: RwLock<DiskAssignment>,
     pub cache: Mutex<DiskCache>,
+    /// The cache's size on disk, readable without its lock (`DiskCache::bytes_counter`).
+    pub cache_bytes: Arc<AtomicU64>,
     /// Signalled after every append, to wake the forwarder.
     pub appended: Notify,
     pub applied: watch::Sender<Applied>,
@@ -204,6 +206,7 @@ impl Disks {
                 let entry = Arc::new(DiskEntry {
                     disk_id: id.clone(),
                     assignment: RwLock::new(assignment),
+                    cache_bytes: cache.bytes_counter(),
                     cache: Mutex::new(cache),
                     appended: Notify::new(),
                     applied,
@@ -222,11 +225,11 @@ impl Disks {
         );
     }
 
-    /// Bytes the cache holds now, over all disks.
+    /// Bytes the cache holds now, over all disks (no cache lock taken).
     pub fn cache_used(&self) -> u64 {
         self.all()
             .iter()
-            .map(|d| d.cache.lock().map(|c| c.bytes()).unwrap_or(0))
+            .map(|d| d.cache_bytes.load(Ordering::Relaxed))
             .sum()
     }
 
@@ -235,7 +238,7 @@ impl Disks {
         let mut bytes = 0;
         let (mut plain, mut stored) = (0u64, 0u64);
         for d in self.all() {
-            bytes += d.cache.lock().map(|c| c.bytes()).unwrap_or(0);
+            bytes += d.cache_bytes.load(Ordering::Relaxed);
             plain += d.plain_bytes.load(Ordering::Relaxed);
             stored += d.stored_bytes.load(Ordering::Relaxed);
         }

@@ -251,24 +251,18 @@ struct AppliedWatch {
 
 /// Resolves with a fresh ack once the master target has applied batches beyond the last ack's;
 /// never resolves while nothing is watched. A disk that leaves this server is no longer
-/// watched (the stream must not keep its cache open). Cancel-safe: nothing counts as reported
-/// until the ack is returned, and the applied value is compared before every wait, so a
-/// change between the store's ack and the subscription is not missed either.
-async fn applied_since(disks: &Arc<Disks>, last: &mut Option<AppliedWatch>) -> IngestAck {
+/// watched (the stream must not keep its cache open). Cancel-safe: the only await is the
+/// wait for a change, and the applied value is compared before every wait, so a change
+/// between the store's ack and the subscription is not missed either.
+async fn applied_since(disks: &Disks, last: &mut Option<AppliedWatch>) -> IngestAck {
     let Some(w) = last.as_mut() else {
         return std::future::pending().await;
     };
     loop {
         let (applied, _) = *w.applied.borrow();
         if applied > w.reported {
-            // The fill figure takes every disk's cache lock, held through their fsyncs: not
-            // on a runtime thread.
-            let (d, entry, durable) = (disks.clone(), w.entry.clone(), w.durable);
-            let fresh = tokio::task::spawn_blocking(move || ack(&d, &entry, durable)).await;
-            if let Ok(a) = fresh {
-                w.reported = applied;
-                return a;
-            }
+            w.reported = applied;
+            return ack(disks, &w.entry, w.durable);
         }
         tokio::select! {
             changed = w.applied.changed() => {

@@ -41,7 +41,6 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A port free right now on 127.0.0.1.
 /// A port nothing listens on, for a component under test to bind. Taken below the kernel's
 /// ephemeral range (32768 and up by default), so the components' own outgoing connections
 /// cannot take it before the component binds it, and never handed out twice in one test

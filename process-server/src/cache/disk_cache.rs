@@ -8,6 +8,7 @@ use lifeboat_proto::v1::ChangeBatch;
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A segment is closed once it holds this many bytes.
@@ -59,8 +60,10 @@ pub struct DiskCache {
     closed: VecDeque<Closed>,
     writer: Option<SegmentWriter>,
     durable_seq: u64,
-    /// Bytes the cache occupies on disk.
-    bytes: u64,
+    /// Bytes the cache occupies on disk. Shared (see [`DiskCache::bytes_counter`]) so that
+    /// flow control and acks can sum every disk's cache without taking their locks, which
+    /// are held through fsyncs.
+    bytes: Arc<AtomicU64>,
 }
 
 impl DiskCache {
@@ -80,7 +83,7 @@ impl DiskCache {
             closed: VecDeque::new(),
             writer: None,
             durable_seq: 0,
-            bytes: 0,
+            bytes: Arc::new(AtomicU64::new(0)),
         };
         let count = paths.len();
         for (i, path) in paths.into_iter().enumerate() {
@@ -135,7 +138,7 @@ impl DiskCache {
             }
             match last {
                 Some(last_seq) => {
-                    cache.bytes += reader.valid_len;
+                    cache.bytes.fetch_add(reader.valid_len, Ordering::Relaxed);
                     cache.closed.push_back(Closed {
                         path,
                         last_seq,
@@ -160,7 +163,12 @@ impl DiskCache {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The live count of [`DiskCache::bytes`], readable without this cache's lock.
+    pub fn bytes_counter(&self) -> Arc<AtomicU64> {
+        self.bytes.clone()
     }
 
     /// Writes `batches` (consecutive, starting at `durable_seq + 1`) and makes them durable.
@@ -188,7 +196,7 @@ impl DiskCache {
                 self.close_writer()?;
                 let w = SegmentWriter::create(&self.dir, &self.disk_id, batch.seq)
                     .map_err(io_err(&self.dir))?;
-                self.bytes += w.len;
+                self.bytes.fetch_add(w.len, Ordering::Relaxed);
                 self.writer = Some(w);
             }
             let writer = self.writer.as_mut().expect("writer created above");
@@ -198,7 +206,7 @@ impl DiskCache {
             };
             plain += p as u64;
             stored += s as u64;
-            self.bytes += s as u64;
+            self.bytes.fetch_add(s as u64, Ordering::Relaxed);
             cursors.push(Cursor {
                 path: Some(writer.path.clone()),
                 offset: writer.len,
@@ -223,7 +231,7 @@ impl DiskCache {
             return io_err(&self.dir)(e);
         };
         let err = io_err(&writer.path)(e);
-        self.bytes = self.bytes.saturating_sub(writer.rollback());
+        take_bytes(&self.bytes, writer.rollback());
         if let Err(close) = self.close_writer() {
             tracing::warn!(disk = %self.disk_id, "closing a failed cache segment: {close}");
         }
@@ -240,10 +248,10 @@ impl DiskCache {
         };
         let synced = w.sync();
         if synced.is_err() {
-            self.bytes = self.bytes.saturating_sub(w.rollback());
+            take_bytes(&self.bytes, w.rollback());
         }
         if w.records() == 0 {
-            self.bytes = self.bytes.saturating_sub(w.len);
+            take_bytes(&self.bytes, w.len);
             std::fs::remove_file(&w.path).map_err(io_err(&w.path))?;
         } else {
             // Whatever the segment holds now is durable (synced, or rolled back to what
@@ -278,7 +286,7 @@ impl DiskCache {
     pub fn release_through(&mut self, seq: u64) -> Result<(), CacheError> {
         while self.closed.front().is_some_and(|c| c.last_seq <= seq) {
             if let Some(c) = self.closed.pop_front() {
-                self.bytes = self.bytes.saturating_sub(c.len);
+                take_bytes(&self.bytes, c.len);
                 std::fs::remove_file(&c.path).map_err(io_err(&c.path))?;
             }
         }
@@ -365,6 +373,13 @@ impl DiskCache {
         }
         Ok((out, next))
     }
+}
+
+/// Lowers a byte count, never below zero.
+fn take_bytes(bytes: &AtomicU64, n: u64) {
+    let _ = bytes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(n))
+    });
 }
 
 #[cfg(test)]

@@ -170,7 +170,8 @@ impl SegmentWriter {
     ) -> io::Result<(usize, usize)> {
         let start = self.staged.len();
         let body_at = start + RECORD_HEADER;
-        self.staged.grow_zeroed(RECORD_HEADER);
+        // Filled in below, every byte, once the sealed length is known.
+        self.staged.grow(RECORD_HEADER);
         let plain_len = batch.encoded_len();
         // Every byte of it is written by the encoding (exactly `encoded_len` bytes).
         let mut plain = self.staged.grow(plain_len);
