@@ -49,6 +49,14 @@ pub fn mtls_channel(
     address: &str,
     server_role: Role,
 ) -> Result<Channel, tonic::transport::Error> {
+    Ok(mtls_endpoint(identity, address, server_role)?.connect_lazy())
+}
+
+fn mtls_endpoint(
+    identity: &Identity,
+    address: &str,
+    server_role: Role,
+) -> Result<Endpoint, tonic::transport::Error> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&identity.ca_pem))
         .identity(tonic::transport::Identity::from_pem(
@@ -56,10 +64,11 @@ pub fn mtls_channel(
             &identity.key_pem,
         ))
         .domain_name(server_role.server_name());
-    Ok(endpoint(address, "https")?.tls_config(tls)?.connect_lazy())
+    endpoint(address, "https")?.tls_config(tls)
 }
 
-/// Connects (eagerly) to the first reachable address among `addresses`.
+/// Connects (eagerly: TCP and TLS now, not at the first call) to the first reachable address
+/// among `addresses`, so a node that is down is skipped for the next one.
 pub async fn mtls_connect_any(
     identity: &Identity,
     addresses: &[String],
@@ -67,10 +76,10 @@ pub async fn mtls_connect_any(
 ) -> anyhow::Result<(String, Channel)> {
     let mut errors = Vec::new();
     for address in addresses {
-        let channel = mtls_channel(identity, address, server_role)?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect_now(channel.clone())).await {
-            Ok(Ok(())) => return Ok((address.clone(), channel)),
-            Ok(Err(e)) => errors.push(format!("{address}: {e}")),
+        let endpoint = mtls_endpoint(identity, address, server_role)?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+            Ok(Ok(channel)) => return Ok((address.clone(), channel)),
+            Ok(Err(e)) => errors.push(format!("{address}: {}", crate::error_chain(&e))),
             Err(_) => errors.push(format!("{address}: timed out")),
         }
     }
@@ -78,17 +87,6 @@ pub async fn mtls_connect_any(
         "no {server_role} reachable ({}); check the addresses and that the service runs",
         errors.join("; ")
     )
-}
-
-/// Forces a lazy channel to connect, surfacing TLS and TCP errors now rather than on first use.
-async fn connect_now(channel: Channel) -> Result<(), String> {
-    use tower::ServiceExt;
-    let mut channel = channel;
-    channel
-        .ready()
-        .await
-        .map(|_| ())
-        .map_err(|e| crate::error_chain(&e))
 }
 
 /// Registration channel: TLS without certificate verification. It carries only the nonce

@@ -211,8 +211,6 @@ pub struct CsNode {
     pub addr: String,
     pub metrics: String,
     pub proc: Option<Proc>,
-    /// The heartbeat interval this node tells components (1 s unless a test needs another).
-    pub heartbeat_secs: u32,
 }
 
 impl CsNode {
@@ -225,23 +223,17 @@ impl CsNode {
             "--metrics-listen".into(),
             self.metrics.clone(),
             "--heartbeat-interval-secs".into(),
-            self.heartbeat_secs.to_string(),
+            "1".into(),
         ]
     }
 
     /// `config-server init` in `dir`, then `run`. Returns the node and init's output.
     pub fn init(dir: PathBuf) -> (CsNode, String) {
-        CsNode::init_with_heartbeat(dir, 1)
-    }
-
-    /// [`CsNode::init`] with components told to heartbeat every `heartbeat_secs`.
-    pub fn init_with_heartbeat(dir: PathBuf, heartbeat_secs: u32) -> (CsNode, String) {
         let mut node = CsNode {
             dir,
             addr: free_addr(),
             metrics: free_addr(),
             proc: None,
-            heartbeat_secs,
         };
         let mut args = vec!["init".to_string()];
         args.extend(node.args());
@@ -274,23 +266,12 @@ impl CsNode {
 
     /// `config-server join` of a new node in `dir` against `cs`.
     pub fn join(dir: PathBuf, cs: &str, passphrase_file: &Path) -> CsNode {
-        CsNode::join_with_heartbeat(dir, cs, passphrase_file, 1)
-    }
-
-    /// [`CsNode::join`] with components told to heartbeat every `heartbeat_secs`.
-    pub fn join_with_heartbeat(
-        dir: PathBuf,
-        cs: &str,
-        passphrase_file: &Path,
-        heartbeat_secs: u32,
-    ) -> CsNode {
         std::fs::create_dir_all(&dir).expect("node dir");
         let node = CsNode {
             dir,
             addr: free_addr(),
             metrics: free_addr(),
             proc: None,
-            heartbeat_secs,
         };
         let mut args = vec![
             "join".to_string(),
