@@ -39,14 +39,16 @@ settle() { sync; }
 renice_all() { for t in /proc/$1/task/*; do renice -n $2 -p ${t##*/} >/dev/null; done; }
 # Prints the mean of a histogram/summary and a counter from a component's metrics.
 pipeline_stats() {
-  python3 - "$(curl -s http://${METRICS[master-target]}/metrics)" <<'PY'
+  python3 - "$(curl -s http://${METRICS[master-target]}/metrics)" "$(curl -s http://${METRICS[process-server]}/metrics)" <<'PY'
 import sys, re
-m = sys.argv[1]
+m, ps = sys.argv[1], sys.argv[2]
 def val(name):
     x = re.search(r'^' + re.escape(name) + r'(?:\{[^}]*\})? ([0-9.e+]+)$', m, re.M)
     return float(x.group(1)) if x else 0.0
 n, s = val("lifeboat_mt_apply_seconds_count"), val("lifeboat_mt_apply_seconds_sum")
 print(f"  master target: {n:.0f} apply groups, mean {1000*s/max(n,1):.1f} ms per group (write + VHD flush + marker)")
+m = ps
+print(f"  process server: forwarded {val('lifeboat_ps_forwarded_bytes_total')/2**20:.0f} MiB, of which read back from its cache file {val('lifeboat_ps_cache_read_back_bytes_total')/2**20:.0f} MiB")
 PY
   # User + system CPU seconds of each process still running, from /proc (to 1/100 s).
   local tck; tck=$(getconf CLK_TCK)

@@ -10,6 +10,7 @@ pub mod blockhash;
 pub mod component;
 pub mod component_cli;
 pub mod config;
+pub mod crc;
 pub mod facts;
 pub mod fsutil;
 pub mod group;

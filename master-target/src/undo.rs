@@ -47,11 +47,13 @@ pub fn records(
                 let end = extent.offset + len;
                 while at < end {
                     let n = (end - at).min(PIECE);
-                    let old = read_old(image, batches, &written, at, n)?;
-                    let zero = vhd::is_zero(&old);
-                    if !zero {
-                        data.extend_from_slice(&old);
-                    }
+                    let zero = match read_old(image, batches, &written, at, n)? {
+                        Some(old) if !vhd::is_zero(&old) => {
+                            data.extend_from_slice(&old);
+                            false
+                        }
+                        _ => true,
+                    };
                     // Neighbouring pieces of one kind are one extent: a trim of a whole disk
                     // that held zeros is a single entry, not one per MiB.
                     match header.extents.last_mut() {
@@ -92,17 +94,26 @@ fn extent_len(extent: &lifeboat_proto::v1::Extent) -> u64 {
     }
 }
 
-/// The disk's content at `[offset, offset + len)` before the batch being recorded.
+/// The disk's content at `[offset, offset + len)` before the batch being recorded; `None`
+/// when it is known to be zeros without reading (no block allocated there and no data from
+/// an earlier batch of the group), as for every range an initial sync writes.
 fn read_old(
     image: &vhd::Image,
     batches: &[ChangeBatch],
     written: &RangeMap<Written>,
     offset: u64,
     len: u64,
-) -> Result<Vec<u8>, vhd::Error> {
+) -> Result<Option<Vec<u8>>, vhd::Error> {
+    let pieces = written.lookup(offset, len);
+    let earlier_data = pieces
+        .iter()
+        .any(|p| matches!(p.source, Some((Written::Data { .. }, _))));
+    if !earlier_data && !image.may_have_data(offset, len) {
+        return Ok(None);
+    }
     let mut buf = vec![0u8; len as usize];
     image.read_at(&mut buf, offset)?;
-    for piece in written.lookup(offset, len) {
+    for piece in pieces {
         let Some((source, at)) = piece.source else {
             continue;
         };
@@ -115,5 +126,5 @@ fn read_old(
             }
         }
     }
-    Ok(buf)
+    Ok(Some(buf))
 }

@@ -9,8 +9,9 @@
 //! without being written back), so the disk space used stays at what is held, which the
 //! caller bounds; the file's apparent size resets when the backlog drains. Integrity: a page
 //! the kernel failed to write back could be read back stale without any error (nothing
-//! fsyncs this file to report it), so each piece carries a BLAKE3 hash checked on the way
+//! fsyncs this file to report it), so each piece carries a CRC-64 checked on the way
 //! back; a mismatch is an error, and the caller falls back to the dirty map.
+use lifeboat_common::crc::crc64;
 use rustix::fs::{fallocate, FallocateFlags};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 pub struct Spilled {
     pub at: u64,
     pub len: u64,
-    pub hash: [u8; 32],
+    pub crc: u64,
 }
 
 pub struct Spill {
@@ -73,7 +74,7 @@ impl Spill {
         Ok(Spilled {
             at,
             len: data.len() as u64,
-            hash: *blake3::hash(data).as_bytes(),
+            crc: crc64(data),
         })
     }
 
@@ -85,7 +86,7 @@ impl Spill {
             .ok_or_else(|| io::Error::other("the spill file is not open"))?;
         let mut data = vec![0u8; piece.len as usize];
         file.read_exact_at(&mut data, piece.at)?;
-        if *blake3::hash(&data).as_bytes() != piece.hash {
+        if crc64(&data) != piece.crc {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "spilled data read back differs from what was written",

@@ -2,14 +2,15 @@
 //! server, its cache, and what the master target has applied. Assignments arrive with every
 //! heartbeat; a new disk gets its cache opened and a forwarder started, a disk no longer
 //! assigned is dropped with its cache (it was unprotected).
-use crate::cache::{CacheKey, Cursor, DiskCache};
+use crate::cache::{CacheKey, DiskCache};
 use crate::forward;
 use crate::quota::Quota;
+use crate::recent::{Budget, Recent};
 use lifeboat_common::assigned::Assigned;
 use lifeboat_common::component::RevocationList;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::replica_client::ReplicaClient;
-use lifeboat_proto::v1::{ChangeBatch, DiskAssignment};
+use lifeboat_proto::v1::DiskAssignment;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,14 +36,14 @@ pub struct DiskEntry {
     /// The process server's cache quota (shared by every disk).
     pub quota: Arc<Quota>,
     /// The newest stored batches, so the forwarder need not read, decrypt and decompress them
-    /// back from the cache file (see `Recent`).
+    /// back from the cache file (see `recent`).
     pub recent: Mutex<Recent>,
     /// A client of the disk's master target for requests outside the forwarding stream (block
     /// hashes), with the address it was made for; kept so each request does not handshake.
     pub replica_client: Mutex<Option<(String, ReplicaClient<Channel>)>>,
     /// Set once the forwarder has heard where the master target stands. Until then an empty
     /// cache cannot tell an agent where to resume (see `Ingest.Resume`).
-    pub mt_status_known: std::sync::atomic::AtomicBool,
+    pub mt_status_known: watch::Sender<bool>,
     /// Cancelled when the disk is no longer assigned here.
     pub stop: CancellationToken,
 }
@@ -77,69 +78,11 @@ impl DiskEntry {
     }
 }
 
-/// Most payload bytes of one disk's newest batches kept in memory for forwarding.
-const RECENT_BYTES: usize = 32 * 1024 * 1024;
-
-/// A disk's newest durable batches, in seq order, bounded by `RECENT_BYTES` (the oldest are
-/// dropped first: a forwarder that far behind reads the cache file until it catches up).
-#[derive(Default)]
-pub struct Recent {
-    /// Each batch with the cache-file cursor just after it.
-    batches: std::collections::VecDeque<(ChangeBatch, Cursor)>,
-    bytes: usize,
-}
-
-impl Recent {
-    /// Adds batches just made durable (consecutive, after everything held).
-    pub fn push(&mut self, batches: Vec<(ChangeBatch, Cursor)>) {
-        for b in batches {
-            self.bytes += lifeboat_common::batch::payload_bytes(&b.0);
-            self.batches.push_back(b);
-        }
-        while self.bytes > RECENT_BYTES {
-            match self.batches.pop_front() {
-                Some(b) => self.bytes -= lifeboat_common::batch::payload_bytes(&b.0),
-                None => break,
-            }
-        }
-    }
-
-    /// Takes the batches that follow `sent` (up to `max_bytes`, at least one), if the next one
-    /// is held, with the cache cursor after the last; drops what is older.
-    pub fn take_after(
-        &mut self,
-        sent: u64,
-        max_bytes: usize,
-    ) -> (Vec<ChangeBatch>, Option<Cursor>) {
-        while self.batches.front().is_some_and(|b| b.0.seq <= sent) {
-            if let Some(b) = self.batches.pop_front() {
-                self.bytes -= lifeboat_common::batch::payload_bytes(&b.0);
-            }
-        }
-        let (mut out, mut cursor) = (Vec::new(), None);
-        let mut size = 0;
-        let mut expected = sent + 1;
-        while let Some(front) = self.batches.front() {
-            if front.0.seq != expected || (!out.is_empty() && size >= max_bytes) {
-                break;
-            }
-            let Some((b, c)) = self.batches.pop_front() else {
-                break;
-            };
-            let n = lifeboat_common::batch::payload_bytes(&b);
-            self.bytes -= n;
-            size += n;
-            expected += 1;
-            out.push(b);
-            cursor = Some(c);
-        }
-        (out, cursor)
-    }
-}
-
 pub struct Disks {
     pub cache_dir: PathBuf,
     pub quota: Arc<Quota>,
+    /// Memory for the batches every disk keeps for its forwarder.
+    pub recent_budget: Arc<Budget>,
     pub key: Arc<CacheKey>,
     pub identity: Arc<Identity>,
     pub revocations: RevocationList,
@@ -151,6 +94,7 @@ impl Disks {
     pub fn new(
         cache_dir: PathBuf,
         quota: Arc<Quota>,
+        recent_budget: Arc<Budget>,
         key: Arc<CacheKey>,
         identity: Arc<Identity>,
         revocations: RevocationList,
@@ -159,6 +103,7 @@ impl Disks {
         Arc::new(Disks {
             cache_dir,
             quota,
+            recent_budget,
             key,
             identity,
             revocations,
@@ -214,8 +159,8 @@ impl Disks {
                     stored_bytes: AtomicU64::new(0),
                     quota: self.quota.clone(),
                     replica_client: Mutex::new(None),
-                    recent: Mutex::new(Recent::default()),
-                    mt_status_known: std::sync::atomic::AtomicBool::new(false),
+                    recent: Mutex::new(Recent::new(self.recent_budget.clone())),
+                    mt_status_known: watch::Sender::new(false),
                     stop: self.cancel.child_token(),
                 });
                 tracing::info!(disk = %id, "disk assigned here: forwarding to its master target");
@@ -248,39 +193,5 @@ impl Disks {
             plain as f64 / stored as f64
         };
         (bytes, ratio)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn batch(seq: u64, len: usize) -> (ChangeBatch, Cursor) {
-        let b = ChangeBatch {
-            seq,
-            extents: vec![lifeboat_proto::v1::Extent {
-                offset: 0,
-                data: vec![1; len].into(),
-                zero_length: 0,
-            }],
-            ..Default::default()
-        };
-        (b, Cursor::default())
-    }
-
-    #[test]
-    fn recent_batches_are_taken_in_order_and_only_when_contiguous() {
-        let mut r = Recent::default();
-        r.push((1..=4).map(|s| batch(s, 10)).collect());
-        let (got, cursor) = r.take_after(0, 25);
-        assert_eq!(got.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert!(cursor.is_some());
-        // A forwarder that restarted after 1 finds 2 gone: it must read the file.
-        assert!(r.take_after(1, 100).0.is_empty());
-        assert_eq!(r.take_after(3, 100).0[0].seq, 4);
-        // Over the bound, the oldest go first.
-        r.push(vec![batch(5, RECENT_BYTES), batch(6, 10)]);
-        assert_eq!(r.take_after(4, usize::MAX).0.len(), 0);
-        assert_eq!(r.take_after(5, usize::MAX).0[0].seq, 6);
     }
 }

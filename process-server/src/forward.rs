@@ -74,7 +74,8 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     entry
         .applied
         .send_replace((applied, status.applied_write_unix_ms));
-    entry.mt_status_known.store(true, Ordering::SeqCst);
+    // After `applied`: a caller that sees the status known reads it.
+    entry.mt_status_known.send_replace(true);
     release(entry, applied).await?;
 
     let (tx, rx) = mpsc::channel::<ChangeBatch>(WINDOW as usize);
@@ -105,17 +106,36 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
         }
         if pending.is_empty() && sent.saturating_sub(applied) < WINDOW {
             let (e, from) = (entry.clone(), cursor.clone());
-            let (batches, next) = tokio::task::spawn_blocking(move || {
+            let (batches, next, from_file) = tokio::task::spawn_blocking(move || {
                 let cache = e
                     .cache
                     .lock()
                     .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?;
-                cache
-                    .read_from(&from, sent, READ_BYTES)
-                    .map_err(anyhow::Error::from)
+                // Batches stored since `recent` was looked at above are in it now (they are
+                // pushed under the cache lock): take them from memory, not from the file.
+                let (hot, after) = e
+                    .recent
+                    .lock()
+                    .map(|mut r| r.take_after(sent, READ_BYTES))
+                    .unwrap_or_default();
+                if !hot.is_empty() {
+                    return Ok((hot, after.unwrap_or(from), false));
+                }
+                let (batches, next) = cache.read_from(&from, sent, READ_BYTES)?;
+                Ok::<_, anyhow::Error>((batches, next, true))
             })
             .await??;
             cursor = next;
+            if from_file {
+                // Read back from disk (and decrypted): the master target fell further behind
+                // than the batches kept in memory, a sign that it is the bottleneck.
+                let read_back: usize = batches
+                    .iter()
+                    .map(lifeboat_common::batch::payload_bytes)
+                    .sum();
+                metrics::counter!("lifeboat_ps_cache_read_back_bytes_total")
+                    .increment(read_back as u64);
+            }
             pending.extend(batches);
         }
         let sent_before = sent;

@@ -76,17 +76,38 @@ fn ack(disks: &Disks, entry: &DiskEntry, durable: u64) -> IngestAck {
     }
 }
 
-/// An empty cache (after a restart, everything released) does not know where the disk's
-/// stream stands until the master target has said what it applied: answering 0 before that
-/// would make the agent believe batches were lost, or restart its sequence.
-fn require_position(entry: &DiskEntry, durable: u64) -> Result<(), Status> {
-    if durable == 0 && !entry.mt_status_known.load(Ordering::SeqCst) {
-        return Err(Status::unavailable(format!(
+/// How long a call waits for the disk's forwarder to hear from the master target before
+/// telling the agent to retry.
+const POSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The highest seq durable here. An empty cache (a disk just assigned, or everything
+/// released before a restart) does not know where the disk's stream stands until the master
+/// target has said what it applied: answering 0 before that would make the agent believe
+/// batches were lost, or restart its sequence. The forwarder is asking right now, so the
+/// call waits for it a moment, which saves the agent a retry when a disk is first protected.
+async fn durable_position(entry: &DiskEntry) -> Result<u64, Status> {
+    let durable = || -> Result<u64, Status> {
+        Ok(entry
+            .cache
+            .lock()
+            .map_err(|_| Status::internal("cache lock poisoned"))?
+            .durable_seq())
+    };
+    let now = durable()?;
+    if now > 0 {
+        return Ok(now);
+    }
+    let mut known = entry.mt_status_known.subscribe();
+    let heard = tokio::time::timeout(POSITION_WAIT, known.wait_for(|k| *k))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    match heard {
+        true => durable(),
+        false => Err(Status::unavailable(format!(
             "disk {}: this process server has not yet reached the disk's master target; retry shortly",
             entry.disk_id
-        )));
+        ))),
     }
-    Ok(())
 }
 
 /// Flow control: waits until the cache quota admits at least the first of `batches`, slowing
@@ -153,12 +174,7 @@ async fn store(
         let entry = owned_disk(disks, peer, &disk_id)?;
         let assignment = entry.assignment();
         let mut fresh = Vec::new();
-        let durable_now = entry
-            .cache
-            .lock()
-            .map_err(|_| Status::internal("cache lock poisoned"))?
-            .durable_seq();
-        require_position(&entry, durable_now)?;
+        let durable_now = durable_position(&entry).await?;
         let mut expected = durable_now + 1;
         let mut error = None;
         for b in batches {
@@ -285,12 +301,7 @@ impl Ingest for IngestService {
     ) -> Result<Response<v1::ResumeResponse>, Status> {
         let peer = self.authorize(&request)?;
         let entry = owned_disk(&self.disks, &peer, &request.get_ref().disk_id)?;
-        let durable = entry
-            .cache
-            .lock()
-            .map_err(|_| Status::internal("cache lock poisoned"))?
-            .durable_seq();
-        require_position(&entry, durable)?;
+        let durable = durable_position(&entry).await?;
         let (applied, _) = entry.applied();
         Ok(Response::new(v1::ResumeResponse {
             durable_seq: durable.max(applied),

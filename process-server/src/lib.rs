@@ -6,6 +6,7 @@ pub mod disks;
 mod forward;
 pub mod ingest;
 pub mod quota;
+pub mod recent;
 
 use cache::CacheKey;
 use disks::Disks;
@@ -36,6 +37,9 @@ struct FileConfig {
     cache_dir: Option<PathBuf>,
     /// Cache quota in MiB (default: 80% of the cache file system).
     cache_quota_mib: Option<u64>,
+    /// Memory for stored batches kept to forward without reading them back, over all disks,
+    /// in MiB (default 1024).
+    forward_memory_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,6 +48,8 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     /// 0: the default share of the cache file system (see `quota`).
     pub cache_quota_mib: u64,
+    /// The memory budget of `recent` (all disks).
+    pub forward_memory_mib: u64,
 }
 
 impl ComponentSettings for Settings {
@@ -65,6 +71,9 @@ impl ComponentSettings for Settings {
             common,
             cache_dir,
             cache_quota_mib: file.cache_quota_mib.unwrap_or(0),
+            forward_memory_mib: file
+                .forward_memory_mib
+                .unwrap_or(recent::DEFAULT_BUDGET_MIB),
         })
     }
 
@@ -93,6 +102,8 @@ impl Reporter for PsReporter<'_> {
         metrics::gauge!("lifeboat_ps_cache_bytes").set(cache_bytes as f64);
         metrics::gauge!("lifeboat_ps_cache_quota_bytes").set(self.disks.quota.quota_bytes as f64);
         metrics::gauge!("lifeboat_ps_compression_ratio").set(ratio);
+        metrics::gauge!("lifeboat_ps_forward_memory_bytes")
+            .set(self.disks.recent_budget.used() as f64);
         let mut facts = self.settings.facts();
         metrics::gauge!("lifeboat_ps_cache_free_bytes").set(facts.free_bytes as f64);
         facts.cache_quota_bytes = self.disks.quota.quota_bytes;
@@ -169,6 +180,17 @@ fn describe_metrics() {
         metrics::Unit::Bytes,
         "Payload bytes sent to master targets"
     );
+    metrics::describe_counter!(
+        "lifeboat_ps_cache_read_back_bytes_total",
+        metrics::Unit::Bytes,
+        "Payload bytes forwarded from the cache file because a master target fell further \
+         behind than the batches kept in memory"
+    );
+    metrics::describe_gauge!(
+        "lifeboat_ps_forward_memory_bytes",
+        metrics::Unit::Bytes,
+        "Payload bytes of stored batches kept in memory for forwarding (all disks)"
+    );
 }
 
 /// Serves until `cancel` (or until the identity is revoked).
@@ -188,6 +210,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     let disks = Disks::new(
         settings.cache_dir.clone(),
         Arc::new(quota),
+        recent::Budget::new((settings.forward_memory_mib as usize).saturating_mul(1 << 20)),
         Arc::new(key),
         identity,
         revocations.clone(),

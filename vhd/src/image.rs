@@ -405,8 +405,9 @@ impl Image {
         Ok(())
     }
 
-    /// False only when no image in the chain has data anywhere in `offset..offset + len`.
-    pub(crate) fn may_have_data(&self, offset: u64, len: u64) -> bool {
+    /// False only when no image in the chain has data anywhere in `offset..offset + len`
+    /// (so the range reads as zeros without reading anything).
+    pub fn may_have_data(&self, offset: u64, len: u64) -> bool {
         if offset >= self.size {
             return false;
         }

@@ -155,8 +155,7 @@ impl Replica {
                     disk: disk_id.into(),
                     detail: e.to_string(),
                 })?;
-            let mut image = vhd::Image::open_rw(&image_path).map_err(image_err)?;
-            image.write_data_direct().map_err(image_err)?;
+            let image = vhd::Image::open_rw(&image_path).map_err(image_err)?;
             let mut replica = Replica {
                 dir: dir.to_path_buf(),
                 image,
@@ -169,14 +168,17 @@ impl Replica {
         }
         // A crash during creation may leave an image without a state file: start over.
         let _ = std::fs::remove_file(&image_path);
-        let mut image = vhd::Image::create(
+        let image = vhd::Image::create(
             &image_path,
             &vhd::CreateOptions::dynamic(image_size(size_bytes)),
         )
         .map_err(image_err)?;
-        // Replicated data is written once and read back only by recovery: it goes around the
-        // page cache (where the file system allows), saving a copy of every byte.
-        image.write_data_direct().map_err(image_err)?;
+        // Data is written buffered, not direct (`Image::write_data_direct`): both copy every
+        // byte once (direct writes through an aligned bounce buffer, since batch data is not
+        // aligned in memory), but a direct write waits for its I/O before the next is issued,
+        // while buffered writes, started early by `write_at`, keep many I/Os in flight. On a
+        // virtio disk that made a group's writes 3-4 times faster. The pages are dropped after
+        // each flush (`apply`), so the page cache is not filled with replica data either.
         let state = ReplicaState {
             disk_id: disk_id.into(),
             size_bytes,
@@ -245,10 +247,9 @@ impl Replica {
         }
         self.image.flush().map_err(&image_err)?;
         // Replicas of many disks stream through a master target; keeping what was just
-        // written cached would push out everything else (data written directly is not
-        // cached anyway; this drops metadata, old data read for undo records, and data
-        // written buffered where direct writes do not apply). The cost: undo records of
-        // ranges overwritten later, and views, read the replica from disk.
+        // written cached would push out everything else (the data just written, metadata, and
+        // old data read for undo records). The cost: undo records of ranges overwritten later,
+        // and views, read the replica from disk.
         self.image.drop_cached_pages();
         if let Some(tagged) = batches.iter().rev().find(|b| !b.tags.is_empty()) {
             self.state.last_tag = tagged.tags.last().cloned().unwrap_or_default();

@@ -1,0 +1,192 @@
+//! The newest durable batches of each disk, kept in memory so the forwarder sends them to the
+//! master target as they are, without reading them back from the cache file (a disk read,
+//! then decryption and decoding, all on the process server's busiest path).
+//!
+//! Memory is bounded twice: each disk keeps at most [`PER_DISK_MAX`], and all disks together
+//! at most the process server's budget (`forward_memory_mib`). Over the budget, a disk that
+//! adds batches drops its own oldest down to [`PER_DISK_FLOOR`]. A disk whose master target
+//! keeps up holds almost nothing (its forwarder takes batches as soon as they are stored), so
+//! the budget goes to the disks being synchronised, whose master targets fall behind by whole
+//! groups. A forwarder that falls further behind than what is kept reads the cache file until
+//! it catches up; `lifeboat_ps_cache_read_back_bytes_total` counts that.
+use crate::cache::Cursor;
+use lifeboat_common::batch::payload_bytes;
+use lifeboat_proto::v1::ChangeBatch;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Most payload bytes one disk keeps.
+pub const PER_DISK_MAX: usize = 256 * 1024 * 1024;
+/// What a disk may keep even when the process server's budget is spent.
+pub const PER_DISK_FLOOR: usize = 32 * 1024 * 1024;
+/// The default budget over all disks, in MiB.
+pub const DEFAULT_BUDGET_MIB: u64 = 1024;
+
+/// The process server's memory budget for kept batches, shared by every disk.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    pub fn new(limit_bytes: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            limit: limit_bytes,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes kept now, over all disks.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+}
+
+/// One disk's newest durable batches, in seq order.
+pub struct Recent {
+    budget: Arc<Budget>,
+    /// Each batch with the cache-file cursor just after it.
+    batches: VecDeque<(ChangeBatch, Cursor)>,
+    bytes: usize,
+}
+
+impl Recent {
+    pub fn new(budget: Arc<Budget>) -> Recent {
+        Recent {
+            budget,
+            batches: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Adds batches just made durable (consecutive, after everything held), then drops the
+    /// oldest while over this disk's bound or, above the floor, over the shared budget.
+    pub fn push(&mut self, batches: Vec<(ChangeBatch, Cursor)>) {
+        for b in batches {
+            self.account_added(payload_bytes(&b.0));
+            self.batches.push_back(b);
+        }
+        while self.bytes > PER_DISK_MAX || (self.bytes > PER_DISK_FLOOR && self.budget.over()) {
+            if self.pop_front().is_none() {
+                break;
+            }
+        }
+    }
+
+    /// Takes the batches that follow `sent` (up to `max_bytes`, at least one), if the next one
+    /// is held, with the cache cursor after the last; drops what is older.
+    pub fn take_after(
+        &mut self,
+        sent: u64,
+        max_bytes: usize,
+    ) -> (Vec<ChangeBatch>, Option<Cursor>) {
+        while self.batches.front().is_some_and(|b| b.0.seq <= sent) {
+            self.pop_front();
+        }
+        let (mut out, mut cursor) = (Vec::new(), None);
+        let mut size = 0;
+        let mut expected = sent + 1;
+        while let Some(front) = self.batches.front() {
+            if front.0.seq != expected || (!out.is_empty() && size >= max_bytes) {
+                break;
+            }
+            let Some((b, c)) = self.pop_front() else {
+                break;
+            };
+            size += payload_bytes(&b);
+            expected += 1;
+            out.push(b);
+            cursor = Some(c);
+        }
+        (out, cursor)
+    }
+
+    /// Payload bytes this disk keeps.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn pop_front(&mut self) -> Option<(ChangeBatch, Cursor)> {
+        let b = self.batches.pop_front()?;
+        self.account_removed(payload_bytes(&b.0));
+        Some(b)
+    }
+
+    fn account_added(&mut self, n: usize) {
+        self.bytes += n;
+        self.budget.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn account_removed(&mut self, n: usize) {
+        self.bytes -= n;
+        self.budget.used.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Recent {
+    /// A disk leaving the process server gives its share back.
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(seq: u64, len: usize) -> (ChangeBatch, Cursor) {
+        let b = ChangeBatch {
+            seq,
+            extents: vec![lifeboat_proto::v1::Extent {
+                offset: 0,
+                data: vec![1; len].into(),
+                zero_length: 0,
+            }],
+            ..Default::default()
+        };
+        (b, Cursor::default())
+    }
+
+    const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn batches_are_taken_in_order_and_only_when_contiguous() {
+        let mut r = Recent::new(Budget::new(usize::MAX));
+        r.push((1..=4).map(|s| batch(s, 10)).collect());
+        let (got, cursor) = r.take_after(0, 25);
+        assert_eq!(got.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(cursor.is_some());
+        // A forwarder that restarted after 1 finds 2 gone: it must read the file.
+        assert!(r.take_after(1, 100).0.is_empty());
+        assert_eq!(r.take_after(3, 100).0[0].seq, 4);
+        // Over the disk's bound, the oldest go first.
+        r.push(vec![batch(5, PER_DISK_MAX), batch(6, 10)]);
+        assert_eq!(r.take_after(4, usize::MAX).0.len(), 0);
+        assert_eq!(r.take_after(5, usize::MAX).0[0].seq, 6);
+    }
+
+    #[test]
+    fn disks_share_the_budget_down_to_their_floor() {
+        let budget = Budget::new(100 * MIB);
+        let mut a = Recent::new(budget.clone());
+        let mut b = Recent::new(budget.clone());
+        a.push((1..=20).map(|s| batch(s, 4 * MIB)).collect());
+        assert_eq!(a.bytes(), 80 * MIB, "under the budget everything is kept");
+        b.push((1..=20).map(|s| batch(s, 4 * MIB)).collect());
+        // b went over the budget and dropped its own oldest, but never below its floor.
+        assert_eq!(b.bytes(), PER_DISK_FLOOR);
+        assert_eq!(budget.used(), 80 * MIB + PER_DISK_FLOOR);
+        // What a holds still comes out in order; taking it frees the budget.
+        assert_eq!(a.take_after(0, usize::MAX).0.len(), 20);
+        assert_eq!(budget.used(), PER_DISK_FLOOR);
+        drop(b);
+        assert_eq!(budget.used(), 0, "a disk that leaves gives its share back");
+        assert_eq!(a.bytes(), 0);
+    }
+}
