@@ -85,6 +85,7 @@ for i in 1 2 3; do
   t2=$(now); qemu-img convert -f raw -O vpc -o subformat=dynamic $WORK/b.img $WORK/b.vhd; sync -f $WORK/b.vhd; t3=$(now)
   QCS+=($(rate $SIZE $t2 $t3))
 done
+[ -n "${KEEP:-}" ] && echo "t0=$t0 t1=$t1" > $WORK/b-times.txt
 L=$(rate $SIZE $t0 $t1); QC=$(printf '%s\n' "${QCS[@]}" | sort -n | sed -n 2p)
 echo "Lifeboat initial sync end to end: $L MB/s ($(python3 -c "print(f'{$t1-$t0:.1f}')") s from protect to Protected, as the CLI saw it polling every 100 ms)"
 echo "qemu-img convert -O vpc locally:  $QC MB/s (median of ${QCS[*]})   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"

@@ -29,12 +29,20 @@ pub enum BatchError {
 /// It catches accidental corruption between the agent's read of the source and the master
 /// target's write (a bug or bad memory in a process on the way). It need not resist a
 /// forger: every hop is already authenticated by an AEAD (TLS on the wire, AES-GCM in the
-/// process server's cache). Three hops verify every byte, so its speed matters.
+/// process server's cache). The agent computes it and both the process server and the master
+/// target verify every byte, so its speed matters.
 pub fn checksum(batch: &ChangeBatch) -> [u8; 8] {
     let mut h = crate::crc::Crc64::new();
+    canonical_fields(batch, |bytes| h.update(bytes));
+    h.finish().to_be_bytes()
+}
+
+/// Feeds `sink` every field but the checksum, each preceded by its length (so the same bytes
+/// split differently between fields never read the same).
+fn canonical_fields(batch: &ChangeBatch, mut sink: impl FnMut(&[u8])) {
     let mut field = |bytes: &[u8]| {
-        h.update(&(bytes.len() as u64).to_be_bytes());
-        h.update(bytes);
+        sink(&(bytes.len() as u64).to_be_bytes());
+        sink(bytes);
     };
     field(batch.disk_id.as_bytes());
     field(&batch.seq.to_be_bytes());
@@ -51,7 +59,25 @@ pub fn checksum(batch: &ChangeBatch) -> [u8; 8] {
         field(&e.zero_length.to_be_bytes());
         field(&e.data);
     }
-    h.finish().to_be_bytes()
+}
+
+/// The checksum of releases before CRC-64: BLAKE3 over the same canonical encoding (32 bytes).
+/// Still accepted, so batches a process server cached before an upgrade are forwarded and
+/// applied rather than refused; nothing computes it for new batches.
+fn legacy_blake3(batch: &ChangeBatch) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    canonical_fields(batch, |bytes| {
+        h.update(bytes);
+    });
+    *h.finalize().as_bytes()
+}
+
+/// Whether the batch's checksum (current or legacy) matches its content.
+fn checksum_matches(batch: &ChangeBatch) -> bool {
+    match batch.checksum.len() {
+        32 => batch.checksum.as_slice() == legacy_blake3(batch).as_slice(),
+        _ => batch.checksum.as_slice() == checksum(batch).as_slice(),
+    }
 }
 
 /// Fills in the checksum (senders call this last).
@@ -87,7 +113,7 @@ pub fn verify(batch: &ChangeBatch, disk_size: u64) -> Result<(), BatchError> {
         seq: batch.seq,
         detail,
     };
-    if batch.checksum.as_slice() != checksum(batch).as_slice() {
+    if !checksum_matches(batch) {
         return Err(BatchError::Checksum {
             disk: batch.disk_id.clone(),
             seq: batch.seq,
@@ -207,21 +233,29 @@ mod tests {
 
     #[test]
     fn moving_bytes_between_fields_breaks_the_checksum() {
-        // Fields are length-prefixed, so the same bytes split differently do not collide.
+        // Adjacent fields with the same bytes split differently: only the length prefixes
+        // tell them apart.
+        let mut a = batch();
+        a.tags = vec!["ab".into(), "c".into()];
+        seal(&mut a);
         let mut b = batch();
-        let data = b.extents[0].data.clone();
-        b.extents[0].data = data.slice(..2048);
-        b.extents.insert(
-            1,
-            Extent {
-                offset: 2048,
-                data: data.slice(2048..),
-                zero_length: 0,
-            },
-        );
-        let before = b.checksum.clone();
+        b.tags = vec!["a".into(), "bc".into()];
         seal(&mut b);
-        assert_ne!(before, b.checksum);
+        assert_ne!(a.checksum, b.checksum);
+    }
+
+    #[test]
+    fn batches_sealed_with_the_legacy_blake3_checksum_still_verify() {
+        let mut b = batch();
+        b.checksum = legacy_blake3(&b).to_vec();
+        verify(&b, 1 << 20).unwrap();
+        let mut flipped = b.extents[0].data.to_vec();
+        flipped[7] ^= 1;
+        b.extents[0].data = flipped.into();
+        assert!(matches!(
+            verify(&b, 1 << 20),
+            Err(BatchError::Checksum { .. })
+        ));
     }
 
     #[test]

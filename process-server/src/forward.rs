@@ -28,6 +28,11 @@ pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
         match session(&identity, &entry).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
+                // Nothing is being taken from memory until the next session catches up by
+                // reading the file: leave the shared budget to the disks that are moving.
+                if let Ok(mut recent) = entry.recent.lock() {
+                    recent.shrink_to_floor();
+                }
                 let text = e.to_string();
                 if text != last_error {
                     tracing::warn!(disk = %entry.disk_id, "forwarding to the master target: {text}");
@@ -74,9 +79,10 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     entry
         .applied
         .send_replace((applied, status.applied_write_unix_ms));
-    // After `applied`: a caller that sees the status known reads it.
-    entry.mt_status_known.send_replace(true);
     release(entry, applied).await?;
+    // After `applied` and the release (which moves an empty cache up to what the master
+    // target holds): a caller that sees the status known finds both in place.
+    entry.mt_status_known.send_replace(true);
 
     let (tx, rx) = mpsc::channel::<ChangeBatch>(WINDOW as usize);
     let mut acks = client.apply(ReceiverStream::new(rx)).await?.into_inner();

@@ -3,12 +3,15 @@
 //! then decryption and decoding, all on the process server's busiest path).
 //!
 //! Memory is bounded twice: each disk keeps at most [`PER_DISK_MAX`], and all disks together
-//! at most the process server's budget (`forward_memory_mib`). Over the budget, a disk that
-//! adds batches drops its own oldest down to [`PER_DISK_FLOOR`]. A disk whose master target
-//! keeps up holds almost nothing (its forwarder takes batches as soon as they are stored), so
-//! the budget goes to the disks being synchronised, whose master targets fall behind by whole
-//! groups. A forwarder that falls further behind than what is kept reads the cache file until
-//! it catches up; `lifeboat_ps_cache_read_back_bytes_total` counts that.
+//! at most the process server's budget (`forward_memory_mib`), except that every disk may keep
+//! [`PER_DISK_FLOOR`] (so the true bound is the larger of the budget and the floor times the
+//! disks). Over the budget, a disk that adds batches drops its own oldest down to the floor.
+//! A disk whose master target keeps up holds almost nothing (its forwarder takes batches as
+//! soon as they are stored), and a disk whose forwarder is not taking from memory (it fell
+//! further behind than what is kept and reads the cache file, or its master target cannot be
+//! reached) shrinks to the floor; so the budget goes to the disks being synchronised, whose
+//! master targets trail by whole groups. `lifeboat_ps_cache_read_back_bytes_total` counts
+//! what forwarders read back from the file.
 use crate::cache::Cursor;
 use lifeboat_common::batch::payload_bytes;
 use lifeboat_proto::v1::ChangeBatch;
@@ -89,6 +92,13 @@ impl Recent {
         while self.batches.front().is_some_and(|b| b.0.seq <= sent) {
             self.pop_front();
         }
+        if self.batches.front().is_some_and(|b| b.0.seq > sent + 1) {
+            // The forwarder is further behind than what is kept and reads the file; it may
+            // not reach these soon (new batches push them out as fast as it reads), so they
+            // give their memory back to the shared budget.
+            self.shrink_to_floor();
+            return (Vec::new(), None);
+        }
         let (mut out, mut cursor) = (Vec::new(), None);
         let mut size = 0;
         let mut expected = sent + 1;
@@ -105,6 +115,16 @@ impl Recent {
             cursor = Some(c);
         }
         (out, cursor)
+    }
+
+    /// Drops the oldest batches down to [`PER_DISK_FLOOR`]: for a disk whose forwarder is
+    /// not taking from memory (it reads the file, or its master target is unreachable).
+    pub fn shrink_to_floor(&mut self) {
+        while self.bytes > PER_DISK_FLOOR {
+            if self.pop_front().is_none() {
+                break;
+            }
+        }
     }
 
     /// Payload bytes this disk keeps.
@@ -169,6 +189,20 @@ mod tests {
         r.push(vec![batch(5, PER_DISK_MAX), batch(6, 10)]);
         assert_eq!(r.take_after(4, usize::MAX).0.len(), 0);
         assert_eq!(r.take_after(5, usize::MAX).0[0].seq, 6);
+    }
+
+    #[test]
+    fn a_forwarder_behind_what_is_kept_gives_the_memory_back() {
+        let budget = Budget::new(usize::MAX);
+        let mut r = Recent::new(budget.clone());
+        r.push((10..=30).map(|s| batch(s, 4 * MIB)).collect());
+        assert_eq!(r.bytes(), 84 * MIB);
+        // The forwarder is at 5: 6 to 9 are only in the file.
+        assert!(r.take_after(5, usize::MAX).0.is_empty());
+        assert_eq!(r.bytes(), PER_DISK_FLOOR);
+        assert_eq!(budget.used(), PER_DISK_FLOOR);
+        // The newest are the ones kept.
+        assert_eq!(r.take_after(22, usize::MAX).0[0].seq, 23);
     }
 
     #[test]
