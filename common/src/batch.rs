@@ -194,6 +194,10 @@ mod tests {
         b
     }
 
+    fn checksum_refused(b: &ChangeBatch) -> bool {
+        matches!(verify(b, 1 << 20), Err(BatchError::Checksum { .. }))
+    }
+
     #[test]
     fn sealed_batches_verify() {
         let b = batch();
@@ -208,22 +212,13 @@ mod tests {
         let mut flipped = b.extents[0].data.to_vec();
         flipped[100] ^= 1;
         b.extents[0].data = flipped.into();
-        assert!(matches!(
-            verify(&b, 1 << 20),
-            Err(BatchError::Checksum { .. })
-        ));
+        assert!(checksum_refused(&b));
         let mut b = batch();
         b.seq += 1;
-        assert!(matches!(
-            verify(&b, 1 << 20),
-            Err(BatchError::Checksum { .. })
-        ));
+        assert!(checksum_refused(&b));
         let mut b = batch();
         b.tags.clear();
-        assert!(matches!(
-            verify(&b, 1 << 20),
-            Err(BatchError::Checksum { .. })
-        ));
+        assert!(checksum_refused(&b));
     }
 
     #[test]
@@ -252,10 +247,7 @@ mod tests {
         let mut flipped = b.extents[0].data.to_vec();
         flipped[7] ^= 1;
         b.extents[0].data = flipped.into();
-        assert!(matches!(
-            verify(&b, 1 << 20),
-            Err(BatchError::Checksum { .. })
-        ));
+        assert!(checksum_refused(&b));
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Writes that bypass the page cache.
 //!
-//! Lifeboat's process server and master target write every replicated byte once and (in the
-//! normal course) never read it back through the page cache: the process server's cache
-//! segments are forwarded from memory, and a replica's blocks are read only by recovery. Writing
-//! them through the page cache costs a copy into freshly allocated kernel pages and the work of
-//! reclaiming those pages later, and pushes the host's other data out of memory. With
-//! `O_DIRECT` the disk reads the data straight out of the process's buffer.
+//! The process server writes every cached byte once and (in the normal course) never reads it
+//! back through the page cache: its cache segments are forwarded from memory. Writing them
+//! through the page cache would cost a copy into freshly allocated kernel pages and the work
+//! of reclaiming those pages later, and push the host's other data out of memory. With
+//! `O_DIRECT` the disk reads the data straight out of the process's buffer, which the caller
+//! stages in an [`AlignedBuf`] and writes in large pieces (a direct write waits for its I/O,
+//! so small ones would leave the disk idle between them).
 //!
 //! `O_DIRECT` has rules: the file offset, the length and the buffer's address must be
 //! multiples of what the file system reports (`statx` `STATX_DIOALIGN`; 512 or 4096 bytes on
@@ -21,8 +22,6 @@ use std::path::Path;
 
 /// Alignment of [`AlignedBuf`]'s memory: enough for every device's direct I/O.
 pub const MEM_ALIGN: usize = 4096;
-/// Largest piece a bounced write copies at a time (bounds the bounce buffer).
-const BOUNCE_BYTES: usize = 1 << 20;
 
 /// A growable byte buffer whose start is [`MEM_ALIGN`]-aligned. Safe code only: it lives at an
 /// aligned offset inside an ordinary `Vec`, and moves to a bigger one when it grows.
@@ -146,7 +145,6 @@ pub struct DirectFile {
     /// The `O_DIRECT` descriptor and the offset and length multiple it needs; `None` when the
     /// file system does not take direct writes, or once it refused one.
     direct: Option<(File, u64)>,
-    bounce: AlignedBuf,
 }
 
 impl DirectFile {
@@ -161,11 +159,7 @@ impl DirectFile {
                 .ok()?;
             Some((file, align))
         });
-        DirectFile {
-            buffered,
-            direct,
-            bounce: AlignedBuf::new(),
-        }
+        DirectFile { buffered, direct }
     }
 
     /// The offset and length multiple direct writes need, while they are in use.
@@ -182,29 +176,6 @@ impl DirectFile {
     fn fits(&self, offset: u64, len: usize) -> bool {
         self.alignment()
             .is_some_and(|a| offset % a == 0 && len as u64 % a == 0 && len > 0)
-    }
-
-    /// Writes all of `buf` at `offset`: direct (through an aligned bounce buffer) when
-    /// offset and length fit the alignment, buffered otherwise.
-    pub fn write_all_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if !self.fits(offset, buf.len()) {
-            return self.buffered.write_all_at(buf, offset);
-        }
-        let mut done = 0;
-        while done < buf.len() {
-            // BOUNCE_BYTES is a multiple of every alignment, so each piece fits too.
-            let n = (buf.len() - done).min(BOUNCE_BYTES);
-            self.bounce.clear();
-            self.bounce.extend_from_slice(&buf[done..done + n]);
-            let at = offset + done as u64;
-            if let Some((file, _)) = &self.direct {
-                if let Err(e) = file.write_all_at(self.bounce.as_slice(), at) {
-                    return self.refused(e, &buf[done..], at);
-                }
-            }
-            done += n;
-        }
-        Ok(())
     }
 
     /// Writes an aligned buffer at `offset` without copying it: direct when offset and
@@ -235,7 +206,6 @@ impl DirectFile {
             return Err(e);
         }
         self.direct = None;
-        self.bounce = AlignedBuf::new();
         self.buffered.write_all_at(rest, offset)
     }
 }

@@ -133,8 +133,8 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
             .await??;
             cursor = next;
             if from_file {
-                // Read back from disk (and decrypted): the master target fell further behind
-                // than the batches kept in memory, a sign that it is the bottleneck.
+                // Read back from disk and decrypted: after a reconnect, or because the master
+                // target fell further behind than what is kept in memory.
                 let read_back: usize = batches
                     .iter()
                     .map(lifeboat_common::batch::payload_bytes)

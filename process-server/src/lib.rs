@@ -183,8 +183,8 @@ fn describe_metrics() {
     metrics::describe_counter!(
         "lifeboat_ps_cache_read_back_bytes_total",
         metrics::Unit::Bytes,
-        "Payload bytes forwarded from the cache file because a master target fell further \
-         behind than the batches kept in memory"
+        "Payload bytes forwarded from the cache file rather than from memory (after a \
+         reconnect or restart, or behind what is kept in memory)"
     );
     metrics::describe_gauge!(
         "lifeboat_ps_forward_memory_bytes",

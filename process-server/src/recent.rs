@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Most payload bytes one disk keeps.
-pub const PER_DISK_MAX: usize = 256 * 1024 * 1024;
+const PER_DISK_MAX: usize = 256 * 1024 * 1024;
 /// What a disk may keep even when the process server's budget is spent.
-pub const PER_DISK_FLOOR: usize = 32 * 1024 * 1024;
+const PER_DISK_FLOOR: usize = 32 * 1024 * 1024;
 /// The default budget over all disks, in MiB.
 pub const DEFAULT_BUDGET_MIB: u64 = 1024;
 
@@ -128,7 +128,8 @@ impl Recent {
     }
 
     /// Payload bytes this disk keeps.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.bytes
     }
 

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer};
 use crate::layout::{self, Kind, Metadata};
 use crate::sparse::{Sparse, SparseParts};
-use crate::wire::{read_exact_at, round_up_sector, write_all_at, write_data_at};
+use crate::wire::{read_exact_at, round_up_sector, write_all_at};
 use crate::{FOOTER_SIZE, MAX_CHAIN_DEPTH, MAX_DISK_SIZE};
 
 /// Something [`Image::open`] noticed and worked around (see [`Image::notices`]).
@@ -69,8 +69,6 @@ pub struct Image {
     /// Bytes written since write-back was last started (see [`Image::write_at`]).
     since_writeback: u64,
     flush_on_drop: bool,
-    /// Writes data blocks bypassing the page cache, once asked to.
-    direct: Option<dio::DirectFile>,
 }
 
 impl Image {
@@ -151,7 +149,6 @@ impl Image {
             unflushed: false,
             since_writeback: 0,
             flush_on_drop: writable,
-            direct: None,
         };
         if image.footer.disk_type == DiskType::Fixed {
             if size > file_len - FOOTER_SIZE {
@@ -438,35 +435,13 @@ impl Image {
         self.check_bounds(offset, buf.len() as u64)?;
         self.unflushed = true;
         match &mut self.sparse {
-            None => write_data_at(&self.file, self.direct.as_mut(), buf, offset)?,
-            Some(s) => s.write(
-                &self.file,
-                self.direct.as_mut(),
-                self.parent.as_deref(),
-                buf,
-                offset,
-            )?,
+            None => write_all_at(&self.file, buf, offset, "write data")?,
+            Some(s) => s.write(&self.file, self.parent.as_deref(), buf, offset)?,
         }
         self.since_writeback += buf.len() as u64;
         if self.since_writeback >= EARLY_WRITEBACK {
             self.since_writeback = 0;
             start_writeback(&self.file);
-        }
-        Ok(())
-    }
-
-    /// From now on, writes data with `O_DIRECT` where the file system allows (see the `dio`
-    /// crate; unaligned pieces and file systems without it stay buffered). For images whose
-    /// data is written once and seldom read back soon, such as replicas: it saves copying
-    /// every byte into the page cache. Metadata is still written through the page cache, and
-    /// [`Image::flush`] makes both durable as before.
-    pub fn write_data_direct(&mut self) -> Result<()> {
-        if self.writable && self.direct.is_none() {
-            let file = self
-                .file
-                .try_clone()
-                .map_err(Error::io("open for direct writes"))?;
-            self.direct = Some(dio::DirectFile::new(file, &self.path));
         }
         Ok(())
     }

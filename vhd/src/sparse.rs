@@ -21,9 +21,8 @@ use crate::bat::{Bat, UNALLOCATED};
 use crate::bitmap::{self, BitmapCache, Bits};
 use crate::dynamic_header::DynamicHeader;
 use crate::error::{Error, Result};
-use crate::wire::{is_zero, write_all_at, write_data_at};
+use crate::wire::{is_zero, write_all_at};
 use crate::{Image, SECTOR_SIZE};
-use dio::DirectFile;
 
 /// State of an open dynamic or differencing image.
 #[derive(Debug)]
@@ -182,7 +181,6 @@ impl Sparse {
     pub(crate) fn write(
         &mut self,
         file: &File,
-        mut direct: Option<&mut DirectFile>,
         parent: Option<&Image>,
         buf: &[u8],
         offset: u64,
@@ -194,7 +192,7 @@ impl Sparse {
             let in_block = pos % self.block_size;
             let n = (self.block_size - in_block).min((buf.len() - done) as u64) as usize;
             let chunk = &buf[done..done + n];
-            self.write_block(file, direct.as_deref_mut(), parent, block, in_block, chunk)?;
+            self.write_block(file, parent, block, in_block, chunk)?;
             done += n;
         }
         Ok(())
@@ -203,7 +201,6 @@ impl Sparse {
     fn write_block(
         &mut self,
         file: &File,
-        direct: Option<&mut DirectFile>,
         parent: Option<&Image>,
         block: u64,
         in_block: u64,
@@ -225,7 +222,7 @@ impl Sparse {
         let data = start + self.bitmap_size;
         let bits = self.bits_mut(file, block, start)?;
         let Bits::Partial(bits) = bits else {
-            return write_data_at(file, direct, chunk, data + in_block);
+            return write_all_at(file, chunk, data + in_block, "write data");
         };
         // Sectors whose bit is clear hold no data of their own: an unaligned write into one
         // must also write the rest of that sector (zeros or the parent's bytes) before the bit
@@ -256,7 +253,7 @@ impl Sparse {
         }
         if lo < hi {
             let part = &chunk[(lo - in_block) as usize..(hi - in_block) as usize];
-            write_data_at(file, direct, part, data + lo)?;
+            write_all_at(file, part, data + lo, "write data")?;
         }
         let first = in_block / SECTOR_SIZE;
         let end = (in_block + n).div_ceil(SECTOR_SIZE);

@@ -88,22 +88,6 @@ pub(crate) fn read_exact_at(
     file.read_exact_at(buf, offset).map_err(Error::io(context))
 }
 
-/// Writes data (not metadata) bytes at `offset`: through `direct` when the image writes its
-/// data directly (see [`crate::Image::write_data_direct`]), buffered otherwise.
-pub(crate) fn write_data_at(
-    file: &File,
-    direct: Option<&mut dio::DirectFile>,
-    buf: &[u8],
-    offset: u64,
-) -> Result<()> {
-    match direct {
-        Some(out) => out
-            .write_all_at(buf, offset)
-            .map_err(Error::io("write data")),
-        None => write_all_at(file, buf, offset, "write data"),
-    }
-}
-
 /// Writes all of `buf` at `offset`.
 pub(crate) fn write_all_at(
     file: &File,

@@ -173,12 +173,11 @@ impl Replica {
             &vhd::CreateOptions::dynamic(image_size(size_bytes)),
         )
         .map_err(image_err)?;
-        // Data is written buffered, not direct (`Image::write_data_direct`): both copy every
-        // byte once (direct writes through an aligned bounce buffer, since batch data is not
-        // aligned in memory), but a direct write waits for its I/O before the next is issued,
-        // while buffered writes, started early by `write_at`, keep many I/Os in flight. On a
-        // virtio disk that made a group's writes 3-4 times faster. The pages are dropped after
-        // each flush (`apply`), so the page cache is not filled with replica data either.
+        // Data is written buffered, not with O_DIRECT: batch data is not aligned in memory, so
+        // direct writes would copy it into an aligned buffer anyway, and each would wait for
+        // its I/O before the next is issued, while buffered writes (writeback started early by
+        // `Image::write_at`) keep many I/Os in flight; on a virtio disk that made a group's
+        // writes 3-4 times faster. The pages are dropped after each flush (`apply`).
         let state = ReplicaState {
             disk_id: disk_id.into(),
             size_bytes,
