@@ -39,6 +39,10 @@ settle() { sync; }
 renice_all() { for t in /proc/$1/task/*; do renice -n $2 -p ${t##*/} >/dev/null; done; }
 # Prints the mean of a histogram/summary and a counter from a component's metrics.
 pipeline_stats() {
+  # KEEP=1 also keeps every component's metrics as they stood, to look into afterwards.
+  if [ -n "${KEEP:-}" ]; then
+    for c in process-server master-target; do curl -s http://${METRICS[$c]}/metrics > $WORK/$c.metrics; done
+  fi
   python3 - "$(curl -s http://${METRICS[master-target]}/metrics)" "$(curl -s http://${METRICS[process-server]}/metrics)" <<'PY'
 import sys, re
 m, ps = sys.argv[1], sys.argv[2]

@@ -162,6 +162,14 @@ impl DirectFile {
         DirectFile { buffered, direct }
     }
 
+    /// Wraps `buffered` without a direct descriptor: every write goes through the page cache.
+    pub fn buffered(buffered: File) -> DirectFile {
+        DirectFile {
+            buffered,
+            direct: None,
+        }
+    }
+
     /// The offset and length multiple direct writes need, while they are in use.
     pub fn alignment(&self) -> Option<u64> {
         self.direct.as_ref().map(|(_, a)| *a)

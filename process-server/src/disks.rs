@@ -78,8 +78,20 @@ impl DiskEntry {
     }
 }
 
+/// Where and how the disks' caches are kept.
+pub struct CacheSetup {
+    pub dir: PathBuf,
+    /// Segments written with `O_DIRECT` (the `cache_direct_io` setting).
+    pub direct_io: bool,
+    pub quota: Arc<Quota>,
+    /// Seals every cached batch.
+    pub key: Arc<CacheKey>,
+}
+
 pub struct Disks {
     pub cache_dir: PathBuf,
+    /// Cache segments are written with `O_DIRECT` (the `cache_direct_io` setting).
+    pub cache_direct_io: bool,
     pub quota: Arc<Quota>,
     /// Memory for the batches every disk keeps for its forwarder.
     pub recent_budget: Arc<Budget>,
@@ -92,19 +104,18 @@ pub struct Disks {
 
 impl Disks {
     pub fn new(
-        cache_dir: PathBuf,
-        quota: Arc<Quota>,
+        cache: CacheSetup,
         recent_budget: Arc<Budget>,
-        key: Arc<CacheKey>,
         identity: Arc<Identity>,
         revocations: RevocationList,
         cancel: CancellationToken,
     ) -> Arc<Disks> {
         Arc::new(Disks {
-            cache_dir,
-            quota,
+            cache_dir: cache.dir,
+            cache_direct_io: cache.direct_io,
+            quota: cache.quota,
             recent_budget,
-            key,
+            key: cache.key,
             identity,
             revocations,
             cancel,
@@ -141,7 +152,7 @@ impl Disks {
                 let id = assignment.disk_id.clone();
                 let cache = match DiskCache::open(&self.cache_dir.join(&id), &id, self.key.clone())
                 {
-                    Ok(c) => c,
+                    Ok(c) => c.with_direct_io(self.cache_direct_io),
                     Err(e) => {
                         tracing::error!(disk = %id, "cannot open cache: {e}");
                         return None;

@@ -9,7 +9,7 @@ pub mod quota;
 pub mod recent;
 
 use cache::CacheKey;
-use disks::Disks;
+use disks::{CacheSetup, Disks};
 use ingest::IngestService;
 use lifeboat_common::component::{run_component, ComponentRun, Reporter, RevocationList};
 use lifeboat_common::component_cli::ComponentSettings;
@@ -40,6 +40,8 @@ struct FileConfig {
     /// Memory for stored batches kept to forward without reading them back, over all disks,
     /// in MiB (default 1024).
     forward_memory_mib: Option<u64>,
+    /// Write cache segments with O_DIRECT instead of through the page cache (default false).
+    cache_direct_io: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,8 @@ pub struct Settings {
     pub cache_quota_mib: u64,
     /// The memory budget of `recent` (all disks).
     pub forward_memory_mib: u64,
+    /// Cache segments are written with `O_DIRECT` (see `cache::segment`).
+    pub cache_direct_io: bool,
 }
 
 impl ComponentSettings for Settings {
@@ -74,6 +78,7 @@ impl ComponentSettings for Settings {
             forward_memory_mib: file
                 .forward_memory_mib
                 .unwrap_or(recent::DEFAULT_BUDGET_MIB),
+            cache_direct_io: file.cache_direct_io.unwrap_or(false),
         })
     }
 
@@ -207,11 +212,15 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         "cache quota {} MiB",
         quota.quota_bytes >> 20
     );
+    let cache = CacheSetup {
+        dir: settings.cache_dir.clone(),
+        direct_io: settings.cache_direct_io,
+        quota: Arc::new(quota),
+        key: Arc::new(key),
+    };
     let disks = Disks::new(
-        settings.cache_dir.clone(),
-        Arc::new(quota),
+        cache,
         recent::Budget::new((settings.forward_memory_mib as usize).saturating_mul(1 << 20)),
-        Arc::new(key),
         identity,
         revocations.clone(),
         cancel.child_token(),

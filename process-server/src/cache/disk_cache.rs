@@ -64,6 +64,8 @@ pub struct DiskCache {
     /// flow control and acks can sum every disk's cache without taking their locks, which
     /// are held through fsyncs.
     bytes: Arc<AtomicU64>,
+    /// Segments are written with `O_DIRECT` (see `segment`); off unless `with_direct_io`.
+    direct_io: bool,
 }
 
 impl DiskCache {
@@ -84,6 +86,7 @@ impl DiskCache {
             writer: None,
             durable_seq: 0,
             bytes: Arc::new(AtomicU64::new(0)),
+            direct_io: false,
         };
         let count = paths.len();
         for (i, path) in paths.into_iter().enumerate() {
@@ -166,6 +169,12 @@ impl DiskCache {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// Writes the segments created from now on with `O_DIRECT` (`cache_direct_io`).
+    pub fn with_direct_io(mut self, direct: bool) -> DiskCache {
+        self.direct_io = direct;
+        self
+    }
+
     /// The live count of [`DiskCache::bytes`], readable without this cache's lock.
     pub fn bytes_counter(&self) -> Arc<AtomicU64> {
         self.bytes.clone()
@@ -194,7 +203,7 @@ impl DiskCache {
         for batch in batches {
             if self.writer.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES) {
                 self.close_writer()?;
-                let w = SegmentWriter::create(&self.dir, &self.disk_id, batch.seq)
+                let w = SegmentWriter::create(&self.dir, &self.disk_id, batch.seq, self.direct_io)
                     .map_err(io_err(&self.dir))?;
                 self.bytes.fetch_add(w.len, Ordering::Relaxed);
                 self.writer = Some(w);
@@ -415,15 +424,29 @@ mod tests {
         Arc::new(CacheKey::from_bytes(&[7u8; 32]).unwrap())
     }
 
+    fn open(dir: &Path, direct: bool) -> Result<DiskCache, CacheError> {
+        DiskCache::open(dir, "d-1", key()).map(|c| c.with_direct_io(direct))
+    }
+
+    /// Runs a test with segments written through the page cache and with `O_DIRECT`.
+    fn both_ways(test: fn(bool)) {
+        test(false);
+        test(true);
+    }
+
     #[test]
     fn appended_batches_survive_reopen_in_order() {
+        both_ways(appended_batches_survive_reopen_in_order_in);
+    }
+
+    fn appended_batches_survive_reopen_in_order_in(direct: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
         let batches: Vec<_> = (1..=10).map(|s| batch(s, s as u8, 1000)).collect();
         assert_eq!(c.append(&batches[..4], true).unwrap().0, 4);
         assert_eq!(c.append(&batches[4..], false).unwrap().0, 10);
         drop(c);
-        let c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let c = open(dir.path(), direct).unwrap();
         assert_eq!(c.durable_seq(), 10);
         assert_eq!(c.read_after(0, usize::MAX).unwrap(), batches);
         assert_eq!(c.read_after(7, usize::MAX).unwrap(), batches[7..].to_vec());
@@ -436,8 +459,12 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_truncated_and_appends_continue() {
+        both_ways(a_torn_tail_is_truncated_and_appends_continue_in);
+    }
+
+    fn a_torn_tail_is_truncated_and_appends_continue_in(direct: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
         c.append(&[batch(1, 1, 5000), batch(2, 2, 5000)], true)
             .unwrap();
         // The file may end in the zero padding of a direct write: cut the records themselves.
@@ -445,10 +472,10 @@ mod tests {
         drop(c);
         let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
         f.set_len(len - 10).unwrap();
-        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
         assert_eq!(c.durable_seq(), 1);
         c.append(&[batch(2, 9, 100)], true).unwrap();
-        let c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let c = open(dir.path(), direct).unwrap();
         let all = c.read_after(0, usize::MAX).unwrap();
         assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(all[1].extents[0].data[0], 9);
@@ -459,10 +486,14 @@ mod tests {
     /// all read back whole, in order.
     #[test]
     fn staged_and_padded_segments_read_back_whole() {
+        both_ways(staged_and_padded_segments_read_back_whole_in);
+    }
+
+    fn staged_and_padded_segments_read_back_whole_in(direct: bool) {
         let dir = tempfile::tempdir().unwrap();
         let mut all = Vec::new();
         for round in 0..3u64 {
-            let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+            let mut c = open(dir.path(), direct).unwrap();
             let first = round * 3 + 1;
             let group: Vec<_> = (first..first + 3)
                 .map(|s| batch(s, s as u8, (3 << 20) + 777 * s as usize))
@@ -470,7 +501,7 @@ mod tests {
             assert_eq!(c.append(&group, false).unwrap().0, first + 2);
             all.extend(group);
         }
-        let c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let c = open(dir.path(), direct).unwrap();
         assert_eq!(c.durable_seq(), 9);
         assert_eq!(c.segments_after(0).len(), 3);
         assert!(c.read_after(0, usize::MAX).unwrap() == all);
@@ -480,8 +511,12 @@ mod tests {
     /// readable at once (the closed segment is synced, not left staged).
     #[test]
     fn a_group_spanning_two_segments_is_whole_before_and_after_reopen() {
+        both_ways(a_group_spanning_two_segments_is_whole_before_and_after_reopen_in);
+    }
+
+    fn a_group_spanning_two_segments_is_whole_before_and_after_reopen_in(direct: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
         let group: Vec<_> = (1..=20u64)
             .map(|s| batch(s, s as u8, (4 << 20) - 1000))
             .collect();
@@ -489,15 +524,19 @@ mod tests {
         assert_eq!(c.segments_after(0).len(), 2);
         assert!(c.read_after(0, usize::MAX).unwrap() == group);
         drop(c);
-        let c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let c = open(dir.path(), direct).unwrap();
         assert_eq!(c.durable_seq(), 20);
         assert!(c.read_after(0, usize::MAX).unwrap() == group);
     }
 
     #[test]
     fn damaged_data_is_reported_not_skipped() {
+        both_ways(damaged_data_is_reported_not_skipped_in);
+    }
+
+    fn damaged_data_is_reported_not_skipped_in(direct: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
         c.append(&[batch(1, 1, 5000), batch(2, 2, 5000)], false)
             .unwrap();
         let seg = c.segments_after(0)[0].0.clone();
@@ -507,7 +546,7 @@ mod tests {
         bytes[middle] ^= 0xff;
         std::fs::write(&seg, bytes).unwrap();
         assert!(matches!(
-            DiskCache::open(dir.path(), "d-1", key()),
+            open(dir.path(), direct),
             Err(CacheError::Corrupt { .. })
         ));
         // Another key cannot read it either.
@@ -517,8 +556,12 @@ mod tests {
 
     #[test]
     fn released_segments_are_deleted() {
+        both_ways(released_segments_are_deleted_in);
+    }
+
+    fn released_segments_are_deleted_in(direct: bool) {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = DiskCache::open(dir.path(), "d-1", key()).unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
         for s in 1..=6u64 {
             c.append(&[batch(s, 0xaa, 1 << 20)], false).unwrap();
         }
@@ -527,11 +570,6 @@ mod tests {
         assert!(c.bytes() < 1 << 20, "{}", c.bytes());
         assert!(c.read_after(6, usize::MAX).unwrap().is_empty());
         c.append(&[batch(7, 1, 10)], true).unwrap();
-        assert_eq!(
-            DiskCache::open(dir.path(), "d-1", key())
-                .unwrap()
-                .durable_seq(),
-            7
-        );
+        assert_eq!(open(dir.path(), direct).unwrap().durable_seq(), 7);
     }
 }
