@@ -4,6 +4,7 @@
 //! nothing; kill -9 of the process server or the master target loses nothing acknowledged.
 use lifeboat_common::{batch, tls, Identity, Role};
 use lifeboat_e2e::*;
+use lifeboat_master_target::replica::Replica;
 use lifeboat_proto::v1::{
     ingest_client::IngestClient, ChangeBatch, Extent, IngestAck, ResumeRequest,
 };
@@ -92,12 +93,9 @@ fn replica_path(mt: &Component, disk: &str) -> PathBuf {
 
 /// Waits until the replica has applied `seq`, then checks it with qemu-img against `model`.
 fn assert_replica_matches(mt: &Component, disk: &str, seq: u64, model: &[u8], tmp: &Path) {
-    let state = mt.dir.join("replicas").join(disk).join("state.json");
+    let dir = mt.dir.join("replicas").join(disk);
     wait_until(&format!("replica applied {seq}"), WAIT, || {
-        std::fs::read(&state)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|v| v["applied_seq"] == seq)
+        Replica::read_state(&dir).is_ok_and(|s| s.applied_seq == seq)
     });
     let expected = tmp.join("expected.raw");
     std::fs::write(&expected, model).unwrap();

@@ -4,25 +4,17 @@
 //! the scans' recovery points crash-consistent; when it fails the point is marked fuzzy.
 use lifeboat_e2e::workload::*;
 use lifeboat_e2e::*;
+use lifeboat_master_target::replica::Replica;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
-/// The replica's state file as JSON.
-fn replica_state(replica_dir: &Path) -> serde_json::Value {
-    std::fs::read(replica_dir.join("state.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
 /// Start time (Unix ms) of the newest scan applied on the master target, and its tag.
 fn last_point(replica_dir: &Path) -> (i64, String) {
-    let tag = replica_state(replica_dir)["last_tag"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let tag = Replica::read_state(replica_dir)
+        .map(|s| s.last_tag)
+        .unwrap_or_default();
     let at = tag
         .split(':')
         .nth(1)

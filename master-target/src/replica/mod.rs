@@ -4,15 +4,19 @@
 //! Applying a group of batches is crash-safe in three steps (DESIGN §6): the group's undo
 //! records are computed (see `undo`) and appended to the journal, which fsyncs; only then are
 //! the batches written into the image and `flush`ed (see the `vhd` crate's write order); only
-//! then is the applied sequence number written (temp file, fsync, rename). A crash in between
+//! then is the applied sequence number written (in place, one fdatasync: see `position`).
+//! A crash in between
 //! leaves the marker behind the data and the journal ahead of it; the process server still
 //! holds those batches and sends them again, re-applying a batch is a plain overwrite, and
 //! records already journaled are not written twice — so the replica converges and its
 //! history stays right.
+mod position;
+
 use crate::journal::Journal;
 use crate::views::OpenView;
 use lifeboat_common::{blockhash, fsutil};
 use lifeboat_proto::v1::ChangeBatch;
+use position::{Position, PositionFile};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +39,8 @@ pub enum ReplicaError {
     Refused(String),
 }
 
-/// What `state.json` records.
+/// What `state.json` records; the position fields (applied seq and time, last tag) are
+/// newer in the position file when it is ahead (see `position` and [`Replica::read_state`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ReplicaState {
     pub disk_id: String,
@@ -77,6 +82,7 @@ pub struct Replica {
     pub(crate) state: ReplicaState,
     pub(crate) journal: Journal,
     pub(crate) views: BTreeMap<String, OpenView>,
+    position: PositionFile,
 }
 
 /// VHD sizes are whole sectors.
@@ -95,6 +101,16 @@ pub struct Point {
 /// The time a tag names (`kind:<unix ms>[:...]`), if it names one.
 pub fn tag_time(tag: &str) -> Option<i64> {
     tag.split(':').nth(1)?.parse().ok()
+}
+
+/// Takes the position file's position into `state` when it is ahead of it.
+fn overlay(state: &mut ReplicaState, newest: Option<Position>) {
+    if let Some(p) = newest.filter(|p| p.applied_seq > state.applied_seq) {
+        state.applied_seq = p.applied_seq;
+        state.applied_write_unix_ms = p.applied_write_unix_ms;
+        state.last_tag = p.last_tag;
+        state.last_tag_seq = p.last_tag_seq;
+    }
 }
 
 impl Replica {
@@ -149,12 +165,10 @@ impl Replica {
         let image_path = Self::image_path(dir);
         let journal = Journal::open(&dir.join("journal")).map_err(io("open the journal"))?;
         if state_path.exists() && image_path.exists() {
-            let text = std::fs::read(&state_path).map_err(io("read the state file"))?;
-            let state: ReplicaState =
-                serde_json::from_slice(&text).map_err(|e| ReplicaError::State {
-                    disk: disk_id.into(),
-                    detail: e.to_string(),
-                })?;
+            let mut state = Self::read_state_file(dir, disk_id)?;
+            let (position, newest) =
+                PositionFile::open(dir).map_err(io("open the position file"))?;
+            overlay(&mut state, newest);
             let image = vhd::Image::open_rw(&image_path).map_err(image_err)?;
             let mut replica = Replica {
                 dir: dir.to_path_buf(),
@@ -162,12 +176,17 @@ impl Replica {
                 state,
                 journal,
                 views: BTreeMap::new(),
+                position,
             };
             replica.reopen_views()?;
             return Ok(replica);
         }
-        // A crash during creation may leave an image without a state file: start over.
+        // A crash during creation may leave an image without a state file: start over. The
+        // position of an earlier replica of this disk must not outlive it (the new state
+        // file's rename below makes the removal durable with the same directory fsync).
         let _ = std::fs::remove_file(&image_path);
+        let _ = std::fs::remove_file(position::path(dir));
+        let (position, _) = PositionFile::open(dir).map_err(io("create the position file"))?;
         let image = vhd::Image::create(
             &image_path,
             &vhd::CreateOptions::dynamic(image_size(size_bytes)),
@@ -189,6 +208,7 @@ impl Replica {
             state,
             journal,
             views: BTreeMap::new(),
+            position,
         };
         // Records of an earlier replica of this disk describe another history.
         replica.journal.clear().map_err(io("clear the journal"))?;
@@ -208,6 +228,51 @@ impl Replica {
     /// Bytes the retention journal takes.
     pub fn journal_bytes(&self) -> u64 {
         self.journal.bytes()
+    }
+
+    /// The replica's state as last made durable, read without opening the replica (no file
+    /// is created or changed): `state.json` with the position file's newer position.
+    pub fn read_state(dir: &Path) -> Result<ReplicaState, ReplicaError> {
+        let disk = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut state = Self::read_state_file(dir, &disk)?;
+        let newest = PositionFile::read(dir).map_err(|source| ReplicaError::Io {
+            disk,
+            context: "read the position file",
+            source,
+        })?;
+        overlay(&mut state, newest);
+        Ok(state)
+    }
+
+    fn read_state_file(dir: &Path, disk_id: &str) -> Result<ReplicaState, ReplicaError> {
+        let text = std::fs::read(Self::state_path(dir)).map_err(|source| ReplicaError::Io {
+            disk: disk_id.into(),
+            context: "read the state file",
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|e| ReplicaError::State {
+            disk: disk_id.into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Makes the position durable after a group: in the position file, or in `state.json`
+    /// when the last tag is too long for a slot.
+    fn save_position(&mut self) -> Result<(), ReplicaError> {
+        let position = Position {
+            applied_seq: self.state.applied_seq,
+            applied_write_unix_ms: self.state.applied_write_unix_ms,
+            last_tag: self.state.last_tag.clone(),
+            last_tag_seq: self.state.last_tag_seq,
+        };
+        let err = self.io_error("write the position file");
+        if !self.position.save(&position).map_err(err)? {
+            self.save_state()?;
+        }
+        Ok(())
     }
 
     pub(crate) fn save_state(&self) -> Result<(), ReplicaError> {
@@ -261,7 +326,7 @@ impl Replica {
             .max()
             .unwrap_or(0)
             .max(self.state.applied_write_unix_ms);
-        self.save_state()?;
+        self.save_position()?;
         Ok(self.state.applied_seq)
     }
 

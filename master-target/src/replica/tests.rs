@@ -257,3 +257,32 @@ fn a_whole_disk_trim_of_zeros_is_one_undo_extent_and_views_have_generations() {
         "a commit keeps serving the same opening"
     );
 }
+
+#[test]
+fn the_position_survives_reopen_and_not_a_new_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::open_or_create(dir.path(), "d-test", SIZE).unwrap();
+    let mut rng = Rng(0x0bad_cafe_f00d_d00d);
+    let mut model = vec![0u8; SIZE as usize];
+    for seq in 1..=6 {
+        let b = batch(&mut rng, seq, &mut model);
+        r.apply(&[b]).unwrap();
+    }
+    let expected = r.state().clone();
+    assert_eq!((expected.applied_seq, expected.last_tag_seq), (6, 6));
+    drop(r);
+    // The groups wrote only the position file; the state file still says where it began.
+    let state_file: ReplicaState =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    assert_eq!(state_file.applied_seq, 0);
+    assert_eq!(Replica::read_state(dir.path()).unwrap(), expected);
+    let r = Replica::open_or_create(dir.path(), "d-test", SIZE).unwrap();
+    assert_eq!(r.state(), &expected);
+    drop(r);
+    // A replica made again (its image lost) starts from nothing, whatever the old position.
+    std::fs::remove_file(Replica::image_path(dir.path())).unwrap();
+    let r = Replica::open_or_create(dir.path(), "d-test", SIZE).unwrap();
+    assert_eq!(r.state().applied_seq, 0);
+    drop(r);
+    assert_eq!(Replica::read_state(dir.path()).unwrap().applied_seq, 0);
+}
