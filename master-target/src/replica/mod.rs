@@ -181,12 +181,16 @@ impl Replica {
             replica.reopen_views()?;
             return Ok(replica);
         }
-        // A crash during creation may leave an image without a state file: start over. The
-        // position of an earlier replica of this disk must not outlive it (the new state
-        // file's rename below makes the removal durable with the same directory fsync).
+        // A crash during creation may leave an image without a state file, or a state file
+        // without its image: start over. Nothing of an earlier replica of this disk may
+        // outlive it: its state file goes first (durably, so a crash from here on starts over
+        // again), and its position file is replaced by an empty one.
+        if state_path.exists() {
+            std::fs::remove_file(&state_path).map_err(io("remove the old state file"))?;
+            fsutil::fsync_dir(dir).map_err(io("remove the old state file"))?;
+        }
         let _ = std::fs::remove_file(&image_path);
-        let _ = std::fs::remove_file(position::path(dir));
-        let (position, _) = PositionFile::open(dir).map_err(io("create the position file"))?;
+        let position = PositionFile::create(dir).map_err(io("create the position file"))?;
         let image = vhd::Image::create(
             &image_path,
             &vhd::CreateOptions::dynamic(image_size(size_bytes)),
@@ -259,24 +263,28 @@ impl Replica {
         })
     }
 
-    /// Makes the position durable after a group: in the position file, or in `state.json`
-    /// when the last tag is too long for a slot.
-    fn save_position(&mut self) -> Result<(), ReplicaError> {
+    /// Makes `state`'s position durable after a group: in the position file, or in
+    /// `state.json` when the last tag is too long for a slot.
+    fn save_position(&mut self, state: &ReplicaState) -> Result<(), ReplicaError> {
         let position = Position {
-            applied_seq: self.state.applied_seq,
-            applied_write_unix_ms: self.state.applied_write_unix_ms,
-            last_tag: self.state.last_tag.clone(),
-            last_tag_seq: self.state.last_tag_seq,
+            applied_seq: state.applied_seq,
+            applied_write_unix_ms: state.applied_write_unix_ms,
+            last_tag: state.last_tag.clone(),
+            last_tag_seq: state.last_tag_seq,
         };
         let err = self.io_error("write the position file");
         if !self.position.save(&position).map_err(err)? {
-            self.save_state()?;
+            self.write_state(state)?;
         }
         Ok(())
     }
 
     pub(crate) fn save_state(&self) -> Result<(), ReplicaError> {
-        let bytes = serde_json::to_vec(&self.state).expect("replica state serialises");
+        self.write_state(&self.state)
+    }
+
+    fn write_state(&self, state: &ReplicaState) -> Result<(), ReplicaError> {
+        let bytes = serde_json::to_vec(state).expect("replica state serialises");
         fsutil::durable_write(&Self::state_path(&self.dir), &bytes, 0o600)
             .map_err(self.io_error("write the state file"))
     }
@@ -315,18 +323,22 @@ impl Replica {
         // old data read for undo records). The cost: undo records of ranges overwritten later,
         // and views, read the replica from disk.
         self.image.drop_cached_pages();
+        // The new position is taken only once durable: a replica whose position could not be
+        // written must not report it (the process server would release those batches).
+        let mut state = self.state.clone();
         if let Some(tagged) = batches.iter().rev().find(|b| !b.tags.is_empty()) {
-            self.state.last_tag = tagged.tags.last().cloned().unwrap_or_default();
-            self.state.last_tag_seq = tagged.seq;
+            state.last_tag = tagged.tags.last().cloned().unwrap_or_default();
+            state.last_tag_seq = tagged.seq;
         }
-        self.state.applied_seq = last.seq;
-        self.state.applied_write_unix_ms = batches
+        state.applied_seq = last.seq;
+        state.applied_write_unix_ms = batches
             .iter()
             .map(|b| b.last_write_unix_ms)
             .max()
             .unwrap_or(0)
-            .max(self.state.applied_write_unix_ms);
-        self.save_position()?;
+            .max(state.applied_write_unix_ms);
+        self.save_position(&state)?;
+        self.state = state;
         Ok(self.state.applied_seq)
     }
 

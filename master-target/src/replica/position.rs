@@ -54,22 +54,33 @@ pub fn path(dir: &Path) -> PathBuf {
 }
 
 impl PositionFile {
-    /// Opens the replica's position file, creating it (two empty slots, durable, directory
-    /// synced) if there is none; returns it with the newest valid position it holds.
+    /// Creates an empty position file (two empty slots), replacing any there is, durably
+    /// (temp file, fsync, rename, directory fsync).
+    pub fn create(dir: &Path) -> io::Result<PositionFile> {
+        let tmp = dir.join(".position.tmp");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all_at(&[0u8; 2 * SLOT], 0)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path(dir))?;
+        lifeboat_common::fsutil::fsync_dir(dir)?;
+        Ok(PositionFile {
+            file,
+            generation: 0,
+        })
+    }
+
+    /// Opens the replica's position file, creating an empty one if there is none (a replica
+    /// from before position files); returns it with the newest valid position it holds.
     pub fn open(dir: &Path) -> io::Result<(PositionFile, Option<Position>)> {
         let path = path(dir);
         if !path.exists() {
-            let tmp = dir.join(".position.tmp");
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all_at(&[0u8; 2 * SLOT], 0)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            lifeboat_common::fsutil::fsync_dir(dir)?;
+            return Ok((PositionFile::create(dir)?, None));
         }
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
         let mut bytes = [0u8; 2 * SLOT];

@@ -481,6 +481,36 @@ mod tests {
         assert_eq!(all[1].extents[0].data[0], 9);
     }
 
+    /// A crash before the last group was synced can leave a page in the middle of its last
+    /// record never written back (zeros): the tail is cut there like a short one, not taken
+    /// for damage, which would make the whole cache unreadable.
+    #[test]
+    fn a_record_with_a_page_never_written_back_is_a_torn_tail() {
+        both_ways(a_record_with_a_page_never_written_back_is_a_torn_tail_in);
+    }
+
+    fn a_record_with_a_page_never_written_back_is_a_torn_tail_in(direct: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
+        c.append(&[batch(1, 1, 20_000)], false).unwrap();
+        c.append(&[batch(2, 2, 20_000)], false).unwrap();
+        let (seg, len) = c.segments_after(0)[0].clone();
+        drop(c);
+        // A whole page inside the second record's sealed bytes.
+        let page = (len - 3 * 4096) / 4096 * 4096;
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], page).unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
+        assert_eq!(c.durable_seq(), 1);
+        c.append(&[batch(2, 9, 100)], true).unwrap();
+        let all = open(dir.path(), direct)
+            .unwrap()
+            .read_after(0, usize::MAX)
+            .unwrap();
+        assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(all[1].extents[0].data[0], 9);
+    }
+
     /// Groups bigger than the staging buffer, odd record sizes, and segments closed by
     /// restarts (each ending in the padding of its last direct write, if writes are direct)
     /// all read back whole, in order.

@@ -69,6 +69,28 @@ fn worth_compressing(zstd: &mut Compressor<'static>, plain: &[u8]) -> io::Result
     Ok(probe.len() < PROBE - PROBE / 8)
 }
 
+/// The page size the kernel writes buffered data back in (the smallest on Linux).
+const PAGE: u64 = 4096;
+
+/// Whether a record whose header starts at file offset `at` has a page of its sealed bytes
+/// that reads as zeros from the page's start: the mark of a crash before that page was
+/// written back (buffered writes reach the disk page by page, in any order, until the
+/// fdatasync). Sealed bytes look random, so 32 zeros at a page start are not chance, while a
+/// flipped bit (real damage) leaves none.
+fn has_unwritten_page(at: u64, sealed: &[u8]) -> bool {
+    let start = at + RECORD_HEADER as u64;
+    let end = start + sealed.len() as u64;
+    let mut page = start.next_multiple_of(PAGE);
+    while page < end {
+        let part = &sealed[(page - start) as usize..((page + PAGE).min(end) - start) as usize];
+        if part.len() >= 32 && part.iter().all(|&b| b == 0) {
+            return true;
+        }
+        page += PAGE;
+    }
+    false
+}
+
 /// Staged bytes written out (whole blocks) once this many are held, bounding the buffer.
 const STAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Most zero bytes after a segment's last record (the padding of its last direct write).
@@ -255,8 +277,9 @@ impl SegmentWriter {
         if self.file.alignment().is_none() {
             // Written through the page cache (no direct writes here): forwarding reads fresh
             // records from memory and the file only after a restart or a long backlog, so
-            // its pages need not stay cached.
-            let from = self.synced.0;
+            // its pages need not stay cached. From the page the last sync ended in (advice
+            // covers whole pages only); the partly filled last page stays for the next append.
+            let from = self.synced.0 - self.synced.0 % PAGE;
             let written = self.len.saturating_sub(from);
             lifeboat_common::fsutil::drop_cached(self.file.file(), from, written);
         }
@@ -442,16 +465,22 @@ impl SegmentReader {
             self.tail = Tail::Torn;
             return None;
         }
+        let unwritten = has_unwritten_page(self.valid_len, &sealed);
         let Some(body) = key.open(
             self.salt,
             self.index,
             &aad(&self.disk_id, seq, flags, plain_len),
             sealed,
         ) else {
-            self.tail = Tail::Corrupt(format!(
-                "record {} (seq {seq}) fails authentication",
-                self.index
-            ));
+            self.tail = if unwritten {
+                // Written but not yet synced when the process stopped: never acknowledged.
+                Tail::Torn
+            } else {
+                Tail::Corrupt(format!(
+                    "record {} (seq {seq}) fails authentication",
+                    self.index
+                ))
+            };
             return None;
         };
         let plain = if flags & FLAG_ZSTD != 0 {
