@@ -89,13 +89,9 @@ pub struct CacheSetup {
 }
 
 pub struct Disks {
-    pub cache_dir: PathBuf,
-    /// Cache segments are written with `O_DIRECT` (the `cache_direct_io` setting).
-    pub cache_direct_io: bool,
-    pub quota: Arc<Quota>,
+    pub cache: CacheSetup,
     /// Memory for the batches every disk keeps for its forwarder.
     pub recent_budget: Arc<Budget>,
-    pub key: Arc<CacheKey>,
     pub identity: Arc<Identity>,
     pub revocations: RevocationList,
     pub cancel: CancellationToken,
@@ -111,11 +107,8 @@ impl Disks {
         cancel: CancellationToken,
     ) -> Arc<Disks> {
         Arc::new(Disks {
-            cache_dir: cache.dir,
-            cache_direct_io: cache.direct_io,
-            quota: cache.quota,
+            cache,
             recent_budget,
-            key: cache.key,
             identity,
             revocations,
             cancel,
@@ -137,7 +130,7 @@ impl Disks {
             assignments,
             |id, entry| {
                 entry.stop.cancel();
-                let dir = self.cache_dir.join(id);
+                let dir = self.cache.dir.join(id);
                 if let Err(e) = std::fs::remove_dir_all(&dir) {
                     tracing::warn!(disk = %id, "cannot remove cache {}: {e}", dir.display());
                 }
@@ -150,14 +143,14 @@ impl Disks {
             },
             |assignment| {
                 let id = assignment.disk_id.clone();
-                let cache = match DiskCache::open(&self.cache_dir.join(&id), &id, self.key.clone())
-                {
-                    Ok(c) => c.with_direct_io(self.cache_direct_io),
-                    Err(e) => {
-                        tracing::error!(disk = %id, "cannot open cache: {e}");
-                        return None;
-                    }
-                };
+                let cache =
+                    match DiskCache::open(&self.cache.dir.join(&id), &id, self.cache.key.clone()) {
+                        Ok(c) => c.with_direct_io(self.cache.direct_io),
+                        Err(e) => {
+                            tracing::error!(disk = %id, "cannot open cache: {e}");
+                            return None;
+                        }
+                    };
                 let (applied, _) = watch::channel((0, 0));
                 let entry = Arc::new(DiskEntry {
                     disk_id: id.clone(),
@@ -168,7 +161,7 @@ impl Disks {
                     applied,
                     plain_bytes: AtomicU64::new(0),
                     stored_bytes: AtomicU64::new(0),
-                    quota: self.quota.clone(),
+                    quota: self.cache.quota.clone(),
                     replica_client: Mutex::new(None),
                     recent: Mutex::new(Recent::new(self.recent_budget.clone())),
                     mt_status_known: watch::Sender::new(false),

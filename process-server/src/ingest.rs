@@ -72,7 +72,7 @@ fn ack(disks: &Disks, entry: &DiskEntry, durable: u64) -> IngestAck {
         durable_seq: durable,
         applied_seq,
         applied_write_unix_ms,
-        cache_fill_percent: disks.quota.fill_percent(disks.cache_used()),
+        cache_fill_percent: disks.cache.quota.fill_percent(disks.cache_used()),
     }
 }
 
@@ -122,13 +122,13 @@ async fn admitted(disks: &Disks, entry: &DiskEntry, batches: &[ChangeBatch]) -> 
             .lock()
             .is_ok_and(|c| c.durable_seq() <= entry.applied().0);
         let used = if idle { 0 } else { disks.cache_used() };
-        let (free, _) = lifeboat_common::facts::space(&disks.cache_dir);
+        let (free, _) = lifeboat_common::facts::space(&disks.cache.dir);
         let mut incoming = 0u64;
         let mut fits = 0;
         let mut delay = std::time::Duration::ZERO;
         for b in batches {
             incoming += batch::payload_bytes(b) as u64;
-            match disks.quota.admit(used, incoming, free) {
+            match disks.cache.quota.admit(used, incoming, free) {
                 Admission::Accept => {}
                 Admission::Slow(d) => delay = d,
                 Admission::Full => break,
@@ -145,7 +145,7 @@ async fn admitted(disks: &Disks, entry: &DiskEntry, batches: &[ChangeBatch]) -> 
         if held_since.is_none() {
             tracing::warn!(
                 used,
-                quota = disks.quota.quota_bytes,
+                quota = disks.cache.quota.quota_bytes,
                 "cache full: holding agent streams until the master targets drain it"
             );
             held_since = Some(std::time::Instant::now());
@@ -240,6 +240,7 @@ async fn store(
             entry.plain_bytes.fetch_add(plain, Ordering::Relaxed);
             entry.stored_bytes.fetch_add(stored, Ordering::Relaxed);
             disks
+                .cache
                 .quota
                 .stored_total
                 .fetch_add(stored, Ordering::Relaxed);
@@ -306,7 +307,7 @@ impl Ingest for IngestService {
         Ok(Response::new(v1::ResumeResponse {
             durable_seq: durable.max(applied),
             applied_seq: applied,
-            cache_fill_percent: self.disks.quota.fill_percent(self.disks.cache_used()),
+            cache_fill_percent: self.disks.cache.quota.fill_percent(self.disks.cache_used()),
         }))
     }
 

@@ -103,15 +103,16 @@ struct PsReporter<'a> {
 impl Reporter for PsReporter<'_> {
     fn facts(&self) -> v1::ComponentFacts {
         let (cache_bytes, ratio) = self.disks.cache_totals();
-        let (fill_rate, drain_rate) = self.disks.quota.rates();
+        let (fill_rate, drain_rate) = self.disks.cache.quota.rates();
         metrics::gauge!("lifeboat_ps_cache_bytes").set(cache_bytes as f64);
-        metrics::gauge!("lifeboat_ps_cache_quota_bytes").set(self.disks.quota.quota_bytes as f64);
+        metrics::gauge!("lifeboat_ps_cache_quota_bytes")
+            .set(self.disks.cache.quota.quota_bytes as f64);
         metrics::gauge!("lifeboat_ps_compression_ratio").set(ratio);
         metrics::gauge!("lifeboat_ps_forward_memory_bytes")
             .set(self.disks.recent_budget.used() as f64);
         let mut facts = self.settings.facts();
         metrics::gauge!("lifeboat_ps_cache_free_bytes").set(facts.free_bytes as f64);
-        facts.cache_quota_bytes = self.disks.quota.quota_bytes;
+        facts.cache_quota_bytes = self.disks.cache.quota.quota_bytes;
         facts.cache_used_bytes = cache_bytes;
         facts.cache_fill_bytes_per_sec = fill_rate;
         facts.cache_drain_bytes_per_sec = drain_rate;

@@ -23,7 +23,7 @@
 use lifeboat_common::crc::crc64;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const SLOT: usize = 512;
@@ -57,20 +57,9 @@ impl PositionFile {
     /// Creates an empty position file (two empty slots), replacing any there is, durably
     /// (temp file, fsync, rename, directory fsync).
     pub fn create(dir: &Path) -> io::Result<PositionFile> {
-        let tmp = dir.join(".position.tmp");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all_at(&[0u8; 2 * SLOT], 0)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path(dir))?;
-        lifeboat_common::fsutil::fsync_dir(dir)?;
+        lifeboat_common::fsutil::durable_write(&path(dir), &[0u8; 2 * SLOT], 0o600)?;
         Ok(PositionFile {
-            file,
+            file: OpenOptions::new().write(true).open(path(dir))?,
             generation: 0,
         })
     }
@@ -78,15 +67,11 @@ impl PositionFile {
     /// Opens the replica's position file, creating an empty one if there is none (a replica
     /// from before position files); returns it with the newest valid position it holds.
     pub fn open(dir: &Path) -> io::Result<(PositionFile, Option<Position>)> {
-        let path = path(dir);
-        if !path.exists() {
+        let Some(newest) = newest_in(dir)? else {
             return Ok((PositionFile::create(dir)?, None));
-        }
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        let mut bytes = [0u8; 2 * SLOT];
-        let n = file.read_at(&mut bytes, 0)?;
-        let newest = newest(&bytes[..n]);
+        };
         let generation = newest.as_ref().map_or(0, |(g, _)| *g);
+        let file = OpenOptions::new().write(true).open(path(dir))?;
         Ok((
             PositionFile { file, generation },
             newest.map(|(_, position)| position),
@@ -96,11 +81,7 @@ impl PositionFile {
     /// The newest valid position in the replica's position file, without creating or
     /// changing anything (`None` if there is no file or no valid slot).
     pub fn read(dir: &Path) -> io::Result<Option<Position>> {
-        match std::fs::read(path(dir)) {
-            Ok(bytes) => Ok(newest(&bytes).map(|(_, p)| p)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(newest_in(dir)?.flatten().map(|(_, p)| p))
     }
 
     /// Writes `position` into the older slot and makes it durable. `Ok(false)`: its tag is
@@ -116,6 +97,16 @@ impl PositionFile {
         self.file.sync_data()?;
         self.generation = generation;
         Ok(true)
+    }
+}
+
+/// The valid slot with the highest generation in the replica's position file: `None` if
+/// there is no file, `Some(None)` if no slot is valid.
+fn newest_in(dir: &Path) -> io::Result<Option<Option<(u64, Position)>>> {
+    match std::fs::read(path(dir)) {
+        Ok(bytes) => Ok(Some(newest(&bytes))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
