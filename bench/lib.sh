@@ -56,10 +56,12 @@ print(f"  master target: {n:.0f} apply groups, mean {1000*s/max(n,1):.1f} ms per
 m = ps
 print(f"  process server: forwarded {val('lifeboat_ps_forwarded_bytes_total')/2**20:.0f} MiB, of which read back from its cache file {val('lifeboat_ps_cache_read_back_bytes_total')/2**20:.0f} MiB")
 PY
-  # User + system CPU seconds of each process still running, from /proc (to 1/100 s).
+  # User + system CPU seconds of each process still running, from /proc (to 1/100 s), and
+  # its minor page faults in thousands (on a VM whose host backs memory lazily, touching
+  # memory the process has not touched before is a large part of the cost).
   local tck; tck=$(getconf CLK_TCK)
-  echo "  CPU seconds so far: $(for p in "${PIDS[@]}"; do
-    [ -r /proc/$p/stat ] && awk -v t="$tck" -v n="$(cat /proc/$p/comm)" '{printf "%s %.2f; ", n, ($14+$15)/t}' /proc/$p/stat
+  echo "  CPU seconds (minor faults, thousands) so far: $(for p in "${PIDS[@]}"; do
+    [ -r /proc/$p/stat ] && awk -v t="$tck" -v n="$(cat /proc/$p/comm)" '{printf "%s %.2f (%.0fk); ", n, ($14+$15)/t, $10/1000}' /proc/$p/stat
   done)"
 }
 $BIN/lifeboat policy create bench ${BENCH_POLICY_FLAGS:-} >/dev/null

@@ -17,6 +17,9 @@ pub fn grpc_server(
         // (the 1 MiB default turns replication into small groups and many fsyncs).
         .initial_stream_window_size(crate::tls::STREAM_WINDOW)
         .initial_connection_window_size(crate::tls::CONNECTION_WINDOW)
+        // Senders may use HTTP/2 DATA frames up to this size instead of the 16 KiB default:
+        // a batch then crosses in a few frames, not a hundred per MiB.
+        .max_frame_size(crate::tls::MAX_FRAME)
         .layer(GrpcMetricsLayer))
 }
 

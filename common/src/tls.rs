@@ -17,6 +17,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 flow-control windows of every Lifeboat connection (see `serve::grpc_server`).
 pub const STREAM_WINDOW: u32 = 32 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// Largest HTTP/2 frame a Lifeboat server accepts (the protocol allows up to 16 MiB - 1).
+pub const MAX_FRAME: u32 = 1024 * 1024;
 
 /// Default deadline of one unary call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
