@@ -60,8 +60,9 @@ PY
   # its minor page faults in thousands (on a VM whose host backs memory lazily, touching
   # memory the process has not touched before is a large part of the cost).
   local tck; tck=$(getconf CLK_TCK)
-  echo "  CPU seconds (minor faults, thousands) so far: $(for p in "${PIDS[@]}"; do
-    [ -r /proc/$p/stat ] && awk -v t="$tck" -v n="$(cat /proc/$p/comm)" '{printf "%s %.2f (%.0fk); ", n, ($14+$15)/t, $10/1000}' /proc/$p/stat
+  echo "  CPU seconds (minor faults, thousands; resident MiB) so far: $(for p in "${PIDS[@]}"; do
+    [ -r /proc/$p/stat ] && awk -v t="$tck" -v n="$(cat /proc/$p/comm)" -v pg=$(getconf PAGESIZE) \
+      '{printf "%s %.2f (%.0fk; %.0f MiB); ", n, ($14+$15)/t, $10/1000, $24*pg/1048576}' /proc/$p/stat
   done)"
 }
 $BIN/lifeboat policy create bench ${BENCH_POLICY_FLAGS:-} >/dev/null
