@@ -4,9 +4,9 @@
 //! nothing; kill -9 of the process server or the master target loses nothing acknowledged.
 use lifeboat_common::{batch, tls, Identity, Role};
 use lifeboat_e2e::*;
-use lifeboat_master_target::replica::Replica;
 use lifeboat_proto::v1::{
-    ingest_client::IngestClient, ChangeBatch, Extent, IngestAck, ResumeRequest,
+    ingest_client::IngestClient, replica_client::ReplicaClient, ChangeBatch, Extent, IngestAck,
+    ResumeRequest,
 };
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
@@ -91,11 +91,35 @@ fn replica_path(mt: &Component, disk: &str) -> PathBuf {
     mt.dir.join("replicas").join(disk).join("disk.vhd")
 }
 
+/// The seq the master target has durably applied to `disk`, as its process server `ps`
+/// asks for it (`None` while the master target cannot answer).
+fn applied_on_mt(ps: &Component, mt: &Component, disk: &str) -> Option<u64> {
+    let identity = Identity::load(&ps.dir).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = tls::mtls_channel(&identity, &mt.listen, Role::MasterTarget).ok()?;
+        let request = ResumeRequest {
+            disk_id: disk.into(),
+        };
+        let status = ReplicaClient::new(channel).status(request).await.ok()?;
+        Some(status.into_inner().applied_seq)
+    })
+}
+
 /// Waits until the replica has applied `seq`, then checks it with qemu-img against `model`.
-fn assert_replica_matches(mt: &Component, disk: &str, seq: u64, model: &[u8], tmp: &Path) {
-    let dir = mt.dir.join("replicas").join(disk);
+fn assert_replica_matches(
+    ps: &Component,
+    mt: &Component,
+    disk: &str,
+    seq: u64,
+    model: &[u8],
+    tmp: &Path,
+) {
     wait_until(&format!("replica applied {seq}"), WAIT, || {
-        Replica::read_state(&dir).is_ok_and(|s| s.applied_seq == seq)
+        applied_on_mt(ps, mt, disk) == Some(seq)
     });
     let expected = tmp.join("expected.raw");
     std::fs::write(&expected, model).unwrap();
@@ -204,7 +228,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
         let err = push(&mut c, vec![foreign]).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     });
-    assert_replica_matches(&mt, &web, 20, &model_at(&batches[..20]), tmp.path());
+    assert_replica_matches(&ps, &mt, &web, 20, &model_at(&batches[..20]), tmp.path());
 
     runtime.block_on(async {
         // A replay changes nothing.
@@ -212,7 +236,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
         let ack = push(&mut c, batches[..20].to_vec()).await.unwrap().unwrap();
         assert_eq!(ack.durable_seq, 20);
     });
-    assert_replica_matches(&mt, &web, 20, &model_at(&batches[..20]), tmp.path());
+    assert_replica_matches(&ps, &mt, &web, 20, &model_at(&batches[..20]), tmp.path());
 
     // kill -9 of the process server while batches flow: what was acknowledged survives.
     let acked = runtime.block_on(async {
@@ -245,7 +269,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
             assert_eq!(push(&mut c, rest).await.unwrap().unwrap().durable_seq, 30);
         }
     });
-    assert_replica_matches(&mt, &web, 30, &model_at(&batches[..30]), tmp.path());
+    assert_replica_matches(&ps, &mt, &web, 30, &model_at(&batches[..30]), tmp.path());
 
     // kill -9 of the master target while batches are applied: the replica converges.
     runtime.block_on(async {
@@ -262,7 +286,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     mt.proc.as_mut().unwrap().kill9();
     qemu_check_vpc(&replica_path(&mt, &web));
     mt.start();
-    assert_replica_matches(&mt, &web, 40, &model_at(&batches[..40]), tmp.path());
+    assert_replica_matches(&ps, &mt, &web, 40, &model_at(&batches[..40]), tmp.path());
 
     // The process server passes the master target's applied acknowledgement on while the
     // agent's stream stays open with nothing more to send (the end of an initial sync waits
@@ -292,7 +316,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
         assert_eq!(applied.durable_seq, last);
         drop(tx);
     });
-    assert_replica_matches(&mt, &web, 45, &model, tmp.path());
+    assert_replica_matches(&ps, &mt, &web, 45, &model, tmp.path());
 
     // The configuration server sees the disks' progress and the PS cache empties.
     wait_until("cache released", WAIT, || {

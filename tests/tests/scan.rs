@@ -4,17 +4,22 @@
 //! the scans' recovery points crash-consistent; when it fails the point is marked fuzzy.
 use lifeboat_e2e::workload::*;
 use lifeboat_e2e::*;
-use lifeboat_master_target::replica::Replica;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
-/// Start time (Unix ms) of the newest scan applied on the master target, and its tag.
-fn last_point(replica_dir: &Path) -> (i64, String) {
-    let tag = Replica::read_state(replica_dir)
-        .map(|s| s.last_tag)
-        .unwrap_or_default();
+/// Start time (Unix ms) of the newest scan applied on the master target, and its tag: the
+/// machine's newest recovery point, as an operator lists them.
+fn last_point(ctx: &Path) -> (i64, String) {
+    let out = lifeboat(ctx, &["recovery-points", "legacy01", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let tag = list["points"]
+        .as_array()
+        .and_then(|points| points.iter().max_by_key(|p| p["time_unix_ms"].as_i64()))
+        .and_then(|p| p["id"].as_str())
+        .unwrap_or("")
+        .to_string();
     let at = tag
         .split(':')
         .nth(1)
@@ -24,10 +29,10 @@ fn last_point(replica_dir: &Path) -> (i64, String) {
 }
 
 /// Waits until a scan that started after `since` is applied; returns its tag.
-fn scanned_after(replica_dir: &Path, since: i64) -> String {
+fn scanned_after(ctx: &Path, since: i64) -> String {
     let mut tag = String::new();
     wait_until("a scan started after the writes, applied", WAIT, || {
-        let (at, t) = last_point(replica_dir);
+        let (at, t) = last_point(ctx);
         tag = t;
         at > since
     });
@@ -94,9 +99,8 @@ fn scans_replicate_changes_made_by_another_process() {
     let out = lifeboat(&ctx, &["jobs", "--watch"]);
     assert!(out.status.success(), "{}", text(&out));
     let disk_id = disk_status(&ctx)["disk_id"].as_str().unwrap().to_string();
-    let replica_dir = mt.dir.join("replicas").join(&disk_id);
-    let replica = replica_dir.join("disk.vhd");
-    scanned_after(&replica_dir, 0);
+    let replica = mt.dir.join("replicas").join(&disk_id).join("disk.vhd");
+    scanned_after(&ctx, 0);
     assert_identical(&source, &replica);
     // A scan-mode disk is not exported over NBD.
     let nbd = std::process::Command::new("qemu-io")
@@ -117,7 +121,7 @@ fn scans_replicate_changes_made_by_another_process() {
         ],
     );
     let written = now_ms();
-    let tag = scanned_after(&replica_dir, written);
+    let tag = scanned_after(&ctx, written);
     assert_identical(&source, &replica);
     assert!(!tag.ends_with(":fuzzy"), "frozen scan tagged {tag}");
     let calls = std::fs::read_to_string(&hook_log).unwrap();
@@ -131,7 +135,7 @@ fn scans_replicate_changes_made_by_another_process() {
     std::fs::write(&fail, b"").unwrap();
     qemu_io(&path, &["write -P 0x44 60M 2M"]);
     let written = now_ms();
-    let tag = scanned_after(&replica_dir, written);
+    let tag = scanned_after(&ctx, written);
     assert!(tag.ends_with(":fuzzy"), "unfrozen scan tagged {tag}");
     assert_identical(&source, &replica);
 

@@ -5,11 +5,10 @@
 //! records are computed (see `undo`) and appended to the journal, which fsyncs; only then are
 //! the batches written into the image and `flush`ed (see the `vhd` crate's write order); only
 //! then is the applied sequence number written (in place, one fdatasync: see `position`).
-//! A crash in between
-//! leaves the marker behind the data and the journal ahead of it; the process server still
-//! holds those batches and sends them again, re-applying a batch is a plain overwrite, and
-//! records already journaled are not written twice — so the replica converges and its
-//! history stays right.
+//! A crash in between leaves the marker behind the data and the journal ahead of it; the
+//! process server still holds those batches and sends them again, re-applying a batch is a
+//! plain overwrite, and records already journaled are not written twice — so the replica
+//! converges and its history stays right.
 mod position;
 
 use crate::journal::Journal;
@@ -40,7 +39,7 @@ pub enum ReplicaError {
 }
 
 /// What `state.json` records; the position fields (applied seq and time, last tag) are
-/// newer in the position file when it is ahead (see `position` and [`Replica::read_state`]).
+/// newer in the position file when it is ahead (see `position`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ReplicaState {
     pub disk_id: String,
@@ -103,6 +102,16 @@ pub fn tag_time(tag: &str) -> Option<i64> {
     tag.split(':').nth(1)?.parse().ok()
 }
 
+/// An I/O error of disk `disk` while doing `context`.
+fn io_err(disk: &str, context: &'static str) -> impl Fn(std::io::Error) -> ReplicaError {
+    let disk = disk.to_string();
+    move |source| ReplicaError::Io {
+        disk: disk.clone(),
+        context,
+        source,
+    }
+}
+
 /// Takes the position file's position into `state` when it is ahead of it.
 fn overlay(state: &mut ReplicaState, newest: Option<Position>) {
     if let Some(p) = newest.filter(|p| p.applied_seq > state.applied_seq) {
@@ -126,12 +135,7 @@ impl Replica {
         &self,
         context: &'static str,
     ) -> impl Fn(std::io::Error) -> ReplicaError {
-        let disk = self.state.disk_id.clone();
-        move |source| ReplicaError::Io {
-            disk: disk.clone(),
-            context,
-            source,
-        }
+        io_err(&self.state.disk_id, context)
     }
 
     pub(crate) fn image_error(&self) -> impl Fn(vhd::Error) -> ReplicaError {
@@ -148,14 +152,7 @@ impl Replica {
         disk_id: &str,
         size_bytes: u64,
     ) -> Result<Replica, ReplicaError> {
-        let io = |context| {
-            let disk = disk_id.to_string();
-            move |source| ReplicaError::Io {
-                disk,
-                context,
-                source,
-            }
-        };
+        let io = |context| io_err(disk_id, context);
         let image_err = |source| ReplicaError::Image {
             disk: disk_id.to_string(),
             source,
@@ -234,29 +231,9 @@ impl Replica {
         self.journal.bytes()
     }
 
-    /// The replica's state as last made durable, read without opening the replica (no file
-    /// is created or changed): `state.json` with the position file's newer position.
-    pub fn read_state(dir: &Path) -> Result<ReplicaState, ReplicaError> {
-        let disk = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let mut state = Self::read_state_file(dir, &disk)?;
-        let newest = PositionFile::read(dir).map_err(|source| ReplicaError::Io {
-            disk,
-            context: "read the position file",
-            source,
-        })?;
-        overlay(&mut state, newest);
-        Ok(state)
-    }
-
     fn read_state_file(dir: &Path, disk_id: &str) -> Result<ReplicaState, ReplicaError> {
-        let text = std::fs::read(Self::state_path(dir)).map_err(|source| ReplicaError::Io {
-            disk: disk_id.into(),
-            context: "read the state file",
-            source,
-        })?;
+        let text =
+            std::fs::read(Self::state_path(dir)).map_err(io_err(disk_id, "read the state file"))?;
         serde_json::from_slice(&text).map_err(|e| ReplicaError::State {
             disk: disk_id.into(),
             detail: e.to_string(),

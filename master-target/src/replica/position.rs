@@ -78,12 +78,6 @@ impl PositionFile {
         ))
     }
 
-    /// The newest valid position in the replica's position file, without creating or
-    /// changing anything (`None` if there is no file or no valid slot).
-    pub fn read(dir: &Path) -> io::Result<Option<Position>> {
-        Ok(newest_in(dir)?.flatten().map(|(_, p)| p))
-    }
-
     /// Writes `position` into the older slot and makes it durable. `Ok(false)`: its tag is
     /// too long for a slot, nothing was written (write `state.json` instead).
     pub fn save(&mut self, position: &Position) -> io::Result<bool> {
