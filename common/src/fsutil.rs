@@ -53,6 +53,17 @@ pub fn drop_cached(file: &File, offset: u64, len: u64) {
     }
 }
 
+/// Makes `file`'s first `len` bytes read as zeros while keeping their blocks allocated
+/// (`FALLOC_FL_ZERO_RANGE`: on ext4 and XFS the extents become "unwritten", a metadata change
+/// with no data written and nothing freed). For files reused instead of deleted: freeing
+/// blocks costs a discard on file systems mounted with `discard`, and writing into blocks
+/// that are already allocated spares the block allocator. Fails where the file system has
+/// no such operation (tmpfs, for one); callers then delete the file.
+pub fn zero_range(file: &File, len: u64) -> io::Result<()> {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::ZERO_RANGE, 0, len)
+        .map_err(io::Error::from)
+}
+
 /// Durable write readable only by the owner (keys, passphrase).
 pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     durable_write(path, contents, 0o600)

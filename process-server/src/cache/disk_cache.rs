@@ -1,9 +1,11 @@
 //! One disk's cache: its segments in sequence order, the segment being written, and the
 //! highest sequence number that is durable. Appends are group-committed: the caller passes
 //! every batch it has, they are written, and one fdatasync makes them all durable before any
-//! is acknowledged. A restart starts a new segment; recovery truncates a torn tail.
+//! is acknowledged. A restart starts a new segment; recovery truncates a torn tail. Released
+//! segments are kept as zeroed spares that new segments reuse (see `spares`).
 use super::crypto::CacheKey;
 use super::segment::{SegmentReader, SegmentWriter, Tail};
+use super::spares::Spares;
 use lifeboat_proto::v1::ChangeBatch;
 use std::collections::VecDeque;
 use std::io;
@@ -66,12 +68,16 @@ pub struct DiskCache {
     bytes: Arc<AtomicU64>,
     /// Segments are written with `O_DIRECT` (see `segment`); off unless `with_direct_io`.
     direct_io: bool,
+    /// Released segment files that the next segments reuse (not counted in `bytes`, which
+    /// is what the cache holds).
+    spares: Spares,
 }
 
 impl DiskCache {
     /// Opens (or creates) the cache of `disk_id` in `dir`, recovering from a crash.
     pub fn open(dir: &Path, disk_id: &str, key: Arc<CacheKey>) -> Result<DiskCache, CacheError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let spares = Spares::open(dir).map_err(io_err(dir))?;
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -87,6 +93,7 @@ impl DiskCache {
             durable_seq: 0,
             bytes: Arc::new(AtomicU64::new(0)),
             direct_io: false,
+            spares,
         };
         let count = paths.len();
         for (i, path) in paths.into_iter().enumerate() {
@@ -203,8 +210,7 @@ impl DiskCache {
         for batch in batches {
             if self.writer.as_ref().is_none_or(|w| w.len >= SEGMENT_BYTES) {
                 self.close_writer()?;
-                let w = SegmentWriter::create(&self.dir, &self.disk_id, batch.seq, self.direct_io)
-                    .map_err(io_err(&self.dir))?;
+                let w = self.new_segment(batch.seq)?;
                 self.bytes.fetch_add(w.len, Ordering::Relaxed);
                 self.writer = Some(w);
             }
@@ -230,6 +236,21 @@ impl DiskCache {
             self.durable_seq = last.seq;
         }
         Ok((self.durable_seq, plain, stored, cursors))
+    }
+
+    /// Starts the segment whose first record is `first_seq`, in a spare file if there is one.
+    fn new_segment(&mut self, first_seq: u64) -> Result<SegmentWriter, CacheError> {
+        let (dir, disk, direct) = (&self.dir, &self.disk_id, self.direct_io);
+        if let Some(spare) = self.spares.take() {
+            match SegmentWriter::create(dir, disk, first_seq, direct, Some(&spare)) {
+                Ok(w) => return Ok(w),
+                Err(e) => {
+                    tracing::warn!(disk = %disk, "cannot reuse {}: {e}", spare.display());
+                    let _ = std::fs::remove_file(&spare);
+                }
+            }
+        }
+        SegmentWriter::create(dir, disk, first_seq, direct, None).map_err(io_err(dir))
     }
 
     /// After a failed write or fsync: cuts the segment back to what was synced (those batches
@@ -296,7 +317,9 @@ impl DiskCache {
         while self.closed.front().is_some_and(|c| c.last_seq <= seq) {
             if let Some(c) = self.closed.pop_front() {
                 take_bytes(&self.bytes, c.len);
-                std::fs::remove_file(&c.path).map_err(io_err(&c.path))?;
+                self.spares
+                    .keep_or_delete(&c.path)
+                    .map_err(io_err(&c.path))?;
             }
         }
         if self
@@ -392,214 +415,5 @@ fn take_bytes(bytes: &AtomicU64, n: u64) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use lifeboat_proto::v1::Extent;
-
-    fn batch(seq: u64, fill: u8, len: usize) -> ChangeBatch {
-        let mut b = ChangeBatch {
-            disk_id: "d-1".into(),
-            seq,
-            kind: "stream".into(),
-            extents: vec![Extent {
-                offset: seq * 4096,
-                data: vec![fill; len].into(),
-                zero_length: 0,
-            }],
-            ..Default::default()
-        };
-        lifeboat_common::batch::seal(&mut b);
-        b
-    }
-
-    impl DiskCache {
-        /// Reads from the start (a fresh cursor).
-        fn read_after(&self, seq: u64, max_bytes: usize) -> Result<Vec<ChangeBatch>, CacheError> {
-            self.read_from(&Cursor::default(), seq, max_bytes)
-                .map(|(batches, _)| batches)
-        }
-    }
-
-    fn key() -> Arc<CacheKey> {
-        Arc::new(CacheKey::from_bytes(&[7u8; 32]).unwrap())
-    }
-
-    fn open(dir: &Path, direct: bool) -> Result<DiskCache, CacheError> {
-        DiskCache::open(dir, "d-1", key()).map(|c| c.with_direct_io(direct))
-    }
-
-    /// Runs a test with segments written through the page cache and with `O_DIRECT`.
-    fn both_ways(test: fn(bool)) {
-        test(false);
-        test(true);
-    }
-
-    #[test]
-    fn appended_batches_survive_reopen_in_order() {
-        both_ways(appended_batches_survive_reopen_in_order_in);
-    }
-
-    fn appended_batches_survive_reopen_in_order_in(direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        let batches: Vec<_> = (1..=10).map(|s| batch(s, s as u8, 1000)).collect();
-        assert_eq!(c.append(&batches[..4], true).unwrap().0, 4);
-        assert_eq!(c.append(&batches[4..], false).unwrap().0, 10);
-        drop(c);
-        let c = open(dir.path(), direct).unwrap();
-        assert_eq!(c.durable_seq(), 10);
-        assert_eq!(c.read_after(0, usize::MAX).unwrap(), batches);
-        assert_eq!(c.read_after(7, usize::MAX).unwrap(), batches[7..].to_vec());
-        assert_eq!(
-            c.read_after(0, 2500).unwrap().len(),
-            3,
-            "stops at the byte budget"
-        );
-    }
-
-    #[test]
-    fn a_torn_tail_is_truncated_and_appends_continue() {
-        both_ways(a_torn_tail_is_truncated_and_appends_continue_in);
-    }
-
-    fn a_torn_tail_is_truncated_and_appends_continue_in(direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        c.append(&[batch(1, 1, 5000), batch(2, 2, 5000)], true)
-            .unwrap();
-        // The file may end in the zero padding of a direct write: cut the records themselves.
-        let (seg, len) = c.segments_after(0)[0].clone();
-        drop(c);
-        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-        f.set_len(len - 10).unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        assert_eq!(c.durable_seq(), 1);
-        c.append(&[batch(2, 9, 100)], true).unwrap();
-        let c = open(dir.path(), direct).unwrap();
-        let all = c.read_after(0, usize::MAX).unwrap();
-        assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(all[1].extents[0].data[0], 9);
-    }
-
-    /// A crash before the last group was synced can leave a page in the middle of its last
-    /// record never written back (zeros): the tail is cut there like a short one, not taken
-    /// for damage, which would make the whole cache unreadable.
-    #[test]
-    fn a_record_with_a_page_never_written_back_is_a_torn_tail() {
-        both_ways(a_record_with_a_page_never_written_back_is_a_torn_tail_in);
-    }
-
-    fn a_record_with_a_page_never_written_back_is_a_torn_tail_in(direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        c.append(&[batch(1, 1, 20_000)], false).unwrap();
-        c.append(&[batch(2, 2, 20_000)], false).unwrap();
-        let (seg, len) = c.segments_after(0)[0].clone();
-        drop(c);
-        // A whole page inside the second record's sealed bytes.
-        let page = (len - 3 * 4096) / 4096 * 4096;
-        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], page).unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        assert_eq!(c.durable_seq(), 1);
-        c.append(&[batch(2, 9, 100)], true).unwrap();
-        let all = open(dir.path(), direct)
-            .unwrap()
-            .read_after(0, usize::MAX)
-            .unwrap();
-        assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2]);
-        assert_eq!(all[1].extents[0].data[0], 9);
-    }
-
-    /// Groups bigger than the staging buffer, odd record sizes, and segments closed by
-    /// restarts (each ending in the padding of its last direct write, if writes are direct)
-    /// all read back whole, in order.
-    #[test]
-    fn staged_and_padded_segments_read_back_whole() {
-        both_ways(staged_and_padded_segments_read_back_whole_in);
-    }
-
-    fn staged_and_padded_segments_read_back_whole_in(direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut all = Vec::new();
-        for round in 0..3u64 {
-            let mut c = open(dir.path(), direct).unwrap();
-            let first = round * 3 + 1;
-            let group: Vec<_> = (first..first + 3)
-                .map(|s| batch(s, s as u8, (3 << 20) + 777 * s as usize))
-                .collect();
-            assert_eq!(c.append(&group, false).unwrap().0, first + 2);
-            all.extend(group);
-        }
-        let c = open(dir.path(), direct).unwrap();
-        assert_eq!(c.durable_seq(), 9);
-        assert_eq!(c.segments_after(0).len(), 3);
-        assert!(c.read_after(0, usize::MAX).unwrap() == all);
-    }
-
-    /// A group that fills a segment and goes on in the next: both parts are durable and
-    /// readable at once (the closed segment is synced, not left staged).
-    #[test]
-    fn a_group_spanning_two_segments_is_whole_before_and_after_reopen() {
-        both_ways(a_group_spanning_two_segments_is_whole_before_and_after_reopen_in);
-    }
-
-    fn a_group_spanning_two_segments_is_whole_before_and_after_reopen_in(direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        let group: Vec<_> = (1..=20u64)
-            .map(|s| batch(s, s as u8, (4 << 20) - 1000))
-            .collect();
-        assert_eq!(c.append(&group, false).unwrap().0, 20);
-        assert_eq!(c.segments_after(0).len(), 2);
-        assert!(c.read_after(0, usize::MAX).unwrap() == group);
-        drop(c);
-        let c = open(dir.path(), direct).unwrap();
-        assert_eq!(c.durable_seq(), 20);
-        assert!(c.read_after(0, usize::MAX).unwrap() == group);
-    }
-
-    #[test]
-    fn damaged_data_is_reported_not_skipped() {
-        both_ways(damaged_data_is_reported_not_skipped_in);
-    }
-
-    fn damaged_data_is_reported_not_skipped_in(direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        c.append(&[batch(1, 1, 5000), batch(2, 2, 5000)], false)
-            .unwrap();
-        let seg = c.segments_after(0)[0].0.clone();
-        drop(c);
-        let mut bytes = std::fs::read(&seg).unwrap();
-        let middle = bytes.len() / 4;
-        bytes[middle] ^= 0xff;
-        std::fs::write(&seg, bytes).unwrap();
-        assert!(matches!(
-            open(dir.path(), direct),
-            Err(CacheError::Corrupt { .. })
-        ));
-        // Another key cannot read it either.
-        let other = Arc::new(CacheKey::from_bytes(&[8u8; 32]).unwrap());
-        assert!(DiskCache::open(dir.path(), "d-1", other).is_err());
-    }
-
-    #[test]
-    fn released_segments_are_deleted() {
-        both_ways(released_segments_are_deleted_in);
-    }
-
-    fn released_segments_are_deleted_in(direct: bool) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut c = open(dir.path(), direct).unwrap();
-        for s in 1..=6u64 {
-            c.append(&[batch(s, 0xaa, 1 << 20)], false).unwrap();
-        }
-        assert!(c.bytes() > 6 << 20);
-        c.release_through(6).unwrap();
-        assert!(c.bytes() < 1 << 20, "{}", c.bytes());
-        assert!(c.read_after(6, usize::MAX).unwrap().is_empty());
-        c.append(&[batch(7, 1, 10)], true).unwrap();
-        assert_eq!(open(dir.path(), direct).unwrap().durable_seq(), 7);
-    }
-}
+#[path = "disk_cache_tests.rs"]
+mod tests;

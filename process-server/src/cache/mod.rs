@@ -1,9 +1,10 @@
 //! The process server's durable disk cache: per-disk append-only segments of compressed,
 //! encrypted change batches (see `segment`, `crypto`), recovered after a crash, released
-//! once the master target has applied them.
+//! once the master target has applied them, and reused (see `spares`).
 pub mod crypto;
 pub mod disk_cache;
 pub mod segment;
+mod spares;
 
 pub use crypto::CacheKey;
 pub use disk_cache::{CacheError, Cursor, DiskCache};

@@ -9,6 +9,11 @@
 //! (fdatasync); a crash can therefore leave a torn or missing tail, which `scan` detects and
 //! the owner truncates — those batches were never acknowledged.
 //!
+//! A segment file may be a reused one, longer than its records: `DiskCache` zeroes released
+//! segments in place and renames them into service. The records therefore end at the end of
+//! the file or at the first record header that is all zeros (space not written since). A
+//! page of a record that was never written back reads as zeros either way.
+//!
 //! Records are written through the page cache by default and dropped from it once synced (a
 //! cached batch is forwarded from memory and read back from the file only after a restart or
 //! a long backlog). Buffered, the kernel keeps many writes in flight while the next batches
@@ -121,27 +126,39 @@ pub struct SegmentWriter {
 impl SegmentWriter {
     /// Creates a segment whose first record will be `first_seq`; header durable on return.
     /// `direct`: write records with `O_DIRECT` where the file system allows.
+    /// `spare`: a file to reuse (renamed into place) instead of creating one; it must read as
+    /// zeros (see `DiskCache` for how spares are made).
     pub fn create(
         dir: &Path,
         disk_id: &str,
         first_seq: u64,
         direct: bool,
+        spare: Option<&Path>,
     ) -> io::Result<SegmentWriter> {
         let path = dir.join(file_name(first_seq));
         let salt = new_salt()?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
         let mut header = Vec::new();
         header.extend_from_slice(SEGMENT_MAGIC);
         header.extend_from_slice(&salt.to_be_bytes());
         header.extend_from_slice(&first_seq.to_be_bytes());
         header.extend_from_slice(&(disk_id.len() as u16).to_be_bytes());
         header.extend_from_slice(disk_id.as_bytes());
-        file.write_all(&header)?;
-        file.sync_data()?;
-        lifeboat_common::fsutil::fsync_dir(dir)?;
+        let made = match spare {
+            Some(spare) => std::fs::rename(spare, &path)
+                .and_then(|()| OpenOptions::new().write(true).open(&path)),
+            None => OpenOptions::new().write(true).create_new(true).open(&path),
+        };
+        let mut file = made?;
+        // fsync, not fdatasync: a reused file's zeroing (an extent change) must be durable
+        // before its new header is, or stale records could reappear after a crash.
+        let durable = file
+            .write_all(&header)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| lifeboat_common::fsutil::fsync_dir(dir));
+        if let Err(e) = durable {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         let file = if direct {
             DirectFile::new(file, &path)
         } else {
@@ -446,6 +463,10 @@ impl SegmentReader {
                 return None;
             }
         };
+        if got == RECORD_HEADER && header.iter().all(|&b| b == 0) {
+            // Space not written since the file was created or reused: its records end here.
+            return None;
+        }
         if got < RECORD_HEADER || &header[..4] != RECORD_MAGIC {
             if !self.rest_is_padding(&header[..got]) {
                 self.tail = Tail::Torn;
