@@ -79,11 +79,18 @@ fn a_torn_tail_is_truncated_and_appends_continue_in(direct: bool) {
     drop(c);
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
     f.set_len(len - 10).unwrap();
-    let mut c = open(dir.path(), direct).unwrap();
+    assert_tail_cut_after_1_and_appends_continue(dir.path(), direct);
+}
+
+/// Reopened, the cache ends at batch 1, and a new batch 2 appended then reads back.
+fn assert_tail_cut_after_1_and_appends_continue(dir: &Path, direct: bool) {
+    let mut c = open(dir, direct).unwrap();
     assert_eq!(c.durable_seq(), 1);
     c.append(&[batch(2, 9, 100)], true).unwrap();
-    let c = open(dir.path(), direct).unwrap();
-    let all = c.read_after(0, usize::MAX).unwrap();
+    let all = open(dir, direct)
+        .unwrap()
+        .read_after(0, usize::MAX)
+        .unwrap();
     assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(all[1].extents[0].data[0], 9);
 }
@@ -107,15 +114,7 @@ fn a_record_with_a_page_never_written_back_is_a_torn_tail_in(direct: bool) {
     let page = (len - 3 * 4096) / 4096 * 4096;
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 4096], page).unwrap();
-    let mut c = open(dir.path(), direct).unwrap();
-    assert_eq!(c.durable_seq(), 1);
-    c.append(&[batch(2, 9, 100)], true).unwrap();
-    let all = open(dir.path(), direct)
-        .unwrap()
-        .read_after(0, usize::MAX)
-        .unwrap();
-    assert_eq!(all.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![1, 2]);
-    assert_eq!(all[1].extents[0].data[0], 9);
+    assert_tail_cut_after_1_and_appends_continue(dir.path(), direct);
 }
 
 /// Groups bigger than the staging buffer, odd record sizes, and segments closed by
