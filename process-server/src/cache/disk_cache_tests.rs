@@ -216,6 +216,21 @@ fn spares_in(dir: &Path) -> usize {
         .count()
 }
 
+/// A temporary directory whose file system zeroes ranges in place (spares need it); `None`,
+/// with the reason printed, where it cannot (tmpfs).
+fn dir_that_zeroes_in_place() -> Option<tempfile::TempDir> {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = std::fs::File::create(dir.path().join("probe")).unwrap();
+    probe.set_len(1 << 20).unwrap();
+    match lifeboat_common::fsutil::zero_range(&probe, 1 << 20) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            eprintln!("skipped: the temporary directory's file system cannot zero in place ({e})");
+            None
+        }
+    }
+}
+
 /// Released segments become spares that new segments reuse; a reused file, as long as
 /// its old self, reads back exactly its new records, before and after a restart, and a
 /// record torn in it is cut like one torn in a new file.
@@ -225,13 +240,9 @@ fn released_segments_are_reused_and_read_back_only_their_new_records() {
 }
 
 fn released_segments_are_reused_and_read_back_only_their_new_records_in(direct: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = std::fs::File::create(dir.path().join("probe")).unwrap();
-    probe.set_len(1 << 20).unwrap();
-    if let Err(e) = lifeboat_common::fsutil::zero_range(&probe, 1 << 20) {
-        eprintln!("skipped: the temporary directory's file system cannot zero in place ({e})");
+    let Some(dir) = dir_that_zeroes_in_place() else {
         return;
-    }
+    };
     let mut c = open(dir.path(), direct).unwrap();
     let old: Vec<_> = (1..=20u64)
         .map(|s| batch(s, s as u8, (4 << 20) - 1000))
@@ -286,13 +297,9 @@ fn a_reused_segment_closed_when_full_ends_where_its_records_do() {
 }
 
 fn a_reused_segment_closed_when_full_ends_where_its_records_do_in(direct: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let probe = std::fs::File::create(dir.path().join("probe")).unwrap();
-    probe.set_len(1 << 20).unwrap();
-    if let Err(e) = lifeboat_common::fsutil::zero_range(&probe, 1 << 20) {
-        eprintln!("skipped: the temporary directory's file system cannot zero in place ({e})");
+    let Some(dir) = dir_that_zeroes_in_place() else {
         return;
-    }
+    };
     let mut c = open(dir.path(), direct).unwrap();
     // 11 records of 6 MiB close a segment of 66 MiB; the 12th starts the next.
     let first: Vec<_> = (1..=12u64).map(|s| batch(s, s as u8, 6 << 20)).collect();
