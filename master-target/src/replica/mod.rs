@@ -322,6 +322,16 @@ impl Replica {
     /// Makes the group's undo records durable (those not journaled before a crash) and shows
     /// them to open views, before the image is touched.
     fn journal_group(&mut self, batches: &[ChangeBatch]) -> Result<(), ReplicaError> {
+        // Records serve only points after them. Until a tagged batch arrives (an initial sync
+        // or resync places none) there is no point to go back to: writing records of zeros
+        // and waiting for their fsync would only slow the sync down. The first tagged batch
+        // starts the journal, and from then on every batch is recorded.
+        if self.journal.records().is_empty()
+            && self.views.is_empty()
+            && batches.iter().all(|b| b.tags.is_empty())
+        {
+            return Ok(());
+        }
         let first = batches[0].seq;
         let journaled = self.journal.last_seq();
         if !self.journal.records().is_empty() && first > journaled + 1 {

@@ -231,6 +231,7 @@ fn a_whole_disk_trim_of_zeros_is_one_undo_extent_and_views_have_generations() {
             data: Default::default(),
             zero_length: SIZE,
         }],
+        tags: vec!["crash:1".into()],
         ..Default::default()
     };
     r.apply(&[trim]).unwrap();
@@ -289,4 +290,48 @@ fn the_position_survives_reopen_and_not_a_new_replica() {
         0,
         "the old position is gone for good"
     );
+}
+
+/// An initial sync places no points: its batches leave no records (nothing could go back to
+/// before them); the first tagged batch starts the journal, and every point from it on can
+/// be shown, while the batches before it cannot be gone back to.
+#[test]
+fn batches_before_the_first_point_leave_no_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::open_or_create(dir.path(), "d-test", SIZE).unwrap();
+    let mut rng = Rng(11);
+    let mut model = vec![0u8; SIZE as usize];
+    let untagged: Vec<ChangeBatch> = (1..=4)
+        .map(|seq| ChangeBatch {
+            tags: Vec::new(),
+            ..batch(&mut rng, seq, &mut model)
+        })
+        .collect();
+    r.apply(&untagged[..2]).unwrap();
+    r.apply(&untagged[2..]).unwrap();
+    assert!(r.journal.records().is_empty());
+    assert_eq!(r.journal_bytes(), 0);
+    assert!(r.points().is_empty());
+
+    let mut at_point = Vec::new();
+    for seq in 5..=8 {
+        let b = batch(&mut rng, seq, &mut model);
+        if seq == 6 {
+            at_point = model.clone();
+        }
+        r.apply(&[b]).unwrap();
+    }
+    // Batch 5 started the journal; batches 6.. are recorded after it.
+    assert_eq!(r.journal.first_seq(), Some(5));
+    assert_eq!(
+        r.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8]
+    );
+    assert!(!r.can_show(3), "before the first point there is no history");
+    assert!(r.can_show(6));
+    r.open_view(spec("t", ViewKind::Test, 6)).unwrap();
+    assert!(read_view(&r, "t") == at_point);
+    let mut latest = vec![0u8; SIZE as usize];
+    r.image.read_at(&mut latest, 0).unwrap();
+    assert!(latest == model);
 }
