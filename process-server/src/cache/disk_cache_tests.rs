@@ -220,15 +220,48 @@ fn spares_in(dir: &Path) -> usize {
 /// with the reason printed, where it cannot (tmpfs).
 fn dir_that_zeroes_in_place() -> Option<tempfile::TempDir> {
     let dir = tempfile::tempdir().unwrap();
-    let probe = std::fs::File::create(dir.path().join("probe")).unwrap();
-    probe.set_len(1 << 20).unwrap();
-    match lifeboat_common::fsutil::zero_range(&probe, 1 << 20) {
+    match zeroes_in_place(dir.path()) {
         Ok(()) => Some(dir),
         Err(e) => {
             eprintln!("skipped: the temporary directory's file system cannot zero in place ({e})");
             None
         }
     }
+}
+
+/// Whether files in `dir` can be zeroed in place (tried on a probe file, then removed, so
+/// the cache finds only its own files there).
+fn zeroes_in_place(dir: &Path) -> std::io::Result<()> {
+    let path = dir.join("probe");
+    let probe = std::fs::File::create(&path)?;
+    probe.set_len(1 << 20)?;
+    let zeroed = lifeboat_common::fsutil::zero_range(&probe, 1 << 20);
+    std::fs::remove_file(&path)?;
+    zeroed
+}
+
+/// Where zeroing in place is not possible (tmpfs), released segments are deleted and the
+/// cache goes on as before.
+#[test]
+fn without_zeroing_in_place_released_segments_are_deleted() {
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: no /dev/shm to stand for a file system that cannot zero in place");
+        return;
+    };
+    if zeroes_in_place(dir.path()).is_ok() {
+        eprintln!("skipped: /dev/shm zeroes in place here");
+        return;
+    }
+    let mut c = open(dir.path(), false).unwrap();
+    let first: Vec<_> = (1..=20u64).map(|s| batch(s, 1, (4 << 20) - 1000)).collect();
+    c.append(&first, false).unwrap();
+    c.release_through(20).unwrap();
+    assert_eq!(spares_in(dir.path()), 0);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    c.append(&[batch(21, 2, 1000)], true).unwrap();
+    let c = open(dir.path(), false).unwrap();
+    assert_eq!(c.durable_seq(), 21);
+    assert_eq!(c.read_after(20, usize::MAX).unwrap().len(), 1);
 }
 
 /// Released segments become spares that new segments reuse; a reused file, as long as
