@@ -134,9 +134,14 @@ fn every_role_registers_heartbeats_and_is_listed() {
 
     // A restarted component reuses its identity.
     let before = servers(&cs.context(), "process-server")[0]["id"].clone();
+    let last_heartbeat =
+        || servers(&cs.context(), "process-server")[0]["last_heartbeat_unix_ms"].as_i64();
     procs[0].terminate();
+    let stopped = last_heartbeat();
     procs[0] = start("process-server", &tmp.path().join("ps1"), &[]);
-    std::thread::sleep(Duration::from_secs(2));
+    wait_until("restarted process server heartbeats", WAIT, || {
+        last_heartbeat() > stopped
+    });
     assert_eq!(
         status_of(&cs.context(), "process-server", "ps1").as_deref(),
         Some("Connected")

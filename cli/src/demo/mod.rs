@@ -197,8 +197,7 @@ async fn demonstrate(
             return Err(status_error(status));
         }
     }
-    // The agent must have heartbeated its disks before it can be protected.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_components(ctx).await?;
     let job = client
         .protect(ProtectRequest {
             machine: MACHINE.into(),
@@ -310,6 +309,48 @@ async fn write_load(
     writer.disconnect().await?;
     bar.finish();
     Ok(written)
+}
+
+/// Waits until the process server, the master target and the demo machine's agent (with its
+/// disks) have heartbeated: placement only chooses connected components, and how long the
+/// components take to register and report varies with the machine's load.
+async fn wait_for_components(ctx: &ContextArgs) -> anyhow::Result<()> {
+    const TIMEOUT: Duration = Duration::from_secs(60);
+    let mut admin = ctx.admin().await?;
+    let started = Instant::now();
+    loop {
+        let servers = admin
+            .list_servers(v1::ListServersRequest::default())
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .servers;
+        let ready = |role: Role| {
+            servers.iter().any(|s| {
+                Role::from_proto(s.role) == Some(role)
+                    && s.connected
+                    && (role != Role::Agent
+                        || (s.name == MACHINE
+                            && s.facts.as_ref().is_some_and(|f| !f.disks.is_empty())))
+            })
+        };
+        let missing: Vec<&str> = [Role::ProcessServer, Role::MasterTarget, Role::Agent]
+            .into_iter()
+            .filter(|role| !ready(*role))
+            .map(Role::as_str)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() > TIMEOUT {
+            anyhow::bail!(
+                "{} did not report to the configuration server within {} s; see `lifeboat servers list`",
+                missing.join(", "),
+                TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waits until the disk is Protected with nothing pending; returns its id.
