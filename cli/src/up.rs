@@ -10,7 +10,7 @@ use lifeboat_common::telemetry::{self, LogFormat};
 use lifeboat_common::{tls, Identity, Role};
 use lifeboat_config_server::init::{self as cs_init, CliContext};
 use lifeboat_config_server::settings::Settings as CsSettings;
-use lifeboat_proto::v1::{admin_client::AdminClient, Empty};
+use lifeboat_proto::v1::{admin_client::AdminClient, Empty, ListServersRequest};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -82,7 +82,8 @@ pub struct Stack {
 
 impl Stack {
     /// Initialises (first run) or resumes the stack in `args.data_dir` and starts it; returns
-    /// once the configuration server is ready and the components are starting.
+    /// once the configuration server is ready and the process server and master target have
+    /// connected to it.
     pub async fn start(
         args: &UpArgs,
         ctx: &ContextArgs,
@@ -186,7 +187,7 @@ impl Stack {
                 facts,
             ))
         };
-        Ok(Stack {
+        let stack = Stack {
             cancel,
             cs_cancel,
             cs_task,
@@ -200,7 +201,80 @@ impl Stack {
             passphrase_file,
             context_path,
             new_passphrase,
-        })
+        };
+        if let Err(e) = stack.wait_connected(Duration::from_secs(60)).await {
+            // A component that failed to start says why better than the timeout does.
+            return Err(match stack.stop().await {
+                Err(failed) => failed,
+                Ok(()) => e,
+            });
+        }
+        Ok(stack)
+    }
+
+    /// Waits until the process server and the master target have registered and heartbeated,
+    /// so that machines can be protected as soon as `start` returns (placement only chooses
+    /// connected components). Returns early on cancellation.
+    async fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
+        let identity = Identity::load(&cs_init::admin_dir(&self.cs_data_dir))?;
+        let addresses = [self.cs_address.clone()];
+        let started = Instant::now();
+        let mut admin = None;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            for (name, task) in [
+                ("process server", &self.ps_task),
+                ("master target", &self.mt_task),
+            ] {
+                if task.is_finished() {
+                    anyhow::bail!("the {name} stopped while starting");
+                }
+            }
+            if admin.is_none() {
+                if let Ok((_, channel)) =
+                    tls::mtls_connect_any(&identity, &addresses, Role::ConfigServer).await
+                {
+                    admin = Some(AdminClient::new(channel));
+                }
+            }
+            let servers = match admin.as_mut() {
+                Some(admin) => admin
+                    .list_servers(ListServersRequest::default())
+                    .await
+                    .map(|r| r.into_inner().servers)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let connected = |dir: &Path| {
+                Identity::load(dir).is_ok_and(|component| {
+                    servers
+                        .iter()
+                        .any(|s| s.id == component.info.id && s.connected)
+                })
+            };
+            let waiting: Vec<&str> = [
+                ("process server", &self.ps_data_dir),
+                ("master target", &self.mt_data_dir),
+            ]
+            .into_iter()
+            .filter(|(_, dir)| !connected(dir))
+            .map(|(name, _)| name)
+            .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                anyhow::bail!(
+                    "the {} did not connect to the configuration server within {} s; \
+                     see the log above",
+                    waiting.join(" and "),
+                    timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Resolves on Ctrl-C/SIGTERM (or `cancel`), or when a component fails for good.

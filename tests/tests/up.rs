@@ -64,9 +64,12 @@ fn up_runs_the_stack_stops_on_signal_and_resumes() {
         free_addr(),
     ];
     let mut up = start_up(tmp.path(), &ports, "up1.log");
-    wait_until("three services connected", WAIT, || {
-        connected(&context).len() == 3
+    // "Lifeboat is up" is printed once the process server and master target are connected,
+    // so a machine can be protected right away.
+    wait_until("lifeboat up ready", WAIT, || {
+        up.log_text().contains("Lifeboat is up")
     });
+    assert_eq!(connected(&context).len(), 3, "{}", up.log_text());
     let first = connected(&context);
     let output = up.log_text();
     assert!(output.contains("Connection passphrase"), "{output}");

@@ -197,7 +197,7 @@ async fn demonstrate(
             return Err(status_error(status));
         }
     }
-    wait_for_components(ctx).await?;
+    wait_for_agent(ctx).await?;
     let job = client
         .protect(ProtectRequest {
             machine: MACHINE.into(),
@@ -311,41 +311,34 @@ async fn write_load(
     Ok(written)
 }
 
-/// Waits until the process server, the master target and the demo machine's agent (with its
-/// disks) have heartbeated: placement only chooses connected components, and how long the
-/// components take to register and report varies with the machine's load.
-async fn wait_for_components(ctx: &ContextArgs) -> anyhow::Result<()> {
+/// Waits until the demo machine's agent has heartbeated its disks: it cannot be protected
+/// before (the stack's process server and master target are connected once it has started).
+async fn wait_for_agent(ctx: &ContextArgs) -> anyhow::Result<()> {
     const TIMEOUT: Duration = Duration::from_secs(60);
     let mut admin = ctx.admin().await?;
     let started = Instant::now();
     loop {
         let servers = admin
-            .list_servers(v1::ListServersRequest::default())
+            .list_servers(v1::ListServersRequest {
+                role: Role::Agent.to_proto() as i32,
+                ..Default::default()
+            })
             .await
             .map_err(status_error)?
             .into_inner()
             .servers;
-        let ready = |role: Role| {
-            servers.iter().any(|s| {
-                Role::from_proto(s.role) == Some(role)
-                    && s.connected
-                    && (role != Role::Agent
-                        || (s.name == MACHINE
-                            && s.facts.as_ref().is_some_and(|f| !f.disks.is_empty())))
-            })
-        };
-        let missing: Vec<&str> = [Role::ProcessServer, Role::MasterTarget, Role::Agent]
-            .into_iter()
-            .filter(|role| !ready(*role))
-            .map(Role::as_str)
-            .collect();
-        if missing.is_empty() {
+        let ready = servers.iter().any(|s| {
+            s.name == MACHINE
+                && s.connected
+                && s.facts.as_ref().is_some_and(|f| !f.disks.is_empty())
+        });
+        if ready {
             return Ok(());
         }
         if started.elapsed() > TIMEOUT {
             anyhow::bail!(
-                "{} did not report to the configuration server within {} s; see `lifeboat servers list`",
-                missing.join(", "),
+                "the agent of {MACHINE} did not report to the configuration server within {} s; \
+                 see `lifeboat servers list`",
                 TIMEOUT.as_secs()
             );
         }
