@@ -8,9 +8,10 @@ use crate::progress::{InFlight, Phase, Progress};
 use crate::settings::{CaptureMode, Tuning};
 use lifeboat_common::batch::{self, KIND_STREAM, KIND_SYNC};
 use lifeboat_common::{fsutil, tls, Identity, Role};
+use lifeboat_proto::batch_stream;
 use lifeboat_proto::v1::{
-    ingest_client::IngestClient, ChangeBatch, DiskAssignment, DiskReport, Extent, ResumeRequest,
-    ResumeResponse,
+    ingest_client::IngestClient, ChangeBatch, DiskAssignment, DiskReport, Extent, IngestAck,
+    ResumeRequest, ResumeResponse,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -340,18 +341,22 @@ async fn ship(agent: Arc<DiskAgent>) {
 
 /// A client of the disk's process server (shipping, resync and scan each make their own).
 pub(crate) fn ingest_client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Channel>> {
+    Ok(IngestClient::new(ingest_channel(agent)?)
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
+}
+
+/// A channel to the disk's process server.
+fn ingest_channel(agent: &DiskAgent) -> anyhow::Result<Channel> {
     let assignment = agent.assignment();
     if assignment.process_server_address.is_empty() {
         anyhow::bail!("the process server's address is not known yet");
     }
-    let channel = tls::mtls_channel(
+    Ok(tls::mtls_channel(
         &agent.identity,
         &assignment.process_server_address,
         Role::ProcessServer,
-    )?;
-    Ok(IngestClient::new(channel)
-        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
-        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
+    )?)
 }
 
 /// Asks the process server where the disk's stream stands, noting how full its cache is.
@@ -388,7 +393,9 @@ pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
 }
 
 async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
-    let mut client = ingest_client(agent)?;
+    let channel = ingest_channel(agent)?;
+    let mut client = IngestClient::new(channel.clone())
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
     let resume = ask_position(agent, &mut client).await?;
     let resend: Vec<ChangeBatch> = {
         let mut p = agent
@@ -438,7 +445,10 @@ async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
         .store(resume.cache_fill_percent, Ordering::Relaxed);
 
     let (tx, rx) = mpsc::channel::<ChangeBatch>(64);
-    let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
+    // Payloads go out without a copy into tonic's encode buffer (see batch_stream).
+    let mut acks =
+        batch_stream::call::<IngestAck, _>(channel, batch_stream::PUSH, ReceiverStream::new(rx))
+            .await?;
     for b in resend {
         tx.send(b)
             .await

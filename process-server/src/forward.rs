@@ -5,8 +5,9 @@
 use crate::cache::Cursor;
 use crate::disks::DiskEntry;
 use lifeboat_common::{tls, Identity, Role};
+use lifeboat_proto::batch_stream;
 use lifeboat_proto::v1::{
-    replica_client::ReplicaClient, ChangeBatch, DiskAssignment, ResumeRequest,
+    replica_client::ReplicaClient, ApplyAck, ChangeBatch, DiskAssignment, ResumeRequest,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -53,22 +54,27 @@ pub fn replica_client(
     identity: &Identity,
     assignment: &DiskAssignment,
 ) -> anyhow::Result<ReplicaClient<Channel>> {
-    if assignment.master_target_address.is_empty() {
-        anyhow::bail!("the master target's address is not known yet");
-    }
-    let channel = tls::mtls_channel(
-        identity,
-        &assignment.master_target_address,
-        Role::MasterTarget,
-    )?;
-    Ok(ReplicaClient::new(channel)
+    Ok(ReplicaClient::new(replica_channel(identity, assignment)?)
         .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
 }
 
+/// A channel to the disk's master target.
+fn replica_channel(identity: &Identity, assignment: &DiskAssignment) -> anyhow::Result<Channel> {
+    if assignment.master_target_address.is_empty() {
+        anyhow::bail!("the master target's address is not known yet");
+    }
+    Ok(tls::mtls_channel(
+        identity,
+        &assignment.master_target_address,
+        Role::MasterTarget,
+    )?)
+}
+
 async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<()> {
     let assignment = entry.assignment();
-    let mut client = replica_client(identity, &assignment)?;
+    let channel = replica_channel(identity, &assignment)?;
+    let mut client = ReplicaClient::new(channel.clone());
     let status = client
         .status(ResumeRequest {
             disk_id: entry.disk_id.clone(),
@@ -85,7 +91,10 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     entry.mt_status_known.send_replace(true);
 
     let (tx, rx) = mpsc::channel::<ChangeBatch>(WINDOW as usize);
-    let mut acks = client.apply(ReceiverStream::new(rx)).await?.into_inner();
+    // Payloads go out without a copy into tonic's encode buffer (see batch_stream).
+    let mut acks =
+        batch_stream::call::<ApplyAck, _>(channel, batch_stream::APPLY, ReceiverStream::new(rx))
+            .await?;
     let mut sent = applied;
     let mut cursor = Cursor::default();
     // Read from the cache but not yet sent (the window was full).

@@ -1,6 +1,8 @@
 //! Lifeboat's wire protocol, package `lifeboat.v1`: the generated prost messages and tonic
-//! clients and servers. Domain code converts these at the edge; nothing here has behaviour.
+//! clients and servers, the codec they use, and the sender of change-batch streams
+//! (`batch_stream`). Domain code converts these at the edge; nothing here knows the domain.
 
+pub mod batch_stream;
 pub mod codec;
 
 /// Package `lifeboat.v1`.
