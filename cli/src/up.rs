@@ -10,11 +10,12 @@ use lifeboat_common::telemetry::{self, LogFormat};
 use lifeboat_common::{tls, Identity, Role};
 use lifeboat_config_server::init::{self as cs_init, CliContext};
 use lifeboat_config_server::settings::Settings as CsSettings;
-use lifeboat_proto::v1::{admin_client::AdminClient, Empty, ListServersRequest};
+use lifeboat_proto::v1::{admin_client::AdminClient, Empty, ListServersRequest, ServerInfo};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -113,11 +114,15 @@ impl Stack {
         ));
         let admin_dir = cs_init::admin_dir(&cs_settings.data_dir);
         let cs_addresses = vec![cs_settings.advertise.clone()];
-        if let Err(e) = wait_until_ready(&admin_dir, &cs_addresses, Duration::from_secs(60)).await {
-            cs_cancel.cancel();
-            let _ = cs_task.await;
-            return Err(e);
-        }
+        let mut admin =
+            match wait_until_ready(&admin_dir, &cs_addresses, Duration::from_secs(60)).await {
+                Ok(admin) => admin,
+                Err(e) => {
+                    cs_cancel.cancel();
+                    let _ = cs_task.await;
+                    return Err(e);
+                }
+            };
         let ps = lifeboat_process_server::Settings {
             common: common(
                 &data_dir.join("process-server"),
@@ -202,7 +207,10 @@ impl Stack {
             context_path,
             new_passphrase,
         };
-        if let Err(e) = stack.wait_connected(Duration::from_secs(60)).await {
+        if let Err(e) = stack
+            .wait_connected(&mut admin, Duration::from_secs(60))
+            .await
+        {
             // A component that failed to start says why better than the timeout does.
             return Err(match stack.stop().await {
                 Err(failed) => failed,
@@ -215,66 +223,36 @@ impl Stack {
     /// Waits until the process server and the master target have registered and heartbeated,
     /// so that machines can be protected as soon as `start` returns (placement only chooses
     /// connected components). Returns early on cancellation.
-    async fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
-        let identity = Identity::load(&cs_init::admin_dir(&self.cs_data_dir))?;
-        let addresses = [self.cs_address.clone()];
-        let started = Instant::now();
-        let mut admin = None;
-        loop {
+    async fn wait_connected(
+        &self,
+        admin: &mut AdminClient<Channel>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        wait_for_servers(admin, timeout, |servers| {
             if self.cancel.is_cancelled() {
-                return Ok(());
+                return Ok(Vec::new());
             }
-            for (name, task) in [
-                ("process server", &self.ps_task),
-                ("master target", &self.mt_task),
+            let mut missing = Vec::new();
+            for (name, dir, task) in [
+                ("the process server", &self.ps_data_dir, &self.ps_task),
+                ("the master target", &self.mt_data_dir, &self.mt_task),
             ] {
                 if task.is_finished() {
-                    anyhow::bail!("the {name} stopped while starting");
+                    anyhow::bail!("{name} stopped while starting");
                 }
-            }
-            if admin.is_none() {
-                if let Ok((_, channel)) =
-                    tls::mtls_connect_any(&identity, &addresses, Role::ConfigServer).await
-                {
-                    admin = Some(AdminClient::new(channel));
-                }
-            }
-            let servers = match admin.as_mut() {
-                Some(admin) => admin
-                    .list_servers(ListServersRequest::default())
-                    .await
-                    .map(|r| r.into_inner().servers)
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let connected = |dir: &Path| {
-                Identity::load(dir).is_ok_and(|component| {
+                // Its identity exists once it has registered.
+                let connected = Identity::load(dir).is_ok_and(|component| {
                     servers
                         .iter()
                         .any(|s| s.id == component.info.id && s.connected)
-                })
-            };
-            let waiting: Vec<&str> = [
-                ("process server", &self.ps_data_dir),
-                ("master target", &self.mt_data_dir),
-            ]
-            .into_iter()
-            .filter(|(_, dir)| !connected(dir))
-            .map(|(name, _)| name)
-            .collect();
-            if waiting.is_empty() {
-                return Ok(());
+                });
+                if !connected {
+                    missing.push(name.to_string());
+                }
             }
-            if started.elapsed() > timeout {
-                anyhow::bail!(
-                    "the {} did not connect to the configuration server within {} s; \
-                     see the log above",
-                    waiting.join(" and "),
-                    timeout.as_secs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            Ok(missing)
+        })
+        .await
     }
 
     /// Resolves on Ctrl-C/SIGTERM (or `cancel`), or when a component fails for good.
@@ -394,12 +372,13 @@ where
     }
 }
 
-/// Waits until the configuration server answers with a leader and an initialised state.
+/// Waits until the configuration server answers with a leader and an initialised state;
+/// returns the admin client that asked.
 async fn wait_until_ready(
     admin_dir: &Path,
     addresses: &[String],
     timeout: Duration,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<AdminClient<Channel>> {
     let identity = Identity::load(admin_dir)?;
     let started = Instant::now();
     loop {
@@ -410,13 +389,44 @@ async fn wait_until_ready(
             if let Ok(status) = admin.cluster_status(Empty {}).await {
                 let status = status.into_inner();
                 if status.leader_id != 0 && !status.cluster_id.is_empty() {
-                    return Ok(());
+                    return Ok(admin);
                 }
             }
         }
         if started.elapsed() > timeout {
             anyhow::bail!(
                 "the configuration server did not become ready within {}s",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Lists the registered servers every 200 ms until `missing` names none of what it waits
+/// for; fails after `timeout`, naming what is still missing, or as soon as `missing` fails.
+pub(crate) async fn wait_for_servers(
+    admin: &mut AdminClient<Channel>,
+    timeout: Duration,
+    mut missing: impl FnMut(&[ServerInfo]) -> anyhow::Result<Vec<String>>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let servers = admin
+            .list_servers(ListServersRequest::default())
+            .await
+            .map_err(context::status_error)?
+            .into_inner()
+            .servers;
+        let missing = missing(&servers)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            anyhow::bail!(
+                "{} did not report to the configuration server within {} s; see \
+                 `lifeboat servers list` and the logs",
+                missing.join(" and "),
                 timeout.as_secs()
             );
         }

@@ -393,9 +393,9 @@ pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
 }
 
 async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
+    // One connection for the position question and the push stream.
     let channel = ingest_channel(agent)?;
-    let mut client = IngestClient::new(channel.clone())
-        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);
+    let mut client = IngestClient::new(channel.clone());
     let resume = ask_position(agent, &mut client).await?;
     let resend: Vec<ChangeBatch> = {
         let mut p = agent

@@ -73,6 +73,7 @@ fn replica_channel(identity: &Identity, assignment: &DiskAssignment) -> anyhow::
 
 async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<()> {
     let assignment = entry.assignment();
+    // One connection for the status question and the apply stream.
     let channel = replica_channel(identity, &assignment)?;
     let mut client = ReplicaClient::new(channel.clone());
     let status = client

@@ -15,7 +15,6 @@ use futures::{Stream, StreamExt};
 use http_body::Frame;
 use prost::encoding::{encode_key, encode_varint, WireType};
 use prost::Message;
-use std::convert::Infallible;
 use tonic::codec::Streaming;
 use tonic::transport::Channel;
 use tonic::Status;
@@ -46,9 +45,14 @@ where
     R: Message + Default + Send + 'static,
     S: Stream<Item = ChangeBatch> + Send + 'static,
 {
-    let frames = batches
-        .flat_map(|batch| futures::stream::iter(message_chunks(batch)))
-        .map(|chunk| Ok::<_, Infallible>(Frame::data(chunk)));
+    // A batch too large to send ends the request with that error, as tonic's encoder would.
+    let frames = batches.flat_map(|batch| {
+        let frames: Vec<Result<Frame<Bytes>, Status>> = match message_chunks(batch) {
+            Ok(chunks) => chunks.into_iter().map(|c| Ok(Frame::data(c))).collect(),
+            Err(status) => vec![Err(status)],
+        };
+        futures::stream::iter(frames)
+    });
     let body = tonic::body::Body::new(http_body_util::StreamBody::new(frames));
     // The channel adds scheme and authority, as it does for tonic's own clients.
     let request = http::Request::builder()
@@ -82,8 +86,8 @@ where
 }
 
 /// The gRPC message of `batch` (uncompressed flag, length, prost encoding) as chunks to send
-/// one after the other.
-pub fn message_chunks(mut batch: ChangeBatch) -> Vec<Bytes> {
+/// one after the other; refused if longer than `MAX_MESSAGE_BYTES`, which receivers enforce.
+fn message_chunks(mut batch: ChangeBatch) -> Result<Vec<Bytes>, Status> {
     let extents = std::mem::take(&mut batch.extents);
     // prost writes fields in field-number order: 1 and 2, the extents (3), then the rest.
     let head = ChangeBatch {
@@ -95,11 +99,17 @@ pub fn message_chunks(mut batch: ChangeBatch) -> Vec<Bytes> {
     let len = head.encoded_len()
         + prost::encoding::message::encoded_len_repeated(EXTENTS_FIELD, &extents)
         + tail.encoded_len();
+    if len > MAX_MESSAGE_BYTES {
+        return Err(Status::out_of_range(format!(
+            "batch {} of {}: {len} bytes encoded, more than the {MAX_MESSAGE_BYTES}-byte message limit",
+            head.seq, head.disk_id
+        )));
+    }
     let mut chunks = Vec::with_capacity(2 + extents.len());
     let mut buf = BytesMut::with_capacity(64 + 32 * extents.len());
     buf.put_u8(0);
-    // Batches are far below 4 GiB (MAX_MESSAGE_BYTES); a longer one is refused by the server.
-    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    // At most MAX_MESSAGE_BYTES (checked above), so it fits.
+    buf.put_u32(len as u32);
     head.encode_raw(&mut buf);
     for extent in extents {
         encode_key(EXTENTS_FIELD, WireType::LengthDelimited, &mut buf);
@@ -132,7 +142,7 @@ pub fn message_chunks(mut batch: ChangeBatch) -> Vec<Bytes> {
     }
     tail.encode_raw(&mut buf);
     chunks.push(buf.freeze());
-    chunks
+    Ok(chunks)
 }
 
 #[cfg(test)]
@@ -191,7 +201,7 @@ mod tests {
             },
         ];
         for case in cases {
-            let chunks = message_chunks(case.clone());
+            let chunks = message_chunks(case.clone()).unwrap();
             let joined: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
             assert_eq!(joined, framed(&case), "{case:?}");
             assert_eq!(ChangeBatch::decode(&joined[5..]).unwrap(), case);
@@ -203,7 +213,7 @@ mod tests {
         let big = extent(0, 1 << 20, 0);
         let small = extent(1 << 20, 4096, 0);
         let at = big.data.as_ptr();
-        let chunks = message_chunks(batch(vec![small, big]));
+        let chunks = message_chunks(batch(vec![small, big])).unwrap();
         assert!(
             chunks
                 .iter()
@@ -211,5 +221,12 @@ mod tests {
             "the 1 MiB extent was copied"
         );
         assert_eq!(chunks.len(), 3, "small data stays in the framing chunk");
+    }
+
+    #[test]
+    fn a_batch_over_the_message_limit_is_refused() {
+        let over = batch(vec![extent(0, MAX_MESSAGE_BYTES, 0)]);
+        let status = message_chunks(over).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
     }
 }

@@ -8,7 +8,7 @@ mod nbd_client;
 use crate::commands::jobs;
 use crate::context::{status_error, ContextArgs};
 use crate::format::bytes;
-use crate::up::{Stack, UpArgs};
+use crate::up::{wait_for_servers, Stack, UpArgs};
 use anyhow::Context as _;
 use indicatif::{ProgressBar, ProgressStyle};
 use lifeboat_common::component::register_command;
@@ -314,36 +314,20 @@ async fn write_load(
 /// Waits until the demo machine's agent has heartbeated its disks: it cannot be protected
 /// before (the stack's process server and master target are connected once it has started).
 async fn wait_for_agent(ctx: &ContextArgs) -> anyhow::Result<()> {
-    const TIMEOUT: Duration = Duration::from_secs(60);
     let mut admin = ctx.admin().await?;
-    let started = Instant::now();
-    loop {
-        let servers = admin
-            .list_servers(v1::ListServersRequest {
-                role: Role::Agent.to_proto() as i32,
-                ..Default::default()
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner()
-            .servers;
-        let ready = servers.iter().any(|s| {
+    wait_for_servers(&mut admin, Duration::from_secs(60), |servers| {
+        let reported = servers.iter().any(|s| {
             s.name == MACHINE
                 && s.connected
                 && s.facts.as_ref().is_some_and(|f| !f.disks.is_empty())
         });
-        if ready {
-            return Ok(());
-        }
-        if started.elapsed() > TIMEOUT {
-            anyhow::bail!(
-                "the agent of {MACHINE} did not report to the configuration server within {} s; \
-                 see `lifeboat servers list`",
-                TIMEOUT.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        Ok(if reported {
+            Vec::new()
+        } else {
+            vec![format!("the agent of {MACHINE}")]
+        })
+    })
+    .await
 }
 
 /// Waits until the disk is Protected with nothing pending; returns its id.
