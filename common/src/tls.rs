@@ -95,7 +95,7 @@ pub async fn mtls_connect_any(
 /// exchange and the CSR; the CA it returns is trusted only after the server's passphrase proof
 /// checks out, so an impostor learns nothing usable and gains nothing.
 pub async fn bootstrap_channel(address: &str) -> anyhow::Result<Channel> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()

@@ -4,8 +4,8 @@
 //! nonce is never reused under the key (segments never exceed 2^32 records). The record's
 //! disk id, sequence number and flags are authenticated with it, so a record cannot be moved
 //! to another disk or position unnoticed.
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use ring::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use std::io;
 use std::path::Path;
 
