@@ -341,9 +341,14 @@ async fn ship(agent: Arc<DiskAgent>) {
 
 /// A client of the disk's process server (shipping, resync and scan each make their own).
 pub(crate) fn ingest_client(agent: &DiskAgent) -> anyhow::Result<IngestClient<Channel>> {
-    Ok(IngestClient::new(ingest_channel(agent)?)
+    Ok(ingest_client_on(ingest_channel(agent)?))
+}
+
+/// An `Ingest` client on `channel`, with Lifeboat's message-size limits.
+fn ingest_client_on(channel: Channel) -> IngestClient<Channel> {
+    IngestClient::new(channel)
         .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
-        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
 }
 
 /// A channel to the disk's process server.
@@ -395,7 +400,7 @@ pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
 async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
     // One connection for the position question and the push stream.
     let channel = ingest_channel(agent)?;
-    let mut client = IngestClient::new(channel.clone());
+    let mut client = ingest_client_on(channel.clone());
     let resume = ask_position(agent, &mut client).await?;
     let resend: Vec<ChangeBatch> = {
         let mut p = agent

@@ -54,9 +54,14 @@ pub fn replica_client(
     identity: &Identity,
     assignment: &DiskAssignment,
 ) -> anyhow::Result<ReplicaClient<Channel>> {
-    Ok(ReplicaClient::new(replica_channel(identity, assignment)?)
+    Ok(replica_client_on(replica_channel(identity, assignment)?))
+}
+
+/// A `Replica` client on `channel`, with Lifeboat's message-size limits.
+fn replica_client_on(channel: Channel) -> ReplicaClient<Channel> {
+    ReplicaClient::new(channel)
         .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES))
+        .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
 }
 
 /// A channel to the disk's master target.
@@ -75,7 +80,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     let assignment = entry.assignment();
     // One connection for the status question and the apply stream.
     let channel = replica_channel(identity, &assignment)?;
-    let mut client = ReplicaClient::new(channel.clone());
+    let mut client = replica_client_on(channel.clone());
     let status = client
         .status(ResumeRequest {
             disk_id: entry.disk_id.clone(),
