@@ -158,6 +158,10 @@ struct Links<'a> {
 
 /// First wait before a failed heartbeat is sent again.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Least time between two heartbeats sent early because the reporter asked (`report_soon`):
+/// an agent asks at every backlog start and catch-up, which under small steady writes can be
+/// many times a second.
+const EARLY_REPORT_GAP: Duration = Duration::from_millis(250);
 
 async fn heartbeats(
     mut identity: Identity,
@@ -211,11 +215,13 @@ async fn heartbeats(
         }
         was_connected = Some(connected);
         metrics::gauge!("lifeboat_cs_connected").set(if connected { 1.0 } else { 0.0 });
+        let sent_at = tokio::time::Instant::now();
         let nudged = async {
             match reporter.report_soon() {
                 Some(notify) => notify.notified().await,
                 None => std::future::pending().await,
             }
+            tokio::time::sleep_until(sent_at + EARLY_REPORT_GAP).await;
         };
         // After a failure, try again soon (another configuration server may answer: the
         // cluster lost the node this one talked to), backing off up to the interval.

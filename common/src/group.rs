@@ -4,9 +4,11 @@
 //! group, to be made durable with one fsync. Used by the process server's ingest and the
 //! master target's apply.
 use crate::batch::payload_bytes;
+use lifeboat_proto::batch_intake::{take_incoming, BatchStream};
 use lifeboat_proto::v1::ChangeBatch;
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tokio_stream::StreamExt;
+use tonic::{Request, Status, Streaming};
 
 /// Batches read ahead while a group is being stored.
 const READ_AHEAD: usize = 16;
@@ -19,16 +21,18 @@ pub struct Groups {
 }
 
 impl Groups {
+    /// The batches of a `Push` or `Apply` call: as `BatchIntake` decoded them when the server
+    /// has it in front, tonic's stream otherwise.
+    pub fn of_call(mut request: Request<Streaming<ChangeBatch>>) -> Groups {
+        let inbound = take_incoming(&mut request).unwrap_or_else(|| Box::pin(request.into_inner()));
+        Groups::new(inbound)
+    }
+
     /// Starts reading `inbound` in the background.
-    pub fn new(mut inbound: Streaming<ChangeBatch>) -> Groups {
+    pub fn new(mut inbound: BatchStream) -> Groups {
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         tokio::spawn(async move {
-            loop {
-                let item = match inbound.message().await {
-                    Ok(Some(b)) => Ok(b),
-                    Ok(None) => return,
-                    Err(status) => Err(status),
-                };
+            while let Some(item) = inbound.next().await {
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     return;

@@ -28,6 +28,15 @@ pub struct NodeSettings {
     pub disconnected_after_ms: i64,
 }
 
+impl NodeSettings {
+    /// An agent's disk report is overdue after one and a half heartbeat intervals: from then
+    /// on its disks' RPO grows with the report's age (the replica is known good only up to
+    /// it), well before the agent counts as disconnected.
+    pub fn report_overdue_ms(&self) -> i64 {
+        self.heartbeat_interval_secs as i64 * 1500
+    }
+}
+
 pub struct Node {
     pub id: NodeId,
     pub raft: Raft,

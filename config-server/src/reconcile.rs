@@ -94,7 +94,7 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
             let lag = progress::lag(
                 report.as_ref(),
                 now,
-                node.settings.disconnected_after_ms,
+                node.settings.report_overdue_ms(),
                 machine.protected_at_ms,
             );
             let labels = [
@@ -168,7 +168,7 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
             let lag = progress::lag(
                 report.as_ref(),
                 now,
-                node.settings.disconnected_after_ms,
+                node.settings.report_overdue_ms(),
                 machine.protected_at_ms,
             );
             if disk.state == ReplicationState::Protected
@@ -304,13 +304,11 @@ fn cache_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
             }
         }
         let drain = facts.cache_drain_bytes_per_sec;
-        let forecast = if drain > 0.0 {
-            facts.cache_used_bytes as f64 / drain
-        } else if facts.cache_fill_bytes_per_sec > 0.0 {
-            f64::INFINITY
-        } else {
-            0.0
-        };
+        let forecast = drain_forecast(
+            facts.cache_used_bytes,
+            facts.cache_fill_bytes_per_sec,
+            drain,
+        );
         if threshold != u64::MAX && forecast > threshold as f64 {
             let when = if forecast.is_finite() {
                 format!("{forecast:.0}s at {:.1} MB/s", drain / 1e6)
@@ -329,6 +327,26 @@ fn cache_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
         }
     }
     Ok(out)
+}
+
+/// A cache smaller than this has no drain forecast: the process server frees its cache a
+/// segment (64 MiB) at a time, so over one report interval a nearly empty cache can show
+/// data arriving and nothing freed although it keeps up; a small backlog that really does not
+/// drain shows as its disks' RPO alerts.
+const DRAIN_FORECAST_FROM_BYTES: u64 = 64 << 20;
+
+/// Seconds until a cache holding `used` bytes is empty at the measured rates (infinite when
+/// data arrives and nothing drains; 0 for a cache too small to forecast).
+fn drain_forecast(used: u64, fill_per_sec: f64, drain_per_sec: f64) -> f64 {
+    if used < DRAIN_FORECAST_FROM_BYTES {
+        0.0
+    } else if drain_per_sec > 0.0 {
+        used as f64 / drain_per_sec
+    } else if fill_per_sec > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
 }
 
 fn protect_progress(
@@ -350,6 +368,13 @@ fn protect_progress(
             Some(r) if r.report.phase == "initial_sync" => {
                 done += r.report.sync_done_bytes;
                 total += r.report.sync_total_bytes;
+            }
+            // Streaming: the copy is over, though the disk's state may say so only at the
+            // next pass (a sync shorter than the agent's report interval is never seen
+            // in progress).
+            Some(r) if r.report.phase == "streaming" => {
+                done += disk.size_bytes;
+                total += disk.size_bytes;
             }
             _ if disk.state == ReplicationState::Protected => {
                 done += disk.size_bytes;
@@ -435,6 +460,18 @@ fn unprotect_progress(node: &Node, job: &Job, now: i64) -> anyhow::Result<Option
 mod tests {
     use super::*;
     use ReplicationState::*;
+
+    #[test]
+    fn only_a_real_backlog_has_a_drain_forecast() {
+        let mib = 1u64 << 20;
+        // Nearly empty, data arriving, no segment freed in this interval: keeping up.
+        assert_eq!(drain_forecast(26_384, 5e6, 0.0), 0.0);
+        assert_eq!(drain_forecast(63 * mib, 5e6, 0.0), 0.0);
+        // A backlog with nothing draining never empties; one draining has a time.
+        assert_eq!(drain_forecast(100 * mib, 5e6, 0.0), f64::INFINITY);
+        assert_eq!(drain_forecast(100 * mib, 0.0, 0.0), 0.0);
+        assert_eq!(drain_forecast(100 * mib, 5e6, mib as f64), 100.0);
+    }
 
     #[test]
     fn agent_phases_drive_the_state_machine() {

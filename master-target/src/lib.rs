@@ -18,6 +18,7 @@ use lifeboat_common::component::{run_component, ComponentRun, Reporter, Revocati
 use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::{facts, Role};
+use lifeboat_proto::batch_intake::BatchIntake;
 use lifeboat_proto::v1::{
     self, point_in_time_server::PointInTimeServer, replica_server::ReplicaServer,
 };
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 pub const DEFAULTS: RoleDefaults = RoleDefaults {
     data_dir: "/var/lib/lifeboat/master-target",
-    listen: "0.0.0.0:9443",
+    listen: "0.0.0.0:9444",
     metrics_listen: "0.0.0.0:9102",
 };
 
@@ -237,7 +238,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         },
         cancel: cancel.clone(),
         routes: tonic::service::Routes::default()
-            .add_service(service)
+            .add_service(BatchIntake::new(service))
             .add_service(pit),
         revocations,
     })

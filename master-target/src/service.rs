@@ -193,7 +193,7 @@ impl ReplicaRpc for ReplicaService {
         request: Request<Streaming<ChangeBatch>>,
     ) -> Result<Response<Self::ApplyStream>, Status> {
         let peer = self.authorize(&request)?;
-        let mut groups = Groups::new(request.into_inner());
+        let mut groups = Groups::of_call(request);
         let replicas = self.replicas.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {

@@ -532,6 +532,11 @@ async fn send_ready(agent: &Arc<DiskAgent>, tx: &mpsc::Sender<ChangeBatch>) -> a
             p.next_seq += 1;
             let (b, flight) = build(&agent.disk_id, seq, items);
             p.unacked.push_back(b.clone());
+            if p.in_flight.is_empty() {
+                // A backlog starts: the configuration server hears of it now, not at the next
+                // heartbeat (until then it would show the disk caught up).
+                agent.report_soon.notify_one();
+            }
             p.in_flight.push_back(flight);
             b
         };
@@ -550,7 +555,12 @@ fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
             .lock()
             .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
         let clear = p.durable(durable);
+        let had_backlog = !p.in_flight.is_empty();
         p.applied(applied);
+        if had_backlog && p.in_flight.is_empty() && agent.capture.queued_bytes() == 0 {
+            // Caught up: report it now (status and `lifeboat wait --caught-up` wait on it).
+            agent.report_soon.notify_one();
+        }
         clear
     };
     if let Some(index) = clear {

@@ -30,8 +30,9 @@ pub struct DiskArgs {
     /// Where protected disks are exported over NBD for the workload to write through.
     #[arg(long)]
     pub nbd_listen: Option<SocketAddr>,
-    /// Command run as `CMD freeze DISK PATH` before a scan and `CMD thaw DISK PATH` after it,
-    /// to make a scan-mode disk still (its recovery points are then not fuzzy).
+    /// Command run as `CMD freeze DISK PATH` and `CMD thaw DISK PATH` around the policy's
+    /// app-consistent points (nbd mode: without it there are none) and around each scan
+    /// (scan mode: its recovery points are then not fuzzy).
     #[arg(long)]
     pub freeze_hook: Option<PathBuf>,
     /// Captured bytes (MiB) a disk may queue before workload writes wait for replication.

@@ -335,7 +335,7 @@ impl Ingest for IngestService {
         request: Request<Streaming<ChangeBatch>>,
     ) -> Result<Response<Self::PushStream>, Status> {
         let peer = self.authorize(&request)?;
-        let mut groups = Groups::new(request.into_inner());
+        let mut groups = Groups::of_call(request);
         let disks = self.disks.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {

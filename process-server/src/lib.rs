@@ -16,6 +16,7 @@ use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::Identity;
 use lifeboat_common::{facts, Role};
+use lifeboat_proto::batch_intake::BatchIntake;
 use lifeboat_proto::v1::{self, ingest_server::IngestServer};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -238,7 +239,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
             disks: disks.clone(),
         },
         cancel: cancel.clone(),
-        routes: tonic::service::Routes::default().add_service(ingest),
+        routes: tonic::service::Routes::default().add_service(BatchIntake::new(ingest)),
         revocations,
     })
     .await;

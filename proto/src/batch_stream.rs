@@ -7,7 +7,8 @@
 //! chunks instead: the protobuf framing prost would write, with each large extent's `data`
 //! as a chunk of its own (a reference to the bytes already in memory), handed to hyper as
 //! the request body. The bytes on the wire are exactly prost's encoding (tested below), so
-//! the servers decode them with tonic as before; only TLS copies the payload now.
+//! the servers can decode them with tonic; they decode them with `batch_intake`, which keeps
+//! each such chunk's payload where it arrived. Only TLS copies the payload now.
 use crate::v1::{ChangeBatch, Extent};
 use crate::MAX_MESSAGE_BYTES;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -87,7 +88,7 @@ where
 
 /// The gRPC message of `batch` (uncompressed flag, length, prost encoding) as chunks to send
 /// one after the other; refused if longer than `MAX_MESSAGE_BYTES`, which receivers enforce.
-fn message_chunks(mut batch: ChangeBatch) -> Result<Vec<Bytes>, Status> {
+pub(crate) fn message_chunks(mut batch: ChangeBatch) -> Result<Vec<Bytes>, Status> {
     let extents = std::mem::take(&mut batch.extents);
     // prost writes fields in field-number order: 1 and 2, the extents (3), then the rest.
     let head = ChangeBatch {

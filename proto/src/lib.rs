@@ -1,7 +1,9 @@
 //! Lifeboat's wire protocol, package `lifeboat.v1`: the generated prost messages and tonic
-//! clients and servers, the codec they use, and the sender of change-batch streams
-//! (`batch_stream`). Domain code converts these at the edge; nothing here knows the domain.
+//! clients and servers, the codec they use, and the sender and receiver of change-batch
+//! streams (`batch_stream`, `batch_intake`). Domain code converts these at the edge; nothing
+//! here knows the domain.
 
+pub mod batch_intake;
 pub mod batch_stream;
 pub mod codec;
 

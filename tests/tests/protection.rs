@@ -119,13 +119,58 @@ fn policies_protect_status_jobs_and_unprotect() {
         ],
         "retention",
     );
+    // An update changes what it names and nothing else.
     ok(
         &ctx,
-        &["policy", "update", "gold", "--rpo-threshold", "10m"],
+        &[
+            "policy",
+            "update",
+            "gold",
+            "--crash-consistent-every",
+            "10m",
+        ],
+    );
+    ok(
+        &ctx,
+        &[
+            "policy",
+            "update",
+            "gold",
+            "--rpo-threshold",
+            "10m",
+            "--no-compression",
+        ],
+    );
+    let gold = lifeboat_json(&ctx, &["policy", "show", "gold", "--json"]);
+    assert_eq!(gold["rpo_threshold_secs"], 600);
+    assert_eq!(gold["crash_consistent_every_secs"], 600);
+    assert_eq!(gold["retention_secs"], 86400);
+    assert_eq!(gold["app_consistent_every_secs"], 3600);
+    assert_eq!(gold["compression"], false);
+    ok(&ctx, &["policy", "update", "gold", "--compression"]);
+    assert_eq!(
+        lifeboat_json(&ctx, &["policy", "show", "gold", "--json"])["compression"],
+        true
+    );
+    fails(
+        &ctx,
+        &["policy", "update", "gold", "--rpo-threshold", "500ms"],
+        "whole seconds",
+    );
+    fails(
+        &ctx,
+        &["policy", "update", "gold", "--retention", "banana"],
+        "write it like",
+    );
+    fails(
+        &ctx,
+        &["policy", "update", "nosuch", "--retention", "1h"],
+        "no policy \"nosuch\"",
     );
     assert_eq!(
         lifeboat_json(&ctx, &["policy", "show", "gold", "--json"])["rpo_threshold_secs"],
-        600
+        600,
+        "refused updates change nothing"
     );
 
     // Refusals change nothing.
@@ -194,7 +239,8 @@ fn policies_protect_status_jobs_and_unprotect() {
         &["wait", "web01", "--caught-up", "--timeout-secs", "0"],
         "has not reported since the wait began",
     );
-    fails(&ctx, &["wait", "nosuch"], "not protected");
+    fails(&ctx, &["wait", "nosuch"], "no machine named nosuch");
+    fails(&ctx, &["status", "nosuch"], "no agent of that name is registered");
     fails(&ctx, &["job", "show", "job-nope"], "NotFound");
 
     // The master target's free slots account for the placed disks.

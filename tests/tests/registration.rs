@@ -216,11 +216,13 @@ fn wrong_passphrase_is_refused_audited_and_rate_limited() {
         text(&limited)
     );
     let audit = lifeboat_json(&cs.context(), &["audit", "--json"]);
-    assert!(audit["entries"]
+    let limited = audit["entries"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|e| e["kind"] == "registration_rate_limited"));
+        .find(|e| e["kind"] == "registration_rate_limited")
+        .expect("the limit is audited");
+    assert_eq!(limited["subject"], "process-server ps1");
     assert!(servers(&cs.context(), "process-server").is_empty());
 }
 

@@ -203,6 +203,9 @@ pub async fn watch(
             }
         }
         if running == 0 {
+            if shown.is_empty() {
+                println!("No running jobs.");
+            }
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -9,20 +9,76 @@ use std::time::Duration;
 #[derive(Debug, clap::Args)]
 pub struct PolicySpecArgs {
     /// Alert when a disk's RPO exceeds this (e.g. 15m).
-    #[arg(long, default_value = "15m")]
-    rpo_threshold: humantime::Duration,
+    #[arg(long, default_value = "15m", value_parser = whole_seconds)]
+    rpo_threshold: u64,
     /// Keep recovery points this long (e.g. 24h).
-    #[arg(long, default_value = "24h")]
-    retention: humantime::Duration,
+    #[arg(long, default_value = "24h", value_parser = whole_seconds)]
+    retention: u64,
     /// Take an app-consistent point this often (0 for none).
-    #[arg(long, default_value = "60m")]
-    app_consistent_every: humantime::Duration,
+    #[arg(long, default_value = "60m", value_parser = whole_seconds)]
+    app_consistent_every: u64,
     /// Take a crash-consistent point this often.
-    #[arg(long, default_value = "5m")]
-    crash_consistent_every: humantime::Duration,
+    #[arg(long, default_value = "5m", value_parser = whole_seconds)]
+    crash_consistent_every: u64,
     /// Do not compress cached and shipped data.
     #[arg(long)]
     no_compression: bool,
+}
+
+/// What `policy update` changes: only the settings given; the others keep their values.
+#[derive(Debug, clap::Args)]
+pub struct PolicyChangeArgs {
+    /// Alert when a disk's RPO exceeds this (e.g. 15m).
+    #[arg(long, value_parser = whole_seconds)]
+    rpo_threshold: Option<u64>,
+    /// Keep recovery points this long (e.g. 24h).
+    #[arg(long, value_parser = whole_seconds)]
+    retention: Option<u64>,
+    /// Take an app-consistent point this often (0 for none).
+    #[arg(long, value_parser = whole_seconds)]
+    app_consistent_every: Option<u64>,
+    /// Take a crash-consistent point this often.
+    #[arg(long, value_parser = whole_seconds)]
+    crash_consistent_every: Option<u64>,
+    /// Compress cached and shipped data.
+    #[arg(long, conflicts_with = "no_compression")]
+    compression: bool,
+    /// Do not compress cached and shipped data.
+    #[arg(long)]
+    no_compression: bool,
+}
+
+impl PolicyChangeArgs {
+    /// `current` with the given settings changed.
+    fn apply_to(&self, mut current: v1::PolicySpec) -> v1::PolicySpec {
+        let set = |field: &mut u64, value: Option<u64>| *field = value.unwrap_or(*field);
+        set(&mut current.rpo_threshold_secs, self.rpo_threshold);
+        set(&mut current.retention_secs, self.retention);
+        set(
+            &mut current.app_consistent_every_secs,
+            self.app_consistent_every,
+        );
+        set(
+            &mut current.crash_consistent_every_secs,
+            self.crash_consistent_every,
+        );
+        if self.compression || self.no_compression {
+            current.compression = self.compression;
+        }
+        current
+    }
+}
+
+/// A duration in whole seconds (policies count in seconds): `15m`, `2h 30m`, `90s`, `0`.
+fn whole_seconds(text: &str) -> Result<u64, String> {
+    let d = humantime::parse_duration(text)
+        .map_err(|_| format!("not a duration; write it like 90s, 15m, 2h or 1day ({text:?})"))?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!(
+            "policies count whole seconds; {text} is not a whole number of them"
+        ));
+    }
+    Ok(d.as_secs())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -33,16 +89,19 @@ pub enum PolicyCommand {
         #[command(flatten)]
         spec: PolicySpecArgs,
     },
-    /// Change a policy's settings.
+    /// Change some of a policy's settings (those not given keep their values; the
+    /// `-failback` twin is changed by its own name).
     Update {
         name: String,
         #[command(flatten)]
-        spec: PolicySpecArgs,
+        change: PolicyChangeArgs,
     },
+    /// List policies with their settings and how many machines use each.
     List {
         #[arg(long)]
         json: bool,
     },
+    /// Show one policy: its settings, its twin and the machines using it.
     Show {
         name: String,
         #[arg(long)]
@@ -55,10 +114,10 @@ pub enum PolicyCommand {
 fn spec(name: String, args: &PolicySpecArgs) -> v1::PolicySpec {
     v1::PolicySpec {
         name,
-        rpo_threshold_secs: args.rpo_threshold.as_secs(),
-        retention_secs: args.retention.as_secs(),
-        app_consistent_every_secs: args.app_consistent_every.as_secs(),
-        crash_consistent_every_secs: args.crash_consistent_every.as_secs(),
+        rpo_threshold_secs: args.rpo_threshold,
+        retention_secs: args.retention,
+        app_consistent_every_secs: args.app_consistent_every,
+        crash_consistent_every_secs: args.crash_consistent_every,
         compression: !args.no_compression,
     }
 }
@@ -117,9 +176,16 @@ pub async fn run(ctx: &ContextArgs, command: PolicyCommand) -> anyhow::Result<()
                 .into_inner();
             print_table(&list.policies);
         }
-        PolicyCommand::Update { name, spec: args } => {
+        PolicyCommand::Update { name, change } => {
+            let current = client
+                .get_policy(NameRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .spec
+                .unwrap_or_default();
             let p = client
-                .update_policy(spec(name, &args))
+                .update_policy(change.apply_to(current))
                 .await
                 .map_err(status_error)?
                 .into_inner();

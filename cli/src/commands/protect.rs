@@ -10,6 +10,7 @@ use serde_json::json;
 pub struct ProtectArgs {
     /// The machine (the name its agent registered with).
     machine: String,
+    /// Replication policy (see `lifeboat policy list`).
     #[arg(long)]
     policy: String,
     /// Process server (name or id); default: the one with the most free cache.

@@ -53,11 +53,12 @@ fn details(s: &v1::ServerInfo) -> String {
         ),
         Some(Role::Agent) => {
             let total: u64 = f.disks.iter().map(|d| d.size_bytes).sum();
+            let n = f.disks.len();
             format!(
-                "{} ({}), {} disks, {}",
+                "{} ({}), {n} disk{}, {}",
                 f.hostname,
                 f.os,
-                f.disks.len(),
+                if n == 1 { "" } else { "s" },
                 bytes(total)
             )
         }

@@ -82,7 +82,10 @@ impl Bootstrap for BootstrapService {
                 self.audit(
                     "registration_rate_limited",
                     &source,
-                    format!("{:?} {}", req.role, req.name),
+                    match Role::from_proto(req.role) {
+                        Some(role) => format!("{role} {}", req.name),
+                        None => format!("(no role) {}", req.name),
+                    },
                     format!(
                         "too many failed attempts; refused for {}s",
                         retry_after.as_secs()

@@ -49,6 +49,24 @@ impl ProtectionService {
         })
     }
 
+    /// NOT_FOUND for a machine that is not protected, saying whether an agent of that name
+    /// is registered at all (a typo) or the machine is known and just not protected.
+    fn not_protected(&self, name: &str) -> Status {
+        let known = self.node.state().identities().is_ok_and(|ids| {
+            ids.iter()
+                .any(|r| r.role == Role::Agent && r.name == name && r.revoked.is_none())
+        });
+        if known {
+            Status::not_found(format!(
+                "{name} is not protected; protect it with `lifeboat protect {name} --policy POLICY`"
+            ))
+        } else {
+            Status::not_found(format!(
+                "no machine named {name}: no agent of that name is registered (see `lifeboat servers list`)"
+            ))
+        }
+    }
+
     fn find_policy(&self, name: &str) -> Result<Policy, Status> {
         self.node
             .state()
@@ -93,21 +111,32 @@ fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
             "policy names are 1-64 letters, digits, '-' or '_'",
         ));
     }
-    if spec.rpo_threshold_secs == 0
-        || spec.retention_secs == 0
-        || spec.crash_consistent_every_secs == 0
-    {
-        return Err(Status::invalid_argument(
-            "RPO threshold, retention and crash-consistent frequency must be positive",
-        ));
+    for (what, secs) in [
+        ("the RPO threshold", spec.rpo_threshold_secs),
+        ("the retention window", spec.retention_secs),
+        (
+            "the crash-consistent frequency",
+            spec.crash_consistent_every_secs,
+        ),
+    ] {
+        if secs == 0 {
+            return Err(Status::invalid_argument(format!(
+                "{what} must be at least one second"
+            )));
+        }
     }
-    if spec.crash_consistent_every_secs > spec.retention_secs
-        || (spec.app_consistent_every_secs > 0
-            && spec.app_consistent_every_secs > spec.retention_secs)
-    {
-        return Err(Status::invalid_argument(
-            "recovery points must be taken more often than the retention window",
-        ));
+    let retention = secs_text(spec.retention_secs);
+    for (what, every) in [
+        ("crash-consistent", spec.crash_consistent_every_secs),
+        ("app-consistent", spec.app_consistent_every_secs),
+    ] {
+        if every > spec.retention_secs {
+            return Err(Status::invalid_argument(format!(
+                "{what} points every {} would not fit the retention window of {retention}: \
+                 take them at least once per window, or keep points longer",
+                secs_text(every)
+            )));
+        }
     }
     Ok(Policy {
         name: spec.name,
@@ -119,6 +148,11 @@ fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
         failback_of: None,
         created_at_ms: now_ms(),
     })
+}
+
+/// A whole number of seconds as an operator writes it (`90m`, `1day 2h`).
+fn secs_text(secs: u64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 /// Turns a refusal or a missing record into the matching gRPC status.
@@ -369,7 +403,7 @@ impl Protection for ProtectionService {
             .state()
             .machine(&name)
             .map_err(storage_status)?
-            .ok_or_else(|| Status::not_found(format!("{name} is not protected")))?;
+            .ok_or_else(|| self.not_protected(&name))?;
         let disks: Vec<String> = machine.disks.iter().map(|d| d.disk_id.clone()).collect();
         let job = new_job(
             "unprotect",
@@ -409,7 +443,7 @@ impl Protection for ProtectionService {
             machines.push(self.machine_status(&m)?);
         }
         if !wanted.is_empty() && machines.is_empty() {
-            return Err(Status::not_found(format!("{wanted} is not protected")));
+            return Err(self.not_protected(&wanted));
         }
         Ok(Response::new(v1::StatusResponse { machines }))
     }
@@ -508,7 +542,7 @@ impl ProtectionService {
                 let lag = progress::lag(
                     report.as_ref(),
                     now,
-                    self.node.settings.disconnected_after_ms,
+                    self.node.settings.report_overdue_ms(),
                     m.protected_at_ms,
                 );
                 v1::DiskStatus {

@@ -44,7 +44,7 @@ pub(super) fn update_policy(
 ) -> Result<CommandResult, KvError> {
     let Some(existing) = StateReader(&*tx).policy(&policy.name)? else {
         return Ok(CommandResult::NotFound(format!(
-            "no policy {}",
+            "no policy {:?}; see `lifeboat policy list`",
             policy.name
         )));
     };
@@ -63,7 +63,9 @@ pub(super) fn delete_policy(
 ) -> Result<CommandResult, KvError> {
     let reader = StateReader(&*tx);
     let Some(policy) = reader.policy(name)? else {
-        return Ok(CommandResult::NotFound(format!("no policy {name}")));
+        return Ok(CommandResult::NotFound(format!(
+            "no policy {name:?}; see `lifeboat policy list`"
+        )));
     };
     if policy.failback_of.is_some() {
         return Ok(CommandResult::Refused(format!(
