@@ -157,6 +157,8 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
     let state = node.state();
     let now = now_ms();
     let mut wanted: Vec<Alert> = Vec::new();
+    // RPO alerts of disks not yet judged (see below): neither raised nor cleared this pass.
+    let mut unjudged: Vec<String> = Vec::new();
     for machine in state.machines()? {
         let threshold = state
             .policy(&machine.policy)?
@@ -171,7 +173,14 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                 node.settings.report_overdue_ms(),
                 machine.protected_at_ms,
             );
+            // A leader that has not yet heard from an agent (it just took over, or restarted)
+            // does not know its disks' RPO: it judges them once agents have had time to report.
+            let known = report.is_some() || judge_liveness;
+            if !known {
+                unjudged.push(format!("rpo/{}", disk.disk_id));
+            }
             if disk.state == ReplicationState::Protected
+                && known
                 && threshold > 0
                 && lag.rpo_secs > threshold as f64
             {
@@ -239,7 +248,8 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
         }
     }
     for alert in active {
-        let kind_judged = judge_liveness || !alert.key.starts_with("down/");
+        let kind_judged =
+            (judge_liveness || !alert.key.starts_with("down/")) && !unjudged.contains(&alert.key);
         if kind_judged && !wanted.iter().any(|w| w.key == alert.key) {
             node.write(Command::ClearAlert {
                 key: alert.key,

@@ -240,7 +240,11 @@ fn policies_protect_status_jobs_and_unprotect() {
         "has not reported since the wait began",
     );
     fails(&ctx, &["wait", "nosuch"], "no machine named nosuch");
-    fails(&ctx, &["status", "nosuch"], "no agent of that name is registered");
+    fails(
+        &ctx,
+        &["status", "nosuch"],
+        "no agent of that name is registered",
+    );
     fails(&ctx, &["job", "show", "job-nope"], "NotFound");
 
     // The master target's free slots account for the placed disks.
