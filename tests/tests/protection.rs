@@ -230,6 +230,28 @@ fn policies_protect_status_jobs_and_unprotect() {
     assert_eq!(job["target"], "web01");
     assert_eq!(job["steps"][0]["state"], "Succeeded");
     fails(&ctx, &["policy", "delete", "gold"], "used by machine web01");
+    // A protected machine moves to another policy without stopping replication.
+    ok(
+        &ctx,
+        &["policy", "create", "silver", "--rpo-threshold", "1h"],
+    );
+    let out = ok(&ctx, &["policy", "assign", "silver", "web01"]);
+    assert!(out.contains("web01 now uses policy silver"), "{out}");
+    let status = lifeboat_json(&ctx, &["status", "web01", "--json"]);
+    for d in status["disks"].as_array().unwrap() {
+        assert_eq!(d["policy"], "silver", "{status}");
+        assert_eq!(d["rpo_threshold_secs"], 3600, "{status}");
+    }
+    fails(&ctx, &["policy", "assign", "nosuch", "web01"], "no policy");
+    fails(
+        &ctx,
+        &["policy", "assign", "gold", "db99"],
+        "no machine named db99",
+    );
+    ok(&ctx, &["policy", "delete", "gold"]);
+    ok(&ctx, &["policy", "create", "gold"]);
+    ok(&ctx, &["policy", "assign", "gold", "web01"]);
+    ok(&ctx, &["policy", "delete", "silver"]);
     // `wait` returns once the (small) disks are synced; caught up is judged only on reports
     // sent after it began, so with no time to wait it gives up and says why.
     let out = ok(&ctx, &["wait", "web01", "--timeout-secs", "60"]);

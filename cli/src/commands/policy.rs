@@ -1,5 +1,5 @@
-//! `lifeboat policy create|list|show|update|delete`: replication policies. Creating `P` also
-//! creates its failback twin `P-failback`.
+//! `lifeboat policy create|list|show|update|assign|delete`: replication policies. Creating `P`
+//! also creates its failback twin `P-failback`.
 use crate::context::{status_error, ContextArgs};
 use crate::format::{table, time};
 use lifeboat_proto::v1::{self, Empty, NameRequest};
@@ -109,6 +109,13 @@ pub enum PolicyCommand {
     },
     /// Delete a policy and its twin (refused while a machine uses either).
     Delete { name: String },
+    /// Move a protected machine to this policy: replication goes on, no resync; the new
+    /// RPO threshold, retention and point frequencies apply from now on.
+    Assign {
+        name: String,
+        /// The protected machine.
+        machine: String,
+    },
 }
 
 fn spec(name: String, args: &PolicySpecArgs) -> v1::PolicySpec {
@@ -245,6 +252,16 @@ pub async fn run(ctx: &ContextArgs, command: PolicyCommand) -> anyhow::Result<()
                     p.machines.join(", ")
                 }
             );
+        }
+        PolicyCommand::Assign { name, machine } => {
+            client
+                .assign_policy(v1::AssignPolicyRequest {
+                    machine: machine.clone(),
+                    policy: name.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{machine} now uses policy {name}.");
         }
         PolicyCommand::Delete { name } => {
             client

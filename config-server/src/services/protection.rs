@@ -279,6 +279,28 @@ impl Protection for ProtectionService {
         Ok(Response::new(v1::Empty {}))
     }
 
+    async fn assign_policy(
+        &self,
+        request: Request<v1::AssignPolicyRequest>,
+    ) -> Result<Response<v1::Empty>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        let v1::AssignPolicyRequest { machine, policy } = request.into_inner();
+        let protected = self
+            .node
+            .state()
+            .machine(&machine)
+            .map_err(storage_status)?;
+        if protected.is_none() {
+            return Err(self.not_protected(&machine));
+        }
+        result_status(
+            self.node
+                .write(Command::AssignPolicy { machine, policy })
+                .await?,
+        )?;
+        Ok(Response::new(v1::Empty {}))
+    }
+
     async fn protect(
         &self,
         request: Request<v1::ProtectRequest>,

@@ -140,6 +140,9 @@ pub fn apply(
         Command::CreatePolicy { policy } => protection_apply::create_policy(&mut tx, policy)?,
         Command::UpdatePolicy { policy } => protection_apply::update_policy(&mut tx, policy)?,
         Command::DeletePolicy { name } => protection_apply::delete_policy(&mut tx, name)?,
+        Command::AssignPolicy { machine, policy } => {
+            protection_apply::assign_policy(&mut tx, machine, policy)?
+        }
         Command::Protect { machine, job } => protection_apply::protect(&mut tx, machine, job)?,
         Command::Unprotect { name, job } => protection_apply::unprotect(&mut tx, name, job)?,
         Command::SetDiskState {

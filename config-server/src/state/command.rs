@@ -60,6 +60,11 @@ pub enum Command {
     DeletePolicy {
         name: String,
     },
+    /// Moves a protected machine to another existing policy.
+    AssignPolicy {
+        machine: String,
+        policy: String,
+    },
     /// Starts protecting a machine (placement already chosen) and records its job.
     Protect {
         machine: ProtectedMachine,

@@ -80,12 +80,34 @@ pub(super) fn delete_policy(
         .find(|m| m.policy == name || m.policy == twin)
     {
         return Ok(CommandResult::Refused(format!(
-            "policy {name} is used by machine {}; unprotect it or change its policy first",
-            m.name
+            "policy {name} is used by machine {}; move it to another policy first \
+             (`lifeboat policy assign OTHER {}`) or unprotect it",
+            m.name, m.name
         )));
     }
     tx.writes.delete(keys::policy(name));
     tx.writes.delete(keys::policy(&twin));
+    Ok(CommandResult::Done)
+}
+
+pub(super) fn assign_policy(
+    tx: &mut Tx<'_, impl KvRead>,
+    machine: &str,
+    policy: &str,
+) -> Result<CommandResult, KvError> {
+    let reader = StateReader(&*tx);
+    if reader.policy(policy)?.is_none() {
+        return Ok(CommandResult::NotFound(format!(
+            "no policy {policy:?}; see `lifeboat policy list`"
+        )));
+    }
+    let Some(mut record) = reader.machine(machine)? else {
+        return Ok(CommandResult::NotFound(format!(
+            "{machine} is not protected"
+        )));
+    };
+    record.policy = policy.to_string();
+    tx.writes.put(keys::machine(machine), &record);
     Ok(CommandResult::Done)
 }
 
