@@ -149,37 +149,10 @@ pub(crate) fn message_chunks(mut batch: ChangeBatch) -> Result<Vec<Bytes>, Statu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_batches::{self, extent, framed};
 
     fn batch(extents: Vec<Extent>) -> ChangeBatch {
-        ChangeBatch {
-            disk_id: "d-0123456789ab".into(),
-            seq: 300,
-            extents,
-            tags: vec!["crash:1".into(), "group:g".into()],
-            first_write_unix_ms: 1_796_000_000_000,
-            last_write_unix_ms: 1_796_000_000_123,
-            kind: "stream".into(),
-            checksum: vec![7; 8],
-        }
-    }
-
-    fn extent(offset: u64, len: usize, zero_length: u64) -> Extent {
-        Extent {
-            offset,
-            data: (0..len)
-                .map(|i| (i * 31 % 251) as u8)
-                .collect::<Vec<u8>>()
-                .into(),
-            zero_length,
-        }
-    }
-
-    fn framed(batch: &ChangeBatch) -> Vec<u8> {
-        let plain = batch.encode_to_vec();
-        let mut out = vec![0u8];
-        out.extend_from_slice(&(plain.len() as u32).to_be_bytes());
-        out.extend_from_slice(&plain);
-        out
+        test_batches::batch(300, extents)
     }
 
     #[test]

@@ -6,6 +6,8 @@
 pub mod batch_intake;
 pub mod batch_stream;
 pub mod codec;
+#[cfg(test)]
+mod test_batches;
 
 /// Package `lifeboat.v1`.
 pub mod v1 {

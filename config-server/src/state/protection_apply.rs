@@ -43,10 +43,7 @@ pub(super) fn update_policy(
     policy: &Policy,
 ) -> Result<CommandResult, KvError> {
     let Some(existing) = StateReader(&*tx).policy(&policy.name)? else {
-        return Ok(CommandResult::NotFound(format!(
-            "no policy {:?}; see `lifeboat policy list`",
-            policy.name
-        )));
+        return Ok(no_policy(&policy.name));
     };
     let updated = Policy {
         failback_of: existing.failback_of,
@@ -63,9 +60,7 @@ pub(super) fn delete_policy(
 ) -> Result<CommandResult, KvError> {
     let reader = StateReader(&*tx);
     let Some(policy) = reader.policy(name)? else {
-        return Ok(CommandResult::NotFound(format!(
-            "no policy {name:?}; see `lifeboat policy list`"
-        )));
+        return Ok(no_policy(name));
     };
     if policy.failback_of.is_some() {
         return Ok(CommandResult::Refused(format!(
@@ -90,6 +85,10 @@ pub(super) fn delete_policy(
     Ok(CommandResult::Done)
 }
 
+fn no_policy(name: &str) -> CommandResult {
+    CommandResult::NotFound(format!("no policy {name:?}; see `lifeboat policy list`"))
+}
+
 pub(super) fn assign_policy(
     tx: &mut Tx<'_, impl KvRead>,
     machine: &str,
@@ -97,9 +96,7 @@ pub(super) fn assign_policy(
 ) -> Result<CommandResult, KvError> {
     let reader = StateReader(&*tx);
     if reader.policy(policy)?.is_none() {
-        return Ok(CommandResult::NotFound(format!(
-            "no policy {policy:?}; see `lifeboat policy list`"
-        )));
+        return Ok(no_policy(policy));
     }
     let Some(mut record) = reader.machine(machine)? else {
         return Ok(CommandResult::NotFound(format!(
@@ -124,10 +121,7 @@ pub(super) fn protect(
         )));
     }
     if reader.policy(&machine.policy)?.is_none() {
-        return Ok(CommandResult::NotFound(format!(
-            "no policy {}",
-            machine.policy
-        )));
+        return Ok(no_policy(&machine.policy));
     }
     for id in [&machine.agent_id, &machine.ps_id, &machine.mt_id] {
         match reader.identity(id)? {

@@ -1,40 +1,8 @@
 use super::*;
 use crate::batch_stream::message_chunks;
-use crate::v1::Extent;
+use crate::test_batches::{batch, extent, framed};
 use futures::StreamExt;
 use proptest::prelude::*;
-
-fn batch(seq: u64, extents: Vec<Extent>) -> ChangeBatch {
-    ChangeBatch {
-        disk_id: "d-0123456789ab".into(),
-        seq,
-        extents,
-        tags: vec!["crash:1".into()],
-        first_write_unix_ms: 1_796_000_000_000,
-        last_write_unix_ms: 1_796_000_000_123,
-        kind: "stream".into(),
-        checksum: vec![7; 8],
-    }
-}
-
-fn extent(offset: u64, len: usize) -> Extent {
-    Extent {
-        offset,
-        data: (0..len)
-            .map(|i| (i * 31 % 251) as u8)
-            .collect::<Vec<u8>>()
-            .into(),
-        zero_length: 0,
-    }
-}
-
-fn framed(b: &ChangeBatch) -> Vec<u8> {
-    let plain = b.encode_to_vec();
-    let mut out = vec![0u8];
-    out.extend_from_slice(&(plain.len() as u32).to_be_bytes());
-    out.extend_from_slice(&plain);
-    out
-}
 
 /// Everything decodable from `chunks` fed in order: the batches, then the error if one.
 fn decode_all(chunks: Vec<Bytes>) -> (Vec<ChangeBatch>, Option<Status>) {
@@ -71,7 +39,7 @@ fn cut(bytes: &[u8], mut at: Vec<usize>) -> Vec<Bytes> {
 
 #[test]
 fn large_payloads_are_taken_from_the_frames_they_came_in() {
-    let sent = batch(1, vec![extent(0, 4096), extent(1 << 20, 1 << 20)]);
+    let sent = batch(1, vec![extent(0, 4096, 0), extent(1 << 20, 1 << 20, 0)]);
     let chunks = message_chunks(sent.clone()).unwrap();
     let frame = chunks
         .iter()
@@ -91,10 +59,10 @@ fn large_payloads_are_taken_from_the_frames_they_came_in() {
 #[test]
 fn messages_cut_anywhere_decode_the_same() {
     let sent = vec![
-        batch(1, vec![extent(0, 100_000), extent(8192, 512)]),
+        batch(1, vec![extent(0, 100_000, 0), extent(8192, 512, 0)]),
         ChangeBatch::default(),
         batch(3, vec![]),
-        batch(4, vec![extent(1 << 30, 70_000)]),
+        batch(4, vec![extent(1 << 30, 70_000, 0)]),
     ];
     let wire: Vec<u8> = sent.iter().flat_map(framed).collect();
     for step in [1, 3, 5, 4096, 16_384, 65_537, wire.len()] {
@@ -116,7 +84,7 @@ fn a_message_over_the_limit_is_refused_before_it_arrives() {
 
 #[test]
 fn a_compressed_message_is_refused() {
-    let mut wire = framed(&batch(1, vec![extent(0, 10)]));
+    let mut wire = framed(&batch(1, vec![extent(0, 10, 0)]));
     wire[0] = 1;
     let (got, error) = decode_all(vec![Bytes::from(wire)]);
     assert!(got.is_empty());
@@ -136,7 +104,7 @@ fn garbage_is_an_error_not_a_batch() {
 
 #[tokio::test]
 async fn a_body_ending_inside_a_message_ends_the_stream_with_an_error() {
-    let whole = framed(&batch(1, vec![extent(0, 4096)]));
+    let whole = framed(&batch(1, vec![extent(0, 4096, 0)]));
     let mut wire = whole.clone();
     wire.extend_from_slice(&whole[..whole.len() - 1]);
     let body = Body::new(http_body_util::Full::new(Bytes::from(wire)));
@@ -152,7 +120,7 @@ async fn a_body_ending_inside_a_message_ends_the_stream_with_an_error() {
 
 #[tokio::test]
 async fn the_handler_finds_the_batches_in_the_request() {
-    let wire = framed(&batch(9, vec![extent(0, 4096)]));
+    let wire = framed(&batch(9, vec![extent(0, 4096, 0)]));
     let mut http = http::Request::builder()
         .uri(PUSH)
         .body(Body::new(http_body_util::Full::new(Bytes::from(wire))))
@@ -176,12 +144,12 @@ proptest! {
         junk in proptest::collection::vec(any::<u8>(), 0..512),
         at in proptest::collection::vec(any::<usize>(), 0..8),
     ) {
-        let valid = framed(&batch(5, vec![extent(0, 300)]));
+        let valid = framed(&batch(5, vec![extent(0, 300, 0)]));
         let mut wire = valid.clone();
         wire.extend_from_slice(&junk);
         let (got, _) = decode_all(cut(&wire, at.clone()));
         prop_assert!(!got.is_empty());
-        prop_assert_eq!(&got[0], &batch(5, vec![extent(0, 300)]));
+        prop_assert_eq!(&got[0], &batch(5, vec![extent(0, 300, 0)]));
         let _ = decode_all(cut(&junk, at));
     }
 }
