@@ -97,11 +97,21 @@ pub trait Reporter: Send + Sync {
     fn heartbeat_every(&self, interval: Duration) -> Duration {
         interval
     }
-    /// Notified when something worth reporting at once happened (a disk finished its initial
-    /// sync, say): the next heartbeat goes out then instead of at the end of the interval.
-    fn report_soon(&self) -> Option<&tokio::sync::Notify> {
+    /// What makes the next heartbeat go out before the end of the interval.
+    fn early_reports(&self) -> Option<&EarlyReports> {
         None
     }
+}
+
+/// Reasons for a component to heartbeat before its interval is up.
+#[derive(Debug, Default)]
+pub struct EarlyReports {
+    /// Something the configuration server acts on (a disk finished its initial sync, say):
+    /// reported at once.
+    pub now: tokio::sync::Notify,
+    /// A change in the figures (a disk's backlog started or cleared): reported at most once
+    /// per `EARLY_REPORT_GAP`.
+    pub soon: tokio::sync::Notify,
 }
 
 impl<F: Fn() -> v1::ComponentFacts + Send + Sync> Reporter for F {
@@ -158,10 +168,10 @@ struct Links<'a> {
 
 /// First wait before a failed heartbeat is sent again.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
-/// Least time between two heartbeats sent early because the reporter asked (`report_soon`):
-/// an agent asks at every backlog start and catch-up, which under small steady writes can be
+/// Least time between a heartbeat and the next one sent early for `EarlyReports::soon`: an
+/// agent asks at every backlog start and catch-up, which under small steady writes can be
 /// many times a second.
-const EARLY_REPORT_GAP: Duration = Duration::from_millis(250);
+const EARLY_REPORT_GAP: Duration = Duration::from_secs(1);
 
 async fn heartbeats(
     mut identity: Identity,
@@ -217,11 +227,17 @@ async fn heartbeats(
         metrics::gauge!("lifeboat_cs_connected").set(if connected { 1.0 } else { 0.0 });
         let sent_at = tokio::time::Instant::now();
         let nudged = async {
-            match reporter.report_soon() {
-                Some(notify) => notify.notified().await,
-                None => std::future::pending().await,
+            let Some(early) = reporter.early_reports() else {
+                return std::future::pending().await;
+            };
+            let soon = async {
+                early.soon.notified().await;
+                tokio::time::sleep_until(sent_at + EARLY_REPORT_GAP).await;
+            };
+            tokio::select! {
+                _ = early.now.notified() => {}
+                _ = soon => {}
             }
-            tokio::time::sleep_until(sent_at + EARLY_REPORT_GAP).await;
         };
         // After a failure, try again soon (another configuration server may answer: the
         // cluster lost the node this one talked to), backing off up to the interval.

@@ -6,6 +6,7 @@ use crate::disk::{DiskAgent, DiskStart};
 use crate::settings::{CaptureMode, DiskConfig, Tuning};
 use crate::splitter::Splitter;
 use lifeboat_common::assigned::Assigned;
+use lifeboat_common::component::EarlyReports;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::{DiskAssignment, DiskReport};
 use std::collections::HashMap;
@@ -24,7 +25,7 @@ pub struct Agent {
     /// This machine's answer to a group barrier ("held:<id>", ...), reported with every disk.
     pub barrier_answer: std::sync::Mutex<String>,
     /// Notified when a disk changes phase: the configuration server hears of it at once.
-    pub report_soon: Arc<tokio::sync::Notify>,
+    pub early_reports: Arc<EarlyReports>,
     disks: Assigned<DiskAgent>,
 }
 
@@ -41,7 +42,7 @@ impl Agent {
             tuning,
             modes: disks.iter().map(|d| (d.name.clone(), d.mode)).collect(),
             barrier_answer: Default::default(),
-            report_soon: Default::default(),
+            early_reports: Default::default(),
             state_dir,
             nbd: nbd::Server::new(nbd::ServerConfig::default()),
             cancel,
@@ -110,7 +111,7 @@ impl Agent {
                     tuning: self.tuning.clone(),
                     mode,
                     stop: self.cancel.child_token(),
-                    report_soon: self.report_soon.clone(),
+                    early_reports: self.early_reports.clone(),
                 };
                 let disk = match DiskAgent::start(start) {
                     Ok(disk) => disk,

@@ -7,6 +7,7 @@ use crate::dirty::DirtyMap;
 use crate::progress::{InFlight, Phase, Progress};
 use crate::settings::{CaptureMode, Tuning};
 use lifeboat_common::batch::{self, KIND_STREAM, KIND_SYNC};
+use lifeboat_common::component::EarlyReports;
 use lifeboat_common::{fsutil, tls, Identity, Role};
 use lifeboat_proto::batch_stream;
 use lifeboat_proto::v1::{
@@ -45,7 +46,7 @@ pub struct DiskStart {
     pub tuning: Tuning,
     pub mode: CaptureMode,
     pub stop: CancellationToken,
-    pub report_soon: Arc<tokio::sync::Notify>,
+    pub early_reports: Arc<EarlyReports>,
 }
 
 pub struct DiskAgent {
@@ -67,7 +68,7 @@ pub struct DiskAgent {
     /// (0: none yet); the disk's RPO is its age.
     pub scan_point_ms: AtomicI64,
     started_ms: i64,
-    report_soon: Arc<tokio::sync::Notify>,
+    early_reports: Arc<EarlyReports>,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -85,7 +86,7 @@ impl DiskAgent {
             tuning,
             mode,
             stop,
-            report_soon,
+            early_reports,
         } = start;
         fsutil::create_private_dir(&state_dir)?;
         let source = std::fs::OpenOptions::new()
@@ -151,7 +152,7 @@ impl DiskAgent {
             cache_fill_percent: AtomicU32::new(0),
             scan_point_ms: AtomicI64::new(0),
             started_ms: now_ms(),
-            report_soon,
+            early_reports,
         });
         crate::background::spawn(ship(agent.clone()));
         if mode == CaptureMode::Scan {
@@ -253,7 +254,7 @@ impl DiskAgent {
             if p.phase != phase {
                 tracing::info!(disk = %self.disk_id, "replication phase: {}", phase.name());
                 p.phase = phase;
-                self.report_soon.notify_one();
+                self.early_reports.now.notify_one();
             }
         }
     }
@@ -535,7 +536,7 @@ async fn send_ready(agent: &Arc<DiskAgent>, tx: &mpsc::Sender<ChangeBatch>) -> a
             if p.in_flight.is_empty() {
                 // A backlog starts: the configuration server hears of it now, not at the next
                 // heartbeat (until then it would show the disk caught up).
-                agent.report_soon.notify_one();
+                agent.early_reports.soon.notify_one();
             }
             p.in_flight.push_back(flight);
             b
@@ -559,7 +560,7 @@ fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
         p.applied(applied);
         if had_backlog && p.in_flight.is_empty() && agent.capture.queued_bytes() == 0 {
             // Caught up: report it now (status and `lifeboat wait --caught-up` wait on it).
-            agent.report_soon.notify_one();
+            agent.early_reports.soon.notify_one();
         }
         clear
     };

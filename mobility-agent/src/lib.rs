@@ -2,7 +2,7 @@
 //! connections. This crate owns its settings (including the machine's disks), what it reports,
 //! and its run loop; the binary (`main.rs`) drives it through `run`.
 use agent::Agent;
-use lifeboat_common::component::{run_component, ComponentRun, Reporter};
+use lifeboat_common::component::{run_component, ComponentRun, EarlyReports, Reporter};
 use lifeboat_common::service_args::RoleDefaults;
 use lifeboat_common::Role;
 use lifeboat_proto::v1;
@@ -53,8 +53,8 @@ impl Reporter for AgentReporter<'_> {
         self.agent.assign(assignments);
     }
 
-    fn report_soon(&self) -> Option<&tokio::sync::Notify> {
-        Some(&self.agent.report_soon)
+    fn early_reports(&self) -> Option<&EarlyReports> {
+        Some(&self.agent.early_reports)
     }
 
     /// During a group barrier the configuration server waits for this agent's answers.
