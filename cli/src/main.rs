@@ -52,6 +52,10 @@ enum Command {
         /// Follow the job until it finishes.
         #[arg(long)]
         wait: bool,
+        /// For a failed-over machine: delete its recovered disks on the master target too
+        /// (refused without it, as they are the recovered machine's disks).
+        #[arg(long)]
+        delete_recovered_disks: bool,
     },
     /// Per machine and disk: state, sync progress, ETA, RPO, pending bytes, PS, MT.
     Status {
@@ -127,9 +131,11 @@ fn main() -> ExitCode {
             Command::Audit(args) => audit::run(&cli.context, args).await,
             Command::Policy(command) => policy::run(&cli.context, command).await,
             Command::Protect(args) => protect::protect(&cli.context, args).await,
-            Command::Unprotect { machine, wait } => {
-                protect::unprotect(&cli.context, machine, wait).await
-            }
+            Command::Unprotect {
+                machine,
+                wait,
+                delete_recovered_disks,
+            } => protect::unprotect(&cli.context, machine, wait, delete_recovered_disks).await,
             Command::Status { machine, json } => protect::status(&cli.context, machine, json).await,
             Command::Wait(args) => wait::run(&cli.context, args).await,
             Command::Jobs(args) => jobs::list(&cli.context, args).await,

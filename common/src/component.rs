@@ -190,6 +190,10 @@ async fn heartbeats(
     let mut interval = Duration::from_secs(identity.info.heartbeat_interval_secs.max(1) as u64);
     let mut was_connected = None;
     let mut retry = RETRY_FIRST;
+    // Set after a heartbeat sent early for `EarlyReports::soon`: one more follows a gap later,
+    // so whoever began waiting just after the change (`lifeboat wait --caught-up` trusts only
+    // reports sent after it began) hears of it without waiting out the interval.
+    let mut follow_up = false;
     loop {
         let request = v1::HeartbeatRequest {
             facts: Some(reporter.facts()),
@@ -226,6 +230,7 @@ async fn heartbeats(
         was_connected = Some(connected);
         metrics::gauge!("lifeboat_cs_connected").set(if connected { 1.0 } else { 0.0 });
         let sent_at = tokio::time::Instant::now();
+        // Resolves to whether the early heartbeat is for `soon` (figures) rather than `now`.
         let nudged = async {
             let Some(early) = reporter.early_reports() else {
                 return std::future::pending().await;
@@ -235,15 +240,20 @@ async fn heartbeats(
                 tokio::time::sleep_until(sent_at + EARLY_REPORT_GAP).await;
             };
             tokio::select! {
-                _ = early.now.notified() => {}
-                _ = soon => {}
+                _ = early.now.notified() => false,
+                _ = soon => true,
             }
         };
         // After a failure, try again soon (another configuration server may answer: the
         // cluster lost the node this one talked to), backing off up to the interval.
         let wait = if connected {
             retry = RETRY_FIRST;
-            reporter.heartbeat_every(interval)
+            let every = reporter.heartbeat_every(interval);
+            if std::mem::take(&mut follow_up) {
+                every.min(EARLY_REPORT_GAP)
+            } else {
+                every
+            }
         } else {
             let wait = retry.min(interval);
             retry = (retry * 2).min(interval);
@@ -251,7 +261,7 @@ async fn heartbeats(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = nudged => {}
+            for_figures = nudged => follow_up = for_figures,
             _ = reconnected.notified() => {}
             _ = cancel.cancelled() => return Ok(()),
         }

@@ -101,7 +101,13 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
                 ("machine", machine.name.clone()),
                 ("disk", disk.name.clone()),
             ];
-            metrics::gauge!("lifeboat_disk_rpo_seconds", &labels).set(lag.rpo_secs);
+            // A failed-over disk no longer replicates: no RPO (0, not a growing age).
+            let rpo = if disk.state == ReplicationState::FailedOver {
+                0.0
+            } else {
+                lag.rpo_secs
+            };
+            metrics::gauge!("lifeboat_disk_rpo_seconds", &labels).set(rpo);
             metrics::gauge!("lifeboat_disk_pending_bytes", &labels).set(lag.pending_bytes as f64);
             metrics::gauge!("lifeboat_disk_sync_progress_ratio", &labels)
                 .set(lag.sync_progress_pct / 100.0);

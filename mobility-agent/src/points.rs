@@ -174,7 +174,7 @@ async fn tick(disks: &[Arc<DiskAgent>], s: &mut Schedule) -> anyhow::Result<()> 
             stopped = stop,
             "{}",
             if stop {
-                "planned failover: writes refused from now on"
+                "failover: writes refused from now on"
             } else {
                 "writes accepted again"
             }
@@ -184,7 +184,7 @@ async fn tick(disks: &[Arc<DiskAgent>], s: &mut Schedule) -> anyhow::Result<()> 
         if !s.planned_tagged && streaming(disks) {
             capture::tag_all(&captures, &format!("planned:{}", now_ms()))?;
             s.planned_tagged = true;
-            tracing::info!("planned failover: final point placed after the last write");
+            tracing::info!("failover: final point placed after the last write (a planned failover waits for it)");
         }
         return Ok(());
     }

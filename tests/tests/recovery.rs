@@ -249,6 +249,23 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
         points(&ctx, MACHINE).is_empty(),
         "a commit keeps no older points"
     );
+    // The committed disks are the recovered machine's: unprotecting would delete them, so it
+    // takes an explicit flag, and a refusal changes nothing.
+    let refused = lifeboat(&ctx, &["unprotect", MACHINE]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("--delete-recovered-disks"),
+        "{}",
+        text(&refused)
+    );
+    assert!(
+        compare_nbd(&copy_b, &failed_over),
+        "a refused unprotect left the recovered disk served"
+    );
+    recover(
+        &ctx,
+        &["unprotect", MACHINE, "--delete-recovered-disks", "--wait"],
+    );
     s.agent.proc().terminate();
 }
 

@@ -3,7 +3,7 @@
 use crate::commands::jobs;
 use crate::context::{status_error, ContextArgs};
 use crate::format::{age, bytes, table};
-use lifeboat_proto::v1::{self, NameRequest, ProtectRequest, StatusRequest};
+use lifeboat_proto::v1::{self, ProtectRequest, StatusRequest};
 use serde_json::json;
 
 #[derive(Debug, clap::Args)]
@@ -57,11 +57,17 @@ pub async fn protect(ctx: &ContextArgs, args: ProtectArgs) -> anyhow::Result<()>
     Ok(())
 }
 
-pub async fn unprotect(ctx: &ContextArgs, machine: String, wait: bool) -> anyhow::Result<()> {
+pub async fn unprotect(
+    ctx: &ContextArgs,
+    machine: String,
+    wait: bool,
+    delete_recovered_disks: bool,
+) -> anyhow::Result<()> {
     let mut client = ctx.protection().await?;
     let job = client
-        .unprotect(NameRequest {
+        .unprotect(v1::UnprotectRequest {
             name: machine.clone(),
+            delete_recovered_disks,
         })
         .await
         .map_err(status_error)?
@@ -138,15 +144,19 @@ pub async fn status(
     ]);
     for m in &reply.machines {
         for d in &m.disks {
-            let rpo = format!(
-                "{:.1}s{}",
-                d.rpo_secs,
-                if d.rpo_exceeded {
-                    " (over threshold!)"
-                } else {
-                    ""
-                }
-            );
+            let rpo = if d.state == "FailedOver" {
+                "-".to_string()
+            } else {
+                format!(
+                    "{:.1}s{}",
+                    d.rpo_secs,
+                    if d.rpo_exceeded {
+                        " (over threshold!)"
+                    } else {
+                        ""
+                    }
+                )
+            };
             t.add_row(vec![
                 m.name.clone(),
                 d.name.clone(),

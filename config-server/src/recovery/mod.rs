@@ -205,7 +205,8 @@ impl Recovery for RecoveryService {
         if let Some(f) = &machine.recovery.failover {
             if f.committed {
                 return Err(Status::failed_precondition(format!(
-                    "{} failed over and was committed; reprotect it to replicate again",
+                    "{} failed over and was committed: its replica is now the recovered \
+                     machine's disk and there is no other point to fail over to",
                     r.machine
                 )));
             }

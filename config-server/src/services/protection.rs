@@ -416,10 +416,13 @@ impl Protection for ProtectionService {
 
     async fn unprotect(
         &self,
-        request: Request<v1::NameRequest>,
+        request: Request<v1::UnprotectRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
         self.node.authorize(&request, &[Role::Admin])?;
-        let name = request.into_inner().name;
+        let v1::UnprotectRequest {
+            name,
+            delete_recovered_disks,
+        } = request.into_inner();
         let machine = self
             .node
             .state()
@@ -444,6 +447,7 @@ impl Protection for ProtectionService {
                 .write(Command::Unprotect {
                     name,
                     job: job.clone(),
+                    delete_recovered_disks,
                 })
                 .await?,
         )?;
@@ -567,6 +571,12 @@ impl ProtectionService {
                     self.node.settings.report_overdue_ms(),
                     m.protected_at_ms,
                 );
+                // A failed-over disk no longer replicates: it has no RPO to show.
+                let rpo_secs = if d.state == ReplicationState::FailedOver {
+                    0.0
+                } else {
+                    lag.rpo_secs
+                };
                 v1::DiskStatus {
                     disk_id: d.disk_id.clone(),
                     name: d.name.clone(),
@@ -576,10 +586,10 @@ impl ProtectionService {
                     state_changed_at_unix_ms: d.state_changed_at_ms,
                     sync_progress_pct: lag.sync_progress_pct,
                     eta_secs: lag.eta_secs,
-                    rpo_secs: lag.rpo_secs,
+                    rpo_secs,
                     pending_bytes: lag.pending_bytes,
                     rpo_threshold_secs: threshold,
-                    rpo_exceeded: threshold > 0 && lag.rpo_secs > threshold as f64,
+                    rpo_exceeded: threshold > 0 && rpo_secs > threshold as f64,
                     last_report_unix_ms: lag.last_report_ms,
                 }
             })

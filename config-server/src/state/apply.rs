@@ -144,7 +144,11 @@ pub fn apply(
             protection_apply::assign_policy(&mut tx, machine, policy)?
         }
         Command::Protect { machine, job } => protection_apply::protect(&mut tx, machine, job)?,
-        Command::Unprotect { name, job } => protection_apply::unprotect(&mut tx, name, job)?,
+        Command::Unprotect {
+            name,
+            job,
+            delete_recovered_disks,
+        } => protection_apply::unprotect(&mut tx, name, job, *delete_recovered_disks)?,
         Command::SetDiskState {
             machine,
             disk_id,

@@ -70,9 +70,13 @@ pub enum Command {
         machine: ProtectedMachine,
         job: Job,
     },
+    /// Refused for a failed-over machine unless `delete_recovered_disks`: its replicas are
+    /// then the recovered machine's disks.
     Unprotect {
         name: String,
         job: Job,
+        #[serde(default)]
+        delete_recovered_disks: bool,
     },
     SetDiskState {
         machine: String,

@@ -142,9 +142,25 @@ pub(super) fn unprotect(
     tx: &mut Tx<'_, impl KvRead>,
     name: &str,
     job: &Job,
+    delete_recovered_disks: bool,
 ) -> Result<CommandResult, KvError> {
-    if StateReader(&*tx).machine(name)?.is_none() {
+    let Some(machine) = StateReader(&*tx).machine(name)? else {
         return Ok(CommandResult::NotFound(format!("{name} is not protected")));
+    };
+    if let Some(failover) = &machine.recovery.failover {
+        if !delete_recovered_disks {
+            let how = if failover.committed {
+                "failed over and committed"
+            } else {
+                "failed over"
+            };
+            return Ok(CommandResult::Refused(format!(
+                "{name} is {how}: its disks on the master target are the recovered machine's, \
+                 and unprotecting deletes them. Copy them off first (each is served as \
+                 nbd://…/failover-<disk>; `lifeboat status {name}` names the master target), then \
+                 run `lifeboat unprotect {name} --delete-recovered-disks`"
+            )));
+        }
     }
     tx.writes.delete(keys::machine(name));
     tx.writes.put(keys::job(&job.id), job);
