@@ -95,7 +95,11 @@ fn up_runs_the_stack_stops_on_signal_and_resumes() {
     again.sort();
     before.sort();
     assert_eq!(before, again, "the same identities are reused");
+    // `up` prints its banner once it has seen the services connect, which may be just after
+    // this test saw them.
+    wait_until("the resumed banner", WAIT, || {
+        up.log_text().contains("(resumed)")
+    });
     assert!(!up.log_text().contains("Connection passphrase"));
-    assert!(up.log_text().contains("(resumed)"));
     assert_eq!(up.terminate(), Some(0));
 }
