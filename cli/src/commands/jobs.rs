@@ -105,13 +105,15 @@ pub async fn show(ctx: &ContextArgs, id: String, as_json: bool) -> anyhow::Resul
         println!("Error: {}", j.error);
     }
     for (i, s) in j.steps.iter().enumerate() {
+        // A detail of several lines (one URI per disk, say) continues under its first line.
+        let detail = s.detail.replace('\n', &format!("\n{:64}", ""));
         println!(
             "  {}. {:<40} {:<10} {:>4.0}%  {}",
             i + 1,
             s.name,
             s.state,
             s.progress_pct,
-            s.detail
+            detail
         );
     }
     Ok(())
@@ -185,7 +187,7 @@ pub async fn watch(
                     running += 1;
                     bar.set_message(
                         current
-                            .map(|s| format!("{}: {}", s.name, s.detail))
+                            .map(|s| format!("{}: {}", s.name, s.detail.replace('\n', " ")))
                             .unwrap_or_default(),
                     );
                 }
