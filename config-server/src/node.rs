@@ -3,10 +3,11 @@
 //! node is a follower), caller authorization against the registry, and cluster addresses.
 use crate::guard::{FailureLimiter, NonceStore};
 use crate::liveness::Liveness;
-use crate::progress::Progress;
+use crate::progress::{self, Lag, Progress, Received};
 use crate::raft::state_machine::StateView;
 use crate::raft::{NodeId, Raft};
 use crate::state::model::{now_ms, Facts, IdentityRecord};
+use crate::state::protection::{ProtectedDisk, ProtectedMachine, ReplicationState};
 use crate::state::{Command, CommandResult, KvError, StateReader};
 use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::{tls, Identity, Role};
@@ -59,6 +60,28 @@ pub fn storage_status(e: KvError) -> Status {
 }
 
 impl Node {
+    /// A disk's last agent report on this node (if any) and the lag status, metrics and
+    /// alerts show for it. A failed-over disk no longer replicates: it has no RPO (0, not a
+    /// growing age).
+    pub fn disk_lag(
+        &self,
+        machine: &ProtectedMachine,
+        disk: &ProtectedDisk,
+        now_ms: i64,
+    ) -> (Option<Received>, Lag) {
+        let report = self.progress.get(&disk.disk_id, Role::Agent);
+        let mut lag = progress::lag(
+            report.as_ref(),
+            now_ms,
+            self.settings.report_overdue_ms(),
+            machine.protected_at_ms,
+        );
+        if disk.state == ReplicationState::FailedOver {
+            lag.rpo_secs = 0.0;
+        }
+        (report, lag)
+    }
+
     pub fn new(
         id: NodeId,
         raft: Raft,

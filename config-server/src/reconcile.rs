@@ -3,7 +3,6 @@
 //! it writes to Raft only when something changed (a transition, a job step, a percent of
 //! progress), so reports at heartbeat rate never reach the log.
 use crate::node::Node;
-use crate::progress;
 use crate::state::model::now_ms;
 use crate::state::protection::{Alert, Job, JobState, ProtectedMachine, ReplicationState};
 use crate::state::Command;
@@ -90,24 +89,12 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
     });
     for machine in &machines {
         for disk in &machine.disks {
-            let report = node.progress.get(&disk.disk_id, Role::Agent);
-            let lag = progress::lag(
-                report.as_ref(),
-                now,
-                node.settings.report_overdue_ms(),
-                machine.protected_at_ms,
-            );
+            let (report, lag) = node.disk_lag(machine, disk, now);
             let labels = [
                 ("machine", machine.name.clone()),
                 ("disk", disk.name.clone()),
             ];
-            // A failed-over disk no longer replicates: no RPO (0, not a growing age).
-            let rpo = if disk.state == ReplicationState::FailedOver {
-                0.0
-            } else {
-                lag.rpo_secs
-            };
-            metrics::gauge!("lifeboat_disk_rpo_seconds", &labels).set(rpo);
+            metrics::gauge!("lifeboat_disk_rpo_seconds", &labels).set(lag.rpo_secs);
             metrics::gauge!("lifeboat_disk_pending_bytes", &labels).set(lag.pending_bytes as f64);
             metrics::gauge!("lifeboat_disk_sync_progress_ratio", &labels)
                 .set(lag.sync_progress_pct / 100.0);
@@ -172,13 +159,7 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
             .unwrap_or(0);
         for disk in &machine.disks {
             let subject = format!("{}/{}", machine.name, disk.name);
-            let report = node.progress.get(&disk.disk_id, Role::Agent);
-            let lag = progress::lag(
-                report.as_ref(),
-                now,
-                node.settings.report_overdue_ms(),
-                machine.protected_at_ms,
-            );
+            let (report, lag) = node.disk_lag(&machine, disk, now);
             // A leader that has not yet heard from an agent (it just took over, or restarted)
             // does not know its disks' RPO: it judges them once agents have had time to report.
             let known = report.is_some() || judge_liveness;

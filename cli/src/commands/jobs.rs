@@ -105,16 +105,19 @@ pub async fn show(ctx: &ContextArgs, id: String, as_json: bool) -> anyhow::Resul
         println!("Error: {}", j.error);
     }
     for (i, s) in j.steps.iter().enumerate() {
-        // A detail of several lines (one URI per disk, say) continues under its first line.
-        let detail = s.detail.replace('\n', &format!("\n{:64}", ""));
-        println!(
-            "  {}. {:<40} {:<10} {:>4.0}%  {}",
+        let head = format!(
+            "  {}. {:<40} {:<10} {:>4.0}%  ",
             i + 1,
             s.name,
             s.state,
-            s.progress_pct,
-            detail
+            s.progress_pct
         );
+        // A detail of several lines (one URI per disk, say) continues under its first line.
+        let detail = s.detail.replace(
+            '\n',
+            &format!("\n{:width$}", "", width = head.chars().count()),
+        );
+        println!("{head}{detail}");
     }
     Ok(())
 }

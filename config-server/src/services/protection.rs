@@ -3,8 +3,7 @@
 //! leader's soft state; every change goes through Raft.
 use crate::node::{storage_status, Node};
 use crate::placement::{self, Candidate};
-use crate::progress;
-use crate::state::model::now_ms;
+use crate::state::model::{now_ms, IdentityRecord};
 use crate::state::protection::{
     Job, JobState, JobStep, MachineRecovery, Policy, ProtectedDisk, ProtectedMachine,
     ReplicationState,
@@ -52,10 +51,11 @@ impl ProtectionService {
     /// NOT_FOUND for a machine that is not protected, saying whether an agent of that name
     /// is registered at all (a typo) or the machine is known and just not protected.
     fn not_protected(&self, name: &str) -> Status {
-        let known = self.node.state().identities().is_ok_and(|ids| {
-            ids.iter()
-                .any(|r| r.role == Role::Agent && r.name == name && r.revoked.is_none())
-        });
+        let known = self
+            .node
+            .state()
+            .identities()
+            .is_ok_and(|ids| agent_named(&ids, name).is_some());
         if known {
             Status::not_found(format!(
                 "{name} is not protected; protect it with `lifeboat protect {name} --policy POLICY`"
@@ -148,6 +148,13 @@ fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
         failback_of: None,
         created_at_ms: now_ms(),
     })
+}
+
+/// The registered, unrevoked agent of machine `name` (machines are named after their agent).
+fn agent_named<'a>(identities: &'a [IdentityRecord], name: &str) -> Option<&'a IdentityRecord> {
+    identities
+        .iter()
+        .find(|r| r.role == Role::Agent && r.name == name && r.revoked.is_none())
 }
 
 /// A whole number of seconds as an operator writes it (`90m`, `1day 2h`).
@@ -320,15 +327,12 @@ impl Protection for ProtectionService {
             )));
         }
         let identities = state.identities().map_err(storage_status)?;
-        let agent = identities
-            .iter()
-            .find(|r| r.role == Role::Agent && r.name == req.machine && r.revoked.is_none())
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no registered agent for machine {:?}; run `mobility-agent register` on it first",
-                    req.machine
-                ))
-            })?;
+        let agent = agent_named(&identities, &req.machine).ok_or_else(|| {
+            Status::not_found(format!(
+                "no registered agent for machine {:?}; run `mobility-agent register` on it first",
+                req.machine
+            ))
+        })?;
         let (_, facts, _) = self.node.live_view(agent);
         if facts.disks.is_empty() {
             return Err(Status::failed_precondition(format!(
@@ -564,19 +568,7 @@ impl ProtectionService {
             .disks
             .iter()
             .map(|d| {
-                let report = self.node.progress.get(&d.disk_id, Role::Agent);
-                let lag = progress::lag(
-                    report.as_ref(),
-                    now,
-                    self.node.settings.report_overdue_ms(),
-                    m.protected_at_ms,
-                );
-                // A failed-over disk no longer replicates: it has no RPO to show.
-                let rpo_secs = if d.state == ReplicationState::FailedOver {
-                    0.0
-                } else {
-                    lag.rpo_secs
-                };
+                let (_, lag) = self.node.disk_lag(m, d, now);
                 v1::DiskStatus {
                     disk_id: d.disk_id.clone(),
                     name: d.name.clone(),
@@ -586,10 +578,10 @@ impl ProtectionService {
                     state_changed_at_unix_ms: d.state_changed_at_ms,
                     sync_progress_pct: lag.sync_progress_pct,
                     eta_secs: lag.eta_secs,
-                    rpo_secs,
+                    rpo_secs: lag.rpo_secs,
                     pending_bytes: lag.pending_bytes,
                     rpo_threshold_secs: threshold,
-                    rpo_exceeded: threshold > 0 && rpo_secs > threshold as f64,
+                    rpo_exceeded: threshold > 0 && lag.rpo_secs > threshold as f64,
                     last_report_unix_ms: lag.last_report_ms,
                 }
             })

@@ -118,22 +118,45 @@ async fn a_body_ending_inside_a_message_ends_the_stream_with_an_error() {
     );
 }
 
-#[tokio::test]
-async fn the_handler_finds_the_batches_in_the_request() {
-    let wire = framed(&batch(9, vec![extent(0, 4096, 0)]));
-    let mut http = http::Request::builder()
-        .uri(PUSH)
+/// What a handler behind `BatchIntake` sees of a call to `path`: the batches it finds in the
+/// request (taken twice: the second time must find nothing) and the body tonic is left.
+async fn through_intake(
+    path: &str,
+    wire: Vec<u8>,
+) -> (Option<Vec<Result<ChangeBatch, Status>>>, bool, Bytes) {
+    use tower::ServiceExt;
+    let handler = tower::service_fn(|http: http::Request<Body>| async move {
+        let mut request = tonic::Request::from_http(http);
+        let found = match take_incoming(&mut request) {
+            Some(batches) => Some(batches.collect::<Vec<_>>().await),
+            None => None,
+        };
+        let again = take_incoming(&mut request).is_some();
+        let left = request.into_inner().collect().await.unwrap().to_bytes();
+        Ok::<_, std::convert::Infallible>((found, again, left))
+    });
+    let request = http::Request::builder()
+        .uri(path)
         .body(Body::new(http_body_util::Full::new(Bytes::from(wire))))
         .unwrap();
-    let batches = Incoming(Arc::new(Mutex::new(Some(decode_batches(
-        std::mem::replace(http.body_mut(), Body::empty()),
-    )))));
-    http.extensions_mut().insert(batches);
-    let mut request = tonic::Request::from_http(http);
-    let got: Vec<_> = take_incoming(&mut request).unwrap().collect().await;
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].as_ref().unwrap().seq, 9);
-    assert!(take_incoming(&mut request).is_none(), "taken once");
+    BatchIntake::new(handler).oneshot(request).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_handler_finds_the_batches_of_push_and_apply_in_the_request() {
+    let wire = framed(&batch(9, vec![extent(0, 4096, 0)]));
+    for path in [PUSH, APPLY] {
+        let (found, again, left) = through_intake(path, wire.clone()).await;
+        let found = found.expect("decoded by the intake");
+        assert_eq!(found.len(), 1, "{path}");
+        assert_eq!(found[0].as_ref().unwrap().seq, 9, "{path}");
+        assert!(!again, "{path}: taken once");
+        assert!(left.is_empty(), "{path}: tonic is left an empty body");
+    }
+    // Any other call goes to the service untouched.
+    let (found, _, left) = through_intake("/lifeboat.v1.Ingest/Hashes", wire.clone()).await;
+    assert!(found.is_none());
+    assert_eq!(left, Bytes::from(wire));
 }
 
 proptest! {
