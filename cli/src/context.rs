@@ -107,5 +107,18 @@ pub fn save(path: &Path, context: &CliContext) -> anyhow::Result<()> {
 
 /// Turns a gRPC error into a one-line message: the server's words, and the code for scripts.
 pub fn status_error(status: tonic::Status) -> anyhow::Error {
+    use tonic::Code;
+    // tonic reports its own call deadline as Cancelled "Timeout expired": say what it means.
+    let timed_out = status.code() == Code::DeadlineExceeded
+        || (status.code() == Code::Cancelled && status.message().contains("Timeout expired"));
+    if timed_out {
+        return anyhow::anyhow!(
+            "no answer from the configuration server within {} s, so whether a change was made \
+             is unknown; a change needs a majority of the cluster's nodes: `lifeboat cluster \
+             status --cs HOST:PORT` asks one node at a time ({:?})",
+            lifeboat_common::tls::CALL_TIMEOUT.as_secs(),
+            status.code()
+        );
+    }
     anyhow::anyhow!("{} ({:?})", status.message(), status.code())
 }

@@ -15,6 +15,7 @@ use crate::services::{
 use crate::settings::Settings;
 use crate::state::{Command, CommandResult};
 use crate::tasks;
+use lifeboat_common::identity::IdentityError;
 use lifeboat_common::{serve, Identity, Role};
 use lifeboat_proto::v1::recovery_server::RecoveryServer;
 use lifeboat_proto::v1::{
@@ -29,7 +30,14 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
-    let identity = Identity::load(&settings.data_dir)?;
+    let identity = match Identity::load(&settings.data_dir) {
+        Err(IdentityError::Missing(dir)) => anyhow::bail!(
+            "no node identity in {}: create a cluster with `config-server init` or join one \
+             with `config-server join` first",
+            dir.display()
+        ),
+        loaded => loaded?,
+    };
     if identity.info.role != Role::ConfigServer || identity.info.node_id == 0 {
         anyhow::bail!(
             "{} does not hold a configuration server identity",

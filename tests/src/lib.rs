@@ -9,6 +9,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 pub mod recovery;
+pub mod site;
 pub mod workload;
 
 static BUILD: Once = Once::new();

@@ -1,0 +1,170 @@
+//! The files under `deploy/` as the tools that consume them see them: `systemd-analyze verify`
+//! accepts every unit (pointed at the binaries just built, since it checks that `ExecStart`
+//! can run), `systemd-sysusers` and `systemd-tmpfiles` create the account and the state
+//! directories in a scratch root, and each example configuration is read by its component.
+//! Steps whose tool is missing are skipped with the reason printed.
+use lifeboat_e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+fn have(tool: &str) -> bool {
+    let found = Command::new(tool).arg("--version").output().is_ok();
+    if !found {
+        eprintln!("SKIP: {tool} is not installed (Debian package systemd)");
+    }
+    found
+}
+
+const UNITS: [&str; 4] = [
+    "lifeboat-config-server.service",
+    "lifeboat-process-server.service",
+    "lifeboat-master-target.service",
+    "lifeboat-mobility-agent.service",
+];
+
+#[test]
+fn systemd_analyze_verify_accepts_every_unit() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    bin("lifeboat"); // builds the binaries the units start
+    let tmp = tempfile::tempdir().unwrap();
+    for unit in UNITS {
+        let shipped = std::fs::read_to_string(deploy_dir().join("systemd").join(unit)).unwrap();
+        assert!(shipped.contains("ExecStart=/usr/local/bin/"), "{unit}");
+        let here = shipped.replace(
+            "ExecStart=/usr/local/bin/",
+            &format!("ExecStart={}/", bin_dir().display()),
+        );
+        let path = tmp.path().join(unit);
+        std::fs::write(&path, here).unwrap();
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()
+            .unwrap();
+        // verify prints nothing for a clean unit; any line is a finding.
+        assert!(
+            out.status.success() && text(&out).trim().is_empty(),
+            "systemd-analyze verify {unit}: {}",
+            text(&out)
+        );
+    }
+    // And it does find faults: a misspelt setting and a missing binary are reported.
+    let broken = tmp.path().join("lifeboat-broken.service");
+    std::fs::write(
+        &broken,
+        "[Service]\nExecStart=/nonexistent/process-server run\nRestartSecs=5\n",
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(
+        said.contains("RestartSecs") && said.contains("/nonexistent"),
+        "{said}"
+    );
+}
+
+#[test]
+fn sysusers_and_tmpfiles_make_the_account_and_state_directories() {
+    if !have("systemd-sysusers") || !have("systemd-tmpfiles") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    let root_arg = format!("--root={}", root.path().display());
+    let sysusers = deploy_dir().join("systemd/lifeboat.sysusers");
+    let out = Command::new("systemd-sysusers")
+        .arg(&root_arg)
+        .arg(&sysusers)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "systemd-sysusers: {}", text(&out));
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with("lifeboat:"))
+        .unwrap_or_else(|| panic!("no lifeboat account in {passwd}"));
+    let uid: u32 = line.split(':').nth(2).unwrap().parse().unwrap();
+    assert!(uid > 0 && uid < 1000, "a system account: {line}");
+
+    let tmpfiles = deploy_dir().join("systemd/lifeboat.tmpfiles");
+    let out = Command::new("systemd-tmpfiles")
+        .arg(&root_arg)
+        .arg("--create")
+        .arg(&tmpfiles)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "systemd-tmpfiles: {}", text(&out));
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for (dir, owner) in [
+        ("config-server", uid),
+        ("process-server", uid),
+        ("master-target", uid),
+        ("mobility-agent", 0),
+    ] {
+        let meta = std::fs::metadata(root.path().join("var/lib/lifeboat").join(dir)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{dir}");
+        if running_as_root() {
+            assert_eq!(meta.uid(), owner, "{dir}");
+        }
+    }
+}
+
+/// Whether the tests run as root (only root can give files to another owner).
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let probe = tempfile::tempfile().unwrap();
+    probe.metadata().unwrap().uid() == 0
+}
+
+#[test]
+fn every_example_configuration_is_read_by_its_component() {
+    let tmp = tempfile::tempdir().unwrap();
+    for component in [
+        "config-server",
+        "process-server",
+        "master-target",
+        "mobility-agent",
+    ] {
+        let example = deploy_dir().join(format!("config/{component}.toml"));
+        let data = tmp.path().join(component).display().to_string();
+        let out = run(
+            component,
+            &[
+                "run",
+                "--config",
+                &example.display().to_string(),
+                "--data-dir",
+                &data,
+            ],
+            &[],
+        );
+        let said = text(&out);
+        // The file was read and its settings taken: what stops the run is the missing
+        // identity (or, for the agent, the example's disk if this machine has none there).
+        assert!(!out.status.success(), "{component}: {said}");
+        assert!(
+            said.contains("identity in") || said.contains("(/dev/vdb)"),
+            "{component} did not get past its configuration file: {said}"
+        );
+    }
+    // A file with a setting of the wrong type is refused before anything else.
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "listen = 9443\n").unwrap();
+    let out = run(
+        "process-server",
+        &["run", "--config", &bad.display().to_string()],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(!text(&out).contains("identity in"), "{}", text(&out));
+}
