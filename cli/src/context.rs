@@ -50,7 +50,26 @@ impl ContextArgs {
         if !self.cs.is_empty() {
             context.cs = self.cs.clone();
         }
+        // A relative identity_dir is the context file's neighbour, wherever the CLI runs.
+        if context.identity_dir.is_relative() {
+            if let Some(dir) = path.parent() {
+                context.identity_dir = dir.join(&context.identity_dir);
+            }
+        }
         Ok(context)
+    }
+
+    /// The admin identity the context names.
+    fn identity(&self, context: &CliContext) -> anyhow::Result<Identity> {
+        Identity::load(&context.identity_dir).map_err(|e| match e {
+            lifeboat_common::identity::IdentityError::Missing(dir) => anyhow::anyhow!(
+                "no admin identity in {} (identity_dir of {}): point identity_dir at the \
+                 folder holding identity/ (DATA/admin of the first configuration server node)",
+                dir.display(),
+                self.path().display()
+            ),
+            other => other.into(),
+        })
     }
 
     /// A Protection client on the same connection rules as `admin`.
@@ -78,7 +97,7 @@ impl ContextArgs {
     /// A channel to the leader if it can be reached, else to any node.
     async fn leader_channel(&self) -> anyhow::Result<Channel> {
         let context = self.load()?;
-        let identity = Identity::load(&context.identity_dir)?;
+        let identity = self.identity(&context)?;
         let (address, channel) =
             tls::mtls_connect_any(&identity, &context.cs, Role::ConfigServer).await?;
         let mut client = AdminClient::new(channel.clone());

@@ -153,6 +153,7 @@ impl Stack {
             passphrase_file: passphrase_file.clone(),
             name: None,
             force: true,
+            keep_existing: false,
         };
         let context_path = ctx.path();
         context::save(
@@ -357,15 +358,16 @@ where
     loop {
         if !Identity::exists(&data_dir) {
             lifeboat_common::fsutil::create_private_dir(&data_dir)?;
-            let identity = register_command(role, &register, &data_dir, facts.clone()).await?;
-            tracing::info!(id = %identity.info.id, "{role} registered");
+            let registered = register_command(role, &register, &data_dir, facts.clone()).await?;
+            tracing::info!(id = %registered.identity().info.id, "{role} registered");
         }
         match run(cancel.clone()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<HeartbeatStop>().is_some() => {
                 tracing::warn!("{role}: {e}; registering again with the current passphrase");
-                let identity = register_command(role, &register, &data_dir, facts.clone()).await?;
-                tracing::info!(id = %identity.info.id, "{role} registered again");
+                let registered =
+                    register_command(role, &register, &data_dir, facts.clone()).await?;
+                tracing::info!(id = %registered.identity().info.id, "{role} registered again");
             }
             Err(e) => return Err(e),
         }

@@ -28,20 +28,43 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Register again even if this data directory already has an identity.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keep_existing")]
     pub force: bool,
+    /// If this data directory already has an identity of this role, keep it and succeed
+    /// without registering (for provisioning that runs the same steps on every start).
+    #[arg(long)]
+    pub keep_existing: bool,
+}
+
+/// What `register` did.
+pub enum Registered {
+    New(Identity),
+    /// `--keep-existing` and the data directory already had this identity.
+    Kept(Identity),
+}
+
+impl Registered {
+    pub fn identity(&self) -> &Identity {
+        match self {
+            Registered::New(i) | Registered::Kept(i) => i,
+        }
+    }
 }
 
 /// Registers and saves the identity in `data_dir`. Refuses to overwrite an identity unless
-/// `force`, so a mistyped command cannot orphan a registered component.
+/// `force`, so a mistyped command cannot orphan a registered component; with `keep_existing`
+/// an identity of the same role is kept instead.
 pub async fn register_command(
     role: Role,
     args: &RegisterArgs,
     data_dir: &Path,
     facts: v1::ComponentFacts,
-) -> anyhow::Result<Identity> {
+) -> anyhow::Result<Registered> {
     if Identity::exists(data_dir) && !args.force {
         let existing = Identity::load(data_dir)?;
+        if args.keep_existing && existing.info.role == role {
+            return Ok(Registered::Kept(existing));
+        }
         anyhow::bail!(
             "{} is already registered as {} {} ({}); pass --force to register again",
             data_dir.display(),
@@ -62,7 +85,7 @@ pub async fn register_command(
     })
     .await?;
     identity.save(data_dir)?;
-    Ok(identity)
+    Ok(Registered::New(identity))
 }
 
 /// Identities the configuration server reports as revoked.
@@ -351,7 +374,7 @@ where
     .await;
     server_stop.cancel();
     if let Some(server) = server {
-        server.await??;
+        crate::serve::stop_server(server).await?;
     }
     tracing::info!("stopped");
     result.map_err(Into::into)

@@ -1,7 +1,7 @@
 //! The command line every server component shares: `register` (with the passphrase) and `run`.
 //! A component supplies its settings type; this module does the rest, so the process server
 //! and master target binaries are a few lines each.
-use crate::component::{register_command, RegisterArgs};
+use crate::component::{register_command, RegisterArgs, Registered};
 use crate::service_args::{CommonArgs, CommonSettings};
 use crate::{shutdown, telemetry, Role};
 use lifeboat_proto::v1;
@@ -59,20 +59,28 @@ where
         } => {
             let settings = S::resolve(&common, &flags)?;
             settings.prepare()?;
-            let identity = register_command(
+            let registered = register_command(
                 S::ROLE,
                 &register,
                 &settings.common().data_dir,
                 settings.facts(),
             )
             .await?;
-            println!(
-                "Registered {} {} as {}; start it with `{} run`",
-                S::ROLE,
-                identity.info.name,
-                identity.info.id,
-                S::ROLE
-            );
+            match registered {
+                Registered::New(identity) => println!(
+                    "Registered {} {} as {}; start it with `{} run`",
+                    S::ROLE,
+                    identity.info.name,
+                    identity.info.id,
+                    S::ROLE
+                ),
+                Registered::Kept(identity) => println!(
+                    "Already registered as {} {} ({}); kept",
+                    S::ROLE,
+                    identity.info.name,
+                    identity.info.id
+                ),
+            }
             Ok(())
         }
         ComponentCommand::Run { common, flags } => {

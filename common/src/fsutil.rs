@@ -8,8 +8,13 @@ use std::path::Path;
 
 /// Creates `dir` (and parents) with mode 0700: it will hold keys or replicated state.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
+    // The error names the directory: "Operation not permitted" alone does not say which.
+    let named = |what: &str, e: io::Error| {
+        io::Error::new(e.kind(), format!("cannot {what} {}: {e}", dir.display()))
+    };
+    fs::create_dir_all(dir).map_err(|e| named("create", e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| named("make private (mode 0700, needs its owner)", e))
 }
 
 /// fsync a directory so a rename or create inside it survives a crash.

@@ -36,3 +36,24 @@ pub async fn bind(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
     ))
 }
+
+/// How long a stopping server waits for calls in progress to finish.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits for a server whose shutdown signal has fired. Its graceful shutdown refuses new calls
+/// and waits for open ones, but a replication stream or an assignment long-poll ends only when
+/// its client ends it: after `SHUTDOWN_GRACE` the rest are cut, as a crash would cut them.
+/// That loses nothing: every acknowledged batch is durable before its ack, and clients resume
+/// from what was acknowledged.
+pub async fn stop_server(
+    mut server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+        Ok(ended) => Ok(ended??),
+        Err(_) => {
+            tracing::info!("open streams still running after {:?}: cut", SHUTDOWN_GRACE);
+            server.abort();
+            Ok(())
+        }
+    }
+}

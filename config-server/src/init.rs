@@ -38,9 +38,14 @@ pub struct InitOutcome {
     pub admin_context: PathBuf,
 }
 
+/// Whether `data_dir` already holds a configuration server node (from `init` or `join`).
+pub fn holds_node(data_dir: &Path) -> bool {
+    Identity::exists(data_dir) || data_dir.join("raft").exists()
+}
+
 pub fn init(settings: &Settings) -> anyhow::Result<InitOutcome> {
     let data_dir = &settings.data_dir;
-    if Identity::exists(data_dir) || data_dir.join("raft").exists() {
+    if holds_node(data_dir) {
         anyhow::bail!(
             "{} already holds a configuration server; start it with `config-server run`",
             data_dir.display()

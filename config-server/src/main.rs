@@ -21,7 +21,14 @@ struct Cli {
 enum Command {
     /// Create a new cluster in the data directory: CA, connection passphrase (printed once),
     /// this node's identity and an admin identity for the `lifeboat` CLI.
-    Init(ServeArgs),
+    Init {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// If the data directory already holds a configuration server, keep it and succeed
+        /// (for provisioning that runs the same steps on every start).
+        #[arg(long)]
+        keep_existing: bool,
+    },
     /// Serve (after `init` or `join`).
     Run(ServeArgs),
     /// Register this node with an existing cluster, then serve; it joins as a learner and is
@@ -38,6 +45,10 @@ enum Command {
         /// Name of this node (default: its advertised address).
         #[arg(long)]
         name: Option<String>,
+        /// If this node already joined (its data directory holds its identity), serve
+        /// without joining again, as `run` does.
+        #[arg(long)]
+        keep_existing: bool,
     },
 }
 
@@ -54,8 +65,18 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Init(args) => {
+        Command::Init {
+            serve: args,
+            keep_existing,
+        } => {
             let settings = args.resolve()?;
+            if keep_existing && init::holds_node(&settings.data_dir) {
+                println!(
+                    "{} already holds a configuration server; kept",
+                    settings.data_dir.display()
+                );
+                return Ok(());
+            }
             let outcome = init::init(&settings)?;
             let pass_file = init::passphrase_file(&settings.data_dir);
             println!(
@@ -80,10 +101,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "  export LIFEBOAT_CONTEXT={}",
                 outcome.admin_context.display()
             );
-            println!(
-                "Start this node with: config-server run --data-dir {}",
-                settings.data_dir.display()
-            );
+            // The same flags as this init: a run without them would advertise another address.
+            let mut start = String::from("config-server run");
+            if let Some(file) = &args.config {
+                start.push_str(&format!(" --config {}", file.display()));
+            }
+            start.push_str(&format!(" --data-dir {}", settings.data_dir.display()));
+            for (flag, given) in [
+                ("--listen", args.listen.map(|l| l.to_string())),
+                ("--advertise", args.advertise.clone()),
+            ] {
+                if let Some(value) = given {
+                    start.push_str(&format!(" {flag} {value}"));
+                }
+            }
+            println!("Start this node with: {start}");
             Ok(())
         }
         Command::Run(args) => serve(&args).await,
@@ -92,8 +124,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cs,
             passphrase_file,
             name,
+            keep_existing,
         } => {
             let settings = args.resolve()?;
+            if keep_existing && init::holds_node(&settings.data_dir) {
+                println!("Already joined; serving");
+                return serve(&args).await;
+            }
             let identity = init::join(&settings, &cs, &passphrase_file, name).await?;
             println!(
                 "Registered as configuration server node {} ({}); joining the cluster",

@@ -144,10 +144,8 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
 
     cancel.cancelled().await;
     tracing::info!("stopping: no new calls");
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("gRPC server ended with an error: {e}"),
-        Err(e) => tracing::warn!("gRPC server task failed: {e}"),
+    if let Err(e) = serve::stop_server(server).await {
+        tracing::warn!("gRPC server ended with an error: {e:#}");
     }
     background.close();
     background.wait().await;

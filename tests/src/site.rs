@@ -33,6 +33,19 @@ pub fn have_docker() -> bool {
     }
 }
 
+/// Builds the image `tag` with `deploy/container/build-image.sh` from the tests' binaries.
+pub fn build_image(tag: &str) {
+    bin("lifeboat"); // builds every binary once
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/container/build-image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(tag)
+        .env("BIN", bin_dir())
+        .output()
+        .expect("run build-image.sh");
+    assert!(out.status.success(), "build-image.sh: {}", text(&out));
+}
+
 /// Runs `docker ARGS`.
 pub fn docker(args: &[&str]) -> Output {
     Command::new("docker")
@@ -65,7 +78,6 @@ pub struct Site {
 impl Site {
     /// Builds the image from the tests' binaries and creates the network.
     pub fn new(dir: &Path) -> Site {
-        bin("lifeboat"); // builds every binary once
         let meta = std::fs::metadata(dir).expect("site directory");
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -73,15 +85,7 @@ impl Site {
             .unwrap_or(0);
         let prefix = format!("lbt{}x{nanos:x}", std::process::id());
         let image = format!("lifeboat-e2e:{prefix}");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/container/build-image.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg(&image)
-            .env("BIN", bin_dir())
-            .output()
-            .expect("run build-image.sh");
-        assert!(out.status.success(), "build-image.sh: {}", text(&out));
+        build_image(&image);
         let network = format!("{prefix}-net");
         docker_ok(&["network", "create", &network]);
         Site {
@@ -214,7 +218,7 @@ impl Drop for Site {
             if std::thread::panicking() {
                 eprintln!("----- log of host {name} -----\n{}", self.logs(name));
             }
-            let _ = docker(&["rm", "-f", &self.container(name)]);
+            let _ = docker(&["rm", "-f", "-v", &self.container(name)]);
         }
         let _ = docker(&["network", "rm", &self.network]);
         let _ = docker(&["rmi", "-f", &self.image]);

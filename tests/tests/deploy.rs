@@ -1,7 +1,9 @@
 //! The files under `deploy/` as the tools that consume them see them: `systemd-analyze verify`
 //! accepts every unit (pointed at the binaries just built, since it checks that `ExecStart`
 //! can run), `systemd-sysusers` and `systemd-tmpfiles` create the account and the state
-//! directories in a scratch root, and each example configuration is read by its component.
+//! directories in a scratch root, each example configuration is read by its component, and
+//! `promtool` accepts the Prometheus configuration, passes the alerting rules' unit tests and
+//! parses every query of the Grafana dashboard, and those name only metrics the code publishes.
 //! Steps whose tool is missing are skipped with the reason printed.
 use lifeboat_e2e::*;
 use std::path::{Path, PathBuf};
@@ -167,4 +169,115 @@ fn every_example_configuration_is_read_by_its_component() {
     );
     assert!(!out.status.success());
     assert!(!text(&out).contains("identity in"), "{}", text(&out));
+}
+
+#[test]
+fn promtool_accepts_the_prometheus_files_and_passes_the_rules_tests() {
+    if Command::new("promtool").arg("--version").output().is_err() {
+        eprintln!("SKIP: promtool is not installed (Debian package prometheus)");
+        return;
+    }
+    let dir = deploy_dir().join("prometheus");
+    for args in [
+        &["check", "config", "prometheus.yml"][..],
+        &["check", "rules", "lifeboat-rules.yml"],
+        &["test", "rules", "lifeboat-rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "promtool {args:?}: {}", text(&out));
+    }
+}
+
+/// Every `expr` of the dashboard, as written.
+fn dashboard_queries() -> Vec<String> {
+    let text =
+        std::fs::read_to_string(deploy_dir().join("grafana/lifeboat-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let queries: Vec<String> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(queries.len() >= panels.len(), "every panel has a query");
+    queries
+}
+
+#[test]
+fn promtool_parses_every_dashboard_query() {
+    if Command::new("promtool").arg("--version").output().is_err() {
+        eprintln!("SKIP: promtool is not installed (Debian package prometheus)");
+        return;
+    }
+    // promtool checks PromQL inside rule files: one recording rule per query.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, q) in dashboard_queries().iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: dashboard_query_{i}\n        expr: {}\n",
+            serde_json::to_string(q).unwrap()
+        ));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("dashboard-rules.yml");
+    std::fs::write(&path, rules).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "promtool: {}", text(&out));
+}
+
+/// Metric names the code publishes: every `"lifeboat_…"` string literal in the workspace.
+fn published_metrics() -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut names = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            // Sources only: tests mention metric names too, and do not publish them.
+            let skip =
+                ["target", "tests", "fuzz"].contains(&name.as_str()) || name.starts_with('.');
+            if path.is_dir() && !skip {
+                dirs.push(path);
+            } else if name.ends_with(".rs") {
+                let code = std::fs::read_to_string(&path).unwrap_or_default();
+                for piece in code.split("\"lifeboat_").skip(1) {
+                    let end = piece.find('"').unwrap_or(0);
+                    names.push(format!("lifeboat_{}", &piece[..end]));
+                }
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_rules_and_the_dashboard_read_only_metrics_the_code_publishes() {
+    let published = published_metrics();
+    let rules =
+        std::fs::read_to_string(deploy_dir().join("prometheus/lifeboat-rules.yml")).unwrap();
+    let mut text = dashboard_queries().join("\n");
+    text.push_str(&rules);
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if !word.starts_with("lifeboat_") {
+            continue;
+        }
+        // A histogram is published under its name and read through its series.
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| word.strip_suffix(s))
+            .filter(|b| published.iter().any(|p| p == b))
+            .unwrap_or(word);
+        assert!(
+            published.iter().any(|p| p == base),
+            "{word} is read by deploy/ but published nowhere in the code"
+        );
+    }
 }

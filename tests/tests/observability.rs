@@ -119,6 +119,7 @@ fn services_answer_health_checks_and_serve_valid_metrics() {
             });
         }
     }
+    let mut pages = String::new();
     for (name, metrics, _) in &endpoints {
         // Heartbeats and requests must have flowed first; how soon varies with the load.
         let expected: &[&str] = if name == "config-server" {
@@ -139,6 +140,33 @@ fn services_answer_health_checks_and_serve_valid_metrics() {
             expected.iter().all(|m| body.contains(m))
         });
         promtool_check(name, &body);
+        pages.push_str(&body);
+    }
+    // The shipped alerting rules read only metrics the services really publish (the
+    // configuration server's `lifeboat_alerts` kinds included).
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/lifeboat-rules.yml"),
+    )
+    .unwrap();
+    let mut used: Vec<&str> = rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("lifeboat_"))
+        .collect();
+    used.sort();
+    used.dedup();
+    for metric in used {
+        assert!(
+            pages.contains(metric),
+            "the rules read {metric}, which no service publishes"
+        );
+    }
+    for kind in rules.split("kind=\"").skip(1) {
+        let kind = &kind[..kind.find('"').unwrap()];
+        let series = format!("lifeboat_alerts{{kind=\"{kind}\"}}");
+        assert!(
+            pages.contains(&series),
+            "the rules read {series}, which is not published"
+        );
     }
     // JSON logs are one JSON object per line.
     let log = procs[0].log_text();

@@ -107,6 +107,20 @@ fn every_role_registers_heartbeats_and_is_listed() {
         // A second registration of the same directory is refused without --force.
         let again = register(binary, &dir, &cs.addr, &cs.passphrase_file(), &args);
         assert!(!again.status.success() && text(&again).contains("already registered"));
+        // With --keep-existing it succeeds and keeps the identity it has.
+        let key = std::fs::read(dir.join("identity").join("key.pem")).unwrap();
+        let mut keep = args.clone();
+        keep.push("--keep-existing");
+        let kept = register(binary, &dir, &cs.addr, &cs.passphrase_file(), &keep);
+        assert!(
+            kept.status.success() && text(&kept).contains("Already registered"),
+            "{}",
+            text(&kept)
+        );
+        assert_eq!(
+            std::fs::read(dir.join("identity").join("key.pem")).unwrap(),
+            key
+        );
         procs.push(start(binary, &dir, &extra));
     }
 

@@ -145,6 +145,20 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
         })
     });
 
+    // SIGTERM with the replication streams open (agent → process server → master target):
+    // each server stops cleanly (exit 0) instead of waiting for streams only clients end;
+    // `terminate` gives up after 30 s. Then both come back and replication goes on.
+    for server in [&mut ps, &mut mt] {
+        let name = server.proc().name.clone();
+        assert_eq!(server.proc().terminate(), Some(0), "{name} on SIGTERM");
+    }
+    ps.start();
+    mt.start();
+    let t = now_ms();
+    qemu_io(&url, &["write -P 0xd2 180M 1M"]);
+    caught_up(&ctx, t);
+    assert_identical(&source, &replica);
+
     // Unprotect: the master target deletes the replica and the export goes away.
     let out = lifeboat(&ctx, &["unprotect", "web01", "--wait"]);
     assert!(out.status.success(), "{}", text(&out));

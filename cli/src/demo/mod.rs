@@ -163,6 +163,7 @@ async fn demonstrate(
         passphrase_file: stack.passphrase_file.clone(),
         name: Some(MACHINE.into()),
         force: true,
+        keep_existing: false,
     };
     if !lifeboat_common::Identity::exists(&agent.common.data_dir) {
         println!(
