@@ -38,7 +38,8 @@ pub struct RegisterArgs {
 
 /// What `register` did.
 pub enum Registered {
-    New(Identity),
+    /// A new identity; with `--force`, the one it replaced in the data directory.
+    New(Identity, Option<Identity>),
     /// `--keep-existing` and the data directory already had this identity.
     Kept(Identity),
 }
@@ -46,7 +47,21 @@ pub enum Registered {
 impl Registered {
     pub fn identity(&self) -> &Identity {
         match self {
-            Registered::New(i) | Registered::Kept(i) => i,
+            Registered::New(i, _) | Registered::Kept(i) => i,
+        }
+    }
+
+    /// What the operator should know about the identity `--force` replaced: the configuration
+    /// server retires an identity when another registers under its name, but one of another
+    /// name stays registered (and shows as down) until revoked.
+    pub fn replaced_hint(&self) -> Option<String> {
+        match self {
+            Registered::New(new, Some(old)) if old.info.name != new.info.name => Some(format!(
+                "the identity this replaces, {} {} ({}), stays registered under its name: \
+                 `lifeboat servers revoke {}` removes it",
+                old.info.role, old.info.name, old.info.id, old.info.id
+            )),
+            _ => None,
         }
     }
 }
@@ -73,6 +88,9 @@ pub async fn register_command(
             existing.info.id
         );
     }
+    let replaced = Identity::load(data_dir)
+        .ok()
+        .filter(|old| old.info.role == role);
     let passphrase = crate::config::read_passphrase_file(&args.passphrase_file)?;
     let name = args.name.clone().unwrap_or_else(crate::facts::hostname);
     crate::fsutil::create_private_dir(data_dir)?;
@@ -85,7 +103,7 @@ pub async fn register_command(
     })
     .await?;
     identity.save(data_dir)?;
-    Ok(Registered::New(identity))
+    Ok(Registered::New(identity, replaced))
 }
 
 /// Identities the configuration server reports as revoked.

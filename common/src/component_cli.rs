@@ -66,8 +66,11 @@ where
                 settings.facts(),
             )
             .await?;
+            if let Some(hint) = registered.replaced_hint() {
+                eprintln!("note: {hint}");
+            }
             match registered {
-                Registered::New(identity) => println!(
+                Registered::New(identity, _) => println!(
                     "Registered {} {} as {}; start it with `{} run`",
                     S::ROLE,
                     identity.info.name,

@@ -144,6 +144,23 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every kind of alert, each published as `lifeboat_alerts{kind}` (0 when none is active).
+const ALERT_KINDS: [&str; 8] = [
+    "rpo",
+    "resync",
+    "down",
+    "cache",
+    "cache-critical",
+    "drain",
+    "retention-space",
+    "retention-space-critical",
+];
+
+/// An alert's kind: its key up to the first `/`.
+fn alert_kind(key: &str) -> String {
+    key.split('/').next().unwrap_or("").to_string()
+}
+
 /// Raises and clears alerts: a protected disk's RPO over its policy's threshold, a disk that
 /// needs a resync, a component that stopped heartbeating.
 async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<()> {
@@ -224,9 +241,7 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
     let active = state.alerts()?;
     let mut kinds: HashMap<String, u64> = HashMap::new();
     for alert in &wanted {
-        *kinds
-            .entry(alert.key.split('/').next().unwrap_or("").to_string())
-            .or_default() += 1;
+        *kinds.entry(alert_kind(&alert.key)).or_default() += 1;
         if !active.iter().any(|a| a.key == alert.key) {
             node.write(Command::RaiseAlert {
                 alert: alert.clone(),
@@ -243,9 +258,12 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                 at_ms: now,
             })
             .await?;
+        } else if !kind_judged {
+            // Kept until judged (a new leader): still active, so still counted.
+            *kinds.entry(alert_kind(&alert.key)).or_default() += 1;
         }
     }
-    for kind in ["rpo", "resync", "down", "cache", "cache-critical", "drain"] {
+    for kind in ALERT_KINDS {
         metrics::gauge!("lifeboat_alerts", "kind" => kind)
             .set(*kinds.get(kind).unwrap_or(&0) as f64);
     }

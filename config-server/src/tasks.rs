@@ -30,11 +30,7 @@ pub async fn raft_metrics(node: Arc<Node>, cancel: CancellationToken) {
     );
     loop {
         let m = node.raft.metrics().borrow().clone();
-        metrics::gauge!("lifeboat_raft_leader").set(if m.state == ServerState::Leader {
-            1.0
-        } else {
-            0.0
-        });
+        metrics::gauge!("lifeboat_raft_leader").set(if leads_a_quorum(&m) { 1.0 } else { 0.0 });
         metrics::gauge!("lifeboat_raft_term").set(m.current_term as f64);
         metrics::gauge!("lifeboat_raft_commit_index")
             .set(node.committed_index.load(Ordering::Relaxed) as f64);
@@ -144,5 +140,70 @@ pub async fn self_heartbeat(
             _ = tokio::time::sleep(Duration::from_secs(node.settings.heartbeat_interval_secs as u64)) => {}
             _ = cancel.cancelled() => return,
         }
+    }
+}
+
+/// Whether this node is a leader a majority still follows. openraft keeps a leader cut off
+/// from its peers in the Leader state (it cannot commit, and its alert counts freeze), so
+/// `lifeboat_raft_leader` also needs a quorum acknowledgement within an election timeout; a
+/// single-voter cluster is its own quorum.
+fn leads_a_quorum(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> bool {
+    let alone = m.membership_config.membership().voter_ids().count() <= 1;
+    m.state == ServerState::Leader
+        && (alone
+            || m.millis_since_quorum_ack
+                .is_some_and(|ms| ms <= QUORUM_ACK_MAX_MS))
+}
+
+/// Longest a leader may go without hearing from a majority and still count as leading: the
+/// longest election timeout, by when the others elect a new leader.
+const QUORUM_ACK_MAX_MS: u64 = 2_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{BasicNode, Membership, RaftMetrics, StoredMembership};
+    use std::collections::BTreeSet;
+
+    fn metrics(
+        voters: &[u64],
+        state: ServerState,
+        ack_ms: Option<u64>,
+    ) -> RaftMetrics<u64, BasicNode> {
+        let mut m = RaftMetrics::new_initial(1);
+        let ids: BTreeSet<u64> = voters.iter().copied().collect();
+        m.membership_config = Arc::new(StoredMembership::new(
+            None,
+            Membership::<u64, BasicNode>::new(vec![ids], None),
+        ));
+        m.state = state;
+        m.millis_since_quorum_ack = ack_ms;
+        m
+    }
+
+    #[test]
+    fn a_leader_counts_only_while_a_majority_acknowledges_it() {
+        assert!(leads_a_quorum(&metrics(
+            &[1, 2, 3],
+            ServerState::Leader,
+            Some(120)
+        )));
+        assert!(!leads_a_quorum(&metrics(
+            &[1, 2, 3],
+            ServerState::Leader,
+            Some(9_000)
+        )));
+        assert!(!leads_a_quorum(&metrics(
+            &[1, 2, 3],
+            ServerState::Leader,
+            None
+        )));
+        assert!(!leads_a_quorum(&metrics(
+            &[1, 2, 3],
+            ServerState::Follower,
+            Some(10)
+        )));
+        // A single voter is its own majority, whatever openraft says of acknowledgements.
+        assert!(leads_a_quorum(&metrics(&[1], ServerState::Leader, None)));
     }
 }

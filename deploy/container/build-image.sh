@@ -8,11 +8,11 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
 tag=${1:-lifeboat:$version}
+command -v docker >/dev/null || { echo "build-image: needs docker" >&2; exit 1; }
 if [ -z "${BIN:-}" ]; then
   (cd "$root" && cargo build --release --workspace --bins)
   BIN=$root/target/release
 fi
-command -v docker >/dev/null || { echo "build-image: needs docker" >&2; exit 1; }
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 fs=$ctx/rootfs
@@ -33,6 +33,15 @@ for b in "${bins[@]}"; do ldd "$BIN/$b"; done \
       mkdir -p "$fs$(dirname "$lib")"
       cp -L "$lib" "$fs$lib"
     done
+# Host names (the components find each other by name) are resolved by glibc's NSS modules,
+# which it loads at run time, so ldd does not list them: built into libc since glibc 2.34,
+# separate files before. Copy them where they exist, and say how to use them.
+libc=$(for b in "${bins[@]}"; do ldd "$BIN/$b"; done | awk '$1 == "libc.so.6" { print $3; exit }')
+for nss in "$(dirname "$libc")"/libnss_files.so.2 "$(dirname "$libc")"/libnss_dns.so.2; do
+  [ -e "$nss" ] && { mkdir -p "$fs$(dirname "$nss")"; cp -L "$nss" "$fs$nss"; }
+done
+mkdir -p "$fs/etc"
+echo "hosts: files dns" > "$fs/etc/nsswitch.conf"
 cp "$root/deploy/container/Dockerfile" "$ctx/"
 # The engine may have no BuildKit (docker-buildx) installed; the classic builder does the job
 # and warns about itself on stderr, which is shown only when the build fails.

@@ -61,6 +61,9 @@ fn main() -> ExitCode {
                     settings.facts(),
                 )
                 .await?;
+                if let Some(hint) = registered.replaced_hint() {
+                    eprintln!("note: {hint}");
+                }
                 let info = &registered.identity().info;
                 if matches!(registered, Registered::Kept(_)) {
                     println!(

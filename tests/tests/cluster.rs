@@ -85,6 +85,10 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
     wait_until("three voters", WAIT, || {
         status(&ctx, &nodes[0].addr).is_some_and(|s| voters(&s) == 3)
     });
+    // Exactly one node publishes itself as a leader a majority follows.
+    wait_until("one node with lifeboat_raft_leader 1", WAIT, || {
+        leaders_by_metrics(&nodes.iter().collect::<Vec<_>>()) == 1
+    });
     let joined = tmp
         .path()
         .join("cs2")
@@ -134,6 +138,9 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
             l != 0 && l != leader_id
         })
     });
+    wait_until("a survivor with lifeboat_raft_leader 1", WAIT, || {
+        leaders_by_metrics(&survivors) == 1
+    });
     let after = status(&ctx, &survivors[0].addr).unwrap();
     assert!(
         after["term"].as_u64().unwrap() > old_term,
@@ -176,6 +183,17 @@ fn three_nodes_elect_a_new_leader_and_keep_acknowledged_writes_after_leader_kill
         .success()
             && agent_names(&ctx, &back) == expected
     });
+}
+
+/// How many of `nodes` publish `lifeboat_raft_leader 1`.
+fn leaders_by_metrics(nodes: &[&CsNode]) -> usize {
+    nodes
+        .iter()
+        .filter(|n| {
+            http_get(&n.metrics, "/metrics")
+                .is_ok_and(|m| m.lines().any(|l| l == "lifeboat_raft_leader 1"))
+        })
+        .count()
 }
 
 /// Runs `lifeboat` against the node at `addr` with the cluster's admin context.
