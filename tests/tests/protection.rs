@@ -164,6 +164,11 @@ fn policies_protect_status_jobs_and_unprotect() {
     );
     fails(
         &ctx,
+        &["policy", "update", "gold", "--retention", "99999999999h"],
+        "at most 3650 days",
+    );
+    fails(
+        &ctx,
         &["policy", "update", "nosuch", "--retention", "1h"],
         "no policy \"nosuch\"",
     );

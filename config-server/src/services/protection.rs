@@ -98,6 +98,9 @@ impl ProtectionService {
     }
 }
 
+/// Longest duration a policy may give (3650 days, said so in its error): longer is a typo.
+const MAX_POLICY_SECS: u64 = 10 * 365 * 86_400;
+
 /// Checks a policy as the operator wrote it.
 fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
     if spec.name.is_empty()
@@ -122,6 +125,25 @@ fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
         if secs == 0 {
             return Err(Status::invalid_argument(format!(
                 "{what} must be at least one second"
+            )));
+        }
+    }
+    for (what, secs) in [
+        ("the RPO threshold", spec.rpo_threshold_secs),
+        ("the retention window", spec.retention_secs),
+        (
+            "the crash-consistent frequency",
+            spec.crash_consistent_every_secs,
+        ),
+        (
+            "the app-consistent frequency",
+            spec.app_consistent_every_secs,
+        ),
+    ] {
+        if secs > MAX_POLICY_SECS {
+            return Err(Status::invalid_argument(format!(
+                "{what} of {} is longer than a policy may say: at most 3650 days (10 years)",
+                secs_text(secs)
             )));
         }
     }
