@@ -59,6 +59,11 @@ pub fn storage_status(e: KvError) -> Status {
     Status::internal(format!("configuration server storage error: {e}"))
 }
 
+/// Response metadata of a forwarded write: the log index the leader applied it at.
+pub const FORWARDED_INDEX: &str = "lifeboat-log-index";
+/// How long a follower waits to apply a write it forwarded before answering its caller.
+const FORWARDED_APPLY_WAIT: Duration = Duration::from_secs(5);
+
 impl Node {
     /// A disk's last agent report on this node (if any) and the lag status, metrics and
     /// alerts show for it. A failed-over disk no longer replicates: it has no RPO (0, not a
@@ -224,10 +229,11 @@ impl Node {
         }
     }
 
-    /// Leader-side write for a forwarded command: never forwards again (no loops).
-    pub async fn write_local(&self, command: Command) -> Result<CommandResult, Status> {
+    /// Leader-side write for a forwarded command: never forwards again (no loops). Returns
+    /// the result and the log index it was applied at.
+    pub async fn write_local(&self, command: Command) -> Result<(CommandResult, u64), Status> {
         match self.raft.client_write(command).await {
-            Ok(response) => Ok(response.data),
+            Ok(response) => Ok((response.data, response.log_id.index)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(
                 Status::unavailable("leadership changed while forwarding; retry"),
             ),
@@ -242,13 +248,30 @@ impl Node {
     ) -> Result<CommandResult, Status> {
         let data = serde_json::to_vec(command).map_err(|e| Status::internal(e.to_string()))?;
         let mut client = self.peer_client(leader)?;
-        let reply = client
-            .forward_write(RaftMessage { data })
-            .await?
-            .into_inner();
-        let result: Result<CommandResult, String> =
-            serde_json::from_slice(&reply.data).map_err(|e| Status::internal(e.to_string()))?;
-        result.map_err(Status::unavailable)
+        let reply = client.forward_write(RaftMessage { data }).await?;
+        let applied_at: Option<u64> = reply
+            .metadata()
+            .get(FORWARDED_INDEX)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let result: Result<CommandResult, String> = serde_json::from_slice(&reply.get_ref().data)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let result = result.map_err(Status::unavailable)?;
+        // The caller reads this node's state next (the record it just created, say): wait
+        // until this node has applied the write too, or it would answer as if it never was.
+        if let Some(index) = applied_at {
+            let applied = self
+                .raft
+                .wait(Some(FORWARDED_APPLY_WAIT))
+                .applied_index_at_least(Some(index), "forwarded write applied here")
+                .await;
+            if applied.is_err() {
+                tracing::warn!(
+                    index,
+                    "a forwarded write is not applied here yet; answering anyway"
+                );
+            }
+        }
+        Ok(result)
     }
 
     /// A client to another configuration server node, with this node's identity.

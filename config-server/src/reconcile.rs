@@ -169,14 +169,15 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
     let mut wanted: Vec<Alert> = Vec::new();
     // RPO alerts of disks not yet judged (see below): neither raised nor cleared this pass.
     let mut unjudged: Vec<String> = Vec::new();
-    for machine in state.machines()? {
+    let machines = state.machines()?;
+    for machine in &machines {
         let threshold = state
             .policy(&machine.policy)?
             .map(|p| p.rpo_threshold_secs)
             .unwrap_or(0);
         for disk in &machine.disks {
             let subject = format!("{}/{}", machine.name, disk.name);
-            let (report, lag) = node.disk_lag(&machine, disk, now);
+            let (report, lag) = node.disk_lag(machine, disk, now);
             // A leader that has not yet heard from an agent (it just took over, or restarted)
             // does not know its disks' RPO: it judges them once agents have had time to report.
             let known = report.is_some() || judge_liveness;
@@ -224,15 +225,32 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
             }
             let (last, _, connected) = node.live_view(&r);
             if !connected {
+                let mut message = if last == 0 {
+                    "has never sent a heartbeat".to_string()
+                } else {
+                    // A time, not an age: the alert is raised once and keeps its message.
+                    let at = std::time::UNIX_EPOCH + Duration::from_millis(last as u64);
+                    format!(
+                        "no heartbeat since {}",
+                        humantime::format_rfc3339_seconds(at)
+                    )
+                };
+                let served: Vec<&str> = machines
+                    .iter()
+                    .filter(|m| m.ps_id == r.id || m.mt_id == r.id)
+                    .map(|m| m.name.as_str())
+                    .collect();
+                if !served.is_empty() {
+                    message.push_str(&format!(
+                        "; replication of {} waits for it: start it again",
+                        served.join(", ")
+                    ));
+                }
                 wanted.push(Alert {
                     key: format!("down/{}", r.id),
                     severity: "critical".into(),
                     subject: format!("{} {}", r.role, r.name),
-                    message: if last == 0 {
-                        "has never sent a heartbeat".into()
-                    } else {
-                        format!("no heartbeat for {}s", (now - last) / 1000)
-                    },
+                    message,
                     raised_at_ms: now,
                 });
             }

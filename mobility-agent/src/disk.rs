@@ -311,12 +311,14 @@ async fn ship(agent: Arc<DiskAgent>) {
     let mut last_error = String::new();
     let mut not_ready = 0u32;
     while !agent.stop.is_cancelled() {
-        match session(&agent).await {
+        match session(&agent, &mut last_error).await {
             Ok(()) => return,
             Err(e) => {
                 let text = e.to_string();
                 if text != last_error {
-                    tracing::warn!(disk = %agent.disk_id, "shipping to the process server: {text}");
+                    tracing::warn!(disk = %agent.disk_id,
+                        ps = %agent.assignment().process_server_address,
+                        "cannot ship to the process server, retrying (captured writes are kept): {text}");
                     last_error = text;
                 }
                 // Quick retries for the first few seconds only: a process server that stays
@@ -398,11 +400,18 @@ pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn session(agent: &Arc<DiskAgent>) -> anyhow::Result<()> {
+/// One connection to the process server, until it breaks. `last_error` is what the previous
+/// one broke on (empty if none): once this one is up, the log says shipping goes on again.
+async fn session(agent: &Arc<DiskAgent>, last_error: &mut String) -> anyhow::Result<()> {
     // One connection for the position question and the push stream.
     let channel = ingest_channel(agent)?;
     let mut client = ingest_client_on(channel.clone());
     let resume = ask_position(agent, &mut client).await?;
+    if !last_error.is_empty() {
+        tracing::info!(disk = %agent.disk_id, durable = resume.durable_seq,
+            "shipping to the process server again");
+        last_error.clear();
+    }
     let resend: Vec<ChangeBatch> = {
         let mut p = agent
             .progress

@@ -127,6 +127,13 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     mt.proc.as_mut().unwrap().kill9();
     qemu_check_vpc(&replica);
     writer.join().unwrap();
+    // Status and alerts say which server replication waits for.
+    wait_until("status shows the master target down", WAIT, || {
+        text(&lifeboat(&ctx, &["status"])).contains("mt1 (down)")
+    });
+    wait_until("an alert names the waiting machine", WAIT, || {
+        text(&lifeboat(&ctx, &["alerts"])).contains("replication of web01 waits for it")
+    });
     mt.start();
     let t = now_ms();
     qemu_io(&url, &["write -P 0xd1 170M 2M"]);

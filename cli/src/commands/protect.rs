@@ -87,10 +87,21 @@ fn eta(secs: i64) -> String {
     }
 }
 
+/// A server's name, marked when it is not heartbeating (replication through it waits).
+fn down_if(name: &str, connected: bool) -> String {
+    if connected || name.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name} (down)")
+    }
+}
+
 fn disk_json(m: &v1::MachineStatus, d: &v1::DiskStatus) -> serde_json::Value {
     json!({
         "machine": m.name, "policy": m.policy, "process_server": m.process_server,
         "master_target": m.master_target, "agent_connected": m.agent_connected,
+        "process_server_connected": m.process_server_connected,
+        "master_target_connected": m.master_target_connected,
         "disk_id": d.disk_id, "disk": d.name, "size_bytes": d.size_bytes, "state": d.state,
         "state_reason": d.state_reason, "sync_progress_pct": d.sync_progress_pct, "eta_secs": d.eta_secs,
         "rpo_secs": d.rpo_secs, "rpo_threshold_secs": d.rpo_threshold_secs, "rpo_exceeded": d.rpo_exceeded,
@@ -166,8 +177,8 @@ pub async fn status(
                 eta(d.eta_secs),
                 rpo,
                 bytes(d.pending_bytes),
-                m.process_server.clone(),
-                m.master_target.clone(),
+                down_if(&m.process_server, m.process_server_connected),
+                down_if(&m.master_target, m.master_target_connected),
                 if m.agent_connected {
                     age(d.last_report_unix_ms)
                 } else {

@@ -65,12 +65,20 @@ impl Cluster for ClusterService {
     ) -> Result<Response<RaftMessage>, Status> {
         self.node.authorize(&request, &[Role::ConfigServer])?;
         let command: Command = decode(request.get_ref())?;
-        let result = self
-            .node
-            .write_local(command)
-            .await
-            .map_err(|s| s.message().to_string());
-        encode(&result)
+        let (result, index) = match self.node.write_local(command).await {
+            Ok((result, index)) => (Ok(result), Some(index)),
+            Err(status) => (Err(status.message().to_string()), None),
+        };
+        let mut response = encode(&result)?;
+        // In metadata, so a follower of an older version still reads the body as it did.
+        if let Some(index) = index {
+            if let Ok(value) = index.to_string().parse() {
+                response
+                    .metadata_mut()
+                    .insert(crate::node::FORWARDED_INDEX, value);
+            }
+        }
+        Ok(response)
     }
 
     async fn forward_heartbeat(

@@ -580,11 +580,14 @@ impl ProtectionService {
             .map_err(storage_status)?
             .map(|p| p.rpo_threshold_secs)
             .unwrap_or(0);
-        let agent_connected = state
-            .identity(&m.agent_id)
-            .map_err(storage_status)?
-            .map(|r| self.node.live_view(&r).2)
-            .unwrap_or(false);
+        let connected = |id: &str| -> Result<bool, Status> {
+            Ok(state
+                .identity(id)
+                .map_err(storage_status)?
+                .map(|r| self.node.live_view(&r).2)
+                .unwrap_or(false))
+        };
+        let agent_connected = connected(&m.agent_id)?;
         let now = now_ms();
         let disks = m
             .disks
@@ -615,6 +618,8 @@ impl ProtectionService {
             master_target: name_of(&m.mt_id)?,
             agent_connected,
             disks,
+            process_server_connected: connected(&m.ps_id)?,
+            master_target_connected: connected(&m.mt_id)?,
         })
     }
 }
