@@ -28,6 +28,10 @@ enum Command {
         /// (for provisioning that runs the same steps on every start).
         #[arg(long)]
         keep_existing: bool,
+        /// Do not print the connection passphrase (it is in DATA/private/connection.passphrase
+        /// either way): for runs whose output is logged, as in containers.
+        #[arg(long)]
+        no_print_passphrase: bool,
     },
     /// Serve (after `init` or `join`).
     Run(ServeArgs),
@@ -68,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init {
             serve: args,
             keep_existing,
+            no_print_passphrase,
         } => {
             let settings = args.resolve()?;
             if keep_existing && init::holds_node(&settings.data_dir) {
@@ -85,12 +90,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settings.data_dir.display()
             );
             println!();
-            println!(
-                "Connection passphrase (shown once; also in {}):",
-                pass_file.display()
-            );
-            println!();
-            println!("    {}", outcome.passphrase);
+            if no_print_passphrase {
+                println!("Connection passphrase: in {}", pass_file.display());
+            } else {
+                println!(
+                    "Connection passphrase (shown once; also in {}):",
+                    pass_file.display()
+                );
+                println!();
+                println!("    {}", outcome.passphrase);
+            }
             println!();
             println!("Process servers, master targets, agents and new configuration server nodes");
             println!(

@@ -2,7 +2,7 @@
 //! configuration server nodes across two sites, a process server and a master target at each,
 //! and an agent. `up` brings everything up and every component connects; a machine protected
 //! from site A to site B replicates what a real NBD client writes, identical after catch-up;
-//! `up` again changes nothing (no component registers twice). Skips, saying why, where no
+//! `up` again changes nothing (no component registers twice); the passphrase is in no log. Skips, saying why, where no
 //! Docker engine or no docker-compose is there.
 use lifeboat_e2e::site::{build_image, docker, docker_ok, have_docker};
 use lifeboat_e2e::workload::{have_qemu, qemu_io, WAIT};
@@ -155,6 +155,13 @@ fn the_two_sites_compose_file_comes_up_replicates_and_comes_up_again_unchanged()
                 .is_some_and(|m| m.iter().filter(|m| m["voter"] == true).count() == 3)
         })
     });
+
+    // The passphrase is in cs1's volume, not in any log.
+    let passphrase = project.cli(&["passphrase", "show"]);
+    let passphrase = passphrase.trim();
+    assert!(passphrase.len() > 10, "{passphrase}");
+    let logs = text(&project.compose(&["logs", "--no-color"]));
+    assert!(!logs.contains(passphrase), "the passphrase is in the logs");
 
     // Protect web01 from site A to site B and write through its export.
     project.cli(&["policy", "create", "gold"]);
