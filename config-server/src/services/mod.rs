@@ -4,4 +4,5 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod component;
+pub mod policy_rules;
 pub mod protection;

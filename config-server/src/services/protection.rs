@@ -1,6 +1,7 @@
 //! Protection service: policies, protect/unprotect (as jobs), replication status and jobs.
 //! Admin certificates only. Placement and lag are computed here from the registry and the
 //! leader's soft state; every change goes through Raft.
+use super::policy_rules::policy_from_spec;
 use crate::node::{storage_status, Node};
 use crate::placement::{self, Candidate};
 use crate::state::model::{now_ms, IdentityRecord};
@@ -98,90 +99,11 @@ impl ProtectionService {
     }
 }
 
-/// Longest duration a policy may give (3650 days, said so in its error): longer is a typo.
-const MAX_POLICY_SECS: u64 = 10 * 365 * 86_400;
-
-/// Checks a policy as the operator wrote it.
-fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
-    if spec.name.is_empty()
-        || spec.name.len() > 64
-        || !spec
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(Status::invalid_argument(
-            "policy names are 1-64 letters, digits, '-' or '_'",
-        ));
-    }
-    for (what, secs) in [
-        ("the RPO threshold", spec.rpo_threshold_secs),
-        ("the retention window", spec.retention_secs),
-        (
-            "the crash-consistent frequency",
-            spec.crash_consistent_every_secs,
-        ),
-    ] {
-        if secs == 0 {
-            return Err(Status::invalid_argument(format!(
-                "{what} must be at least one second"
-            )));
-        }
-    }
-    for (what, secs) in [
-        ("the RPO threshold", spec.rpo_threshold_secs),
-        ("the retention window", spec.retention_secs),
-        (
-            "the crash-consistent frequency",
-            spec.crash_consistent_every_secs,
-        ),
-        (
-            "the app-consistent frequency",
-            spec.app_consistent_every_secs,
-        ),
-    ] {
-        if secs > MAX_POLICY_SECS {
-            return Err(Status::invalid_argument(format!(
-                "{what} of {} is longer than a policy may say: at most 3650 days (10 years)",
-                secs_text(secs)
-            )));
-        }
-    }
-    let retention = secs_text(spec.retention_secs);
-    for (what, every) in [
-        ("crash-consistent", spec.crash_consistent_every_secs),
-        ("app-consistent", spec.app_consistent_every_secs),
-    ] {
-        if every > spec.retention_secs {
-            return Err(Status::invalid_argument(format!(
-                "{what} points every {} would not fit the retention window of {retention}: \
-                 take them at least once per window, or keep points longer",
-                secs_text(every)
-            )));
-        }
-    }
-    Ok(Policy {
-        name: spec.name,
-        rpo_threshold_secs: spec.rpo_threshold_secs,
-        retention_secs: spec.retention_secs,
-        app_consistent_every_secs: spec.app_consistent_every_secs,
-        crash_consistent_every_secs: spec.crash_consistent_every_secs,
-        compression: spec.compression,
-        failback_of: None,
-        created_at_ms: now_ms(),
-    })
-}
-
 /// The registered, unrevoked agent of machine `name` (machines are named after their agent).
 fn agent_named<'a>(identities: &'a [IdentityRecord], name: &str) -> Option<&'a IdentityRecord> {
     identities
         .iter()
         .find(|r| r.role == Role::Agent && r.name == name && r.revoked.is_none())
-}
-
-/// A whole number of seconds as an operator writes it (`90m`, `1day 2h`).
-fn secs_text(secs: u64) -> String {
-    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 /// Turns a refusal or a missing record into the matching gRPC status.
