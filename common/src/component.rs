@@ -51,17 +51,29 @@ impl Registered {
         }
     }
 
-    /// What the operator should know about the identity `--force` replaced: the configuration
-    /// server retires an identity when another registers under its name, but one of another
-    /// name stays registered (and shows as down) until revoked.
-    pub fn replaced_hint(&self) -> Option<String> {
+    /// Tells the operator what `register` did: `what` names the component ("machine",
+    /// "process-server"), `next` the step after a new registration. The configuration server
+    /// retires an identity when another registers under its name, but one `--force` replaced
+    /// under another name stays registered (and shows as down) until revoked: said on stderr.
+    pub fn report(&self, what: &str, next: &str) {
         match self {
-            Registered::New(new, Some(old)) if old.info.name != new.info.name => Some(format!(
-                "the identity this replaces, {} {} ({}), stays registered under its name: \
-                 `lifeboat servers revoke {}` removes it",
-                old.info.role, old.info.name, old.info.id, old.info.id
-            )),
-            _ => None,
+            Registered::New(new, replaced) => {
+                if let Some(old) = replaced.as_ref().filter(|o| o.info.name != new.info.name) {
+                    eprintln!(
+                        "note: the identity this replaces, {} {} ({}), stays registered under \
+                         its name: `lifeboat servers revoke {}` removes it",
+                        old.info.role, old.info.name, old.info.id, old.info.id
+                    );
+                }
+                println!(
+                    "Registered {what} {} as {}; {next}",
+                    new.info.name, new.info.id
+                );
+            }
+            Registered::Kept(kept) => println!(
+                "Already registered as {what} {} ({}); kept",
+                kept.info.name, kept.info.id
+            ),
         }
     }
 }

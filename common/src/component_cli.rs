@@ -1,7 +1,7 @@
 //! The command line every server component shares: `register` (with the passphrase) and `run`.
 //! A component supplies its settings type; this module does the rest, so the process server
 //! and master target binaries are a few lines each.
-use crate::component::{register_command, RegisterArgs, Registered};
+use crate::component::{register_command, RegisterArgs};
 use crate::service_args::{CommonArgs, CommonSettings};
 use crate::{shutdown, telemetry, Role};
 use lifeboat_proto::v1;
@@ -66,24 +66,10 @@ where
                 settings.facts(),
             )
             .await?;
-            if let Some(hint) = registered.replaced_hint() {
-                eprintln!("note: {hint}");
-            }
-            match registered {
-                Registered::New(identity, _) => println!(
-                    "Registered {} {} as {}; start it with `{} run`",
-                    S::ROLE,
-                    identity.info.name,
-                    identity.info.id,
-                    S::ROLE
-                ),
-                Registered::Kept(identity) => println!(
-                    "Already registered as {} {} ({}); kept",
-                    S::ROLE,
-                    identity.info.name,
-                    identity.info.id
-                ),
-            }
+            registered.report(
+                &S::ROLE.to_string(),
+                &format!("start it with `{} run`", S::ROLE),
+            );
             Ok(())
         }
         ComponentCommand::Run { common, flags } => {

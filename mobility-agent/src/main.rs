@@ -1,7 +1,7 @@
 //! `mobility-agent`: `register` joins this machine to a configuration server with the
 //! connection passphrase; `run` runs the agent.
 use clap::{Parser, Subcommand};
-use lifeboat_common::component::{main_with, register_command, RegisterArgs, Registered};
+use lifeboat_common::component::{main_with, register_command, RegisterArgs};
 use lifeboat_common::service_args::CommonArgs;
 use lifeboat_common::{shutdown, telemetry, Role};
 use lifeboat_mobility_agent::{run, DiskArgs, Settings};
@@ -61,21 +61,7 @@ fn main() -> ExitCode {
                     settings.facts(),
                 )
                 .await?;
-                if let Some(hint) = registered.replaced_hint() {
-                    eprintln!("note: {hint}");
-                }
-                let info = &registered.identity().info;
-                if matches!(registered, Registered::Kept(_)) {
-                    println!(
-                        "Already registered as machine {} ({}); kept",
-                        info.name, info.id
-                    );
-                } else {
-                    println!(
-                        "Registered machine {} as {}; start the agent with `mobility-agent run`",
-                        info.name, info.id
-                    );
-                }
+                registered.report("machine", "start the agent with `mobility-agent run`");
                 Ok(())
             }
             Command::MarkForResync { common, disk_id } => {

@@ -167,6 +167,26 @@ impl Site {
         ip
     }
 
+    /// Writes a `lifeboat` context for the Docker host at `path`: the configuration servers
+    /// `nodes` by address (their names resolve only inside the network) on port 8443, and the
+    /// admin identity `init` made in host `admin_of`'s data.
+    pub fn write_context(&self, path: &Path, nodes: &[&str], admin_of: &str) -> Vec<String> {
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{}:8443", self.ip(n)))
+            .collect();
+        std::fs::write(
+            path,
+            format!(
+                "cs = [\"{}\"]\nidentity_dir = \"{}\"\n",
+                addresses.join("\", \""),
+                self.data(admin_of).join("admin").display()
+            ),
+        )
+        .expect("write the CLI context");
+        addresses
+    }
+
     /// Power loss of a host: SIGKILL to everything in it.
     pub fn kill(&self, name: &str) {
         docker_ok(&["kill", &self.container(name)]);

@@ -19,18 +19,49 @@ pub fn have_qemu() -> bool {
 
 /// Runs `qemu-io -f raw -c CMD… url`; panics if any command fails.
 pub fn qemu_io<S: AsRef<str>>(url: &str, commands: &[S]) {
+    if let Err(said) = try_qemu_io(url, commands) {
+        panic!(
+            "qemu-io {:?}: {said}",
+            commands.iter().map(|c| c.as_ref()).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Runs `qemu-io -f raw -c CMD… url`; what it said if a command failed.
+pub fn try_qemu_io<S: AsRef<str>>(url: &str, commands: &[S]) -> Result<(), String> {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
     for c in commands {
         cmd.args(["-c", c.as_ref()]);
     }
-    let out = cmd.arg(url).output().expect("qemu-io");
-    assert!(
-        out.status.success() && !text(&out).contains("failed"),
-        "qemu-io {:?}: {}",
-        commands.iter().map(|c| c.as_ref()).collect::<Vec<_>>(),
-        text(&out)
-    );
+    let out = cmd.arg(url).output().map_err(|e| e.to_string())?;
+    let said = text(&out);
+    if out.status.success() && !said.contains("failed") {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
+
+/// `count` 1 MiB writes of patterns `pattern..`, from `first_mib` every `step_mib` MiB, one
+/// `qemu-io` run each on a thread, so they go on while the test acts (kills a server, cuts a
+/// network). The thread returns how many of them failed.
+pub fn background_writes(
+    url: &str,
+    pattern: u64,
+    first_mib: u64,
+    step_mib: u64,
+    count: u64,
+) -> std::thread::JoinHandle<u64> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        (0..count)
+            .filter(|i| {
+                let cmd = format!("write -P {} {}M 1M", pattern + i, first_mib + i * step_mib);
+                try_qemu_io(&url, &[cmd]).is_err()
+            })
+            .count() as u64
+    })
 }
 
 pub fn now_ms() -> i64 {

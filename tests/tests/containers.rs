@@ -20,21 +20,6 @@ fn write_mibs(url: &str, pattern: u64, first_mib: u64, count: u64) {
     qemu_io(url, &cmds);
 }
 
-/// The same writes one `qemu-io` run each, on a thread, so they go on while the test acts.
-fn background_writes(
-    url: &str,
-    pattern: u64,
-    first_mib: u64,
-    count: u64,
-) -> std::thread::JoinHandle<()> {
-    let url = url.to_string();
-    std::thread::spawn(move || {
-        for i in 0..count {
-            write_mibs(&url, pattern + i, first_mib + 2 * i, 1);
-        }
-    })
-}
-
 fn status_of(ctx: &Path, role: &str) -> String {
     servers(ctx, role)
         .first()
@@ -68,15 +53,7 @@ fn a_machine_replicates_across_hosts_through_host_loss_and_a_network_cut() {
     run_cs.extend(cs_args);
     site.start("cs", &run_cs);
     let ctx = tmp.path().join("context.toml");
-    std::fs::write(
-        &ctx,
-        format!(
-            "cs = [\"{}:8443\"]\nidentity_dir = \"{}\"\n",
-            site.ip("cs"),
-            site.data("cs").join("admin").display()
-        ),
-    )
-    .unwrap();
+    site.write_context(&ctx, &["cs"], "cs");
     wait_until("the configuration server", WAIT, || {
         lifeboat(&ctx, &["cluster", "status"]).status.success()
     });
@@ -151,13 +128,17 @@ fn a_machine_replicates_across_hosts_through_host_loss_and_a_network_cut() {
 
     // The process server's host loses power while writes flow; the configuration server sees
     // it go; it boots again and replication converges.
-    let writes = background_writes(&url, 20, 60, 12);
+    let writes = background_writes(&url, 20, 60, 2, 12);
     std::thread::sleep(std::time::Duration::from_millis(300));
     site.kill("ps");
     wait_until("the process server seen disconnected", WAIT, || {
         status_of(&ctx, "process-server") == "Disconnected"
     });
-    writes.join().unwrap();
+    assert_eq!(
+        writes.join().unwrap(),
+        0,
+        "writes through the export failed"
+    );
     site.restart("ps");
     caught_up(&ctx, now_ms());
     assert_identical(&source, &replica);
@@ -261,20 +242,8 @@ fn a_configuration_server_leader_cut_off_from_its_peers_loses_no_acknowledged_wr
         )
         .unwrap();
     }
-    let ip: Vec<String> = ["cs1", "cs2", "cs3"]
-        .iter()
-        .map(|n| format!("{}:8443", site.ip(n)))
-        .collect();
     let ctx = tmp.path().join("context.toml");
-    std::fs::write(
-        &ctx,
-        format!(
-            "cs = [\"{}\"]\nidentity_dir = \"{}\"\n",
-            ip.join("\", \""),
-            admin.display()
-        ),
-    )
-    .unwrap();
+    let ip = site.write_context(&ctx, &["cs1", "cs2", "cs3"], "cs1");
     wait_until("three voters", WAIT, || {
         cli_json(&ctx, &ip[0], &["cluster", "status"]).is_some_and(|s| {
             s["members"]

@@ -7,24 +7,6 @@ use lifeboat_e2e::*;
 use std::process::Command;
 use std::time::Duration;
 
-/// Twenty 1 MiB writes of patterns `pattern..`, from `first_mib` every `step_mib`, on a thread.
-fn background_writes(
-    url: &str,
-    pattern: u64,
-    first_mib: u64,
-    step_mib: u64,
-) -> std::thread::JoinHandle<()> {
-    let url = url.to_string();
-    std::thread::spawn(move || {
-        for i in 0..20u64 {
-            let cmd = format!("write -P {} {}M 1M", pattern + i, first_mib + i * step_mib);
-            let _ = Command::new("qemu-io")
-                .args(["-f", "raw", "-c", &cmd, &url])
-                .output();
-        }
-    })
-}
-
 #[test]
 fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     if !have_qemu() {
@@ -111,7 +93,7 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     assert_identical(&source, &replica);
 
     // kill -9 of the process server while writes flow.
-    let writer = background_writes(&url, 0x40, 10, 3);
+    let writer = background_writes(&url, 0x40, 10, 3, 20);
     std::thread::sleep(Duration::from_millis(300));
     ps.proc.as_mut().unwrap().kill9();
     writer.join().unwrap();
@@ -122,7 +104,7 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     assert_identical(&source, &replica);
 
     // kill -9 of the master target while writes flow.
-    let writer = background_writes(&url, 0x60, 60, 2);
+    let writer = background_writes(&url, 0x60, 60, 2, 20);
     std::thread::sleep(Duration::from_millis(300));
     mt.proc.as_mut().unwrap().kill9();
     qemu_check_vpc(&replica);

@@ -72,11 +72,9 @@ impl Cluster for ClusterService {
         let mut response = encode(&result)?;
         // In metadata, so a follower of an older version still reads the body as it did.
         if let Some(index) = index {
-            if let Ok(value) = index.to_string().parse() {
-                response
-                    .metadata_mut()
-                    .insert(crate::node::FORWARDED_INDEX, value);
-            }
+            response
+                .metadata_mut()
+                .insert(crate::node::FORWARDED_INDEX, index.into());
         }
         Ok(response)
     }

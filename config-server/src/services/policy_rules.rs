@@ -21,32 +21,26 @@ pub fn policy_from_spec(spec: v1::PolicySpec) -> Result<Policy, Status> {
             "policy names are 1-64 letters, digits, '-' or '_'",
         ));
     }
-    for (what, secs) in [
-        ("the RPO threshold", spec.rpo_threshold_secs),
-        ("the retention window", spec.retention_secs),
+    // (what, value, whether 0 is allowed: app-consistent points are optional)
+    for (what, secs, optional) in [
+        ("the RPO threshold", spec.rpo_threshold_secs, false),
+        ("the retention window", spec.retention_secs, false),
         (
             "the crash-consistent frequency",
             spec.crash_consistent_every_secs,
-        ),
-    ] {
-        if secs == 0 {
-            return Err(Status::invalid_argument(format!(
-                "{what} must be at least one second"
-            )));
-        }
-    }
-    for (what, secs) in [
-        ("the RPO threshold", spec.rpo_threshold_secs),
-        ("the retention window", spec.retention_secs),
-        (
-            "the crash-consistent frequency",
-            spec.crash_consistent_every_secs,
+            false,
         ),
         (
             "the app-consistent frequency",
             spec.app_consistent_every_secs,
+            true,
         ),
     ] {
+        if secs == 0 && !optional {
+            return Err(Status::invalid_argument(format!(
+                "{what} must be at least one second"
+            )));
+        }
         if secs > MAX_POLICY_SECS {
             return Err(Status::invalid_argument(format!(
                 "{what} of {} is longer than a policy may say: at most 3650 days (10 years)",
