@@ -6,7 +6,8 @@ cargo build --release --quiet --workspace --bins
 # compete with the pipeline being measured.
 PYTHON=$(python3 -c 'import sys; print(sys.executable)')
 python3() { "$PYTHON" "$@"; }
-# PS_CONFIG may name a process-server config file (e.g. with `cache_direct_io = true`).
+# PS_CONFIG and MT_CONFIG may name a process-server / master-target config file (e.g. with
+# `cache_direct_io = true`, `replica_direct_io = false`).
 # BIN may name another build of the binaries (for example one with frame pointers, to profile).
 BIN=${BIN:-$PWD/target/release}
 WORK=$(mktemp -d /tmp/lifeboat-bench.XXXXXX)
@@ -29,7 +30,8 @@ for c in process-server master-target; do
   METRICS[$c]=127.0.0.1:$(port)
   $BIN/$c run --data-dir $WORK/$c --listen 127.0.0.1:$(port) --metrics-listen ${METRICS[$c]} \
     $([ $c = master-target ] && echo --nbd-listen $MT_NBD) \
-    $([ $c = process-server ] && [ -n "${PS_CONFIG:-}" ] && echo --config $PS_CONFIG) 2>$WORK/$c.log & PIDS+=($!)
+    $([ $c = process-server ] && [ -n "${PS_CONFIG:-}" ] && echo --config $PS_CONFIG) \
+    $([ $c = master-target ] && [ -n "${MT_CONFIG:-}" ] && echo --config $MT_CONFIG) 2>$WORK/$c.log & PIDS+=($!)
   COMPONENT_PID[$c]=$!
 done
 # Before each timed step: write back what earlier steps left dirty, so no step pays for

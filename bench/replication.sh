@@ -76,7 +76,10 @@ start_agent bench-b $WORK/b.img 127.0.0.1:$(port)
 # the host already backs (350 MB/s to 3 GB/s have been seen, often slow on a first run), so
 # taking turns gives both the same conditions. Between Lifeboat's runs the machine is
 # unprotected (the master target deletes the replica) and protected again: a new full sync.
-LS=(); QCS=(); SECS=()
+LS=(); QCS=(); SECS=(); STEALS=()
+# CPU time the hypervisor gave to other guests (jiffies, all CPUs): on a shared host it swings
+# from 0 to a third of the machine, and Lifeboat, busy on both cores, loses most to it.
+steal() { awk '/^cpu / {print $9}' /proc/stat; }
 cpu_of() { local t=0 p; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
 AGENT_B=${AGENT_PID[bench-b]}
 CPU_B0=$(cpu_of ${COMPONENT_PID[process-server]} ${COMPONENT_PID[master-target]} $AGENT_B)
@@ -86,9 +89,10 @@ for i in 1 2 3; do
   # the components touching their memory for the first time), to find where the time goes.
   [ $i = 2 ] && [ -n "${PERF_OUT:-}" ] && { perf record -a ${PERF_ARGS:--F 999} -o "$PERF_OUT" >/dev/null 2>&1 & PERF=$!; sleep 0.5; }
   # Protected: the agent has seen every byte of the copy applied on the master target.
+  S0=$(steal)
   t0=$(now); $BIN/lifeboat protect bench-b --policy bench >/dev/null
   $BIN/lifeboat wait bench-b --timeout-secs 300 >/dev/null || { echo "timed out waiting for bench-b"; exit 1; }
-  t1=$(now)
+  t1=$(now); STEALS+=($(python3 -c "print(f'{100 * ($(steal) - $S0) / ($t1 - $t0) / $(getconf CLK_TCK) / $(nproc):.0f}')"))
   [ $i = 2 ] && [ -n "${PERF_OUT:-}" ] && { kill -INT $PERF; wait $PERF || true; }
   [ -n "${KEEP:-}" ] && echo "run $i: t0=$t0 t1=$t1" >> $WORK/b-times.txt
   LS+=($(rate $SIZE $t0 $t1)); SECS+=($(python3 -c "print(f'{$t1-$t0:.1f}')"))
@@ -101,7 +105,7 @@ for i in 1 2 3; do
 done
 median() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
 L=$(median "${LS[@]}"); QC=$(median "${QCS[@]}")
-echo "Lifeboat initial sync end to end: $L MB/s (median of ${LS[*]}; ${SECS[*]} s from protect to Protected, as the CLI saw it polling every 100 ms)"
+echo "Lifeboat initial sync end to end: $L MB/s (median of ${LS[*]}; ${SECS[*]} s from protect to Protected, as the CLI saw it polling every 100 ms; CPU stolen by the host meanwhile: ${STEALS[*]} %)"
 echo "qemu-img convert -O vpc locally:  $QC MB/s (median of ${QCS[*]})   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"
 # Context for the ratio: the CPU the sync costs per GiB of data (process server, master target
 # and agent, from /proc, over the three syncs and unprotects) against a floor of the design's
@@ -125,6 +129,14 @@ print(f\"{(c['host_total'] + c['remote_total']) / 100 * e['sum_received']['secon
     DD=$(python3 -c "u, s = open('$WORK/dd.time').read().split()[-2:]; print(float(u) + float(s))")
   done
   rm -f $WORK/dd.bin
+  # The disk: the design writes each byte of data twice on it here (the process server's
+  # cache and the replica: one disk holds both), the reference once. Direct writes of the
+  # disk's random data (4 MiB each, then fdatasync) measure what the disk takes.
+  head -c $((SIZE / 2)) $WORK/b.img > $WORK/dd.src
+  DISK=$(dd if=$WORK/dd.src of=$WORK/dd.bin bs=4M oflag=direct conv=fdatasync 2>&1 | python3 -c "
+import re, sys; m = re.search(r'copied, ([0-9.]+) s', sys.stdin.read()); print(f'{$SIZE / 2 / 2**20 / float(m.group(1)):.0f}')")
+  rm -f $WORK/dd.bin $WORK/dd.src
+  echo "  Disk: direct writes at $DISK MB/s here. Lifeboat writes each byte of data twice on it (cache, replica), the reference once: writing ${SYNC_GIB} GiB for this ${SYNC_GIB} GiB half-data disk, the disk alone allows it $DISK MB/s, $(python3 -c "print(f'{$DISK / $QC:.2f}')")x the reference"
   python3 - "$LB_CPU" "$TCP" "$DD" "$(nproc)" "$QC" "$SIZE" "$DATA_GIB" <<'PY2'
 import sys
 lb, tcp, dd, cores, ref, size, gib = (float(x) for x in sys.argv[1:])

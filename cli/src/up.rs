@@ -146,6 +146,7 @@ impl Stack {
             disk_slots: lifeboat_master_target::DEFAULT_DISK_SLOTS,
             nbd_listen: args.mt_nbd_listen.clone(),
             nbd_advertise: args.mt_nbd_listen.clone(),
+            replica_direct_io: lifeboat_master_target::DEFAULT_REPLICA_DIRECT_IO,
         };
         let passphrase_file = cs_init::passphrase_file(&cs_settings.data_dir);
         let register = RegisterArgs {

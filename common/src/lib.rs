@@ -18,6 +18,7 @@ pub mod identity;
 pub mod passphrase;
 pub mod peer;
 pub mod rate;
+pub mod read_ahead;
 pub mod register;
 pub mod role;
 pub mod serve;

@@ -2,8 +2,10 @@
 //! layer, the standard `grpc.health.v1` service, and a listener bound before serving so the
 //! caller learns of a busy port at once.
 use crate::identity::Identity;
+use crate::read_ahead::ReadAheadTcp;
 use crate::telemetry::GrpcMetricsLayer;
 use std::net::SocketAddr;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Server;
 
 /// A server builder with TLS and request metrics.
@@ -23,18 +25,21 @@ pub fn grpc_server(
         .layer(GrpcMetricsLayer))
 }
 
-/// Binds `addr` now (port 0 picks a free port) and returns the stream of connections.
+/// Binds `addr` now (port 0 picks a free port) and returns the stream of connections, each
+/// read through a read-ahead buffer (see `read_ahead`).
 pub async fn bind(
     addr: SocketAddr,
-) -> anyhow::Result<(SocketAddr, tokio_stream::wrappers::TcpListenerStream)> {
+) -> anyhow::Result<(
+    SocketAddr,
+    impl Stream<Item = std::io::Result<ReadAheadTcp>> + Send + 'static,
+)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
-    Ok((
-        local,
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-    ))
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+        .map(|accepted| accepted.map(ReadAheadTcp::new));
+    Ok((local, incoming))
 }
 
 /// How long a stopping server waits for calls in progress to finish.

@@ -40,6 +40,8 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10810";
 
 /// Disk slots of a master target unless configured (the seed documents' limit).
 pub const DEFAULT_DISK_SLOTS: u32 = 31;
+/// Whether replica data bypasses the page cache unless configured (`replica_direct_io`).
+pub const DEFAULT_REPLICA_DIRECT_IO: bool = true;
 /// Slots not available for replica disks: the retention volume's.
 pub const RESERVED_SLOTS: u32 = 1;
 
@@ -56,6 +58,8 @@ struct FileConfig {
     nbd_listen: Option<String>,
     /// `host:port` put in views' NBD URIs (default: the advertised host, nbd_listen's port).
     nbd_advertise: Option<String>,
+    /// Write replica data with O_DIRECT where the file system allows (default: true).
+    replica_direct_io: Option<bool>,
 }
 
 /// Flags of `master-target register|run` beyond the common ones; they override the file.
@@ -73,6 +77,8 @@ pub struct Settings {
     pub disk_slots: u32,
     pub nbd_listen: String,
     pub nbd_advertise: String,
+    /// Replica data bypasses the page cache (see `Replica::write_direct`).
+    pub replica_direct_io: bool,
 }
 
 /// The address clients reach views at: the NBD port on the advertised host, unless the NBD
@@ -120,6 +126,7 @@ impl ComponentSettings for Settings {
             disk_slots,
             nbd_listen,
             nbd_advertise,
+            replica_direct_io: file.replica_direct_io.unwrap_or(DEFAULT_REPLICA_DIRECT_IO),
         })
     }
 
@@ -218,7 +225,12 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         server: nbd::Server::new(nbd::ServerConfig::default()),
         advertise: settings.nbd_advertise.clone(),
     };
-    let replicas = Replicas::new(settings.replica_dir.clone(), revocations.clone(), exports);
+    let replicas = Replicas::new(
+        settings.replica_dir.clone(),
+        settings.replica_direct_io,
+        revocations.clone(),
+        exports,
+    );
     let service = ReplicaServer::new(ReplicaService::new(replicas.clone()))
         .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES);

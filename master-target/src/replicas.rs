@@ -28,15 +28,23 @@ impl ReplicaEntry {
 
 pub struct Replicas {
     pub dir: PathBuf,
+    /// Replica data is written with `O_DIRECT` where possible (`replica_direct_io`).
+    direct_io: bool,
     pub revocations: RevocationList,
     pub exports: Exports,
     disks: Assigned<ReplicaEntry>,
 }
 
 impl Replicas {
-    pub fn new(dir: PathBuf, revocations: RevocationList, exports: Exports) -> Arc<Replicas> {
+    pub fn new(
+        dir: PathBuf,
+        direct_io: bool,
+        revocations: RevocationList,
+        exports: Exports,
+    ) -> Arc<Replicas> {
         Arc::new(Replicas {
             dir,
+            direct_io,
             revocations,
             exports,
             disks: Assigned::default(),
@@ -92,7 +100,14 @@ impl Replicas {
             },
             |assignment| {
                 let id = assignment.disk_id.clone();
-                match Replica::open_or_create(&self.dir.join(&id), &id, assignment.size_bytes) {
+                let opened = Replica::open_or_create(&self.dir.join(&id), &id, assignment.size_bytes)
+                    .and_then(|mut replica| {
+                        if self.direct_io && !replica.write_direct()? {
+                            tracing::info!(disk = %id, "the replica's file system takes no direct writes: writing through the page cache");
+                        }
+                        Ok(replica)
+                    });
+                match opened {
                     Ok(replica) => {
                         tracing::info!(disk = %id, applied = replica.state().applied_seq, "replica ready");
                         let entry = Arc::new(ReplicaEntry {

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::footer::{DiskType, Footer};
 use crate::layout::{self, Kind, Metadata};
 use crate::sparse::{Sparse, SparseParts};
-use crate::wire::{read_exact_at, round_up_sector, write_all_at};
+use crate::wire::{read_exact_at, round_up_sector, write_all_at, DataOut};
 use crate::{FOOTER_SIZE, MAX_CHAIN_DEPTH, MAX_DISK_SIZE};
 
 /// Something [`Image::open`] noticed and worked around (see [`Image::notices`]).
@@ -68,6 +68,9 @@ pub struct Image {
     unflushed: bool,
     /// Bytes written since write-back was last started (see [`Image::write_at`]).
     since_writeback: u64,
+    /// Data writes of a sparse image go here, bypassing the page cache where the file system
+    /// allows (see [`Image::write_direct`]).
+    direct: Option<dio::DirectFile>,
     flush_on_drop: bool,
 }
 
@@ -148,6 +151,7 @@ impl Image {
             notices,
             unflushed: false,
             since_writeback: 0,
+            direct: None,
             flush_on_drop: writable,
         };
         if image.footer.disk_type == DiskType::Fixed {
@@ -436,7 +440,13 @@ impl Image {
         self.unflushed = true;
         match &mut self.sparse {
             None => write_all_at(&self.file, buf, offset, "write data")?,
-            Some(s) => s.write(&self.file, self.parent.as_deref(), buf, offset)?,
+            Some(s) => {
+                let mut out = match &mut self.direct {
+                    Some(direct) => DataOut::Direct(direct),
+                    None => DataOut::Buffered(&self.file),
+                };
+                s.write(&self.file, &mut out, self.parent.as_deref(), buf, offset)?
+            }
         }
         self.since_writeback += buf.len() as u64;
         if self.since_writeback >= EARLY_WRITEBACK {
@@ -444,6 +454,30 @@ impl Image {
             start_writeback(&self.file);
         }
         Ok(())
+    }
+
+    /// From now on, writes the data of this sparse image's blocks with `O_DIRECT` wherever
+    /// the file system takes it and a write covers whole sectors and at least
+    /// `dio::MIN_COPIED_DIRECT` bytes (copied into an aligned buffer first); metadata and
+    /// other writes still go through the page cache. For writers
+    /// that stream data in and rarely read it back: it saves the page cache's copy and the
+    /// work of writing back and reclaiming its pages. Durability is unchanged ([`Image::flush`]'s
+    /// `fdatasync` covers direct writes too). Returns whether direct writes are in use.
+    pub fn write_direct(&mut self) -> Result<bool> {
+        if !self.writable || self.sparse.is_none() {
+            return Ok(false);
+        }
+        if self.direct.is_none() {
+            let file = self
+                .file
+                .try_clone()
+                .map_err(Error::io("open the image for direct writes"))?;
+            self.direct = Some(dio::DirectFile::new(file, &self.path));
+        }
+        Ok(self
+            .direct
+            .as_ref()
+            .is_some_and(|d| d.alignment().is_some()))
     }
 
     /// Unmaps the blocks of a dynamic image that lie wholly inside `offset..offset + len`

@@ -82,6 +82,8 @@
 //! clear (differencing images, or blocks written by other tools) merges that one sector. Every
 //! 32 MiB written, write-back of the file is started asynchronously (`sync_file_range`, no
 //! durability implied), so the disk works while the caller writes and `flush` is short.
+//! [`Image::write_direct`] sends long sector-aligned data writes of a sparse image past the
+//! page cache (`O_DIRECT`, through the `dio` crate) for writers that stream data in.
 //!
 //! # Limits
 //! Reads honour sector bitmaps (a clear bit reads as zeros, or from the parent). Resizing,

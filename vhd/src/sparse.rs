@@ -21,7 +21,7 @@ use crate::bat::{Bat, UNALLOCATED};
 use crate::bitmap::{self, BitmapCache, Bits};
 use crate::dynamic_header::DynamicHeader;
 use crate::error::{Error, Result};
-use crate::wire::{is_zero, write_all_at};
+use crate::wire::{is_zero, write_all_at, DataOut};
 use crate::{Image, SECTOR_SIZE};
 
 /// State of an open dynamic or differencing image.
@@ -177,10 +177,11 @@ impl Sparse {
         Ok(())
     }
 
-    /// Writes `buf` at virtual `offset` (already bounds-checked).
+    /// Writes `buf` at virtual `offset` (already bounds-checked); its data goes to `out`.
     pub(crate) fn write(
         &mut self,
         file: &File,
+        out: &mut DataOut,
         parent: Option<&Image>,
         buf: &[u8],
         offset: u64,
@@ -192,7 +193,7 @@ impl Sparse {
             let in_block = pos % self.block_size;
             let n = (self.block_size - in_block).min((buf.len() - done) as u64) as usize;
             let chunk = &buf[done..done + n];
-            self.write_block(file, parent, block, in_block, chunk)?;
+            self.write_block(file, out, parent, block, in_block, chunk)?;
             done += n;
         }
         Ok(())
@@ -201,6 +202,7 @@ impl Sparse {
     fn write_block(
         &mut self,
         file: &File,
+        out: &mut DataOut,
         parent: Option<&Image>,
         block: u64,
         in_block: u64,
@@ -222,7 +224,7 @@ impl Sparse {
         let data = start + self.bitmap_size;
         let bits = self.bits_mut(file, block, start)?;
         let Bits::Partial(bits) = bits else {
-            return write_all_at(file, chunk, data + in_block, "write data");
+            return out.write_all_at(chunk, data + in_block, "write data");
         };
         // Sectors whose bit is clear hold no data of their own: an unaligned write into one
         // must also write the rest of that sector (zeros or the parent's bytes) before the bit
@@ -236,7 +238,7 @@ impl Sparse {
             self.fill_unwritten(parent, &mut sector, block * self.block_size + s_start)?;
             sector[(lo - s_start) as usize..(upto - s_start) as usize]
                 .copy_from_slice(&chunk[(lo - in_block) as usize..(upto - in_block) as usize]);
-            write_all_at(file, &sector, data + s_start, "write data")?;
+            out.write_all_at(&sector, data + s_start, "write data")?;
             lo = upto;
         }
         if lo < hi && hi % SECTOR_SIZE != 0 {
@@ -247,13 +249,13 @@ impl Sparse {
                 self.fill_unwritten(parent, &mut sector, block * self.block_size + s_start)?;
                 sector[..(hi - s_start) as usize]
                     .copy_from_slice(&chunk[(s_start - in_block) as usize..]);
-                write_all_at(file, &sector, data + s_start, "write data")?;
+                out.write_all_at(&sector, data + s_start, "write data")?;
                 hi = s_start;
             }
         }
         if lo < hi {
             let part = &chunk[(lo - in_block) as usize..(hi - in_block) as usize];
-            write_all_at(file, part, data + lo, "write data")?;
+            out.write_all_at(part, data + lo, "write data")?;
         }
         let first = in_block / SECTOR_SIZE;
         let end = (in_block + n).div_ceil(SECTOR_SIZE);

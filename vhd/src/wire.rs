@@ -98,6 +98,28 @@ pub(crate) fn write_all_at(
     file.write_all_at(buf, offset).map_err(Error::io(context))
 }
 
+/// Where data writes go: the image's file, through the page cache, or its direct descriptor
+/// (see [`crate::Image::write_direct`]). Metadata is always written through `file`.
+pub(crate) enum DataOut<'a> {
+    Buffered(&'a File),
+    Direct(&'a mut dio::DirectFile),
+}
+
+impl DataOut<'_> {
+    /// Writes all of `buf` at `offset`.
+    pub(crate) fn write_all_at(
+        &mut self,
+        buf: &[u8],
+        offset: u64,
+        context: &'static str,
+    ) -> Result<()> {
+        match self {
+            DataOut::Buffered(file) => write_all_at(file, buf, offset, context),
+            DataOut::Direct(direct) => direct.write_at(buf, offset).map_err(Error::io(context)),
+        }
+    }
+}
+
 /// True when every byte of `buf` is zero. Runs on every write to an unallocated block, so it
 /// works in 64-byte chunks the compiler vectorises: cheap next to the write it may save.
 pub fn is_zero(buf: &[u8]) -> bool {

@@ -63,11 +63,16 @@ fn crate_written_images_match_raw_in_qemu() {
             "dyn64k.vhd",
             CreateOptions::dynamic(size).block_size(64 << 10),
         ),
+        // Data written with O_DIRECT where the file system takes it.
+        ("dyn-direct.vhd", CreateOptions::dynamic(size)),
     ];
     for (name, opts) in layouts {
         let path = dir.path().join(name);
         let raw = dir.path().join(format!("{name}.raw"));
         let mut img = Image::create(&path, &opts).expect("create");
+        if name.contains("direct") {
+            img.write_direct().expect("direct writes");
+        }
         let mut model = vec![0u8; size as usize];
         random_writes(&mut img, &mut model, &mut Rng::new(99), 400);
         // A recognisable pattern at both ends and a discarded block.
