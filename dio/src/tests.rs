@@ -48,12 +48,9 @@ fn grow_hands_out_room_after_the_content_and_keeps_what_is_written_there() {
     assert_eq!(buf.len(), 5004);
 }
 
-/// `write_at` takes data anywhere in memory: direct through its staging buffer when offset and
-/// length fit, buffered otherwise, and each lands where it should.
-#[test]
-fn copied_writes_from_unaligned_memory_read_back_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("f");
+/// A new, empty file `f` in `dir`, open for direct writes where they are possible.
+fn new_file(dir: &Path) -> DirectFile {
+    let path = dir.join("f");
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -61,7 +58,15 @@ fn copied_writes_from_unaligned_memory_read_back_exactly() {
         .truncate(true)
         .open(&path)
         .unwrap();
-    let mut out = DirectFile::new(file, &path);
+    DirectFile::new(file, &path)
+}
+
+/// `write_at` takes data anywhere in memory: direct through its staging buffer when offset and
+/// length fit, buffered otherwise, and each lands where it should.
+#[test]
+fn copied_writes_from_unaligned_memory_read_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = new_file(dir.path());
     let mut model = vec![0u8; 3 << 20];
     // One byte in: the data is not aligned in memory.
     let source: Vec<u8> = (0..(2 << 20) + 1)
@@ -97,16 +102,8 @@ fn aligned_and_unaligned_writes_read_back_exactly() {
         }
     }
     for dir in dirs {
-        let path = dir.path().join("f");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(3 << 20).unwrap();
-        let mut out = DirectFile::new(file, &path);
+        let mut out = new_file(dir.path());
+        out.file().set_len(3 << 20).unwrap();
         let mut model = vec![0u8; 3 << 20];
         let writes: [(usize, usize); 5] = [
             (0, 2 << 20),   // aligned
