@@ -4,7 +4,7 @@
 //! mutex; batches of one disk are applied one group at a time, in order. A replica's views
 //! are exported over NBD as soon as it is opened.
 use crate::exports::Exports;
-use crate::replica::Replica;
+use crate::replica::{Replica, ReplicaError};
 use lifeboat_common::assigned::Assigned;
 use lifeboat_common::component::RevocationList;
 use lifeboat_proto::v1::DiskAssignment;
@@ -63,6 +63,15 @@ impl Replicas {
         self.disks.count()
     }
 
+    /// Opens (or creates) the replica of disk `id`, writing its data direct if so configured.
+    fn open_replica(&self, id: &str, size_bytes: u64) -> Result<Replica, ReplicaError> {
+        let mut replica = Replica::open_or_create(&self.dir.join(id), id, size_bytes)?;
+        if self.direct_io && !replica.write_direct()? {
+            tracing::info!(disk = %id, "the replica's file system takes no direct writes: writing through the page cache");
+        }
+        Ok(replica)
+    }
+
     /// Applies the configuration server's list of disks placed on this master target.
     pub fn assign(&self, assignments: Vec<DiskAssignment>) {
         // Replica directories of disks nobody assigns any more (unprotected while we were down).
@@ -100,14 +109,7 @@ impl Replicas {
             },
             |assignment| {
                 let id = assignment.disk_id.clone();
-                let opened = Replica::open_or_create(&self.dir.join(&id), &id, assignment.size_bytes)
-                    .and_then(|mut replica| {
-                        if self.direct_io && !replica.write_direct()? {
-                            tracing::info!(disk = %id, "the replica's file system takes no direct writes: writing through the page cache");
-                        }
-                        Ok(replica)
-                    });
-                match opened {
+                match self.open_replica(&id, assignment.size_bytes) {
                     Ok(replica) => {
                         tracing::info!(disk = %id, applied = replica.state().applied_seq, "replica ready");
                         let entry = Arc::new(ReplicaEntry {

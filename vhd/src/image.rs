@@ -459,10 +459,10 @@ impl Image {
     /// From now on, writes the data of this sparse image's blocks with `O_DIRECT` wherever
     /// the file system takes it and a write covers whole sectors and at least
     /// `dio::MIN_COPIED_DIRECT` bytes (copied into an aligned buffer first); metadata and
-    /// other writes still go through the page cache. For writers
-    /// that stream data in and rarely read it back: it saves the page cache's copy and the
-    /// work of writing back and reclaiming its pages. Durability is unchanged ([`Image::flush`]'s
-    /// `fdatasync` covers direct writes too). Returns whether direct writes are in use.
+    /// other writes still go through the page cache. For writers that stream data in and
+    /// rarely read it back: it saves the page cache's copy and the work of writing back and
+    /// reclaiming its pages. Durability is unchanged ([`Image::flush`]'s `fdatasync` covers
+    /// direct writes too). Returns whether direct writes are in use.
     pub fn write_direct(&mut self) -> Result<bool> {
         if !self.writable || self.sparse.is_none() {
             return Ok(false);
