@@ -133,7 +133,7 @@ impl Stack {
             cache_dir: data_dir.join("process-server").join("cache"),
             cache_quota_mib: args.ps_cache_quota_mib,
             forward_memory_mib: lifeboat_process_server::recent::DEFAULT_BUDGET_MIB,
-            cache_direct_io: false,
+            cache_direct_io: lifeboat_process_server::DEFAULT_CACHE_DIRECT_IO,
         };
         let mt = lifeboat_master_target::Settings {
             common: common(

@@ -29,6 +29,9 @@ pub const DEFAULTS: RoleDefaults = RoleDefaults {
     metrics_listen: "0.0.0.0:9101",
 };
 
+/// Whether cache segments are written with `O_DIRECT` unless configured (`cache_direct_io`).
+pub const DEFAULT_CACHE_DIRECT_IO: bool = true;
+
 /// The `--config` file.
 #[derive(Debug, Default, Deserialize)]
 struct FileConfig {
@@ -79,7 +82,7 @@ impl ComponentSettings for Settings {
             forward_memory_mib: file
                 .forward_memory_mib
                 .unwrap_or(recent::DEFAULT_BUDGET_MIB),
-            cache_direct_io: file.cache_direct_io.unwrap_or(false),
+            cache_direct_io: file.cache_direct_io.unwrap_or(DEFAULT_CACHE_DIRECT_IO),
         })
     }
 

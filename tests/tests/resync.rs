@@ -190,9 +190,9 @@ fn a_full_process_server_cache_slows_the_agent_then_recovers_through_a_resync() 
     let mut s = Setup::protected(
         size,
         16 * MIB,
-        // Direct writes here (buffered is the default, and every other test's): this test
+        // Buffered writes here (direct is the default, and every other test's): this test
         // reads the most back from the cache file.
-        "cache_quota_mib = 24\ncache_direct_io = true\n",
+        "cache_quota_mib = 24\ncache_direct_io = false\n",
         &[
             "--capture-queue-mib",
             "8",

@@ -14,17 +14,16 @@
 //! the file or at the first record header that is all zeros (space not written since). A
 //! page of a record that was never written back reads as zeros either way.
 //!
-//! Records are written through the page cache by default and dropped from it once synced (a
-//! cached batch is forwarded from memory and read back from the file only after a restart or
-//! a long backlog). Buffered, the kernel keeps many writes in flight while the next batches
-//! are sealed; direct writes wait for each one, and on a virtual disk that serves requests in
-//! order they also hold up every other process's fsync (the master target's, when both share
-//! the disk): the benchmark's initial sync took 13 s with direct and 7 s with buffered
-//! writes on one 2-core VM. On another, whose disk did not hold fsyncs up, direct writes
-//! were 10–15% faster, saving the page-cache copy (a fifth of the process server's CPU).
+//! A cached batch is forwarded from memory and read back from the file only after a restart
+//! or a long backlog, so records are written past the page cache by default
+//! (`cache_direct_io`): with `O_DIRECT` where the file system allows (see the `dio` crate).
+//! That saves the page cache's copy, write-back and reclaim: 10–18% of the process server's
+//! CPU and 8–20% faster initial syncs in the benchmark on two VMs. Direct writes wait for each
+//! I/O, though, and on one older VM whose virtual disk served requests in order they also held
+//! up the master target's fsyncs (13 s against 7 s buffered); with `cache_direct_io = false`
+//! records go through the page cache, which keeps many writes in flight while the next
+//! batches are sealed, and are dropped from it once synced.
 //!
-//! With `cache_direct_io` (for fast local disks, where the page-cache copy is what costs),
-//! records are written with `O_DIRECT` where the file system allows (see the `dio` crate).
 //! Direct writes must cover whole aligned blocks, so the writer stages records in an aligned
 //! buffer, writes whole blocks, and rewrites the last, partly filled block with the records
 //! that follow (the bytes already in it are rewritten unchanged, so a torn rewrite cannot
