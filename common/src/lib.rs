@@ -26,6 +26,7 @@ pub mod service_args;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod tls_connect;
 
 pub use identity::Identity;
 pub use role::Role;

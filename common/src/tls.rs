@@ -1,16 +1,17 @@
 //! TLS for every connection: server configuration with optional client certificates (so the
 //! bootstrap service works before a component has one), mutual-TLS client channels that verify
 //! the server's role name against the pinned cluster CA, and the one unverified channel used to
-//! register — whose server is authenticated afterwards by its passphrase proof instead.
+//! register — whose server is authenticated afterwards by its passphrase proof instead. The
+//! clients' TLS is done by `tls_connect`, not by tonic.
 use crate::identity::Identity;
 use crate::role::Role;
-use hyper_util::rt::TokioIo;
+use crate::tls_connect;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, ServerTlsConfig, Uri};
+use tonic::transport::{Certificate, Channel, Endpoint, ServerTlsConfig};
 
 /// How long to wait for a TCP + TLS connection before trying the next address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -35,8 +36,10 @@ pub fn server_tls(identity: &Identity) -> ServerTlsConfig {
         .client_auth_optional(true)
 }
 
-fn endpoint(address: &str, scheme: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("{scheme}://{address}"))?
+/// The endpoint settings of every client channel. The scheme is `http` because TLS is done by
+/// the connector (`tls_connect`), not by tonic.
+fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{address}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .initial_stream_window_size(STREAM_WINDOW)
@@ -50,23 +53,24 @@ pub fn mtls_channel(
     identity: &Identity,
     address: &str,
     server_role: Role,
-) -> Result<Channel, tonic::transport::Error> {
-    Ok(mtls_endpoint(identity, address, server_role)?.connect_lazy())
+) -> anyhow::Result<Channel> {
+    let config = mtls_config(identity)?;
+    Ok(
+        endpoint(address)?.connect_with_connector_lazy(tls_connect::connector(
+            config,
+            address,
+            server_role,
+        )),
+    )
 }
 
-fn mtls_endpoint(
-    identity: &Identity,
-    address: &str,
-    server_role: Role,
-) -> Result<Endpoint, tonic::transport::Error> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&identity.ca_pem))
-        .identity(tonic::transport::Identity::from_pem(
-            &identity.cert_pem,
-            &identity.key_pem,
-        ))
-        .domain_name(server_role.server_name());
-    endpoint(address, "https")?.tls_config(tls)
+/// The client configuration of mutual TLS with this identity (see `tls_connect`).
+fn mtls_config(identity: &Identity) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    Ok(Arc::new(tls_connect::mutual_tls_config(
+        &identity.ca_pem,
+        &identity.cert_pem,
+        &identity.key_pem,
+    )?))
 }
 
 /// Connects (eagerly: TCP and TLS now, not at the first call) to the first reachable address
@@ -76,10 +80,14 @@ pub async fn mtls_connect_any(
     addresses: &[String],
     server_role: Role,
 ) -> anyhow::Result<(String, Channel)> {
+    let config = mtls_config(identity)?;
     let mut errors = Vec::new();
     for address in addresses {
-        let endpoint = mtls_endpoint(identity, address, server_role)?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        let connector = tls_connect::connector(config.clone(), address, server_role);
+        let endpoint = endpoint(address)?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with_connector(connector))
+            .await
+        {
             Ok(Ok(channel)) => return Ok((address.clone(), channel)),
             Ok(Err(e)) => errors.push(format!("{address}: {}", crate::error_chain(&e))),
             Err(_) => errors.push(format!("{address}: timed out")),
@@ -95,29 +103,18 @@ pub async fn mtls_connect_any(
 /// exchange and the CSR; the CA it returns is trusted only after the server's passphrase proof
 /// checks out, so an impostor learns nothing usable and gains nothing.
 pub async fn bootstrap_channel(address: &str) -> anyhow::Result<Channel> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let provider = tls_connect::provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ProofChecksServer(provider)))
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let target = address.to_string();
-    let connect = tower::service_fn(move |_: Uri| {
-        let connector = connector.clone();
-        let target = target.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(&target).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(Role::ConfigServer.server_name())
-                .map_err(std::io::Error::other)?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
-        }
-    });
-    // The scheme is http because TLS is done by the connector above.
-    let channel = endpoint(address, "http")?
+    let connect = tls_connect::connector(
+        Arc::new(tls_connect::with_h2(config)),
+        address,
+        Role::ConfigServer,
+    );
+    let channel = endpoint(address)?
         .connect_with_connector(connect)
         .await
         .map_err(|e| {

@@ -218,12 +218,27 @@ impl DirectFile {
     /// The copy costs less than the page cache's own copy plus the work of writing back and
     /// reclaiming its pages.
     pub fn write_at(&mut self, data: &[u8], offset: u64) -> io::Result<()> {
-        if data.len() < MIN_COPIED_DIRECT || !self.fits(offset, data.len()) {
-            return self.buffered.write_all_at(data, offset);
+        self.write_parts_at(&[data], offset)
+    }
+
+    /// Writes `parts`, one after the other, from `offset`, as [`DirectFile::write_at`] writes
+    /// their concatenation: one direct write when the whole fits, so a small piece that
+    /// belongs before large data (a block's header) costs no I/O of its own.
+    pub fn write_parts_at(&mut self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len < MIN_COPIED_DIRECT || !self.fits(offset, len) {
+            let mut at = offset;
+            for part in parts {
+                self.buffered.write_all_at(part, at)?;
+                at += part.len() as u64;
+            }
+            return Ok(());
         }
         let mut staging = std::mem::take(&mut self.staging);
         staging.clear();
-        staging.extend_from_slice(data);
+        for part in parts {
+            staging.extend_from_slice(part);
+        }
         let written = self.write_aligned_at(&staging, offset);
         self.staging = staging;
         written

@@ -91,6 +91,34 @@ fn copied_writes_from_unaligned_memory_read_back_exactly() {
     assert!(back[..n] == model[..n] && model[n..].iter().all(|&b| b == 0));
 }
 
+/// Parts land one after the other, whether they go out as one direct write (a sector and a
+/// large piece) or buffered (too short, or not aligned).
+#[test]
+fn parts_are_written_back_to_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = new_file(dir.path());
+    let mut model = vec![0u8; 5 << 20];
+    let head: Vec<u8> = (0..512u32).map(|i| (i * 7) as u8).collect();
+    let body: Vec<u8> = (0..(1u32 << 20) + 1)
+        .map(|i| (i * 13 + i / 512) as u8)
+        .collect();
+    let writes: [(usize, &[u8], &[u8]); 4] = [
+        (0, &head, &body[1..]), // one direct write, from unaligned memory
+        ((2 << 20) + 512, &head, &body[..512]), // short: buffered
+        (3 << 20, &head[..100], &body[1..]), // odd head length: buffered
+        ((1 << 20) + 4096, &[], &body[1..]), // an empty part
+    ];
+    for (at, a, b) in writes {
+        out.write_parts_at(&[a, b], at as u64).unwrap();
+        model[at..at + a.len()].copy_from_slice(a);
+        model[at + a.len()..at + a.len() + b.len()].copy_from_slice(b);
+    }
+    out.file().sync_data().unwrap();
+    let mut back = vec![0u8; model.len()];
+    let n = out.file().read_at(&mut back, 0).unwrap();
+    assert!(back[..n] == model[..n] && model[n..].iter().all(|&b| b == 0));
+}
+
 /// Every kind of write lands where it should, direct or not, on the file system the tests
 /// run on and on tmpfs (which refuses O_DIRECT) when the machine has one.
 #[test]

@@ -360,11 +360,11 @@ fn ingest_channel(agent: &DiskAgent) -> anyhow::Result<Channel> {
     if assignment.process_server_address.is_empty() {
         anyhow::bail!("the process server's address is not known yet");
     }
-    Ok(tls::mtls_channel(
+    tls::mtls_channel(
         &agent.identity,
         &assignment.process_server_address,
         Role::ProcessServer,
-    )?)
+    )
 }
 
 /// Asks the process server where the disk's stream stands, noting how full its cache is.

@@ -69,11 +69,11 @@ fn replica_channel(identity: &Identity, assignment: &DiskAssignment) -> anyhow::
     if assignment.master_target_address.is_empty() {
         anyhow::bail!("the master target's address is not known yet");
     }
-    Ok(tls::mtls_channel(
+    tls::mtls_channel(
         identity,
         &assignment.master_target_address,
         Role::MasterTarget,
-    )?)
+    )
 }
 
 async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<()> {

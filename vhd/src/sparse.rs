@@ -44,6 +44,8 @@ pub(crate) struct Sparse {
     /// Blocks allocated since the last flush: the on-disk BAT does not reference them yet, so
     /// their bitmaps may be written before the data is durable.
     new_blocks: BTreeSet<u64>,
+    /// New blocks whose bitmap is already written: it went out with their first data.
+    bitmap_written: BTreeSet<u64>,
     /// Blocks referenced on disk whose bitmap gained bits since the last flush.
     grown: BTreeSet<u64>,
     /// File ranges of discarded blocks, punched out after the BAT no longer references them.
@@ -79,6 +81,7 @@ impl Sparse {
             footer: p.footer,
             header: p.header,
             new_blocks: BTreeSet::new(),
+            bitmap_written: BTreeSet::new(),
             grown: BTreeSet::new(),
             punch: Vec::new(),
         }
@@ -210,20 +213,32 @@ impl Sparse {
     ) -> Result<()> {
         let n = chunk.len() as u64;
         let virt = block * self.block_size + in_block;
-        let start = match self.bat.get(block) {
-            Some(start) => start,
+        let (start, fresh) = match self.bat.get(block) {
+            Some(start) => (start, false),
             None => {
                 // Zeros over an unallocated block change nothing a reader sees, unless a
                 // differencing image would otherwise show the parent's data there.
                 if is_zero(chunk) && !self.parent_has_data(parent, virt, n) {
                     return Ok(());
                 }
-                self.allocate(block)?
+                (self.allocate(block)?, true)
             }
         };
         let data = start + self.bitmap_size;
         let bits = self.bits_mut(file, block, start)?;
         let Bits::Partial(bits) = bits else {
+            if fresh && in_block == 0 {
+                // A new block of a dynamic image: its bitmap (all ones, for good) sits just
+                // before this data. Written with it, it costs no I/O of its own; written alone
+                // at the flush, its sector shares a page the direct data write left uncached,
+                // so the kernel would first read that page from the disk.
+                let bitmap = self.cache().encode(block, self.bitmap_size as usize);
+                if let Some(written) = out.write_with_head(&bitmap, chunk, start, "write data") {
+                    written?;
+                    self.bitmap_written.insert(block);
+                    return Ok(());
+                }
+            }
             return out.write_all_at(chunk, data + in_block, "write data");
         };
         // Sectors whose bit is clear hold no data of their own: an unaligned write into one
@@ -317,6 +332,7 @@ impl Sparse {
             };
             self.bat.set(block, UNALLOCATED);
             self.new_blocks.remove(&block);
+            self.bitmap_written.remove(&block);
             self.grown.remove(&block);
             self.cache_mut().forget(block);
             self.punch.push((start, span));
@@ -343,7 +359,7 @@ impl Sparse {
     /// `fdatasync`. Nothing the on-disk BAT references changes.
     pub(crate) fn flush_new_blocks(&mut self, file: &File) -> Result<()> {
         let bitmap_size = self.bitmap_size as usize;
-        for &block in &self.new_blocks {
+        for &block in self.new_blocks.difference(&self.bitmap_written) {
             if let Some(start) = self.bat.get(block) {
                 let bytes = self.cache().encode(block, bitmap_size);
                 write_all_at(file, &bytes, start, "write a sector bitmap")?;
@@ -370,6 +386,7 @@ impl Sparse {
             file.sync_data().map_err(Error::io("sync metadata"))?;
         }
         self.new_blocks.clear();
+        self.bitmap_written.clear();
         self.grown.clear();
         self.footer_at = self.next_free;
 

@@ -118,6 +118,26 @@ impl DataOut<'_> {
             DataOut::Direct(direct) => direct.write_at(buf, offset).map_err(Error::io(context)),
         }
     }
+
+    /// Writes `head` and then `data` from `offset`: one write when the direct descriptor
+    /// takes them, so `head` costs no I/O of its own. `None` when data writes go through the
+    /// page cache: the caller writes `head` with the metadata instead.
+    pub(crate) fn write_with_head(
+        &mut self,
+        head: &[u8],
+        data: &[u8],
+        offset: u64,
+        context: &'static str,
+    ) -> Option<Result<()>> {
+        match self {
+            DataOut::Buffered(_) => None,
+            DataOut::Direct(direct) => Some(
+                direct
+                    .write_parts_at(&[head, data], offset)
+                    .map_err(Error::io(context)),
+            ),
+        }
+    }
 }
 
 /// True when every byte of `buf` is zero. Runs on every write to an unallocated block, so it

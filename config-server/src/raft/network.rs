@@ -63,7 +63,7 @@ impl GrpcNetwork {
     fn client(&mut self) -> Result<ClusterClient<Channel>, Unreachable> {
         if self.client.is_none() {
             let channel = tls::mtls_channel(&self.identity, &self.address, Role::ConfigServer)
-                .map_err(|e| Unreachable::new(&e))?;
+                .map_err(|e| Unreachable::new(&std::io::Error::other(e.to_string())))?;
             self.client = Some(
                 ClusterClient::new(channel)
                     .max_decoding_message_size(lifeboat_proto::MAX_MESSAGE_BYTES)
