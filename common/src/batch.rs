@@ -105,20 +105,43 @@ pub fn payload_bytes(batch: &ChangeBatch) -> usize {
     batch.extents.iter().map(|e| e.data.len()).sum()
 }
 
+impl BatchError {
+    /// The gRPC status a receiver refuses the batch with.
+    pub fn status(self) -> tonic::Status {
+        match self {
+            BatchError::Checksum { .. } => tonic::Status::data_loss(self.to_string()),
+            BatchError::Malformed { .. } => tonic::Status::invalid_argument(self.to_string()),
+        }
+    }
+}
+
 /// Everything a receiver checks before a batch may change anything. `disk_size` bounds the
 /// extents.
 pub fn verify(batch: &ChangeBatch, disk_size: u64) -> Result<(), BatchError> {
+    verify_checksum(batch)?;
+    verify_fields(batch, disk_size)
+}
+
+/// The first half of [`verify`]: the checksum, which costs a pass over every byte. Receivers
+/// run it as batches arrive (`group`), beside the storing of the previous group.
+pub fn verify_checksum(batch: &ChangeBatch) -> Result<(), BatchError> {
+    if checksum_matches(batch) {
+        return Ok(());
+    }
+    Err(BatchError::Checksum {
+        disk: batch.disk_id.clone(),
+        seq: batch.seq,
+    })
+}
+
+/// The rest of [`verify`], for a batch whose checksum was checked: sequence number, kind,
+/// sizes, extents inside a disk of `disk_size` bytes.
+pub fn verify_fields(batch: &ChangeBatch, disk_size: u64) -> Result<(), BatchError> {
     let malformed = |detail: String| BatchError::Malformed {
         disk: batch.disk_id.clone(),
         seq: batch.seq,
         detail,
     };
-    if !checksum_matches(batch) {
-        return Err(BatchError::Checksum {
-            disk: batch.disk_id.clone(),
-            seq: batch.seq,
-        });
-    }
     if batch.seq == 0 {
         return Err(malformed("sequence numbers start at 1".into()));
     }

@@ -4,7 +4,7 @@
 //! replayed batch is acknowledged without being applied again; a gap or a bad batch ends the
 //! stream with an error and nothing from it on is applied.
 use crate::replicas::{ReplicaEntry, Replicas};
-use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::batch;
 use lifeboat_common::blockhash;
 use lifeboat_common::group::Groups;
 use lifeboat_common::peer::{require_role, Peer};
@@ -57,13 +57,6 @@ fn owned(replicas: &Replicas, peer: &Peer, disk_id: &str) -> Result<Arc<ReplicaE
     Ok(entry)
 }
 
-fn batch_status(e: BatchError) -> Status {
-    match e {
-        BatchError::Checksum { .. } => Status::data_loss(e.to_string()),
-        BatchError::Malformed { .. } => Status::invalid_argument(e.to_string()),
-    }
-}
-
 /// Checks and applies a group of one disk's batches; returns the ack.
 async fn apply_group(
     entry: Arc<ReplicaEntry>,
@@ -88,8 +81,9 @@ async fn apply_group(
                 )));
                 break;
             }
-            if let Err(e) = batch::verify(&b, size) {
-                error = Some(batch_status(e));
+            // The checksum was checked as the batch arrived (`Groups`).
+            if let Err(e) = batch::verify_fields(&b, size) {
+                error = Some(e.status());
                 break;
             }
             if b.seq < expected {
@@ -211,6 +205,11 @@ impl ReplicaRpc for ReplicaService {
                 if tx.send(result).await.is_err() || failed {
                     return;
                 }
+            }
+            // A batch that failed its checksum on arrival ends the stream: say so.
+            if let Some(status) = groups.error() {
+                tracing::warn!("batches refused: {}", status.message());
+                let _ = tx.send(Err(status.clone())).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

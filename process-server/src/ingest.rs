@@ -6,7 +6,7 @@
 //! nothing from the bad batch on is stored.
 use crate::disks::{DiskEntry, Disks};
 use crate::quota::Admission;
-use lifeboat_common::batch::{self, BatchError};
+use lifeboat_common::batch;
 use lifeboat_common::blockhash;
 use lifeboat_common::group::Groups;
 use lifeboat_common::peer::{require_role, Peer};
@@ -56,13 +56,6 @@ fn owned_disk(disks: &Disks, peer: &Peer, disk_id: &str) -> Result<Arc<DiskEntry
         )));
     }
     Ok(entry)
-}
-
-fn batch_status(e: BatchError) -> Status {
-    match e {
-        BatchError::Checksum { .. } => Status::data_loss(e.to_string()),
-        BatchError::Malformed { .. } => Status::invalid_argument(e.to_string()),
-    }
 }
 
 fn ack(disks: &Disks, entry: &DiskEntry, durable: u64) -> IngestAck {
@@ -178,8 +171,9 @@ async fn store(
         let mut expected = durable_now + 1;
         let mut error = None;
         for b in batches {
-            if let Err(e) = batch::verify(&b, assignment.size_bytes) {
-                error = Some(batch_status(e));
+            // The checksum was checked as the batch arrived (`Groups`).
+            if let Err(e) = batch::verify_fields(&b, assignment.size_bytes) {
+                error = Some(e.status());
                 break;
             }
             if b.seq < expected {
@@ -377,6 +371,8 @@ impl Ingest for IngestService {
             }
             if let Some(status) = groups.error() {
                 tracing::debug!(agent = %peer.id, "ingest stream ended: {}", status.message());
+                // A batch that failed its checksum on arrival: the agent learns why.
+                let _ = tx.send(Err(status.clone())).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
