@@ -26,7 +26,9 @@ pub fn grpc_server(
 }
 
 /// Binds `addr` now (port 0 picks a free port) and returns the stream of connections, each
-/// read through a read-ahead buffer (see `read_ahead`).
+/// without Nagle's delay and read through a read-ahead buffer (see `read_ahead`). tonic sets
+/// `TCP_NODELAY` only on listeners it binds itself; without it a server's small writes (TLS
+/// handshake messages, acknowledgements) could wait for the peer's delayed ACK, up to 40 ms.
 pub async fn bind(
     addr: SocketAddr,
 ) -> anyhow::Result<(
@@ -37,8 +39,13 @@ pub async fn bind(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
-        .map(|accepted| accepted.map(ReadAheadTcp::new));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.map(|tcp| {
+            // A socket that refuses the option still works, only slower.
+            let _ = tcp.set_nodelay(true);
+            ReadAheadTcp::new(tcp)
+        })
+    });
     Ok((local, incoming))
 }
 

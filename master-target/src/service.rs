@@ -206,9 +206,14 @@ impl ReplicaRpc for ReplicaService {
                     return;
                 }
             }
-            // A batch that failed its checksum on arrival ends the stream: say so.
+            // A batch that failed its checksum on arrival ends the stream: say so. (Other
+            // errors are the process server going away: nobody to tell.)
             if let Some(status) = groups.error() {
-                tracing::warn!("batches refused: {}", status.message());
+                if status.code() == tonic::Code::DataLoss {
+                    tracing::warn!("batches refused: {}", status.message());
+                } else {
+                    tracing::debug!("apply stream ended: {}", status.message());
+                }
                 let _ = tx.send(Err(status.clone())).await;
             }
         });
