@@ -115,15 +115,9 @@ impl BatchError {
     }
 }
 
-/// Everything a receiver checks before a batch may change anything. `disk_size` bounds the
-/// extents.
-pub fn verify(batch: &ChangeBatch, disk_size: u64) -> Result<(), BatchError> {
-    verify_checksum(batch)?;
-    verify_fields(batch, disk_size)
-}
-
-/// The first half of [`verify`]: the checksum, which costs a pass over every byte. Receivers
-/// run it as batches arrive (`group`), beside the storing of the previous group.
+/// The first of the two checks a receiver makes before a batch may change anything: the
+/// checksum, which costs a pass over every byte. Receivers run it as batches arrive
+/// (`group`), beside the storing of the previous group; then [`verify_fields`].
 pub fn verify_checksum(batch: &ChangeBatch) -> Result<(), BatchError> {
     if checksum_matches(batch) {
         return Ok(());
@@ -134,8 +128,8 @@ pub fn verify_checksum(batch: &ChangeBatch) -> Result<(), BatchError> {
     })
 }
 
-/// The rest of [`verify`], for a batch whose checksum was checked: sequence number, kind,
-/// sizes, extents inside a disk of `disk_size` bytes.
+/// The second check, for a batch whose checksum was checked: sequence number, kind, sizes,
+/// extents inside a disk of `disk_size` bytes.
 pub fn verify_fields(batch: &ChangeBatch, disk_size: u64) -> Result<(), BatchError> {
     let malformed = |detail: String| BatchError::Malformed {
         disk: batch.disk_id.clone(),
@@ -190,6 +184,12 @@ fn check_extent(e: &Extent, disk_size: u64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both checks, in a receiver's order.
+    fn verify(batch: &ChangeBatch, disk_size: u64) -> Result<(), BatchError> {
+        verify_checksum(batch)?;
+        verify_fields(batch, disk_size)
+    }
 
     fn batch() -> ChangeBatch {
         let mut b = ChangeBatch {

@@ -61,6 +61,14 @@ fn new_file(dir: &Path) -> DirectFile {
     DirectFile::new(file, &path)
 }
 
+/// After an fdatasync, the file reads back as `model` (a shorter file, as zeros past its end).
+fn assert_reads_back(out: &DirectFile, model: &[u8]) {
+    out.file().sync_data().unwrap();
+    let mut back = vec![0u8; model.len()];
+    let n = out.file().read_at(&mut back, 0).unwrap();
+    assert!(back[..n] == model[..n] && model[n..].iter().all(|&b| b == 0));
+}
+
 /// `write_at` takes data anywhere in memory: direct through its staging buffer when offset and
 /// length fit, buffered otherwise, and each lands where it should.
 #[test]
@@ -85,10 +93,7 @@ fn copied_writes_from_unaligned_memory_read_back_exactly() {
         out.write_at(data, at as u64).unwrap();
         model[at..at + len].copy_from_slice(data);
     }
-    out.file().sync_data().unwrap();
-    let mut back = vec![0u8; model.len()];
-    let n = out.file().read_at(&mut back, 0).unwrap();
-    assert!(back[..n] == model[..n] && model[n..].iter().all(|&b| b == 0));
+    assert_reads_back(&out, &model);
 }
 
 /// Parts land one after the other, whether they go out as one direct write (a sector and a
@@ -113,10 +118,7 @@ fn parts_are_written_back_to_back() {
         model[at..at + a.len()].copy_from_slice(a);
         model[at + a.len()..at + a.len() + b.len()].copy_from_slice(b);
     }
-    out.file().sync_data().unwrap();
-    let mut back = vec![0u8; model.len()];
-    let n = out.file().read_at(&mut back, 0).unwrap();
-    assert!(back[..n] == model[..n] && model[n..].iter().all(|&b| b == 0));
+    assert_reads_back(&out, &model);
 }
 
 /// Every kind of write lands where it should, direct or not, on the file system the tests

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{assert_image_eq, random_writes, write_both, Rng};
+use std::path::Path;
 use vhd::{CreateOptions, DiskType, Error, Image, MAX_DISK_SIZE};
 
 const MIB: u64 = 1 << 20;
@@ -24,13 +25,7 @@ fn fixed_and_dynamic_random_io_roundtrip() {
         let mut model = vec![0u8; img.size() as usize];
         let mut rng = Rng::new(name.len() as u64);
         random_writes(&mut img, &mut model, &mut rng, 300);
-        assert_image_eq(&img, &model);
-        img.flush().expect("flush");
-        random_writes(&mut img, &mut model, &mut rng, 50);
-        img.close().expect("close");
-        let img = Image::open(&path).expect("reopen");
-        assert!(img.notices().is_empty(), "{name}: {:?}", img.notices());
-        assert_image_eq(&img, &model);
+        flush_write_more_and_reopen(img, &mut model, &mut rng, &path);
     }
 }
 
@@ -53,13 +48,7 @@ fn direct_writes_read_back_like_buffered_ones() {
     write_both(&mut img, &mut model, &vec![0x5a; 2 * MIB as usize], 4 * MIB);
     write_both(&mut img, &mut model, &vec![0xc3; 512 * 513], 6 * MIB + 512);
     write_both(&mut img, &mut model, &vec![0x3c; 512 * 9], 6 * MIB + 4096);
-    assert_image_eq(&img, &model);
-    img.flush().expect("flush");
-    random_writes(&mut img, &mut model, &mut rng, 50);
-    img.close().expect("close");
-    let img = Image::open(&path).expect("reopen");
-    assert!(img.notices().is_empty(), "{:?}", img.notices());
-    assert_image_eq(&img, &model);
+    flush_write_more_and_reopen(img, &mut model, &mut rng, &path);
     // Read-only and fixed images have nothing to write direct.
     let mut fixed =
         Image::create(dir.path().join("f.vhd"), &CreateOptions::fixed(MIB)).expect("create");
@@ -316,4 +305,21 @@ fn concurrent_readers_share_an_image() {
         t.join().expect("reader thread");
     }
     assert!(img.read().expect("lock").notices().is_empty());
+}
+
+/// Checks `img` against `model`, flushes, writes more, closes, and checks a fresh open of
+/// `path` (which must notice nothing) against the model.
+fn flush_write_more_and_reopen(mut img: Image, model: &mut [u8], rng: &mut Rng, path: &Path) {
+    assert_image_eq(&img, model);
+    img.flush().expect("flush");
+    random_writes(&mut img, model, rng, 50);
+    img.close().expect("close");
+    let img = Image::open(path).expect("reopen");
+    assert!(
+        img.notices().is_empty(),
+        "{}: {:?}",
+        path.display(),
+        img.notices()
+    );
+    assert_image_eq(&img, model);
 }
