@@ -281,7 +281,7 @@ async fn heartbeats(
             tracing::info!("connected to the configuration server");
         }
         was_connected = Some(connected);
-        metrics::gauge!("lifeboat_cs_connected").set(if connected { 1.0 } else { 0.0 });
+        crate::kept_gauges::set("lifeboat_cs_connected", if connected { 1.0 } else { 0.0 });
         let sent_at = tokio::time::Instant::now();
         // Resolves to whether the early heartbeat is for `soon` (figures) rather than `now`.
         let nudged = async {

@@ -15,6 +15,7 @@ pub mod facts;
 pub mod fsutil;
 pub mod group;
 pub mod identity;
+pub mod kept_gauges;
 pub mod passphrase;
 pub mod peer;
 pub mod rate;

@@ -1,10 +1,12 @@
 //! Logs and metrics setup shared by every binary: `tracing` to stderr (text or JSON), a
 //! Prometheus `/metrics` endpoint, and a tower layer counting gRPC requests per method.
+use crate::kept_gauges;
+use metrics_util::MetricKindMask;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -31,10 +33,21 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Serves Prometheus metrics on `listen` (path `/metrics`).
+/// Serves Prometheus metrics on `listen` (path `/metrics`). A gauge nobody sets for
+/// [`kept_gauges::IDLE`] leaves the output (see `kept_gauges`).
 pub fn init_metrics(listen: SocketAddr) -> anyhow::Result<()> {
+    install_metrics(listen, kept_gauges::IDLE, kept_gauges::REFRESH)
+}
+
+/// `init_metrics` with other timings (tests).
+pub fn install_metrics(
+    listen: SocketAddr,
+    idle: Duration,
+    refresh: Duration,
+) -> anyhow::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(listen)
+        .idle_timeout(MetricKindMask::GAUGE, Some(idle))
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])?
@@ -57,7 +70,12 @@ pub fn init_metrics(listen: SocketAddr) -> anyhow::Result<()> {
         "lifeboat_cs_connected",
         "1 while this component's heartbeats reach a configuration server"
     );
-    metrics::gauge!("lifeboat_build_info", "version" => crate::facts::VERSION).set(1.0);
+    kept_gauges::set_labelled(
+        "lifeboat_build_info",
+        vec![("version", crate::facts::VERSION.to_string())],
+        1.0,
+    );
+    kept_gauges::start_refreshing(refresh);
     Ok(())
 }
 

@@ -157,7 +157,11 @@ impl Reporter for MtReporter<'_> {
         let mut facts = self.settings.facts();
         let used = self.replicas.count() as u32;
         facts.disk_slots_free = facts.disk_slots_free.saturating_sub(used);
-        metrics::gauge!("lifeboat_mt_disk_slots_free").set(facts.disk_slots_free as f64);
+        // Set with each heartbeat (up to minutes apart): kept fresh in between.
+        lifeboat_common::kept_gauges::set(
+            "lifeboat_mt_disk_slots_free",
+            facts.disk_slots_free as f64,
+        );
         facts
     }
 

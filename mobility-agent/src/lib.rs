@@ -4,7 +4,7 @@
 use agent::Agent;
 use lifeboat_common::component::{run_component, ComponentRun, EarlyReports, Reporter};
 use lifeboat_common::service_args::RoleDefaults;
-use lifeboat_common::Role;
+use lifeboat_common::{kept_gauges, Role};
 use lifeboat_proto::v1;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -70,13 +70,20 @@ impl Reporter for AgentReporter<'_> {
 /// Heartbeat interval while a group barrier is under way.
 const BARRIER_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Sets the per-disk gauges from `reports` and passes them on.
+/// Sets the per-disk gauges from `reports` and passes them on. A disk no longer reported (no
+/// longer replicated) leaves the gauges.
 fn publish(reports: Vec<v1::DiskReport>) -> Vec<v1::DiskReport> {
-    for r in &reports {
-        metrics::gauge!("lifeboat_disk_rpo_seconds", "disk" => r.disk_id.clone()).set(r.rpo_secs);
-        metrics::gauge!("lifeboat_disk_pending_bytes", "disk" => r.disk_id.clone())
-            .set(r.pending_bytes as f64);
-    }
+    let series = |value: fn(&v1::DiskReport) -> f64| {
+        reports
+            .iter()
+            .map(|r| (vec![("disk", r.disk_id.clone())], value(r)))
+            .collect()
+    };
+    kept_gauges::set_family("lifeboat_disk_rpo_seconds", series(|r| r.rpo_secs));
+    kept_gauges::set_family(
+        "lifeboat_disk_pending_bytes",
+        series(|r| r.pending_bytes as f64),
+    );
     reports
 }
 

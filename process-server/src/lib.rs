@@ -15,7 +15,7 @@ use lifeboat_common::component::{run_component, ComponentRun, Reporter, Revocati
 use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
 use lifeboat_common::Identity;
-use lifeboat_common::{facts, Role};
+use lifeboat_common::{facts, kept_gauges, Role};
 use lifeboat_proto::batch_intake::BatchIntake;
 use lifeboat_proto::v1::{self, ingest_server::IngestServer};
 use serde::Deserialize;
@@ -108,14 +108,19 @@ impl Reporter for PsReporter<'_> {
     fn facts(&self) -> v1::ComponentFacts {
         let (cache_bytes, ratio) = self.disks.cache_totals();
         let (fill_rate, drain_rate) = self.disks.cache.quota.rates();
-        metrics::gauge!("lifeboat_ps_cache_bytes").set(cache_bytes as f64);
-        metrics::gauge!("lifeboat_ps_cache_quota_bytes")
-            .set(self.disks.cache.quota.quota_bytes as f64);
-        metrics::gauge!("lifeboat_ps_compression_ratio").set(ratio);
-        metrics::gauge!("lifeboat_ps_forward_memory_bytes")
-            .set(self.disks.recent_budget.used() as f64);
+        // Set with each heartbeat (up to minutes apart): kept fresh in between.
+        kept_gauges::set("lifeboat_ps_cache_bytes", cache_bytes as f64);
+        kept_gauges::set(
+            "lifeboat_ps_cache_quota_bytes",
+            self.disks.cache.quota.quota_bytes as f64,
+        );
+        kept_gauges::set("lifeboat_ps_compression_ratio", ratio);
+        kept_gauges::set(
+            "lifeboat_ps_forward_memory_bytes",
+            self.disks.recent_budget.used() as f64,
+        );
         let mut facts = self.settings.facts();
-        metrics::gauge!("lifeboat_ps_cache_free_bytes").set(facts.free_bytes as f64);
+        kept_gauges::set("lifeboat_ps_cache_free_bytes", facts.free_bytes as f64);
         facts.cache_quota_bytes = self.disks.cache.quota.quota_bytes;
         facts.cache_used_bytes = cache_bytes;
         facts.cache_fill_bytes_per_sec = fill_rate;
