@@ -11,7 +11,7 @@ mod up;
 
 use commands::{
     alerts, audit, cluster, groups, jobs, passphrase, plans, policy, protect, recovery, servers,
-    wait,
+    switch, wait,
 };
 use context::ContextArgs;
 
@@ -57,6 +57,8 @@ enum Command {
         #[arg(long)]
         delete_recovered_disks: bool,
     },
+    /// Move machines to another process server, keeping their change streams.
+    Switch(switch::SwitchArgs),
     /// Per machine and disk: state, sync progress, ETA, RPO, pending bytes, PS, MT.
     Status {
         machine: Option<String>,
@@ -136,6 +138,7 @@ fn main() -> ExitCode {
                 wait,
                 delete_recovered_disks,
             } => protect::unprotect(&cli.context, machine, wait, delete_recovered_disks).await,
+            Command::Switch(args) => switch::run(&cli.context, args).await,
             Command::Status { machine, json } => protect::status(&cli.context, machine, json).await,
             Command::Wait(args) => wait::run(&cli.context, args).await,
             Command::Jobs(args) => jobs::list(&cli.context, args).await,

@@ -23,4 +23,5 @@ pub mod server;
 pub mod services;
 pub mod settings;
 pub mod state;
+pub mod switching;
 pub mod tasks;

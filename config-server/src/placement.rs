@@ -132,6 +132,7 @@ mod tests {
                 .collect(),
             protected_at_ms: 0,
             recovery: Default::default(),
+            switching: None,
         }
     }
 

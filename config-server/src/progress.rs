@@ -7,10 +7,12 @@ use lifeboat_proto::v1::DiskReport;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// A report and when it arrived.
+/// A report, when it arrived and from which component (during a process-server switch two
+/// of them may report the same disk).
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at_ms: i64,
+    pub from: String,
     pub report: DiskReport,
 }
 
@@ -23,7 +25,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn record(&self, role: Role, at_ms: i64, reports: Vec<DiskReport>) {
+    pub fn record(&self, role: Role, from: &str, at_ms: i64, reports: Vec<DiskReport>) {
         let Ok(mut map) = self.inner.lock() else {
             return;
         };
@@ -33,7 +35,14 @@ impl Progress {
             changed |= map
                 .get(&key)
                 .is_none_or(|old| old.report.phase != report.phase);
-            map.insert(key, Received { at_ms, report });
+            map.insert(
+                key,
+                Received {
+                    at_ms,
+                    from: from.to_string(),
+                    report,
+                },
+            );
         }
         drop(map);
         if changed {
@@ -138,6 +147,7 @@ mod tests {
     fn report(phase: &str, rpo: f64, done: u64, total: u64, rate: f64) -> Received {
         Received {
             at_ms: 10_000,
+            from: "agent".into(),
             report: DiskReport {
                 disk_id: "d".into(),
                 phase: phase.into(),

@@ -127,18 +127,16 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
             .set(*counts.get(s.as_str()).unwrap_or(&0) as f64);
     }
     for job in jobs.into_iter().filter(|j| j.state == JobState::Running) {
-        let updated = match job.kind.as_str() {
-            "protect" => protect_progress(
-                node,
-                &job,
-                machines.iter().find(|m| m.name == job.target),
-                now,
-            ),
-            "unprotect" => unprotect_progress(node, &job, now)?,
+        let machine = machines.iter().find(|m| m.name == job.target);
+        let update = |job: Option<Job>| job.map(|job| Command::UpdateJob { job });
+        let command = match job.kind.as_str() {
+            "protect" => update(protect_progress(node, &job, machine, now)),
+            "unprotect" => update(unprotect_progress(node, &job, now)?),
+            "switch" => crate::switching::progress(node, &job, machine, now),
             _ => None,
         };
-        if let Some(updated) = updated {
-            node.write(Command::UpdateJob { job: updated }).await?;
+        if let Some(command) = command {
+            node.write(command).await?;
         }
     }
     Ok(())

@@ -96,11 +96,7 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(self.state_dir.join(id));
                 tracing::info!(disk = %id, "disk no longer protected: capture stopped, export removed");
             },
-            |disk, assignment| {
-                if let Ok(mut a) = disk.assignment.write() {
-                    *a = assignment;
-                }
-            },
+            |disk, assignment| disk.set_assignment(assignment),
             |assignment| {
                 let (id, name) = (assignment.disk_id.clone(), assignment.disk_name.clone());
                 let mode = self.modes.get(&name).copied().unwrap_or_default();

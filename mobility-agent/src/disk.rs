@@ -16,10 +16,10 @@ use lifeboat_proto::v1::{
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -69,7 +69,24 @@ pub struct DiskAgent {
     pub scan_point_ms: AtomicI64,
     started_ms: i64,
     early_reports: Arc<EarlyReports>,
+    /// Counts changes of where batches go (process server, its address, a switch draining
+    /// it); `rerouted` wakes the shipper on each, so its stream follows at once.
+    route: AtomicU64,
+    rerouted: Notify,
 }
+
+/// The shipper's stream ended because the disk's batches go elsewhere now (or nowhere while
+/// its process server drains for a switch).
+#[derive(Debug)]
+struct Rerouted;
+
+impl std::fmt::Display for Rerouted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the disk's process server changed")
+    }
+}
+
+impl std::error::Error for Rerouted {}
 
 fn state_path(dir: &Path) -> PathBuf {
     dir.join("state.json")
@@ -153,6 +170,8 @@ impl DiskAgent {
             scan_point_ms: AtomicI64::new(0),
             started_ms: now_ms(),
             early_reports,
+            route: AtomicU64::new(0),
+            rerouted: Notify::new(),
         });
         crate::background::spawn(ship(agent.clone()));
         if mode == CaptureMode::Scan {
@@ -166,6 +185,22 @@ impl DiskAgent {
             .read()
             .map(|a| a.clone())
             .unwrap_or_default()
+    }
+
+    /// Takes a new assignment; the shipper reconnects if the batches' route changed.
+    pub fn set_assignment(&self, new: DiskAssignment) {
+        let Ok(mut a) = self.assignment.write() else {
+            return;
+        };
+        let rerouted = a.process_server_id != new.process_server_id
+            || a.process_server_address != new.process_server_address
+            || a.draining != new.draining;
+        *a = new;
+        drop(a);
+        if rerouted {
+            self.route.fetch_add(1, Ordering::SeqCst);
+            self.rerouted.notify_waiters();
+        }
     }
 
     /// Moves to ResyncRequired if the capture queue gave up on the stream. Called by the
@@ -311,8 +346,33 @@ async fn ship(agent: Arc<DiskAgent>) {
     let mut last_error = String::new();
     let mut not_ready = 0u32;
     while !agent.stop.is_cancelled() {
-        match session(&agent, &mut last_error).await {
+        // The machine is moving to another process server: ship nothing until the move is
+        // done (the current one is forwarding what it holds; writes stay queued here).
+        if agent.assignment().draining {
+            tokio::select! {
+                _ = agent.rerouted.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = agent.stop.cancelled() => return,
+            }
+            continue;
+        }
+        // Where this session's batches go; it ends when that changes (see `set_assignment`).
+        let route = agent.route.load(Ordering::SeqCst);
+        match session(&agent, &mut last_error, route).await {
             Ok(()) => return,
+            // Also a failure the move caused (the old process server refusing a push).
+            Err(e) if e.is::<Rerouted>() || agent.route.load(Ordering::SeqCst) != route => {
+                let a = agent.assignment();
+                if a.draining {
+                    tracing::info!(disk = %agent.disk_id, ps = %a.process_server_address,
+                        "moving to another process server: shipping paused while this one forwards what it holds");
+                } else {
+                    tracing::info!(disk = %agent.disk_id, ps = %a.process_server_address,
+                        "process server changed: shipping there");
+                }
+                backoff = Duration::from_millis(200);
+                continue;
+            }
             Err(e) => {
                 let text = e.to_string();
                 if text != last_error {
@@ -400,9 +460,14 @@ pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One connection to the process server, until it breaks. `last_error` is what the previous
-/// one broke on (empty if none): once this one is up, the log says shipping goes on again.
-async fn session(agent: &Arc<DiskAgent>, last_error: &mut String) -> anyhow::Result<()> {
+/// One connection to the process server, until it breaks or the route (`DiskAgent::route`,
+/// as it was when the session began) changes. `last_error` is what the previous one broke on
+/// (empty if none): once this one is up, the log says shipping goes on again.
+async fn session(
+    agent: &Arc<DiskAgent>,
+    last_error: &mut String,
+    route: u64,
+) -> anyhow::Result<()> {
     // One connection for the position question and the push stream.
     let channel = ingest_channel(agent)?;
     let mut client = ingest_client_on(channel.clone());
@@ -496,8 +561,12 @@ async fn session(agent: &Arc<DiskAgent>, last_error: &mut String) -> anyhow::Res
                 on_ack(agent, ack.durable_seq, ack.applied_seq)?;
             }
             _ = agent.capture.queued.notified(), if !window_full => {}
+            _ = agent.rerouted.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = agent.stop.cancelled() => return Ok(()),
+        }
+        if agent.route.load(Ordering::SeqCst) != route {
+            return Err(Rerouted.into());
         }
         // While batches await the master target, ask where it stands. A current process
         // server acks on this stream as the master target applies; an older one only acks

@@ -1,7 +1,8 @@
 //! The disks this process server handles: for each, its assignment from the configuration
 //! server, its cache, and what the master target has applied. Assignments arrive with every
 //! heartbeat; a new disk gets its cache opened and a forwarder started, a disk no longer
-//! assigned is dropped with its cache (it was unprotected).
+//! assigned is dropped with its cache (it was unprotected, or its machine moved to another
+//! process server: after this one drained it, or with `--force` while this one was down).
 use crate::cache::{CacheKey, DiskCache};
 use crate::forward;
 use crate::quota::Quota;
@@ -126,6 +127,7 @@ impl Disks {
 
     /// Applies the configuration server's list of assigned disks.
     pub fn assign(self: &Arc<Self>, assignments: Vec<DiskAssignment>) {
+        self.drop_stale_caches(&assignments);
         self.disks.follow(
             assignments,
             |id, entry| {
@@ -172,6 +174,32 @@ impl Disks {
                 Some(entry)
             },
         );
+    }
+
+    /// Deletes the caches of disks not assigned here that no entry holds: left by a process
+    /// server that was down while its machines were unprotected or moved elsewhere with
+    /// `--force`. Kept, such a cache could come back into use if a machine were moved here
+    /// again, holding batches under seqs the agent has since used for other writes.
+    fn drop_stale_caches(&self, assignments: &[DiskAssignment]) {
+        let Ok(entries) = std::fs::read_dir(&self.cache.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = name.starts_with("d-")
+                && !assignments.iter().any(|a| a.disk_id == name)
+                && self.get(&name).is_none();
+            if stale {
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(disk = %name, "cache of a disk no longer assigned here deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(disk = %name, "cannot delete the cache of a disk no longer assigned here: {e}")
+                    }
+                }
+            }
+        }
     }
 
     /// Bytes the cache holds now, over all disks (no cache lock taken).

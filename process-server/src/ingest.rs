@@ -206,6 +206,11 @@ async fn store(
                     .cache
                     .lock()
                     .map_err(|_| Status::internal("cache lock poisoned"))?;
+                // Under the lock, as `disk_reports` reads it: once a report says "draining"
+                // with its durable seq, no store adds to that seq (see `draining_refusal`).
+                if let Some(refusal) = draining_refusal(&entry2) {
+                    return Err(refusal);
+                }
                 // Checked again under the lock: another stream of the same disk (an agent
                 // that reconnected while this one waited for room) may have stored them.
                 let durable = cache.durable_seq();
@@ -248,6 +253,21 @@ async fn store(
         acks.push(ack(disks, &entry, durable));
     }
     Ok(acks)
+}
+
+/// A disk whose machine moves to another process server (a switch) is drained: nothing more
+/// is stored here, what the cache holds is forwarded, and the configuration server moves the
+/// machine once everything acknowledged here is applied. The agent holds its batches
+/// meanwhile and sends them to the new process server (it stops shipping when its own
+/// assignment says so; this refusal covers a push already under way).
+fn draining_refusal(entry: &DiskEntry) -> Option<Status> {
+    entry.assignment().draining.then(|| {
+        Status::unavailable(format!(
+            "disk {} is moving to another process server; its batches go there once the move \
+             is done",
+            entry.disk_id
+        ))
+    })
 }
 
 /// What a push stream last acknowledged for a disk, and a subscription to what the master

@@ -133,18 +133,24 @@ impl Reporter for PsReporter<'_> {
             .all()
             .iter()
             .map(|d| {
+                // Read before the cache: a store takes the cache lock and then looks at this
+                // flag, so if it is set the seq read below can no longer grow (see `ingest`).
+                let draining = d.assignment().draining;
                 let (seq, bytes) = d
                     .cache
                     .lock()
                     .map(|c| (c.durable_seq(), c.bytes()))
                     .unwrap_or_default();
+                // Read after the seq, so durable == applied cannot be claimed too early.
+                let applied_seq = d.applied().0;
                 v1::DiskReport {
                     disk_id: d.disk_id.clone(),
-                    phase: "caching".into(),
+                    phase: if draining { "draining" } else { "caching" }.into(),
                     seq,
                     durable_seq: seq,
-                    applied_seq: d.applied().0,
+                    applied_seq,
                     stored_bytes: bytes,
+                    draining,
                     ..Default::default()
                 }
             })

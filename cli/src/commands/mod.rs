@@ -10,4 +10,5 @@ pub mod policy;
 pub mod protect;
 pub mod recovery;
 pub mod servers;
+pub mod switch;
 pub mod wait;

@@ -96,11 +96,22 @@ fn down_if(name: &str, connected: bool) -> String {
     }
 }
 
+/// The process server, and the one the machine is moving to during a switch.
+fn process_server_column(m: &v1::MachineStatus) -> String {
+    let ps = down_if(&m.process_server, m.process_server_connected);
+    if m.switching_to.is_empty() {
+        ps
+    } else {
+        format!("{ps} → {} (draining)", m.switching_to)
+    }
+}
+
 fn disk_json(m: &v1::MachineStatus, d: &v1::DiskStatus) -> serde_json::Value {
     json!({
         "machine": m.name, "policy": m.policy, "process_server": m.process_server,
         "master_target": m.master_target, "agent_connected": m.agent_connected,
         "process_server_connected": m.process_server_connected,
+        "switching_to": m.switching_to,
         "master_target_connected": m.master_target_connected,
         "disk_id": d.disk_id, "disk": d.name, "size_bytes": d.size_bytes, "state": d.state,
         "state_reason": d.state_reason, "sync_progress_pct": d.sync_progress_pct, "eta_secs": d.eta_secs,
@@ -177,7 +188,7 @@ pub async fn status(
                 eta(d.eta_secs),
                 rpo,
                 bytes(d.pending_bytes),
-                down_if(&m.process_server, m.process_server_connected),
+                process_server_column(m),
                 down_if(&m.master_target, m.master_target_connected),
                 if m.agent_connected {
                     age(d.last_report_unix_ms)

@@ -44,7 +44,7 @@ pub async fn accept_heartbeat(
         .map(Facts::from_proto)
         .unwrap_or_default();
     node.liveness.record(id, now, facts);
-    node.progress.record(role, now, request.disks.clone());
+    node.progress.record(role, id, now, request.disks.clone());
     if !forward || node.is_leader() {
         return;
     }
@@ -127,6 +127,7 @@ pub fn assignments_for(node: &Node, peer: &Peer) -> Result<Vec<v1::DiskAssignmen
                 retention_secs: policy.as_ref().map(|p| p.retention_secs).unwrap_or(0),
                 stop_writes: machine.recovery.stop_writes,
                 barrier: barrier.clone(),
+                draining: machine.switching.is_some(),
             });
         }
     }

@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod component;
 pub mod policy_rules;
 pub mod protection;
+mod switch;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 pub struct ProtectionService {
-    node: Arc<Node>,
+    pub(super) node: Arc<Node>,
 }
 
 impl ProtectionService {
@@ -51,7 +51,7 @@ impl ProtectionService {
 
     /// NOT_FOUND for a machine that is not protected, saying whether an agent of that name
     /// is registered at all (a typo) or the machine is known and just not protected.
-    fn not_protected(&self, name: &str) -> Status {
+    pub(super) fn not_protected(&self, name: &str) -> Status {
         let known = self
             .node
             .state()
@@ -78,7 +78,7 @@ impl ProtectionService {
             })
     }
 
-    fn candidates(&self) -> Result<Vec<Candidate>, Status> {
+    pub(super) fn candidates(&self) -> Result<Vec<Candidate>, Status> {
         Ok(self
             .node
             .state()
@@ -329,6 +329,7 @@ impl Protection for ProtectionService {
                 network_map: req.network_map.clone(),
                 ..Default::default()
             },
+            switching: None,
         };
         let job = new_job(
             "protect",
@@ -400,6 +401,14 @@ impl Protection for ProtectionService {
                 .await?,
         )?;
         Ok(Response::new(job_info(&job)))
+    }
+
+    async fn switch_process_server(
+        &self,
+        request: Request<v1::SwitchRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        Ok(Response::new(self.switch(request.into_inner()).await?))
     }
 
     async fn status(
@@ -542,6 +551,10 @@ impl ProtectionService {
             disks,
             process_server_connected: connected(&m.ps_id)?,
             master_target_connected: connected(&m.mt_id)?,
+            switching_to: match &m.switching {
+                Some(s) => name_of(&s.to_ps)?,
+                None => String::new(),
+            },
         })
     }
 }

@@ -8,6 +8,7 @@ use super::model::{IdentityRecord, PassphraseState, Revocation};
 use super::plans;
 use super::protection_apply;
 use super::query::StateReader;
+use super::switch_apply;
 
 /// Applies `command` on top of `state` and returns the writes and the result.
 pub fn apply(
@@ -149,6 +150,17 @@ pub fn apply(
             job,
             delete_recovered_disks,
         } => protection_apply::unprotect(&mut tx, name, job, *delete_recovered_disks)?,
+        Command::StartSwitch {
+            machine,
+            to_ps,
+            force,
+            job,
+        } => switch_apply::start_switch(&mut tx, machine, to_ps, *force, job)?,
+        Command::EndSwitch {
+            machine,
+            job,
+            move_to,
+        } => switch_apply::end_switch(&mut tx, machine, job, move_to.as_deref())?,
         Command::SetDiskState {
             machine,
             disk_id,

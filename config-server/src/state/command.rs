@@ -78,6 +78,20 @@ pub enum Command {
         #[serde(default)]
         delete_recovered_disks: bool,
     },
+    /// Starts moving a machine to another process server (`force`: at once, no drain).
+    StartSwitch {
+        machine: String,
+        to_ps: String,
+        force: bool,
+        job: Job,
+    },
+    /// Ends a switch: moves the machine to `move_to` (its drain finished) or, if `None`,
+    /// leaves it where it was (the drain did not finish); records the job.
+    EndSwitch {
+        machine: String,
+        job: Job,
+        move_to: Option<String>,
+    },
     SetDiskState {
         machine: String,
         disk_id: String,

@@ -10,6 +10,7 @@ pub mod plans;
 pub mod protection;
 mod protection_apply;
 pub mod query;
+mod switch_apply;
 
 pub use command::{AuditDraft, Command, CommandResult, LivenessUpdate};
 pub use kv::{KvError, KvOp, KvRead};

@@ -100,6 +100,18 @@ pub struct ProtectedMachine {
     pub protected_at_ms: i64,
     #[serde(default)]
     pub recovery: MachineRecovery,
+    /// A move to another process server under way: `ps_id` drains first (DESIGN §8).
+    #[serde(default)]
+    pub switching: Option<Switching>,
+}
+
+/// A process-server switch waiting for the current process server to drain: until then it
+/// stores nothing more for the machine's disks and the agent ships nothing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Switching {
+    pub to_ps: String,
+    pub job_id: String,
+    pub started_at_ms: i64,
 }
 
 /// How the machine is recovered, and the recovery under way (DESIGN §7).

@@ -1,0 +1,176 @@
+//! Carries out process-server switches (DESIGN §8) on the leader's reconcile tick. A switch
+//! job has three steps:
+//!
+//! 1. **drain** — the machine's assignments say `draining`: its process server stores nothing
+//!    more for the machine's disks and forwards what it holds; the agent ships nothing and
+//!    keeps its writes queued. Done once that process server reports every disk `draining`
+//!    with everything it acknowledged applied on the master target (`durable_seq ==
+//!    applied_seq`). It reads the flag before its cache and stores only after checking it
+//!    under the cache lock, so that seq can no longer grow.
+//! 2. **switch** — one Raft write moves the machine to the new process server. Its master
+//!    target accepts batches from the new one only from then on; the new one answers the
+//!    agent's `Resume` with what the master target applied — exactly where the old stream
+//!    ended — so nothing is resynced.
+//! 3. **resume** — done once the new process server reports the disks.
+//!
+//! A switch with `--force` (the old process server is down) skips the drain; batches only its
+//! cache held are then missing, and the agent resyncs (compares every block) as it does for
+//! any process server that lost acknowledged batches.
+use crate::node::Node;
+use crate::state::protection::{Job, JobState, ProtectedMachine};
+use crate::state::Command;
+use lifeboat_common::Role;
+
+/// How long the current process server may take to forward what it holds.
+pub const DRAIN_TIMEOUT_MS: i64 = 15 * 60 * 1000;
+/// How long the new process server may take to report the machine's disks.
+pub const RESUME_TIMEOUT_MS: i64 = 5 * 60 * 1000;
+
+const DRAIN: usize = 0;
+const SWITCH: usize = 1;
+const RESUME: usize = 2;
+
+/// What to write for switch `job` now, if anything.
+pub fn progress(
+    node: &Node,
+    job: &Job,
+    machine: Option<&ProtectedMachine>,
+    now: i64,
+) -> Option<Command> {
+    let Some(machine) = machine else {
+        return Some(Command::UpdateJob {
+            job: failed(
+                job,
+                now,
+                "the machine was unprotected during the move".into(),
+            ),
+        });
+    };
+    let step = |i: usize| job.steps.get(i).map(|s| s.state);
+    if step(DRAIN) == Some(JobState::Running) {
+        return drain_progress(node, job, machine, now);
+    }
+    if step(RESUME) == Some(JobState::Running) {
+        return resume_progress(node, job, machine, now);
+    }
+    None
+}
+
+fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) -> Option<Command> {
+    let Some(switching) = machine.switching.as_ref().filter(|s| s.job_id == job.id) else {
+        return Some(Command::UpdateJob {
+            job: failed(job, now, "the switch was replaced or cancelled".into()),
+        });
+    };
+    let drained = machine.disks.iter().all(|disk| {
+        node.progress
+            .get(&disk.disk_id, Role::ProcessServer)
+            .is_some_and(|r| {
+                r.from == machine.ps_id
+                    && r.at_ms > switching.started_at_ms
+                    && r.report.draining
+                    && r.report.durable_seq == r.report.applied_seq
+            })
+    });
+    if drained {
+        let mut next = job.clone();
+        next.updated_at_ms = now;
+        set_step(
+            &mut next,
+            DRAIN,
+            JobState::Succeeded,
+            "everything it acknowledged is on the master target",
+        );
+        set_step(&mut next, SWITCH, JobState::Succeeded, "");
+        set_step(&mut next, RESUME, JobState::Running, "");
+        return Some(Command::EndSwitch {
+            machine: machine.name.clone(),
+            job: next,
+            move_to: Some(switching.to_ps.clone()),
+        });
+    }
+    if now - switching.started_at_ms > DRAIN_TIMEOUT_MS {
+        let why = format!(
+            "the process server did not forward everything it holds for {} within {} minutes, \
+             so the machine stays on it; check it (`lifeboat servers list`, its log) and retry, \
+             or move with --force (what only its cache holds is then resynced)",
+            machine.name,
+            DRAIN_TIMEOUT_MS / 60_000
+        );
+        return Some(Command::EndSwitch {
+            machine: machine.name.clone(),
+            job: failed(job, now, why),
+            move_to: None,
+        });
+    }
+    None
+}
+
+fn resume_progress(
+    node: &Node,
+    job: &Job,
+    machine: &ProtectedMachine,
+    now: i64,
+) -> Option<Command> {
+    // The switch step's time is when the machine moved (for --force, when the job began).
+    let moved_at = job.updated_at_ms;
+    let resumed = machine.disks.iter().all(|disk| {
+        node.progress
+            .get(&disk.disk_id, Role::ProcessServer)
+            .is_some_and(|r| r.from == machine.ps_id && r.at_ms >= moved_at)
+    });
+    if resumed {
+        let resyncing = machine.disks.iter().any(|disk| {
+            node.progress
+                .get(&disk.disk_id, Role::Agent)
+                .is_some_and(|r| r.report.phase.starts_with("resync"))
+        });
+        let mut next = job.clone();
+        next.updated_at_ms = now;
+        next.state = JobState::Succeeded;
+        let detail = if resyncing {
+            "shipping through the new process server; resyncing what only the old one held"
+        } else {
+            "shipping through the new process server"
+        };
+        set_step(&mut next, RESUME, JobState::Succeeded, detail);
+        return Some(Command::UpdateJob { job: next });
+    }
+    if now - moved_at > RESUME_TIMEOUT_MS {
+        let why = format!(
+            "the machine moved, but its new process server has not reported its disks within \
+             {} minutes: is it running? (`lifeboat servers list`)",
+            RESUME_TIMEOUT_MS / 60_000
+        );
+        return Some(Command::UpdateJob {
+            job: failed(job, now, why),
+        });
+    }
+    None
+}
+
+/// Sets step `i`'s state (and detail, unless empty).
+fn set_step(job: &mut Job, i: usize, state: JobState, detail: &str) {
+    if let Some(step) = job.steps.get_mut(i) {
+        step.state = state;
+        if state == JobState::Succeeded {
+            step.progress_pct = 100.0;
+        }
+        if !detail.is_empty() {
+            step.detail = detail.to_string();
+        }
+    }
+}
+
+fn failed(job: &Job, now: i64, why: String) -> Job {
+    let mut next = job.clone();
+    next.state = JobState::Failed;
+    next.updated_at_ms = now;
+    for step in &mut next.steps {
+        if matches!(step.state, JobState::Running | JobState::Pending) {
+            step.state = JobState::Failed;
+        }
+    }
+    next.error = why;
+    next
+}
