@@ -10,8 +10,8 @@ mod format;
 mod up;
 
 use commands::{
-    alerts, audit, cluster, groups, jobs, passphrase, plans, policy, protect, recovery, servers,
-    switch, wait,
+    alerts, audit, balance, cluster, groups, jobs, passphrase, plans, policy, protect, recovery,
+    servers, switch, wait,
 };
 use context::ContextArgs;
 
@@ -59,6 +59,9 @@ enum Command {
     },
     /// Move machines to another process server, keeping their change streams.
     Switch(switch::SwitchArgs),
+    /// Show which machines to move between process servers to even out their load (and
+    /// with --apply, move them).
+    LoadBalance(balance::BalanceArgs),
     /// Per machine and disk: state, sync progress, ETA, RPO, pending bytes, PS, MT.
     Status {
         machine: Option<String>,
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
                 delete_recovered_disks,
             } => protect::unprotect(&cli.context, machine, wait, delete_recovered_disks).await,
             Command::Switch(args) => switch::run(&cli.context, args).await,
+            Command::LoadBalance(args) => balance::run(&cli.context, args).await,
             Command::Status { machine, json } => protect::status(&cli.context, machine, json).await,
             Command::Wait(args) => wait::run(&cli.context, args).await,
             Command::Jobs(args) => jobs::list(&cli.context, args).await,

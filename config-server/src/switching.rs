@@ -4,8 +4,8 @@
 //! 1. **drain** — the machine's assignments say `draining`: its process server stores nothing
 //!    more for the machine's disks and forwards what it holds; the agent ships nothing and
 //!    keeps its writes queued. Done once that process server reports every disk `draining`
-//!    with everything it acknowledged applied on the master target (`durable_seq ==
-//!    applied_seq`). It reads the flag before its cache and stores only after checking it
+//!    with everything it acknowledged applied on the master target (`applied_seq >=
+//!    durable_seq`). It reads the flag before its cache and stores only after checking it
 //!    under the cache lock, so that seq can no longer grow.
 //! 2. **switch** — one Raft write moves the machine to the new process server. Its master
 //!    target accepts batches from the new one only from then on; the new one answers the
@@ -69,7 +69,7 @@ fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) 
                 r.from == machine.ps_id
                     && r.at_ms > switching.started_at_ms
                     && r.report.draining
-                    && r.report.durable_seq == r.report.applied_seq
+                    && r.report.applied_seq >= r.report.durable_seq
             })
     });
     if drained {

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -107,6 +108,9 @@ pub struct Capture {
     /// Signalled when the shipper took items (room for throttled writes).
     drained: Condvar,
     limits: Limits,
+    /// Bytes of changes captured so far: workload writes (nbd mode), or blocks a scan found
+    /// changed since the previous one (scan mode). Initial syncs and resyncs are not changes.
+    changed_bytes: AtomicU64,
 }
 
 pub use lifeboat_common::now_ms;
@@ -198,6 +202,7 @@ impl Capture {
             queued: Notify::new(),
             drained: Condvar::new(),
             limits,
+            changed_bytes: AtomicU64::new(0),
         })
     }
 
@@ -336,8 +341,19 @@ impl Capture {
             self.push(&mut q, item);
         }
         drop(q);
+        self.count_changed(len as u64);
         self.queued.notify_one();
         Ok(())
+    }
+
+    /// Counts `bytes` of captured changes (see `changed_bytes`).
+    pub fn count_changed(&self, bytes: u64) {
+        self.changed_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of changes captured since the agent started.
+    pub fn changed_bytes(&self) -> u64 {
+        self.changed_bytes.load(Ordering::Relaxed)
     }
 
     /// Zeroes a range on the source and captures it as a zero-fill.

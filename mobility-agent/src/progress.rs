@@ -42,6 +42,10 @@ pub struct InFlight {
     pub last_index: u64,
 }
 
+/// Window of the change rate the agent reports: long enough that a burst does not make a
+/// machine look busy to the load balancer, short enough to follow a workload that changed.
+pub const CHANGE_RATE_WINDOW: Duration = Duration::from_secs(300);
+
 #[derive(Debug)]
 pub struct Progress {
     pub phase: Phase,
@@ -61,6 +65,8 @@ pub struct Progress {
     /// Payload bytes applied on the master target since start, and their recent rate.
     pub applied_bytes: u64,
     drain: Rate,
+    /// Changes captured per second (`Capture::changed_bytes`), reported for load balancing.
+    pub change: Rate,
 }
 
 impl Progress {
@@ -78,6 +84,7 @@ impl Progress {
             sync_last_index: None,
             applied_bytes: 0,
             drain: Rate::new(Duration::from_secs(15)),
+            change: Rate::new(CHANGE_RATE_WINDOW),
         }
     }
 

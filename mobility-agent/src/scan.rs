@@ -192,6 +192,10 @@ async fn read_all(
             tokio::task::spawn_blocking(move || c.compare_read(offset, len, &compare)).await??;
         metrics::counter!("lifeboat_agent_resync_compared_bytes_total").increment(len);
         metrics::counter!("lifeboat_agent_resync_shipped_bytes_total").increment(sent);
+        if known.is_some() {
+            // Changed since the previous scan (the first one is the initial sync).
+            agent.capture.count_changed(sent);
+        }
         hashes.extend(chunk_hashes);
         shipped += sent;
         offset += len;

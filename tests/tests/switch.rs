@@ -156,3 +156,126 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
     assert_identical(&source, &replica);
     assert_eq!(disk_status(&ctx)["process_server"], "ps1");
 }
+
+/// The machines of `lifeboat status --json`, with their process server and disk ids.
+fn placement(ctx: &std::path::Path) -> Vec<(String, String, String)> {
+    lifeboat_json(ctx, &["status", "--json"])["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let s = |k: &str| d[k].as_str().unwrap_or_default().to_string();
+            (s("machine"), s("process_server"), s("disk_id"))
+        })
+        .collect()
+}
+
+#[test]
+fn load_balance_shows_the_moves_then_makes_them() {
+    if !have_qemu() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (cs, _) = CsNode::init(tmp.path().join("cs"));
+    let ctx = cs.context();
+    let mut ps1 = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
+    let mut ps2 = Component::register("process-server", "ps2", tmp.path(), &cs, &[]);
+    let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
+    let mut agents = Vec::new();
+    let mut sources = Vec::new();
+    for name in ["web01", "web02"] {
+        let source = tmp.path().join(format!("{name}.img"));
+        std::fs::File::create(&source)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let disk_arg = format!("disk0={}", source.display());
+        agents.push(Component::register(
+            "mobility-agent",
+            name,
+            tmp.path(),
+            &cs,
+            &["--disk", &disk_arg],
+        ));
+        sources.push(source);
+    }
+    for c in [&mut ps1, &mut ps2, &mut mt] {
+        c.start();
+    }
+    for a in &mut agents {
+        a.start();
+    }
+    wait_until("components connected", WAIT, || {
+        let up = |role: &str, n: usize| {
+            let s = servers(&ctx, role);
+            s.len() == n && s.iter().all(|s| s["status"] == "Connected")
+        };
+        up("agent", 2) && up("process-server", 2) && up("master-target", 1)
+    });
+    assert!(lifeboat(&ctx, &["policy", "create", "gold"])
+        .status
+        .success());
+    for name in ["web01", "web02"] {
+        let out = lifeboat(&ctx, &["protect", name, "--policy", "gold", "--ps", "ps1"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let out = lifeboat(&ctx, &["wait", name, "--timeout-secs", "120"]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Both machines change at about the same rate, both through ps1.
+    for a in &agents {
+        qemu_io(
+            &format!("nbd://{}/disk0", a.nbd),
+            &["write -P 0x71 1M 6M", "write -P 0x72 16M 2M"],
+        );
+    }
+    let plan = || lifeboat_json(&ctx, &["load-balance", "--json"]);
+    wait_until("a plan that moves one machine", WAIT, || {
+        plan()["moves"].as_array().is_some_and(|m| m.len() == 1)
+    });
+    let shown = plan();
+    let ps1_row = shown["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "ps1")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (
+            ps1_row["machines"].as_u64(),
+            ps1_row["machines_after"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{shown}"
+    );
+    assert!(
+        ps1_row["change_bytes_per_sec"].as_f64().unwrap() > 0.0,
+        "{shown}"
+    );
+    assert_eq!(shown["moves"][0]["to"], "ps2", "{shown}");
+    // Showing the plan moved nothing.
+    assert!(placement(&ctx).iter().all(|(_, ps, _)| ps == "ps1"));
+
+    let out = lifeboat(&ctx, &["load-balance", "--apply", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut on: Vec<String> = placement(&ctx).into_iter().map(|(_, ps, _)| ps).collect();
+    on.sort();
+    assert_eq!(on, vec!["ps1", "ps2"]);
+    let out = lifeboat(&ctx, &["load-balance"]);
+    assert!(text(&out).contains("Balanced"), "{}", text(&out));
+
+    // Both replicate on, each through its process server.
+    for (a, name) in agents.iter().zip(["web01", "web02"]) {
+        qemu_io(&format!("nbd://{}/disk0", a.nbd), &["write -P 0x73 20M 1M"]);
+        let out = lifeboat(
+            &ctx,
+            &["wait", name, "--caught-up", "--timeout-secs", "120"],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    for (machine, _, disk_id) in placement(&ctx) {
+        let source = &sources[if machine == "web01" { 0 } else { 1 }];
+        let replica = mt.dir.join("replicas").join(&disk_id).join("disk.vhd");
+        assert_identical(source, &replica);
+    }
+}

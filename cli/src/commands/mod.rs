@@ -1,6 +1,7 @@
 //! One module per admin command group.
 pub mod alerts;
 pub mod audit;
+pub mod balance;
 pub mod cluster;
 pub mod groups;
 pub mod jobs;

@@ -411,6 +411,14 @@ impl Protection for ProtectionService {
         Ok(Response::new(self.switch(request.into_inner()).await?))
     }
 
+    async fn balance_process_servers(
+        &self,
+        request: Request<v1::BalanceRequest>,
+    ) -> Result<Response<v1::BalancePlan>, Status> {
+        self.node.authorize(&request, &[Role::Admin])?;
+        Ok(Response::new(self.balance(request.into_inner()).await?))
+    }
+
     async fn status(
         &self,
         request: Request<v1::StatusRequest>,
