@@ -14,8 +14,9 @@
 //! 3. **resume** — done once the new process server reports the disks.
 //!
 //! A switch with `--force` (the old process server is down) skips the drain; batches only its
-//! cache held are then missing, and the agent resyncs (compares every block) as it does for
-//! any process server that lost acknowledged batches.
+//! cache held are then missing, and the agent resyncs the regions written since the
+//! replica's position (its dirty map keeps them until applied), as it does for any process
+//! server that lost acknowledged batches.
 use crate::node::Node;
 use crate::state::protection::{Job, JobState, ProtectedMachine};
 use crate::state::Command;

@@ -1,8 +1,10 @@
 //! The persistent dirty map of one disk: a bit per region (1 MiB) that may hold writes not yet
-//! durable at the process server. A bit is set, and the map made durable, *before* a write to
-//! a clean region reaches the source, so a crash can never hide a write: after a restart every
-//! set bit is resynced. Bits are cleared lazily once everything written to the region is
-//! durable downstream; a stale set bit only costs a little extra resync.
+//! on the replica. A bit is set, and the map made durable, *before* a write to a clean region
+//! reaches the source, so a crash can never hide a write: after a restart every set bit is
+//! resynced. Bits are cleared lazily once everything written to the region is applied on the
+//! master target (not merely held by the process server: if that one loses its cache, the set
+//! bits are exactly what a resync must compare); a stale set bit only costs a little extra
+//! resync.
 //!
 //! Next to the bits the file keeps, per region, when it last went from clean to dirty (Unix
 //! seconds): the oldest of those over the set bits bounds the age of the oldest write that may
@@ -198,11 +200,11 @@ impl DirtyMap {
         Ok(())
     }
 
-    /// Clears regions whose every write (capture index ≤ `durable_index`) is durable
-    /// downstream. In memory only; `write_back` persists it.
-    pub fn clear_through(&mut self, durable_index: u64) {
+    /// Clears regions whose every write (capture index ≤ `applied_index`) is applied on the
+    /// master target. In memory only; `write_back` persists it.
+    pub fn clear_through(&mut self, applied_index: u64) {
         for r in 0..self.last_write.len() {
-            if self.is_set(r) && self.last_write[r] <= durable_index {
+            if self.is_set(r) && self.last_write[r] <= applied_index {
                 self.bits[r / 8] &= !(1 << (r % 8));
                 self.dirty_pages[r / 8 / PAGE] = true;
             }
@@ -210,8 +212,8 @@ impl DirtyMap {
     }
 
     /// A resync queued the regions inside `offset..offset+len` (whatever differed from the
-    /// replica) as of capture index `index`: their bits clear once that index is durable
-    /// downstream (`clear_through`), unless a later write keeps them set.
+    /// replica) as of capture index `index`: their bits clear once that index is applied
+    /// (`clear_through`), unless a later write keeps them set.
     pub fn resynced(&mut self, offset: u64, len: u64, index: u64) {
         for r in Self::regions(offset, len) {
             // Writes made while the map stood in for the stream (never queued) have indices

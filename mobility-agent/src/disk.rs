@@ -495,19 +495,27 @@ async fn session(
                 b.seq > resume.durable_seq + 1
             });
         if lost {
-            // Batches it had acknowledged are gone, and the dirty map let go of their regions
-            // when they were acknowledged: only a comparison of the whole disk is safe.
+            // Batches it had acknowledged are gone. The dirty map still holds the regions of
+            // every write not yet on the replica (it lets a region go only once the master
+            // target applied it), so a resync of those regions suffices — except for an
+            // initial sync's copy, which is not in the map, and in scan mode, whose next scan
+            // compares with the replica once the stream is given up: the whole disk then.
+            let whole = agent.mode != CaptureMode::Nbd || p.phase == Phase::InitialSync;
             tracing::warn!(disk = %agent.disk_id, durable = resume.durable_seq, next = p.next_seq,
-                "the process server lost acknowledged batches: resyncing the whole disk");
+                "the process server lost acknowledged batches: resyncing {}",
+                if whole { "the whole disk" } else { "the regions written since the replica's position" });
             p.unacked.clear();
             p.in_flight.clear();
             p.next_seq = resume.durable_seq + 1;
             p.phase = Phase::ResyncRequired("the process server lost acknowledged batches".into());
-            if let Ok(mut q) = agent.capture.queue.lock() {
-                q.overflowed = true;
-                q.drop_items();
-                q.dirty.mark_all()?;
+            if whole {
+                if let Ok(mut q) = agent.capture.queue.lock() {
+                    q.dirty.mark_all()?;
+                }
             }
+            // Gives the stream up: queued writes are dropped (their regions are set) and every
+            // set region is pinned until the resync has compared it.
+            agent.capture.break_stream()?;
         }
         p.unacked.iter().cloned().collect()
     };
@@ -634,9 +642,9 @@ fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
             .progress
             .lock()
             .map_err(|_| anyhow::anyhow!("progress poisoned"))?;
-        let clear = p.durable(durable);
+        p.durable(durable);
         let had_backlog = !p.in_flight.is_empty();
-        p.applied(applied);
+        let clear = p.applied(applied);
         if had_backlog && p.in_flight.is_empty() && agent.capture.queued_bytes() == 0 {
             // Caught up: report it now (status and `lifeboat wait --caught-up` wait on it).
             agent.early_reports.soon.notify_one();

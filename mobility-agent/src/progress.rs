@@ -88,11 +88,10 @@ impl Progress {
         }
     }
 
-    /// Records the process server's durable position; returns the capture index up to which
-    /// everything is durable downstream (for the dirty map), if it advanced.
-    pub fn durable(&mut self, seq: u64) -> Option<u64> {
+    /// Records the process server's durable position: the batches up to it need not be kept
+    /// for resending.
+    pub fn durable(&mut self, seq: u64) {
         self.durable_seq = self.durable_seq.max(seq);
-        let before = self.unacked.len();
         while self
             .unacked
             .front()
@@ -100,18 +99,16 @@ impl Progress {
         {
             self.unacked.pop_front();
         }
-        if self.unacked.len() == before {
-            return None;
-        }
-        self.in_flight
-            .iter()
-            .rev()
-            .find(|f| f.seq <= self.durable_seq)
-            .map(|f| f.last_index)
     }
 
-    pub fn applied(&mut self, seq: u64) {
+    /// Records what the master target applied; returns the capture index up to which every
+    /// write is on the replica (the dirty map may let those regions go), if it advanced. The
+    /// map keeps a region until then, not only until the process server holds its writes, so
+    /// a process server that loses its cache (it died, and the machine moved to another with
+    /// `--force`) costs a resync of those regions only.
+    pub fn applied(&mut self, seq: u64) -> Option<u64> {
         self.applied_seq = self.applied_seq.max(seq);
+        let mut clear = None;
         while self
             .in_flight
             .front()
@@ -119,8 +116,10 @@ impl Progress {
         {
             if let Some(f) = self.in_flight.pop_front() {
                 self.applied_bytes += f.bytes;
+                clear = Some(f.last_index);
             }
         }
+        clear
     }
 
     /// Age in seconds of the oldest write captured but not applied; `oldest_queued_ms` is the
@@ -217,7 +216,7 @@ mod tests {
     }
 
     #[test]
-    fn durable_acks_release_resend_copies_and_name_the_clearable_index() {
+    fn durable_acks_release_resend_copies_and_applied_ones_name_the_clearable_index() {
         let mut p = Progress::new(Phase::Streaming);
         for seq in 1..=3 {
             p.unacked.push_back(ChangeBatch {
@@ -232,8 +231,12 @@ mod tests {
                 last_index: seq * 10,
             });
         }
-        assert_eq!(p.durable(2), Some(20));
+        p.durable(2);
         assert_eq!(p.unacked.len(), 1);
-        assert_eq!(p.durable(2), None);
+        // Durable at the process server is not enough for the dirty map.
+        assert_eq!(p.applied(1), Some(10));
+        assert_eq!(p.applied(1), None);
+        assert_eq!(p.applied(3), Some(30));
+        assert!(p.in_flight.is_empty());
     }
 }

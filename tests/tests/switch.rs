@@ -134,8 +134,21 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
     );
 
     // A process server that is down cannot forward what it holds: refused, unless --force.
-    ps2.proc.as_mut().unwrap().kill9();
+    // What it holds: a write it acknowledged while the master target was down.
+    mt.proc().kill9();
+    let ps2_ingested = || {
+        metric(
+            &http_get(&ps2.metrics, "/metrics").unwrap_or_default(),
+            "lifeboat_ps_ingest_bytes_total",
+        )
+    };
+    let before = ps2_ingested();
     qemu_io(&url, &["write -P 0x51 50M 1M"]);
+    wait_until("ps2 holds the write", WAIT, || {
+        ps2_ingested() >= before + 1048576.0
+    });
+    ps2.proc.as_mut().unwrap().kill9();
+    mt.start();
     wait_until("ps2 is seen down", WAIT, || {
         servers(&ctx, "process-server")
             .iter()
@@ -155,6 +168,16 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
     caught_up(&ctx, t);
     assert_identical(&source, &replica);
     assert_eq!(disk_status(&ctx)["process_server"], "ps1");
+    // The lost write was found by comparing the regions written since the replica's
+    // position (the dirty map keeps them until applied), not the whole disk.
+    let compared = metric(
+        &http_get(&agent.metrics, "/metrics").unwrap(),
+        "lifeboat_agent_resync_compared_bytes_total",
+    );
+    assert!(
+        compared > 0.0 && compared < (32 << 20) as f64,
+        "compared {compared} bytes of a 64 MiB disk"
+    );
 }
 
 /// The machines of `lifeboat status --json`, with their process server and disk ids.

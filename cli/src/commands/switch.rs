@@ -14,8 +14,8 @@ pub struct SwitchArgs {
     #[arg(long)]
     to: String,
     /// Move at once, without waiting for the current process server to forward what it holds
-    /// (for one that is down): the disks are then compared with their replicas and whatever
-    /// only its cache held is shipped again.
+    /// (for one that is down): the regions written since the replicas' position are then
+    /// compared with them and whatever only its cache held is shipped again.
     #[arg(long)]
     force: bool,
     /// Follow the jobs until they finish.

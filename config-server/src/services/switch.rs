@@ -53,8 +53,9 @@ impl ProtectionService {
         if !from_connected && !req.force {
             return Err(Status::failed_precondition(format!(
                 "{} is not connected, so it cannot forward what it holds for {}: start it again \
-                 and retry, or move now with --force (the disks are then compared with their \
-                 replicas and whatever only its cache held is shipped again)",
+                 and retry, or move now with --force (the regions written since the replicas' \
+                 position are then compared with them and whatever only its cache held is \
+                 shipped again)",
                 from.name, req.machine
             )));
         }
