@@ -59,46 +59,36 @@ impl ProtectionService {
                 from.name, req.machine
             )));
         }
-        let steps = if req.force {
-            vec![
-                (
-                    "drain",
-                    JobState::Skipped,
-                    format!("--force: {} not waited for", from.name),
-                ),
-                (
-                    "switch",
-                    JobState::Succeeded,
-                    format!("{} → {}", from.name, to.name),
-                ),
-                (
-                    "resume",
-                    JobState::Running,
-                    format!("the agent ships through {}", to.name),
-                ),
-            ]
+        // With --force the machine moves as the job starts: only "resume" is left to watch.
+        let (drain, moved, resume, drain_detail) = if req.force {
+            let detail = format!("--force: {} not waited for", from.name);
+            (
+                JobState::Skipped,
+                JobState::Succeeded,
+                JobState::Running,
+                detail,
+            )
         } else {
-            vec![
-                (
-                    "drain",
-                    JobState::Running,
-                    format!(
-                        "{} forwards what it holds for {} to the master target",
-                        from.name, req.machine
-                    ),
-                ),
-                (
-                    "switch",
-                    JobState::Pending,
-                    format!("{} → {}", from.name, to.name),
-                ),
-                (
-                    "resume",
-                    JobState::Pending,
-                    format!("the agent ships through {}", to.name),
-                ),
-            ]
+            let detail = format!(
+                "{} forwards what it holds for {} to the master target",
+                from.name, req.machine
+            );
+            (
+                JobState::Running,
+                JobState::Pending,
+                JobState::Pending,
+                detail,
+            )
         };
+        let steps = [
+            ("drain", drain, drain_detail),
+            ("switch", moved, format!("{} → {}", from.name, to.name)),
+            (
+                "resume",
+                resume,
+                format!("the agent ships through {}", to.name),
+            ),
+        ];
         let job = new_job("switch", &req.machine, &steps);
         result_status(
             self.node

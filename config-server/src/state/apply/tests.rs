@@ -2,6 +2,7 @@
 use super::apply;
 use crate::state::kv::MemoryKv;
 use crate::state::model::{CaMaterial, ClusterMeta, IdentityRecord};
+use crate::state::protection::{Job, JobState, Policy, ProtectedMachine};
 use crate::state::{Command, CommandResult, StateReader};
 use lifeboat_common::Role;
 
@@ -209,4 +210,158 @@ fn revoking_an_unknown_id_changes_nothing() {
     );
     assert!(matches!(result, CommandResult::NotFound(_)));
     assert_eq!(kv.0, before);
+}
+
+// Process-server switches (`switch_apply`).
+
+fn job(id: &str) -> Job {
+    Job {
+        id: id.into(),
+        kind: "switch".into(),
+        target: "web01".into(),
+        state: JobState::Running,
+        steps: Vec::new(),
+        created_at_ms: 5,
+        updated_at_ms: 5,
+        error: String::new(),
+        control: None,
+        plan: None,
+    }
+}
+
+/// web01 protected through ps1; ps2 and an agent-role "agent-2" registered too.
+fn protected() -> MemoryKv {
+    let mut kv = MemoryKv::default();
+    let ids = [
+        ("cs-1", Role::ConfigServer),
+        ("agent-1", Role::Agent),
+        ("agent-2", Role::Agent),
+        ("ps1", Role::ProcessServer),
+        ("ps2", Role::ProcessServer),
+        ("mt1", Role::MasterTarget),
+    ];
+    let bootstrap = Command::Bootstrap {
+        meta: ClusterMeta {
+            cluster_id: "c".into(),
+            created_at_ms: 1,
+        },
+        ca: CaMaterial {
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+        },
+        passphrase: "p".into(),
+        identities: ids
+            .iter()
+            .map(|(id, role)| record(id, *role, id, 0))
+            .collect(),
+    };
+    assert_eq!(run(&mut kv, bootstrap), CommandResult::Done);
+    let policy = Policy {
+        name: "gold".into(),
+        rpo_threshold_secs: 900,
+        retention_secs: 3600,
+        app_consistent_every_secs: 0,
+        crash_consistent_every_secs: 300,
+        compression: true,
+        failback_of: None,
+        created_at_ms: 1,
+    };
+    assert_eq!(
+        run(&mut kv, Command::CreatePolicy { policy }),
+        CommandResult::Done
+    );
+    let machine = ProtectedMachine {
+        name: "web01".into(),
+        agent_id: "agent-1".into(),
+        policy: "gold".into(),
+        ps_id: "ps1".into(),
+        mt_id: "mt1".into(),
+        disks: Vec::new(),
+        protected_at_ms: 1,
+        recovery: Default::default(),
+        switching: None,
+    };
+    let protect = Command::Protect {
+        machine,
+        job: job("job-protect"),
+    };
+    assert_eq!(run(&mut kv, protect), CommandResult::Done);
+    kv
+}
+
+fn start(kv: &mut MemoryKv, to: &str, force: bool, id: &str) -> CommandResult {
+    run(
+        kv,
+        Command::StartSwitch {
+            machine: "web01".into(),
+            to_ps: to.into(),
+            force,
+            job: job(id),
+        },
+    )
+}
+
+fn machine(kv: &MemoryKv) -> ProtectedMachine {
+    StateReader(kv).machine("web01").unwrap().unwrap()
+}
+
+#[test]
+fn a_switch_drains_then_moves_or_stays() {
+    let mut kv = protected();
+    assert_eq!(start(&mut kv, "ps2", false, "job-a"), CommandResult::Done);
+    let m = machine(&kv);
+    assert_eq!(m.ps_id, "ps1", "the machine stays until the drain ends");
+    assert_eq!(m.switching.as_ref().map(|s| s.to_ps.as_str()), Some("ps2"));
+    assert!(StateReader(&kv).job("job-a").unwrap().is_some());
+    // One switch at a time.
+    assert!(matches!(
+        start(&mut kv, "ps2", false, "job-b"),
+        CommandResult::Refused(_)
+    ));
+    // Another job's end changes nothing about the machine.
+    let end = |job_id: &str, move_to: Option<&str>| Command::EndSwitch {
+        machine: "web01".into(),
+        job: job(job_id),
+        move_to: move_to.map(str::to_string),
+    };
+    run(&mut kv, end("job-b", Some("ps2")));
+    assert_eq!(machine(&kv).ps_id, "ps1");
+    assert!(machine(&kv).switching.is_some());
+    run(&mut kv, end("job-a", Some("ps2")));
+    let m = machine(&kv);
+    assert_eq!((m.ps_id.as_str(), m.switching), ("ps2", None));
+
+    // A drain that gives up leaves the machine where it is.
+    assert_eq!(start(&mut kv, "ps1", false, "job-c"), CommandResult::Done);
+    run(&mut kv, end("job-c", None));
+    let m = machine(&kv);
+    assert_eq!((m.ps_id.as_str(), m.switching), ("ps2", None));
+}
+
+#[test]
+fn a_forced_switch_moves_at_once_and_bad_targets_are_refused() {
+    let mut kv = protected();
+    for (to, why) in [
+        ("ps1", "already there"),
+        ("agent-2", "not a process server"),
+        ("nobody", "not registered"),
+    ] {
+        let result = start(&mut kv, to, false, "job-x");
+        assert!(matches!(result, CommandResult::Refused(_)), "{why}");
+        assert!(StateReader(&kv).job("job-x").unwrap().is_none(), "{why}");
+    }
+    assert!(machine(&kv).switching.is_none());
+    assert_eq!(start(&mut kv, "ps2", true, "job-f"), CommandResult::Done);
+    let m = machine(&kv);
+    assert_eq!((m.ps_id.as_str(), m.switching), ("ps2", None));
+    let missing = run(
+        &mut kv,
+        Command::StartSwitch {
+            machine: "db01".into(),
+            to_ps: "ps1".into(),
+            force: false,
+            job: job("job-y"),
+        },
+    );
+    assert!(matches!(missing, CommandResult::NotFound(_)));
 }
