@@ -7,10 +7,14 @@
 //! server under the most pressure to the one where the move lowers the highest pressure of
 //! all the most, as long as each move lowers it by at least [`MIN_GAIN`] (so small differences
 //! do not make machines move back and forth). Each machine moves at most once per plan;
-//! machines that change nothing are never moved (it would gain nothing).
+//! machines that change nothing are never moved (it would gain nothing). Only process servers
+//! that can take part (connected: a move drains the old one) are weighed and receive
+//! machines; machines already moving count where they go, and do not move again.
 
 /// A move must lower the highest pressure by at least this fraction.
 pub const MIN_GAIN: f64 = 0.1;
+/// Headroom counted for a full cache, so its pressure stays finite (and comparable).
+const MIN_HEADROOM: u64 = 1 << 20;
 
 /// A process server that may take machines.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,6 +33,8 @@ pub struct Machine {
     pub ps_id: String,
     /// Its disks' change rates, summed.
     pub change_bytes_per_sec: f64,
+    /// False for a machine already moving (`ps_id` is then where it goes).
+    pub movable: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -59,19 +65,20 @@ pub fn loads(servers: &[Server], machines: &[Machine], moves: &[Move]) -> Vec<f6
         .collect()
 }
 
-/// Changes per second per byte of headroom (infinite for load on a full cache).
+/// Changes per second per byte of headroom.
 fn pressure(load: f64, headroom: u64) -> f64 {
-    match (load, headroom) {
-        (l, _) if l <= 0.0 => 0.0,
-        (_, 0) => f64::INFINITY,
-        (l, h) => l / h as f64,
+    if load <= 0.0 {
+        return 0.0;
     }
+    load / headroom.max(MIN_HEADROOM) as f64
 }
 
+/// The eligible server under the most pressure, and that pressure.
 fn highest(servers: &[Server], loads: &[f64]) -> (usize, f64) {
     loads
         .iter()
         .enumerate()
+        .filter(|(i, _)| servers[*i].eligible)
         .map(|(i, l)| (i, pressure(*l, servers[i].headroom_bytes)))
         .fold((0, 0.0), |best, x| if x.1 > best.1 { x } else { best })
 }
@@ -87,7 +94,8 @@ pub fn plan(servers: &[Server], machines: &[Machine]) -> Vec<Move> {
         }
         let mut best: Option<(f64, Move)> = None;
         let movable = machines.iter().filter(|m| {
-            m.change_bytes_per_sec > 0.0
+            m.movable
+                && m.change_bytes_per_sec > 0.0
                 && m.ps_id == servers[worst].id
                 && !moves.iter().any(|mv| mv.machine == m.name)
         });
@@ -135,6 +143,7 @@ mod tests {
             name: name.into(),
             ps_id: ps.into(),
             change_bytes_per_sec: mib_per_sec * 1048576.0,
+            movable: true,
         }
     }
 
@@ -195,5 +204,22 @@ mod tests {
             machine("c", "ps2", 4.5),
         ];
         assert!(plan(&servers, &machines).is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_sheds_load_only_while_it_helps_and_stuck_machines_stay() {
+        // ps1 is full: moving the busy machine helps a lot, the idle-ish one then no more.
+        let servers = [server("ps1", 0), server("ps2", 10)];
+        let machines = [machine("a", "ps1", 4.0), machine("b", "ps1", 0.000001)];
+        assert_eq!(moved(&plan(&servers, &machines)), vec![("a", "ps2")]);
+        // A machine already moving (counted at ps2) does not move, and weighs there.
+        let mut moving = machine("c", "ps2", 8.0);
+        moving.movable = false;
+        let servers = [server("ps1", 10), server("ps2", 10)];
+        assert!(plan(&servers, &[moving.clone(), machine("a", "ps1", 4.0)]).is_empty());
+        // Machines on a process server that cannot drain (down) stay, and it is not weighed.
+        let mut down = server("ps1", 10);
+        down.eligible = false;
+        assert!(plan(&[down, server("ps2", 10)], &[machine("a", "ps1", 4.0)]).is_empty());
     }
 }

@@ -17,7 +17,7 @@ pub mod writes;
 use lifeboat_common::component::{run_component, ComponentRun, Reporter, RevocationList};
 use lifeboat_common::component_cli::ComponentSettings;
 use lifeboat_common::service_args::{CommonArgs, CommonFileConfig, CommonSettings, RoleDefaults};
-use lifeboat_common::{facts, Role};
+use lifeboat_common::{facts, kept_gauges, Role};
 use lifeboat_proto::batch_intake::BatchIntake;
 use lifeboat_proto::v1::{
     self, point_in_time_server::PointInTimeServer, replica_server::ReplicaServer,
@@ -25,6 +25,7 @@ use lifeboat_proto::v1::{
 use replicas::Replicas;
 use serde::Deserialize;
 use service::ReplicaService;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -300,45 +301,70 @@ fn describe_retention_metrics() {
 /// How often retention is pruned and its gauges refreshed.
 const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Retention gauges of one replica: journal bytes, recovery points, oldest point's age (s).
+type RetentionFigures = (f64, f64, f64);
+
 /// Prunes every journal past its policy's retention window and publishes retention gauges.
+/// They are kept gauges: a round that waits for a replica (a failover commit folds the
+/// journal under its lock) does not make them vanish; a deleted replica's gauges go.
 async fn maintain(replicas: Arc<Replicas>, cancel: CancellationToken) {
+    let mut last: HashMap<String, RetentionFigures> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(MAINTENANCE_EVERY) => {}
             _ = cancel.cancelled() => return,
         }
         let r = replicas.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            let now = lifeboat_common::now_ms();
-            for entry in r.all() {
-                let retention = entry.assignment().retention_secs;
-                let Ok(mut replica) = entry.replica.lock() else {
-                    continue;
-                };
-                if retention > 0 {
-                    match replica.prune(retention, now) {
-                        Ok(0) => {}
-                        Ok(freed) => {
-                            metrics::counter!("lifeboat_mt_journal_pruned_bytes_total",
-                                "disk" => entry.disk_id.clone())
-                            .increment(freed);
-                            tracing::info!(disk = %entry.disk_id, freed, "retention journal pruned");
-                        }
-                        Err(e) => tracing::warn!(disk = %entry.disk_id, "cannot prune: {e}"),
-                    }
-                }
-                let points = replica.points();
-                let disk = entry.disk_id.clone();
-                metrics::gauge!("lifeboat_mt_journal_bytes", "disk" => disk.clone())
-                    .set(replica.journal_bytes() as f64);
-                metrics::gauge!("lifeboat_mt_recovery_points", "disk" => disk.clone())
-                    .set(points.len() as f64);
-                let age = points
-                    .first()
-                    .map_or(0.0, |p| (now - p.time_ms).max(0) as f64 / 1000.0);
-                metrics::gauge!("lifeboat_mt_oldest_point_age_seconds", "disk" => disk).set(age);
-            }
-        })
-        .await;
+        let previous = std::mem::take(&mut last);
+        last = tokio::task::spawn_blocking(move || maintain_once(&r, previous))
+            .await
+            .unwrap_or_default();
+        let family = |pick: fn(&RetentionFigures) -> f64| {
+            last.iter()
+                .map(|(disk, f)| (vec![("disk", disk.clone())], pick(f)))
+                .collect()
+        };
+        kept_gauges::set_family("lifeboat_mt_journal_bytes", family(|f| f.0));
+        kept_gauges::set_family("lifeboat_mt_recovery_points", family(|f| f.1));
+        kept_gauges::set_family("lifeboat_mt_oldest_point_age_seconds", family(|f| f.2));
     }
+}
+
+/// One maintenance round: prunes and returns every replica's retention figures.
+fn maintain_once(
+    replicas: &Replicas,
+    mut previous: HashMap<String, RetentionFigures>,
+) -> HashMap<String, RetentionFigures> {
+    let now = lifeboat_common::now_ms();
+    let mut figures = HashMap::new();
+    for entry in replicas.all() {
+        let retention = entry.assignment().retention_secs;
+        let Ok(mut replica) = entry.replica.lock() else {
+            if let Some(f) = previous.remove(&entry.disk_id) {
+                figures.insert(entry.disk_id.clone(), f);
+            }
+            continue;
+        };
+        if retention > 0 {
+            match replica.prune(retention, now) {
+                Ok(0) => {}
+                Ok(freed) => {
+                    metrics::counter!("lifeboat_mt_journal_pruned_bytes_total",
+                        "disk" => entry.disk_id.clone())
+                    .increment(freed);
+                    tracing::info!(disk = %entry.disk_id, freed, "retention journal pruned");
+                }
+                Err(e) => tracing::warn!(disk = %entry.disk_id, "cannot prune: {e}"),
+            }
+        }
+        let points = replica.points();
+        let age = points
+            .first()
+            .map_or(0.0, |p| (now - p.time_ms).max(0) as f64 / 1000.0);
+        figures.insert(
+            entry.disk_id.clone(),
+            (replica.journal_bytes() as f64, points.len() as f64, age),
+        );
+    }
+    figures
 }

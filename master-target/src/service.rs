@@ -60,15 +60,26 @@ fn owned(replicas: &Replicas, peer: &Peer, disk_id: &str) -> Result<Arc<ReplicaE
 /// Checks and applies a group of one disk's batches; returns the ack.
 async fn apply_group(
     entry: Arc<ReplicaEntry>,
+    peer: &Peer,
     batches: Vec<ChangeBatch>,
     replicas_dir: std::path::PathBuf,
 ) -> Result<ApplyAck, Status> {
     let size = entry.assignment().size_bytes;
+    let sender = peer.id.clone();
     tokio::task::spawn_blocking(move || {
         let mut replica = entry
             .replica
             .lock()
             .map_err(|_| Status::internal("replica lock poisoned"))?;
+        // Checked again under the lock: the disk may have moved to another process server
+        // since (a switch), whose `Status` reads the applied seq under this lock. Either this
+        // group is applied before that read, or it is refused.
+        if entry.assignment().process_server_id != sender {
+            return Err(Status::permission_denied(format!(
+                "disk {} is replicated through another process server",
+                entry.disk_id
+            )));
+        }
         let mut expected = replica.state().applied_seq + 1;
         let mut fresh = Vec::new();
         let mut error = None;
@@ -195,7 +206,7 @@ impl ReplicaRpc for ReplicaService {
             while let Some(group) = groups.next(GROUP_BYTES).await {
                 let disk_id = group.first().map(|b| b.disk_id.clone()).unwrap_or_default();
                 let result = match owned(&replicas, &peer, &disk_id) {
-                    Ok(entry) => apply_group(entry, group, replicas.dir.clone()).await,
+                    Ok(entry) => apply_group(entry, &peer, group, replicas.dir.clone()).await,
                     Err(e) => Err(e),
                 };
                 if let Err(status) = &result {

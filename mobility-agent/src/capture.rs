@@ -130,6 +130,17 @@ fn refuse_if_stopped(q: &Queue) -> io::Result<()> {
     Ok(())
 }
 
+/// A compare cannot release regions while the stream is given up (its blocks would be dropped
+/// and never shipped): the pass fails and starts over from a settled point.
+fn refuse_if_given_up(q: &Queue) -> io::Result<()> {
+    if q.overflowed {
+        return Err(io::Error::other(
+            "the change stream was given up during the compare",
+        ));
+    }
+    Ok(())
+}
+
 /// Places the same tag on one disk, or on several at one instant, after everything queued: every queue is locked (in the order
 /// given) before any tag is placed, so a write acknowledged on one disk before a write on
 /// another was issued cannot end up after the tag on the first and before it on the second.
@@ -251,8 +262,10 @@ impl Capture {
     fn overflow(&self, q: &mut Queue) {
         if !q.overflowed {
             metrics::counter!("lifeboat_agent_stream_breaks_total").increment(1);
-            q.dirty.pin_all();
         }
+        // Every time, not only the first: a region released since (a compare) may hold writes
+        // the stream has dropped now.
+        q.dirty.pin_all();
         q.overflowed = true;
         q.drop_items();
         // Writers waiting for room need not wait any longer.
@@ -425,6 +438,7 @@ impl Capture {
         known: &[BlockHash],
     ) -> io::Result<(u64, Vec<BlockHash>)> {
         let mut q = self.queue.lock().map_err(|_| poisoned())?;
+        refuse_if_given_up(&q)?;
         let data = read_new_at(&self.source, offset, len as usize)?;
         let hashes = blockhash::hash_blocks(&data, blockhash::BLOCK);
         let block = blockhash::BLOCK as usize;
@@ -467,6 +481,9 @@ impl Capture {
             shipped += bytes.len() as u64;
             self.push(&mut q, item);
         }
+        // The queue may have overflowed on the way, dropping what was pushed: the regions
+        // must then stay pinned, not wait for an index that will never be shipped.
+        refuse_if_given_up(&q)?;
         let index = q.last_index();
         q.dirty.resynced(offset, len, index);
         drop(q);

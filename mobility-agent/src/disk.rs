@@ -478,6 +478,7 @@ async fn session(
             "shipping to the process server again");
         last_error.clear();
     }
+    let applied_through;
     let resend: Vec<ChangeBatch> = {
         let mut p = agent
             .progress
@@ -487,7 +488,8 @@ async fn session(
             p.next_seq = resume.durable_seq + 1;
         }
         p.durable(resume.durable_seq);
-        p.applied(resume.applied_seq);
+        // Applied while disconnected (always so after a switch): those regions may go.
+        applied_through = p.applied(resume.applied_seq);
         let lost = p
             .unacked
             .front()
@@ -519,6 +521,9 @@ async fn session(
         }
         p.unacked.iter().cloned().collect()
     };
+    if let Some(index) = applied_through {
+        clear_dirty(agent, index);
+    }
     let in_initial_sync = matches!(
         agent.progress.lock().map(|p| p.phase.clone()),
         Ok(Phase::InitialSync)
@@ -652,14 +657,19 @@ fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
         clear
     };
     if let Some(index) = clear {
-        if let Ok(mut q) = agent.capture.queue.lock() {
-            q.dirty.clear_through(index);
-            if let Err(e) = q.dirty.write_back() {
-                tracing::warn!(disk = %agent.disk_id, "cannot write the dirty map back: {e}");
-            }
-        }
+        clear_dirty(agent, index);
     }
     Ok(())
+}
+
+/// Lets the dirty map go of regions whose writes up to capture `index` are all applied.
+fn clear_dirty(agent: &DiskAgent, index: u64) {
+    if let Ok(mut q) = agent.capture.queue.lock() {
+        q.dirty.clear_through(index);
+        if let Err(e) = q.dirty.write_back() {
+            tracing::warn!(disk = %agent.disk_id, "cannot write the dirty map back: {e}");
+        }
+    }
 }
 
 /// Whether every captured item up to capture index `last` is applied on the master target.

@@ -132,18 +132,16 @@ impl Reporter for PsReporter<'_> {
         self.disks
             .all()
             .iter()
-            .map(|d| {
+            .filter_map(|d| {
                 // Read before the cache: a store takes the cache lock and then looks at this
                 // flag, so if it is set the seq read below can no longer grow (see `ingest`).
                 let draining = d.assignment().draining;
-                let (seq, bytes) = d
-                    .cache
-                    .lock()
-                    .map(|c| (c.durable_seq(), c.bytes()))
-                    .unwrap_or_default();
+                // Nothing is said of a disk whose cache state is unknown (a poisoned lock):
+                // "durable 0" would let a switch believe it drained.
+                let (seq, bytes) = d.cache.lock().map(|c| (c.durable_seq(), c.bytes())).ok()?;
                 // Read after the seq, so durable == applied cannot be claimed too early.
                 let applied_seq = d.applied().0;
-                v1::DiskReport {
+                Some(v1::DiskReport {
                     disk_id: d.disk_id.clone(),
                     phase: if draining { "draining" } else { "caching" }.into(),
                     seq,
@@ -152,7 +150,7 @@ impl Reporter for PsReporter<'_> {
                     stored_bytes: bytes,
                     draining,
                     ..Default::default()
-                }
+                })
             })
             .collect()
     }

@@ -2,7 +2,7 @@
 //! protected machines over the process servers (`crate::balance` plans them). The change
 //! rates are the agents' last reports (5-minute averages); cache headroom is each process
 //! server's quota minus what its cache holds, from its last heartbeat. Machines failed over
-//! or already moving are left where they are.
+//! are left out; machines already moving count where they go.
 use super::protection::ProtectionService;
 use crate::balance::{self, Machine, Server};
 use crate::node::storage_status;
@@ -35,7 +35,7 @@ impl ProtectionService {
             .machines()
             .map_err(storage_status)?
             .into_iter()
-            .filter(|m| m.recovery.failover.is_none() && m.switching.is_none())
+            .filter(|m| m.recovery.failover.is_none())
             .map(|m| Machine {
                 change_bytes_per_sec: m
                     .disks
@@ -44,7 +44,9 @@ impl ProtectionService {
                     .map(|r| r.report.change_bytes_per_sec)
                     .sum(),
                 name: m.name,
-                ps_id: m.ps_id,
+                // A machine already moving weighs where it goes, and stays out of the plan.
+                movable: m.switching.is_none(),
+                ps_id: m.switching.map_or(m.ps_id, |s| s.to_ps),
             })
             .collect();
         let moves = balance::plan(&servers, &machines);

@@ -4,7 +4,7 @@
 use super::command::CommandResult;
 use super::keys;
 use super::kv::{KvError, KvRead, Overlay};
-use super::protection::{Job, Switching};
+use super::protection::{Job, JobState, Switching};
 use super::query::StateReader;
 use lifeboat_common::Role;
 
@@ -21,12 +21,18 @@ pub(super) fn start_switch(
     let Some(mut machine) = reader.machine(name)? else {
         return Ok(CommandResult::NotFound(format!("{name} is not protected")));
     };
+    // A forced move replaces a drain that cannot finish (its process server died).
+    let mut replaced = None;
     if let Some(s) = &machine.switching {
-        return Ok(CommandResult::Refused(format!(
-            "{name} is already moving to another process server (job {}); wait for it with \
-             `lifeboat jobs --watch`",
-            s.job_id
-        )));
+        if !force {
+            return Ok(CommandResult::Refused(format!(
+                "{name} is already moving to another process server (job {}); wait for it \
+                 with `lifeboat jobs --watch`, or move it at once with --force if its process \
+                 server is down",
+                s.job_id
+            )));
+        }
+        replaced = reader.job(&s.job_id)?;
     }
     match reader.identity(to_ps)? {
         Some(r) if r.role == Role::ProcessServer && r.revoked.is_none() => {}
@@ -43,12 +49,24 @@ pub(super) fn start_switch(
     }
     if force {
         machine.ps_id = to_ps.to_string();
+        machine.switching = None;
     } else {
         machine.switching = Some(Switching {
             to_ps: to_ps.to_string(),
             job_id: job.id.clone(),
             started_at_ms: job.created_at_ms,
         });
+    }
+    if let Some(mut old) = replaced {
+        old.state = JobState::Failed;
+        old.updated_at_ms = job.created_at_ms;
+        old.error = format!("replaced by a forced move (job {})", job.id);
+        for step in &mut old.steps {
+            if matches!(step.state, JobState::Running | JobState::Pending) {
+                step.state = JobState::Failed;
+            }
+        }
+        tx.writes.put(keys::job(&old.id), &old);
     }
     tx.writes.put(keys::machine(name), &machine);
     tx.writes.put(keys::job(&job.id), job);

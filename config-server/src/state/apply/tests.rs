@@ -365,3 +365,16 @@ fn a_forced_switch_moves_at_once_and_bad_targets_are_refused() {
     );
     assert!(matches!(missing, CommandResult::NotFound(_)));
 }
+
+#[test]
+fn a_forced_switch_replaces_a_drain_that_cannot_finish() {
+    let mut kv = protected();
+    assert_eq!(start(&mut kv, "ps2", false, "job-a"), CommandResult::Done);
+    // ps1 died while draining: move to ps2 at once.
+    assert_eq!(start(&mut kv, "ps2", true, "job-b"), CommandResult::Done);
+    let m = machine(&kv);
+    assert_eq!((m.ps_id.as_str(), m.switching), ("ps2", None));
+    let old = StateReader(&kv).job("job-a").unwrap().unwrap();
+    assert_eq!(old.state, JobState::Failed);
+    assert!(old.error.contains("job-b"), "{}", old.error);
+}
