@@ -243,6 +243,13 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                         "; replication of {} waits for it: start it again",
                         served.join(", ")
                     ));
+                    if r.role == Role::ProcessServer {
+                        // DESIGN §8: its machines can move to another process server.
+                        message.push_str(
+                            ", or move its machines with `lifeboat switch MACHINE --to OTHER \
+                             --force` (what only its cache held is resynced)",
+                        );
+                    }
                 }
                 wanted.push(Alert {
                     key: format!("down/{}", r.id),

@@ -154,6 +154,9 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
             .iter()
             .any(|s| s["name"] == "ps2" && s["status"] != "Connected")
     });
+    wait_until("the alert says the machines can move", WAIT, || {
+        text(&lifeboat(&ctx, &["alerts"])).contains("lifeboat switch")
+    });
     let out = lifeboat(&ctx, &["switch", "web01", "--to", "ps1"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("--force"), "{}", text(&out));
