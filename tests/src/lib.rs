@@ -71,6 +71,13 @@ pub fn free_port() -> u16 {
     panic!("no free port between 20000 and 32000 on 127.0.0.1");
 }
 
+/// Creates `path` as a sparse file of `bytes` bytes: a protected machine's disk.
+pub fn sparse_disk(path: &Path, bytes: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+}
+
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }

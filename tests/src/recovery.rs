@@ -1,7 +1,7 @@
 //! Helpers of the recovery tests: hooks that record their calls, recovery points, recovery
 //! commands and comparisons of views (over NBD) and replicas with copies of the source.
 use crate::workload::WAIT;
-use crate::{lifeboat, lifeboat_json, servers, text, wait_until, Component, CsNode};
+use crate::{lifeboat, lifeboat_json, servers, sparse_disk, text, wait_until, Component, CsNode};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,10 +117,7 @@ impl Machines {
         let mut sources = Vec::new();
         for (name, mib) in names.iter().zip(sizes_mib) {
             let source = tmp.join(format!("{name}.img"));
-            std::fs::File::create(&source)
-                .unwrap()
-                .set_len(mib << 20)
-                .unwrap();
+            sparse_disk(&source, mib << 20);
             let disk = format!("disk0={}", source.display());
             let mut agent =
                 Component::register("mobility-agent", name, tmp, &cs, &["--disk", &disk]);

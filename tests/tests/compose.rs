@@ -120,10 +120,7 @@ fn the_two_sites_compose_file_comes_up_replicates_and_comes_up_again_unchanged()
     build_image(&project.image);
     std::fs::create_dir_all(&project.disks).unwrap();
     let source = project.disks.join("web01.img");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    sparse_disk(&source, 64 << 20);
     qemu_io(&source.display().to_string(), &["write -P 0x21 0 8M"]);
 
     project.compose_ok(&["up", "-d"]);

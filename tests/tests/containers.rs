@@ -61,10 +61,7 @@ fn a_machine_replicates_across_hosts_through_host_loss_and_a_network_cut() {
 
     // The other hosts register with the passphrase, then serve under their names.
     let source = site.data("web01").join("disk0.img");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(128 << 20)
-        .unwrap();
+    sparse_disk(&source, 128 << 20);
     qemu_io(&source.display().to_string(), &["write -P 0x5a 4M 24M"]);
     let hosts: [(&str, &str, &[&str]); 3] = [
         (

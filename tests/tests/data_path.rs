@@ -147,7 +147,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     let ctx = cs.context();
     for name in ["web01", "db01"] {
         let img = tmp.path().join(format!("{name}.img"));
-        std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
+        sparse_disk(&img, DISK);
         let disk = format!("disk0={}", img.display());
         Component::register("mobility-agent", name, tmp.path(), &cs, &["--disk", &disk]);
     }

@@ -47,14 +47,8 @@ fn policies_protect_status_jobs_and_unprotect() {
     let ctx = cs.context();
     let disk0 = tmp.path().join("disk0.img");
     let disk1 = tmp.path().join("disk1.img");
-    std::fs::File::create(&disk0)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
-    std::fs::File::create(&disk1)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    sparse_disk(&disk0, 32 << 20);
+    sparse_disk(&disk1, 16 << 20);
     let d0 = format!("disk0={}", disk0.display());
     let d1 = format!("disk1={}", disk1.display());
     let mut ps = start_component("process-server", "ps1", tmp.path(), &cs, &[]);

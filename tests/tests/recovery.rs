@@ -52,10 +52,7 @@ fn site() -> Site {
     let (cs, _) = CsNode::init(tmp.path().join("cs"));
     let ctx = cs.context();
     let source = tmp.path().join("db01-disk0.img");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
+    sparse_disk(&source, 64 * MIB);
     let freeze_log = tmp.path().join("freeze.log");
     let freeze = hook_script(tmp.path(), &freeze_log, "freeze.sh");
     let hook_log = tmp.path().join("recovery-hook.log");

@@ -87,10 +87,7 @@ fn every_role_registers_heartbeats_and_is_listed() {
     );
 
     let disk = tmp.path().join("disk0.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    sparse_disk(&disk, 64 << 20);
     let disk_arg = format!("disk0={}", disk.display());
     let mut procs = Vec::new();
     for (binary, name, extra) in [

@@ -16,10 +16,7 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     let (cs, _) = CsNode::init(tmp.path().join("cs"));
     let ctx = cs.context();
     let source = tmp.path().join("web01.img");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
+    sparse_disk(&source, 256 << 20);
     // Data present before protection: the initial sync must carry it.
     qemu_io(
         &source.display().to_string(),

@@ -33,10 +33,7 @@ impl Setup {
         let (cs, _) = CsNode::init(tmp.path().join("cs"));
         let ctx = cs.context();
         let source = tmp.path().join("db01.img");
-        std::fs::File::create(&source)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        sparse_disk(&source, size);
         qemu_io(
             &source.display().to_string(),
             &[format!("write -P 0x5a 0 {data}")],

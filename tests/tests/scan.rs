@@ -48,10 +48,7 @@ fn scans_replicate_changes_made_by_another_process() {
     let (cs, _) = CsNode::init(tmp.path().join("cs"));
     let ctx = cs.context();
     let source = tmp.path().join("legacy01.img");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(128 * MIB)
-        .unwrap();
+    sparse_disk(&source, 128 * MIB);
     let path = source.display().to_string();
     qemu_io(&path, &["write -P 0x5a 0 20M", "write -P 0x6b 100M 3M"]);
 

@@ -38,10 +38,7 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
     let (cs, _) = CsNode::init(tmp.path().join("cs"));
     let ctx = cs.context();
     let source = tmp.path().join("web01.img");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    sparse_disk(&source, 64 << 20);
     qemu_io(&source.display().to_string(), &["write -P 0x11 1M 8M"]);
     let mut ps1 = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
     let mut ps2 = Component::register("process-server", "ps2", tmp.path(), &cs, &[]);
@@ -211,10 +208,7 @@ fn load_balance_shows_the_moves_then_makes_them() {
     let mut sources = Vec::new();
     for name in ["web01", "web02"] {
         let source = tmp.path().join(format!("{name}.img"));
-        std::fs::File::create(&source)
-            .unwrap()
-            .set_len(32 << 20)
-            .unwrap();
+        sparse_disk(&source, 32 << 20);
         let disk_arg = format!("disk0={}", source.display());
         agents.push(Component::register(
             "mobility-agent",
