@@ -22,6 +22,9 @@ pub struct Progress {
     /// Notified when a disk's reported phase changed: the reconciler turns it into a state
     /// transition at once rather than on its next tick.
     pub phase_changed: tokio::sync::Notify,
+    /// Per switch job: the most its draining process server held for the machine, as this
+    /// leader saw it (the base of the drain step's percentage; see `switching`).
+    pub drain_base: Mutex<HashMap<String, u64>>,
 }
 
 impl Progress {

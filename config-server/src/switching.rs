@@ -73,6 +73,12 @@ fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) 
                     && r.report.applied_seq >= r.report.durable_seq
             })
     });
+    let ended = drained || now - switching.started_at_ms > DRAIN_TIMEOUT_MS;
+    if ended {
+        if let Ok(mut bases) = node.progress.drain_base.lock() {
+            bases.remove(&job.id);
+        }
+    }
     if drained {
         let mut next = job.clone();
         next.updated_at_ms = now;
@@ -89,6 +95,9 @@ fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) 
             job: next,
             move_to: Some(switching.to_ps.clone()),
         });
+    }
+    if let Some(progressed) = drain_percentage(node, job, machine, now) {
+        return Some(Command::UpdateJob { job: progressed });
     }
     if now - switching.started_at_ms > DRAIN_TIMEOUT_MS {
         let why = format!(
@@ -149,6 +158,41 @@ fn resume_progress(
     }
     None
 }
+
+/// The drain step's progress, when it moved by at least [`PROGRESS_STEP`] points: how much of
+/// what the process server held for the machine (its cache bytes, the most seen) is gone.
+fn drain_percentage(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) -> Option<Job> {
+    let held: u64 = machine
+        .disks
+        .iter()
+        .filter_map(|d| node.progress.get(&d.disk_id, Role::ProcessServer))
+        .filter(|r| r.from == machine.ps_id && r.report.draining)
+        .map(|r| r.report.stored_bytes)
+        .sum();
+    let base = {
+        let mut bases = node.progress.drain_base.lock().ok()?;
+        let base = bases.entry(job.id.clone()).or_insert(held);
+        *base = (*base).max(held);
+        *base
+    };
+    if base == 0 {
+        return None;
+    }
+    let pct = 100.0 * (base - held) as f64 / base as f64;
+    let step = job.steps.get(DRAIN)?;
+    if pct < step.progress_pct + PROGRESS_STEP || pct >= 100.0 {
+        return None;
+    }
+    let mut next = job.clone();
+    next.updated_at_ms = now;
+    if let Some(step) = next.steps.get_mut(DRAIN) {
+        step.progress_pct = pct.floor();
+    }
+    Some(next)
+}
+
+/// Points by which the drain's percentage must move before the job is written again.
+const PROGRESS_STEP: f64 = 5.0;
 
 /// Sets step `i`'s state (and detail, unless empty).
 fn set_step(job: &mut Job, i: usize, state: JobState, detail: &str) {
