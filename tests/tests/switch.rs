@@ -79,9 +79,21 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
     let url = format!("nbd://{}/disk0", agent.nbd);
     assert!(ps1.dir.join("cache").join(&disk_id).exists());
 
-    // Batches that only ps1 holds: the master target is down while they are written.
+    // Batches that only ps1 holds: the master target is down while they are written (and
+    // the switch starts only once ps1 has them: still in the agent, they would simply go to
+    // ps2 later, and the drain would have nothing to wait for).
+    let ingested = |ps: &Component| {
+        metric(
+            &http_get(&ps.metrics, "/metrics").unwrap_or_default(),
+            "lifeboat_ps_ingest_bytes_total",
+        )
+    };
     mt.proc().kill9();
+    let before = ingested(&ps1);
     qemu_io(&url, &["write -P 0x21 20M 2M"]);
+    wait_until("ps1 holds the write", WAIT, || {
+        ingested(&ps1) >= before + 2.0 * 1048576.0
+    });
     let out = lifeboat(&ctx, &["switch", "web01", "--to", "ps2"]);
     assert!(out.status.success(), "{}", text(&out));
     // The move waits for ps1 to forward them; writes go on meanwhile (the agent keeps them).
@@ -123,26 +135,15 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
         0.0,
         "the move made the agent resync: {agent_metrics}"
     );
-    assert!(
-        metric(
-            &http_get(&ps2.metrics, "/metrics").unwrap(),
-            "lifeboat_ps_ingest_bytes_total"
-        ) > 0.0
-    );
+    assert!(ingested(&ps2) > 0.0);
 
     // A process server that is down cannot forward what it holds: refused, unless --force.
     // What it holds: a write it acknowledged while the master target was down.
     mt.proc().kill9();
-    let ps2_ingested = || {
-        metric(
-            &http_get(&ps2.metrics, "/metrics").unwrap_or_default(),
-            "lifeboat_ps_ingest_bytes_total",
-        )
-    };
-    let before = ps2_ingested();
+    let before = ingested(&ps2);
     qemu_io(&url, &["write -P 0x51 50M 1M"]);
     wait_until("ps2 holds the write", WAIT, || {
-        ps2_ingested() >= before + 1048576.0
+        ingested(&ps2) >= before + 1048576.0
     });
     ps2.proc.as_mut().unwrap().kill9();
     mt.start();
