@@ -20,6 +20,7 @@ pub mod progress;
 pub mod resync;
 pub mod scan;
 pub mod settings;
+pub mod ship;
 pub mod spill;
 pub mod splitter;
 

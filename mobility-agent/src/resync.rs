@@ -68,7 +68,7 @@ pub async fn run(agent: Arc<DiskAgent>) {
 pub async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> anyhow::Result<bool> {
     let mut said = false;
     loop {
-        let r = crate::disk::ask_position(agent, client).await?;
+        let r = crate::ship::ask_position(agent, client).await?;
         let settled = agent.progress.lock().is_ok_and(|p| {
             p.next_seq > 0
                 && p.unacked.is_empty()
@@ -92,7 +92,7 @@ pub async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> an
 
 /// One pass over the dirty regions; `true` when it completed.
 async fn pass(agent: &Arc<DiskAgent>) -> anyhow::Result<bool> {
-    let mut client = crate::disk::ingest_client(agent)?;
+    let mut client = crate::ship::ingest_client(agent)?;
     if !settle(agent, &mut client).await? {
         return Ok(false);
     }
@@ -164,7 +164,7 @@ async fn pass(agent: &Arc<DiskAgent>) -> anyhow::Result<bool> {
             p.sync_done = done;
         }
     }
-    crate::disk::mark_pass_end(agent)?;
+    crate::ship::mark_pass_end(agent)?;
     tracing::info!(disk = %agent.disk_id, compared = done, shipped,
         secs = started.elapsed().as_secs_f64(), replica_hash_secs = remote.as_secs_f64(),
         local_secs = local.as_secs_f64(), "resync pass finished; completes once applied");

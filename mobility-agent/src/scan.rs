@@ -72,7 +72,7 @@ async fn scan_once(
     known: Option<Vec<BlockHash>>,
 ) -> anyhow::Result<Option<Vec<BlockHash>>> {
     let size = agent.capture.size;
-    let mut client = crate::disk::ingest_client(agent)?;
+    let mut client = crate::ship::ingest_client(agent)?;
     // A stream that broke since the last scan leaves the shipped state unknown.
     let known = if agent.capture.overflowed() {
         None
@@ -128,7 +128,7 @@ async fn scan_once(
     tracing::info!(disk = %agent.disk_id, shipped, frozen, %tag, against_replica = first, "scan finished");
     if first {
         // Like an initial sync: complete (and the disk Protected) once all of it is applied.
-        crate::disk::mark_pass_end(agent)?;
+        crate::ship::mark_pass_end(agent)?;
     }
     // The point counts (for the RPO) once the master target has applied it.
     loop {
