@@ -39,6 +39,7 @@ pub fn progress(
     now: i64,
 ) -> Option<Command> {
     let Some(machine) = machine else {
+        forget_drain(node, job);
         return Some(Command::UpdateJob {
             job: failed(
                 job,
@@ -59,6 +60,7 @@ pub fn progress(
 
 fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) -> Option<Command> {
     let Some(switching) = machine.switching.as_ref().filter(|s| s.job_id == job.id) else {
+        forget_drain(node, job);
         return Some(Command::UpdateJob {
             job: failed(job, now, "the switch was replaced or cancelled".into()),
         });
@@ -73,11 +75,8 @@ fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) 
                     && r.report.applied_seq >= r.report.durable_seq
             })
     });
-    let ended = drained || now - switching.started_at_ms > DRAIN_TIMEOUT_MS;
-    if ended {
-        if let Ok(mut bases) = node.progress.drain_base.lock() {
-            bases.remove(&job.id);
-        }
+    if drained || now - switching.started_at_ms > DRAIN_TIMEOUT_MS {
+        forget_drain(node, job);
     }
     if drained {
         let mut next = job.clone();
@@ -189,6 +188,13 @@ fn drain_percentage(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64
         step.progress_pct = pct.floor();
     }
     Some(next)
+}
+
+/// Drops the base of `job`'s drain percentage: the drain is over.
+fn forget_drain(node: &Node, job: &Job) {
+    if let Ok(mut bases) = node.progress.drain_base.lock() {
+        bases.remove(&job.id);
+    }
 }
 
 /// Points by which the drain's percentage must move before the job is written again.
