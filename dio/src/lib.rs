@@ -28,6 +28,12 @@ pub const MEM_ALIGN: usize = 4096;
 /// far more than the page cache's copy, which lets the kernel write them back together.
 pub const MIN_COPIED_DIRECT: usize = 128 * 1024;
 
+/// Most bytes [`DirectFile::gather`] joins into one direct write. One large write lets the
+/// disk work on its parts at once, where writes issued one after the other each wait for the
+/// last: on the benchmark VM, 1 MiB direct writes reached 1.7 GB/s, 4 MiB ones 2.7 GB/s and
+/// 16 MiB ones 2.8 GB/s (fio, one write in flight).
+pub const GATHER_MAX: usize = 8 * 1024 * 1024;
+
 /// A growable byte buffer whose start is [`MEM_ALIGN`]-aligned. Safe code only: it lives at an
 /// aligned offset inside an ordinary `Vec`, and moves to a bigger one when it grows.
 #[derive(Debug, Default)]
@@ -150,8 +156,13 @@ pub struct DirectFile {
     /// The `O_DIRECT` descriptor and the offset and length multiple it needs; `None` when the
     /// file system does not take direct writes, or once it refused one.
     direct: Option<(File, u64)>,
-    /// Where [`DirectFile::write_at`] copies data that is not in aligned memory.
+    /// Where [`DirectFile::write_at`] copies data that is not in aligned memory; while
+    /// gathering, the pieces not yet written.
     staging: AlignedBuf,
+    /// Whether direct writes are being gathered ([`DirectFile::gather`]).
+    gathering: bool,
+    /// File offset of the gathered bytes in `staging`, while there are some.
+    pending_at: Option<u64>,
 }
 
 impl DirectFile {
@@ -170,6 +181,8 @@ impl DirectFile {
             buffered,
             direct,
             staging: AlignedBuf::new(),
+            gathering: false,
+            pending_at: None,
         }
     }
 
@@ -179,6 +192,8 @@ impl DirectFile {
             buffered,
             direct: None,
             staging: AlignedBuf::new(),
+            gathering: false,
+            pending_at: None,
         }
     }
 
@@ -198,9 +213,59 @@ impl DirectFile {
             .is_some_and(|a| offset % a == 0 && len as u64 % a == 0 && len > 0)
     }
 
+    /// From now on, until [`DirectFile::end_gather`], writes that would go direct are held
+    /// back and joined with the next ones that continue them in the file, into writes of up
+    /// to [`GATHER_MAX`] bytes. Any other write first writes what is held back, so writes
+    /// still reach the file in the order they were made. Data held back is not in the file:
+    /// nothing may read the file (nor sync it) before `end_gather`.
+    pub fn gather(&mut self) {
+        self.gathering = true;
+    }
+
+    /// Writes what [`DirectFile::gather`] held back and stops gathering.
+    pub fn end_gather(&mut self) -> io::Result<()> {
+        self.gathering = false;
+        self.write_pending()
+    }
+
+    /// Writes the gathered bytes, if any.
+    fn write_pending(&mut self) -> io::Result<()> {
+        let Some(at) = self.pending_at.take() else {
+            return Ok(());
+        };
+        let mut staging = std::mem::take(&mut self.staging);
+        let written = self.write_now(&staging, at);
+        staging.clear();
+        self.staging = staging;
+        written
+    }
+
+    /// Holds `parts` back to be written with the gathered bytes they continue (or starts a
+    /// new run after writing those).
+    fn hold(&mut self, parts: &[&[u8]], offset: u64, len: usize) -> io::Result<()> {
+        let continues = self
+            .pending_at
+            .is_some_and(|at| at + self.staging.len() as u64 == offset)
+            && self.staging.len() + len <= GATHER_MAX;
+        if !continues {
+            self.write_pending()?;
+            self.staging.clear();
+            self.pending_at = Some(offset);
+        }
+        for part in parts {
+            self.staging.extend_from_slice(part);
+        }
+        Ok(())
+    }
+
     /// Writes an aligned buffer at `offset` without copying it: direct when offset and
     /// length fit, buffered otherwise.
     pub fn write_aligned_at(&mut self, buf: &AlignedBuf, offset: u64) -> io::Result<()> {
+        self.write_pending()?;
+        self.write_now(buf, offset)
+    }
+
+    fn write_now(&mut self, buf: &AlignedBuf, offset: u64) -> io::Result<()> {
         match &self.direct {
             Some((file, _)) if self.fits(offset, buf.len()) => {
                 match file.write_all_at(buf.as_slice(), offset) {
@@ -226,7 +291,12 @@ impl DirectFile {
     /// belongs before large data (a block's header) costs no I/O of its own.
     pub fn write_parts_at(&mut self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        if len < MIN_COPIED_DIRECT || !self.fits(offset, len) {
+        let direct = len >= MIN_COPIED_DIRECT && self.fits(offset, len);
+        if self.gathering && direct {
+            return self.hold(parts, offset, len);
+        }
+        self.write_pending()?;
+        if !direct {
             let mut at = offset;
             for part in parts {
                 self.buffered.write_all_at(part, at)?;
@@ -239,7 +309,7 @@ impl DirectFile {
         for part in parts {
             staging.extend_from_slice(part);
         }
-        let written = self.write_aligned_at(&staging, offset);
+        let written = self.write_now(&staging, offset);
         self.staging = staging;
         written
     }
@@ -259,6 +329,14 @@ impl DirectFile {
         }
         self.direct = None;
         self.buffered.write_all_at(rest, offset)
+    }
+}
+
+impl Drop for DirectFile {
+    /// Gathered bytes are written even if the owner forgot [`DirectFile::end_gather`] (an
+    /// error then has nowhere to go; the owner's next sync would not cover them anyway).
+    fn drop(&mut self) {
+        let _ = self.write_pending();
     }
 }
 

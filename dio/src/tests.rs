@@ -160,3 +160,61 @@ fn aligned_and_unaligned_writes_read_back_exactly() {
         assert!(back == model, "content differs in {}", dir.path().display());
     }
 }
+
+/// Gathered writes reach the file only at `end_gather`, joined where they continue each
+/// other, and in the order they were made where they overlap writes that were not gathered
+/// (a later buffered write over gathered bytes wins, and so does a later gathered write).
+#[test]
+fn gathered_writes_land_in_order_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = new_file(dir.path());
+    if out.alignment().is_none() {
+        eprintln!("skipped: {} takes no direct writes", dir.path().display());
+        return;
+    }
+    let mut model = vec![0u8; 24 << 20];
+    let data: Vec<u8> = (0..(4u32 << 20) + 1)
+        .map(|i| (i * 31 + i / 4096) as u8)
+        .collect();
+    let mb = 1 << 20;
+    out.gather();
+    let write = |out: &mut DirectFile, model: &mut [u8], at: usize, len: usize, salt: u8| {
+        let piece: Vec<u8> = data[1..1 + len].iter().map(|b| b ^ salt).collect();
+        out.write_at(&piece, at as u64).unwrap();
+        model[at..at + len].copy_from_slice(&piece);
+    };
+    write(&mut out, &mut model, 0, mb, 1); // starts a run
+    write(&mut out, &mut model, mb, mb, 2); // continues it
+    write(&mut out, &mut model, 2 * mb, mb, 3); // continues it
+                                                // Held back so far: nothing is in the file yet.
+    let mut first = vec![0u8; 4096];
+    let n = out.file().read_at(&mut first, 0).unwrap();
+    assert!(
+        n == 0 || first[..n].iter().all(|&b| b == 0),
+        "written early"
+    );
+    write(&mut out, &mut model, 100, 5000, 4); // buffered, over the run: writes the run first
+    write(&mut out, &mut model, 8 * mb, 4 * mb, 5); // a new run
+    write(&mut out, &mut model, 12 * mb, 4 * mb, 6); // past GATHER_MAX: a run of its own
+    write(&mut out, &mut model, 12 * mb + 4096, mb, 7); // over the held run, not continuing it
+    write(&mut out, &mut model, 20 * mb, 4 * mb, 8);
+    out.end_gather().unwrap();
+    assert_reads_back(&out, &model);
+    // Not gathering any more: a write goes out at once.
+    write(&mut out, &mut model, 0, mb, 9);
+    out.file().read_exact_at(&mut first, 0).unwrap();
+    assert_eq!(first, model[..4096]);
+}
+
+/// Gathered bytes a careless owner never wrote out are written when the file is dropped.
+#[test]
+fn gathered_bytes_are_written_on_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut out = new_file(dir.path());
+    let piece = vec![5u8; 1 << 20];
+    out.gather();
+    out.write_at(&piece, 0).unwrap();
+    drop(out);
+    let back = std::fs::read(dir.path().join("f")).unwrap();
+    assert_eq!(back, piece);
+}

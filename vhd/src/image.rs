@@ -480,6 +480,26 @@ impl Image {
             .is_some_and(|d| d.alignment().is_some()))
     }
 
+    /// Runs `writes`, which only writes, zeroes and discards (no reads, no flush), with the
+    /// direct data writes it makes gathered ([`Image::write_direct`], `dio::DirectFile::gather`):
+    /// pieces that follow each other in the file, like a sequential stream's data in the new
+    /// blocks it allocates one after the other, go out as one write of up to
+    /// `dio::GATHER_MAX` bytes instead of one per block or extent. Everything is in the file
+    /// when this returns (not durable until [`Image::flush`]).
+    pub fn gathered<T>(&mut self, writes: impl FnOnce(&mut Image) -> Result<T>) -> Result<T> {
+        if let Some(direct) = &mut self.direct {
+            direct.gather();
+        }
+        let result = writes(self);
+        let ended = match &mut self.direct {
+            Some(direct) => direct.end_gather().map_err(Error::io("write data")),
+            None => Ok(()),
+        };
+        let value = result?;
+        ended?;
+        Ok(value)
+    }
+
     /// Unmaps the blocks of a dynamic image that lie wholly inside `offset..offset + len`
     /// (they then read as zeros and their space is punched out of the file after the next
     /// flush). Partial blocks, fixed and differencing images are left unchanged: discard is a
@@ -520,6 +540,9 @@ impl Image {
     pub fn flush(&mut self) -> Result<()> {
         if !self.writable {
             return Ok(());
+        }
+        if let Some(direct) = &mut self.direct {
+            direct.end_gather().map_err(Error::io("write data"))?;
         }
         match &mut self.sparse {
             Some(s) => s.flush(&self.file)?,

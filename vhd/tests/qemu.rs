@@ -65,6 +65,8 @@ fn crate_written_images_match_raw_in_qemu() {
         ),
         // Data written with O_DIRECT where the file system takes it.
         ("dyn-direct.vhd", CreateOptions::dynamic(size)),
+        // The same, gathered into large writes (`Image::gathered`).
+        ("dyn-direct-gathered.vhd", CreateOptions::dynamic(size)),
     ];
     for (name, opts) in layouts {
         let path = dir.path().join(name);
@@ -81,6 +83,19 @@ fn crate_written_images_match_raw_in_qemu() {
             common::write_both(&mut img, &mut model, &rng.bytes(half), bs);
             common::write_both(&mut img, &mut model, &rng.bytes(bs as usize), 2 * bs);
             common::write_both(&mut img, &mut model, &rng.bytes(half), bs + half as u64);
+        }
+        if name.contains("gathered") {
+            // A stream of 1 MiB pieces over new blocks (one run of writes in the file), then
+            // the varied pattern over it and around, all in one gathering.
+            img.gathered(|img| {
+                let mut rng = Rng::new(5);
+                for at in (8 * MIB..20 * MIB).step_by(MIB as usize) {
+                    common::write_both(img, &mut model, &rng.bytes(MIB as usize), at);
+                }
+                random_writes(img, &mut model, &mut Rng::new(98), 400);
+                Ok(())
+            })
+            .expect("gathered writes");
         }
         random_writes(&mut img, &mut model, &mut Rng::new(99), 400);
         // A recognisable pattern at both ends and a discarded block.

@@ -291,19 +291,22 @@ impl Replica {
         }
         self.journal_group(batches)?;
         let image_err = self.image_error();
-        for batch in batches {
-            for extent in &batch.extents {
-                if extent.data.is_empty() {
-                    self.image
-                        .write_zeroes(extent.offset, extent.zero_length)
-                        .map_err(&image_err)?;
-                } else {
-                    self.image
-                        .write_at(&extent.data, extent.offset)
-                        .map_err(&image_err)?;
+        // Gathered: an initial sync's or a sequential workload's extents land one after the
+        // other in the blocks they allocate, and go to the disk in large writes.
+        self.image
+            .gathered(|image| {
+                for batch in batches {
+                    for extent in &batch.extents {
+                        if extent.data.is_empty() {
+                            image.write_zeroes(extent.offset, extent.zero_length)?;
+                        } else {
+                            image.write_at(&extent.data, extent.offset)?;
+                        }
+                    }
                 }
-            }
-        }
+                Ok(())
+            })
+            .map_err(&image_err)?;
         self.image.flush().map_err(&image_err)?;
         // Replicas of many disks stream through a master target; keeping what was just
         // written cached would push out everything else (the data just written, metadata, and
