@@ -105,7 +105,7 @@ for i in 1 2 3; do
 done
 median() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
 L=$(median "${LS[@]}"); QC=$(median "${QCS[@]}")
-echo "Lifeboat initial sync end to end: $L MB/s (median of ${LS[*]}; ${SECS[*]} s from protect to Protected, as \`lifeboat wait\` saw it, polling every 25 ms; CPU stolen by the host meanwhile: ${STEALS[*]} %)"
+echo "Lifeboat initial sync end to end: $L MB/s (median of ${LS[*]}; ${SECS[*]} s from protect to Protected, as \`lifeboat wait\` saw it (long polls, answered as the state changes); CPU stolen by the host meanwhile: ${STEALS[*]} %)"
 echo "qemu-img convert -O vpc locally:  $QC MB/s (median of ${QCS[*]})   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"
 # Context for the ratio: the CPU the sync costs per GiB of data (process server, master target
 # and agent, from /proc, over the three syncs and unprotects) against a floor of the design's

@@ -24,5 +24,6 @@ pub mod server;
 pub mod services;
 pub mod settings;
 pub mod state;
+pub mod status_wait;
 pub mod switching;
 pub mod tasks;

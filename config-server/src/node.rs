@@ -47,6 +47,8 @@ pub struct Node {
     pub liveness: Liveness,
     pub progress: Progress,
     pub committed_index: Arc<AtomicU64>,
+    /// The index of the last entry applied to this node's state machine, as it changes.
+    pub applied: tokio::sync::watch::Receiver<u64>,
     pub nonces: NonceStore,
     pub failures: FailureLimiter,
     /// Serialises membership changes requested by joining nodes.
@@ -94,6 +96,7 @@ impl Node {
         identity: Arc<Identity>,
         settings: NodeSettings,
         committed_index: Arc<AtomicU64>,
+        applied: tokio::sync::watch::Receiver<u64>,
     ) -> Self {
         Node {
             id,
@@ -104,6 +107,7 @@ impl Node {
             liveness: Liveness::default(),
             progress: Progress::default(),
             committed_index,
+            applied,
             nonces: NonceStore::default(),
             failures: FailureLimiter::default(),
             membership_lock: tokio::sync::Mutex::new(()),

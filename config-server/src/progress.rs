@@ -19,6 +19,8 @@ pub struct Received {
 #[derive(Debug, Default)]
 pub struct Progress {
     inner: Mutex<HashMap<(String, Role), Received>>,
+    /// Counts the reports recorded: long polls of status wait on it (see `status_wait`).
+    changes: tokio::sync::watch::Sender<u64>,
     /// Notified when a disk's reported phase changed: the reconciler turns it into a state
     /// transition at once rather than on its next tick.
     pub phase_changed: tokio::sync::Notify,
@@ -48,9 +50,15 @@ impl Progress {
             );
         }
         drop(map);
+        self.changes.send_modify(|n| *n += 1);
         if changed {
             self.phase_changed.notify_one();
         }
+    }
+
+    /// The number of reports recorded so far, changing with each.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn get(&self, disk_id: &str, role: Role) -> Option<Received> {

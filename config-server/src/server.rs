@@ -76,6 +76,7 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
             disconnected_after_ms: 3 * settings.heartbeat_interval_secs as i64 * 1000,
         },
         committed,
+        applied.clone(),
     ));
 
     let (bound, incoming) = serve::bind(settings.listen).await?;

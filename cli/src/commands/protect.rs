@@ -129,6 +129,7 @@ pub async fn status(
     let reply = client
         .status(StatusRequest {
             machine: machine.unwrap_or_default(),
+            ..Default::default()
         })
         .await
         .map_err(status_error)?

@@ -278,6 +278,7 @@ async fn write_load(
             if let Ok(s) = client
                 .status(StatusRequest {
                     machine: MACHINE.into(),
+                    ..Default::default()
                 })
                 .await
             {
@@ -343,6 +344,7 @@ async fn wait_caught_up(
         let s = client
             .status(StatusRequest {
                 machine: MACHINE.into(),
+                ..Default::default()
             })
             .await
             .map_err(status_error)?

@@ -10,9 +10,11 @@ use crate::state::protection::{
     ReplicationState,
 };
 use crate::state::{Command, CommandResult};
+use crate::status_wait;
 use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, protection_server::Protection};
 use std::sync::Arc;
+use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 pub struct ProtectionService {
@@ -424,7 +426,15 @@ impl Protection for ProtectionService {
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         self.node.authorize(&request, &[Role::Admin])?;
-        let wanted = request.into_inner().machine;
+        let request = request.into_inner();
+        if request.wait_ms > 0 {
+            let limit = Duration::from_millis(request.wait_ms.into());
+            status_wait::changed_since(&self.node, request.after_version, limit).await;
+        }
+        // Read before the status is put together: a change in between shows in this answer
+        // and also makes the caller's next long poll return at once.
+        let version = status_wait::version(&self.node);
+        let wanted = request.machine;
         let state = self.node.state();
         let mut machines = Vec::new();
         for m in state.machines().map_err(storage_status)? {
@@ -436,7 +446,7 @@ impl Protection for ProtectionService {
         if !wanted.is_empty() && machines.is_empty() {
             return Err(self.not_protected(&wanted));
         }
-        Ok(Response::new(v1::StatusResponse { machines }))
+        Ok(Response::new(v1::StatusResponse { machines, version }))
     }
 
     async fn list_jobs(
