@@ -92,3 +92,39 @@ protect() { start_agent "$@"; $BIN/lifeboat protect $1 --policy bench >/dev/null
 caught_up() {
   $BIN/lifeboat wait $1 --caught-up --timeout-secs 300 >/dev/null || { echo "timed out waiting for $1"; exit 1; }
 }
+
+# TIMELINE=1: where the bytes of a sync are, every 100 ms — shipped by the agent of machine
+# $1, stored by the process server, forwarded and read back from its cache file, applied on
+# the master target — to see which stage sets the pace (the one the others wait behind).
+# Sampling costs a little CPU (three metric scrapes per sample), so it is off by default.
+timeline_start() {
+  local agent=${AGENT_METRICS[$1]}
+  ( scrape() { curl -s http://$1/metrics | awk -v m="$2" '$1 == m {print $2}'; }
+    while :; do
+      echo "$(now) $(scrape $agent lifeboat_agent_shipped_bytes_total) \
+$(scrape ${METRICS[process-server]} lifeboat_ps_ingest_bytes_total) \
+$(scrape ${METRICS[process-server]} lifeboat_ps_forwarded_bytes_total) \
+$(scrape ${METRICS[process-server]} lifeboat_ps_cache_read_back_bytes_total) \
+$(scrape ${METRICS[master-target]} lifeboat_mt_apply_bytes_total)"
+      sleep 0.1
+    done ) > $WORK/timeline.txt 2>/dev/null &
+  TIMELINE_PID=$!
+}
+# Stops the sampler and prints MiB moved since the first sample, from $1 (the start time).
+timeline_print() {
+  kill $TIMELINE_PID 2>/dev/null; wait $TIMELINE_PID 2>/dev/null || true
+  python3 - "$1" $WORK/timeline.txt <<'PY'
+import sys
+t0, rows = float(sys.argv[1]), []
+for line in open(sys.argv[2]):
+    f = line.split()
+    if len(f) == 6:
+        rows.append([float(x) for x in f])
+if rows:
+    base = rows[0]
+    print("  timeline (MiB):   s  shipped  stored  forwarded  read-back  applied")
+    for r in rows:
+        d = [(r[i] - base[i]) / 2**20 for i in range(1, 6)]
+        print(f"               {r[0] - t0:5.2f} {d[0]:8.0f} {d[1]:7.0f} {d[2]:10.0f} {d[3]:10.0f} {d[4]:8.0f}")
+PY
+}

@@ -12,7 +12,8 @@
 #      back (time and bytes shipped) versus `rsync --inplace --no-whole-file` of the same images.
 # Usage: bench/replication.sh [WRITE_MIB (default 1024)] [SYNC_GIB (default 2)]
 #                             [RPO_SECS (default 60)] [RESYNC_GIB (default 4)]
-# SECTIONS="a c" runs only some of them.
+# SECTIONS="a c" runs only some of them. For (b): PERF_OUT=FILE profiles the second sync,
+# TIMELINE=1 prints where its bytes were every 100 ms, KEEP=1 keeps the work directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want() { [[ " ${SECTIONS:-a b c d} " == *" $1 "* ]]; }
@@ -88,12 +89,14 @@ for i in 1 2 3; do
   # PERF_OUT=file records a system-wide perf profile of the second sync (the first pays for
   # the components touching their memory for the first time), to find where the time goes.
   [ $i = 2 ] && [ -n "${PERF_OUT:-}" ] && { perf record -a ${PERF_ARGS:--F 999} -o "$PERF_OUT" >/dev/null 2>&1 & PERF=$!; sleep 0.5; }
+  [ $i = 2 ] && [ -n "${TIMELINE:-}" ] && timeline_start bench-b
   # Protected: the agent has seen every byte of the copy applied on the master target.
   S0=$(steal)
   t0=$(now); $BIN/lifeboat protect bench-b --policy bench >/dev/null
   $BIN/lifeboat wait bench-b --timeout-secs 300 >/dev/null || { echo "timed out waiting for bench-b"; exit 1; }
   t1=$(now); STEALS+=($(python3 -c "print(f'{100 * ($(steal) - $S0) / ($t1 - $t0) / $(getconf CLK_TCK) / $(nproc):.0f}')"))
   [ $i = 2 ] && [ -n "${PERF_OUT:-}" ] && { kill -INT $PERF; wait $PERF || true; }
+  [ $i = 2 ] && [ -n "${TIMELINE:-}" ] && timeline_print $t0
   [ -n "${KEEP:-}" ] && echo "run $i: t0=$t0 t1=$t1" >> $WORK/b-times.txt
   LS+=($(rate $SIZE $t0 $t1)); SECS+=($(python3 -c "print(f'{$t1-$t0:.1f}')"))
   pipeline_stats
