@@ -202,4 +202,17 @@ mod tests {
         assert_eq!(l.rpo_secs, 30.0);
         assert_eq!(l.eta_secs, -1);
     }
+
+    #[test]
+    fn every_recorded_report_counts_as_a_change() {
+        let progress = Progress::default();
+        let changes = progress.changes();
+        assert_eq!(*changes.borrow(), 0);
+        let r = report("streaming", 0.0, 0, 0, 0.0).report;
+        progress.record(Role::Agent, "agent", 1, vec![r.clone()]);
+        // The same report again: nothing a status shows but its time changed; still a change.
+        progress.record(Role::Agent, "agent", 2, vec![r]);
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(*changes.borrow(), 2);
+    }
 }

@@ -163,6 +163,8 @@ pub struct DirectFile {
     gathering: bool,
     /// File offset of the gathered bytes in `staging`, while there are some.
     pending_at: Option<u64>,
+    /// Direct writes still to fail (`fail_direct_writes`, for tests).
+    failing: u32,
 }
 
 impl DirectFile {
@@ -183,6 +185,7 @@ impl DirectFile {
             staging: AlignedBuf::new(),
             gathering: false,
             pending_at: None,
+            failing: 0,
         }
     }
 
@@ -194,6 +197,7 @@ impl DirectFile {
             staging: AlignedBuf::new(),
             gathering: false,
             pending_at: None,
+            failing: 0,
         }
     }
 
@@ -265,7 +269,17 @@ impl DirectFile {
         self.write_now(buf, offset)
     }
 
+    /// Test hook: the next `n` direct writes fail with EIO, as on a failing disk.
+    #[doc(hidden)]
+    pub fn fail_direct_writes(&mut self, n: u32) {
+        self.failing = n;
+    }
+
     fn write_now(&mut self, buf: &AlignedBuf, offset: u64) -> io::Result<()> {
+        if self.failing > 0 && self.fits(offset, buf.len()) {
+            self.failing -= 1;
+            return Err(io::Error::from_raw_os_error(5));
+        }
         match &self.direct {
             Some((file, _)) if self.fits(offset, buf.len()) => {
                 match file.write_all_at(buf.as_slice(), offset) {

@@ -491,13 +491,35 @@ impl Image {
             direct.gather();
         }
         let result = writes(self);
+        let ended = self.end_gather();
+        let value = result.inspect_err(|_| self.after_failed_write())?;
+        ended?;
+        Ok(value)
+    }
+
+    /// Writes what is gathered, if anything.
+    fn end_gather(&mut self) -> Result<()> {
         let ended = match &mut self.direct {
             Some(direct) => direct.end_gather().map_err(Error::io("write data")),
             None => Ok(()),
         };
-        let value = result?;
-        ended?;
-        Ok(value)
+        ended.inspect_err(|_| self.after_failed_write())
+    }
+
+    /// A write failed: bytes that were gathered may have been dropped, a new block's bitmap
+    /// among them, so the next flush writes every new block's bitmap again.
+    fn after_failed_write(&mut self) {
+        if let Some(sparse) = &mut self.sparse {
+            sparse.rewrite_new_bitmaps();
+        }
+    }
+
+    /// Test hook: the next `n` direct writes fail as on a failing disk.
+    #[doc(hidden)]
+    pub fn fail_direct_writes(&mut self, n: u32) {
+        if let Some(direct) = &mut self.direct {
+            direct.fail_direct_writes(n);
+        }
     }
 
     /// Unmaps the blocks of a dynamic image that lie wholly inside `offset..offset + len`
@@ -541,9 +563,7 @@ impl Image {
         if !self.writable {
             return Ok(());
         }
-        if let Some(direct) = &mut self.direct {
-            direct.end_gather().map_err(Error::io("write data"))?;
-        }
+        self.end_gather()?;
         match &mut self.sparse {
             Some(s) => s.flush(&self.file)?,
             None => {

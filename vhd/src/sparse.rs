@@ -342,6 +342,13 @@ impl Sparse {
         unmapped
     }
 
+    /// Forgets which new blocks' bitmaps went out with their first data, so the next flush
+    /// writes them all: after a failed write, a bitmap counted as written may have been
+    /// dropped with the gathered bytes it was held in.
+    pub(crate) fn rewrite_new_bitmaps(&mut self) {
+        self.bitmap_written.clear();
+    }
+
     /// Makes every write so far durable, in the crash-safe order:
     /// 1. bitmaps of blocks allocated since the last flush, and the footer at the new end —
     ///    all in space the on-disk BAT does not reference yet; then `fdatasync`, which also

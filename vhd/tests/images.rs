@@ -323,3 +323,27 @@ fn flush_write_more_and_reopen(mut img: Image, model: &mut [u8], rng: &mut Rng, 
     );
     assert_image_eq(&img, model);
 }
+
+/// A gathered write that fails (the disk refused it) drops what was held, a new block's
+/// bitmap among it. The writer retries, as the master target does, and the image must read
+/// back right after the flush and a reopen: the bitmap is written again at the flush.
+#[test]
+fn a_failed_gathered_write_costs_no_bitmap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("g.vhd");
+    let mut img = Image::create(&path, &CreateOptions::dynamic(8 * MIB)).expect("create");
+    if !img.write_direct().expect("direct writes") {
+        println!("skipped: {} takes no direct writes", dir.path().display());
+        return;
+    }
+    let mut model = vec![0u8; img.size() as usize];
+    let data = Rng::new(3).bytes(MIB as usize);
+    img.fail_direct_writes(1);
+    let failed = img.gathered(|img| img.write_at(&data, 0));
+    assert!(failed.is_err(), "the injected failure reaches the caller");
+    // The retry: block 0 is allocated now, so only its data is written.
+    img.gathered(|img| img.write_at(&data, 0)).expect("retry");
+    model[..MIB as usize].copy_from_slice(&data);
+    img.close().expect("close");
+    assert_image_eq(&Image::open(&path).expect("reopen"), &model);
+}

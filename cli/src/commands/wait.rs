@@ -114,6 +114,8 @@ pub async fn run(ctx: &ContextArgs, args: WaitArgs) -> anyhow::Result<()> {
             // A leader change or a restart in between: ask again until the deadline.
             Err(status) if status.code() == tonic::Code::Unavailable => {
                 waiting = vec![format!("configuration server: {}", status.message())];
+                // Another server may answer next, whose versions are its own.
+                version = 0;
                 if Instant::now() >= deadline {
                     break;
                 }
