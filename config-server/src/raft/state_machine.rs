@@ -92,10 +92,12 @@ impl SledStateMachine {
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
         let tree = db.open_tree("state")?;
         let snapshots = db.open_tree("snapshots")?;
-        let (applied, _) = watch::channel(0);
+        let view = StateView { tree };
+        // From the stored position: status versions (see `status_wait`) start where they were.
+        let (applied, _) = watch::channel(view.applied_index());
         let (assignments, _) = watch::channel(0);
         Ok(SledStateMachine {
-            view: StateView { tree },
+            view,
             snapshots,
             applied,
             assignments,
