@@ -83,8 +83,10 @@ run_agent() {
   AGENT_PID[$1]=$!
 }
 # A metric's value on an agent (0 if absent).
-agent_metric() {
-  curl -s http://${AGENT_METRICS[$1]}/metrics | awk -v m="$2" '$1 ~ "^"m"({|$)" {s+=$2} END {print s+0}'
+agent_metric() { metric ${AGENT_METRICS[$1]} $2; }
+# A metric's value (summed over its labels; 0 if absent) at the metrics address $1.
+metric() {
+  curl -s http://$1/metrics | awk -v m="$2" '$1 ~ "^"m"({|$)" {s+=$2} END {print s+0}'
 }
 protect() { start_agent "$@"; $BIN/lifeboat protect $1 --policy bench >/dev/null; }
 # Waits until machine $1's disk is Protected with nothing pending (one process polling the
@@ -98,14 +100,11 @@ caught_up() {
 # the master target — to see which stage sets the pace (the one the others wait behind).
 # Sampling costs a little CPU (three metric scrapes per sample), so it is off by default.
 timeline_start() {
-  local agent=${AGENT_METRICS[$1]}
-  ( scrape() { curl -s http://$1/metrics | awk -v m="$2" '$1 == m {print $2}'; }
-    while :; do
-      echo "$(now) $(scrape $agent lifeboat_agent_shipped_bytes_total) \
-$(scrape ${METRICS[process-server]} lifeboat_ps_ingest_bytes_total) \
-$(scrape ${METRICS[process-server]} lifeboat_ps_forwarded_bytes_total) \
-$(scrape ${METRICS[process-server]} lifeboat_ps_cache_read_back_bytes_total) \
-$(scrape ${METRICS[master-target]} lifeboat_mt_apply_bytes_total)"
+  local agent=${AGENT_METRICS[$1]} ps=${METRICS[process-server]} mt=${METRICS[master-target]}
+  ( while :; do
+      echo "$(now) $(metric $agent lifeboat_agent_shipped_bytes_total) \
+$(metric $ps lifeboat_ps_ingest_bytes_total) $(metric $ps lifeboat_ps_forwarded_bytes_total) \
+$(metric $ps lifeboat_ps_cache_read_back_bytes_total) $(metric $mt lifeboat_mt_apply_bytes_total)"
       sleep 0.1
     done ) > $WORK/timeline.txt 2>/dev/null &
   TIMELINE_PID=$!

@@ -61,6 +61,11 @@ impl Progress {
         self.changes.subscribe()
     }
 
+    /// The number of reports recorded so far.
+    pub fn change_count(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     pub fn get(&self, disk_id: &str, role: Role) -> Option<Received> {
         let map = self.inner.lock().ok()?;
         map.get(&(disk_id.to_string(), role)).cloned()

@@ -16,7 +16,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// The status version of `node` now.
 pub fn version(node: &Node) -> u64 {
-    version_of(&node.applied, &node.progress.changes())
+    *node.applied.borrow() + node.progress.change_count()
 }
 
 fn version_of(applied: &watch::Receiver<u64>, reports: &watch::Receiver<u64>) -> u64 {

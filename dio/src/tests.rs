@@ -61,6 +61,17 @@ fn new_file(dir: &Path) -> DirectFile {
     DirectFile::new(file, &path)
 }
 
+/// Like [`new_file`], for tests of direct writes alone: `None` (saying so) where `dir` takes
+/// none.
+fn direct_file(dir: &Path) -> Option<DirectFile> {
+    let out = new_file(dir);
+    if out.alignment().is_none() {
+        eprintln!("skipped: {} takes no direct writes", dir.display());
+        return None;
+    }
+    Some(out)
+}
+
 /// After an fdatasync, the file reads back as `model` (a shorter file, as zeros past its end).
 fn assert_reads_back(out: &DirectFile, model: &[u8]) {
     out.file().sync_data().unwrap();
@@ -167,11 +178,9 @@ fn aligned_and_unaligned_writes_read_back_exactly() {
 #[test]
 fn gathered_writes_land_in_order_at_the_end() {
     let dir = tempfile::tempdir().unwrap();
-    let mut out = new_file(dir.path());
-    if out.alignment().is_none() {
-        eprintln!("skipped: {} takes no direct writes", dir.path().display());
+    let Some(mut out) = direct_file(dir.path()) else {
         return;
-    }
+    };
     let mut model = vec![0u8; 24 << 20];
     let data: Vec<u8> = (0..(4u32 << 20) + 1)
         .map(|i| (i * 31 + i / 4096) as u8)
@@ -220,11 +229,9 @@ fn gathered_writes_land_in_order_at_the_end() {
 #[test]
 fn gathered_bytes_are_written_on_drop() {
     let dir = tempfile::tempdir().unwrap();
-    let mut out = new_file(dir.path());
-    if out.alignment().is_none() {
-        eprintln!("skipped: {} takes no direct writes", dir.path().display());
+    let Some(mut out) = direct_file(dir.path()) else {
         return;
-    }
+    };
     let piece = vec![5u8; 1 << 20];
     out.gather();
     out.write_at(&piece, 0).unwrap();
