@@ -217,9 +217,22 @@ mod tests {
         moving.movable = false;
         let servers = [server("ps1", 10), server("ps2", 10)];
         assert!(plan(&servers, &[moving.clone(), machine("a", "ps1", 4.0)]).is_empty());
+        // Even where a move would help (8 | 0), machines that cannot move stay.
+        let mut moving2 = machine("d", "ps2", 4.0);
+        moving2.movable = false;
+        let mut moving3 = moving2.clone();
+        moving3.name = "e".into();
+        assert!(plan(&servers, &[moving2, moving3]).is_empty());
         // Machines on a process server that cannot drain (down) stay, and it is not weighed.
         let mut down = server("ps1", 10);
         down.eligible = false;
-        assert!(plan(&[down, server("ps2", 10)], &[machine("a", "ps1", 4.0)]).is_empty());
+        assert!(plan(
+            &[down.clone(), server("ps2", 10)],
+            &[machine("a", "ps1", 4.0)]
+        )
+        .is_empty());
+        // Even where a move would help (8 | 0).
+        let busy = [machine("a", "ps1", 4.0), machine("b", "ps1", 4.0)];
+        assert!(plan(&[down, server("ps2", 10)], &busy).is_empty());
     }
 }

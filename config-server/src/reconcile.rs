@@ -126,13 +126,24 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
         metrics::gauge!("lifeboat_jobs", "state" => s.as_str())
             .set(*counts.get(s.as_str()).unwrap_or(&0) as f64);
     }
-    for job in jobs.into_iter().filter(|j| j.state == JobState::Running) {
+    let draining: std::collections::HashSet<&str> = jobs
+        .iter()
+        .filter(|j| j.state == JobState::Running && j.kind == "switch")
+        .filter(|j| {
+            j.steps
+                .first()
+                .is_some_and(|s| s.state == JobState::Running)
+        })
+        .map(|j| j.id.as_str())
+        .collect();
+    crate::switching::keep_drain_bases(node, &draining);
+    for job in jobs.iter().filter(|j| j.state == JobState::Running) {
         let machine = machines.iter().find(|m| m.name == job.target);
         let update = |job: Option<Job>| job.map(|job| Command::UpdateJob { job });
         let command = match job.kind.as_str() {
-            "protect" => update(protect_progress(node, &job, machine, now)),
-            "unprotect" => update(unprotect_progress(node, &job, now)?),
-            "switch" => crate::switching::progress(node, &job, machine, now),
+            "protect" => update(protect_progress(node, job, machine, now)),
+            "unprotect" => update(unprotect_progress(node, job, now)?),
+            "switch" => crate::switching::progress(node, job, machine, now),
             _ => None,
         };
         if let Some(command) = command {

@@ -39,13 +39,8 @@ pub fn progress(
     now: i64,
 ) -> Option<Command> {
     let Some(machine) = machine else {
-        forget_drain(node, job);
         return Some(Command::UpdateJob {
-            job: failed(
-                job,
-                now,
-                "the machine was unprotected during the move".into(),
-            ),
+            job: job.failed(now, "the machine was unprotected during the move".into()),
         });
     };
     let step = |i: usize| job.steps.get(i).map(|s| s.state);
@@ -60,9 +55,8 @@ pub fn progress(
 
 fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) -> Option<Command> {
     let Some(switching) = machine.switching.as_ref().filter(|s| s.job_id == job.id) else {
-        forget_drain(node, job);
         return Some(Command::UpdateJob {
-            job: failed(job, now, "the switch was replaced or cancelled".into()),
+            job: job.failed(now, "the switch was replaced or cancelled".into()),
         });
     };
     let drained = machine.disks.iter().all(|disk| {
@@ -75,9 +69,6 @@ fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) 
                     && r.report.applied_seq >= r.report.durable_seq
             })
     });
-    if drained || now - switching.started_at_ms > DRAIN_TIMEOUT_MS {
-        forget_drain(node, job);
-    }
     if drained {
         let mut next = job.clone();
         next.updated_at_ms = now;
@@ -108,7 +99,7 @@ fn drain_progress(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64) 
         );
         return Some(Command::EndSwitch {
             machine: machine.name.clone(),
-            job: failed(job, now, why),
+            job: job.failed(now, why),
             move_to: None,
         });
     }
@@ -152,7 +143,7 @@ fn resume_progress(
             RESUME_TIMEOUT_MS / 60_000
         );
         return Some(Command::UpdateJob {
-            job: failed(job, now, why),
+            job: job.failed(now, why),
         });
     }
     None
@@ -190,10 +181,12 @@ fn drain_percentage(node: &Node, job: &Job, machine: &ProtectedMachine, now: i64
     Some(next)
 }
 
-/// Drops the base of `job`'s drain percentage: the drain is over.
-fn forget_drain(node: &Node, job: &Job) {
+/// Keeps the bases of drain percentages only for `draining` switch jobs: however a drain
+/// ended (drained, timed out, the machine unprotected, the switch replaced by a forced move
+/// that failed the job in the same write), its base goes at the next reconcile tick.
+pub fn keep_drain_bases(node: &Node, draining: &std::collections::HashSet<&str>) {
     if let Ok(mut bases) = node.progress.drain_base.lock() {
-        bases.remove(&job.id);
+        bases.retain(|id, _| draining.contains(id.as_str()));
     }
 }
 
@@ -211,17 +204,4 @@ fn set_step(job: &mut Job, i: usize, state: JobState, detail: &str) {
             step.detail = detail.to_string();
         }
     }
-}
-
-fn failed(job: &Job, now: i64, why: String) -> Job {
-    let mut next = job.clone();
-    next.state = JobState::Failed;
-    next.updated_at_ms = now;
-    for step in &mut next.steps {
-        if matches!(step.state, JobState::Running | JobState::Pending) {
-            step.state = JobState::Failed;
-        }
-    }
-    next.error = why;
-    next
 }

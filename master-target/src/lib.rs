@@ -305,18 +305,16 @@ const MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(5)
 type RetentionFigures = (f64, f64, f64);
 
 /// Prunes every journal past its policy's retention window and publishes retention gauges.
-/// They are kept gauges: a round that waits for a replica (a failover commit folds the
-/// journal under its lock) does not make them vanish; a deleted replica's gauges go.
+/// They are kept gauges (refreshed between rounds, however long a round waits for a replica's
+/// lock); a deleted replica's gauges go with the next round.
 async fn maintain(replicas: Arc<Replicas>, cancel: CancellationToken) {
-    let mut last: HashMap<String, RetentionFigures> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(MAINTENANCE_EVERY) => {}
             _ = cancel.cancelled() => return,
         }
         let r = replicas.clone();
-        let previous = std::mem::take(&mut last);
-        last = tokio::task::spawn_blocking(move || maintain_once(&r, previous))
+        let last = tokio::task::spawn_blocking(move || maintain_once(&r))
             .await
             .unwrap_or_default();
         let family = |pick: fn(&RetentionFigures) -> f64| {
@@ -331,18 +329,13 @@ async fn maintain(replicas: Arc<Replicas>, cancel: CancellationToken) {
 }
 
 /// One maintenance round: prunes and returns every replica's retention figures.
-fn maintain_once(
-    replicas: &Replicas,
-    mut previous: HashMap<String, RetentionFigures>,
-) -> HashMap<String, RetentionFigures> {
+fn maintain_once(replicas: &Replicas) -> HashMap<String, RetentionFigures> {
     let now = lifeboat_common::now_ms();
     let mut figures = HashMap::new();
     for entry in replicas.all() {
         let retention = entry.assignment().retention_secs;
+        // A poisoned replica (a panic while it was being written) has no figures to show.
         let Ok(mut replica) = entry.replica.lock() else {
-            if let Some(f) = previous.remove(&entry.disk_id) {
-                figures.insert(entry.disk_id.clone(), f);
-            }
             continue;
         };
         if retention > 0 {

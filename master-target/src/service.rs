@@ -49,12 +49,19 @@ fn owned(replicas: &Replicas, peer: &Peer, disk_id: &str) -> Result<Arc<ReplicaE
             "disk {disk_id} is not assigned to this master target"
         ))
     })?;
-    if entry.assignment().process_server_id != peer.id {
+    replicated_through(&entry, &peer.id)?;
+    Ok(entry)
+}
+
+/// Refuses a process server other than the one `entry`'s disk is replicated through.
+fn replicated_through(entry: &ReplicaEntry, process_server: &str) -> Result<(), Status> {
+    if entry.assignment().process_server_id != process_server {
         return Err(Status::permission_denied(format!(
-            "disk {disk_id} is replicated through another process server"
+            "disk {} is replicated through another process server",
+            entry.disk_id
         )));
     }
-    Ok(entry)
+    Ok(())
 }
 
 /// Checks and applies a group of one disk's batches; returns the ack.
@@ -74,12 +81,7 @@ async fn apply_group(
         // Checked again under the lock: the disk may have moved to another process server
         // since (a switch), whose `Status` reads the applied seq under this lock. Either this
         // group is applied before that read, or it is refused.
-        if entry.assignment().process_server_id != sender {
-            return Err(Status::permission_denied(format!(
-                "disk {} is replicated through another process server",
-                entry.disk_id
-            )));
-        }
+        replicated_through(&entry, &sender)?;
         let mut expected = replica.state().applied_seq + 1;
         let mut fresh = Vec::new();
         let mut error = None;

@@ -586,6 +586,14 @@ impl Capture {
     pub fn overflowed(&self) -> bool {
         self.queue.lock().map(|q| q.overflowed).unwrap_or(true)
     }
+
+    /// Capture index of the newest queued item (of everything captured so far).
+    pub fn last_index(&self) -> io::Result<u64> {
+        self.queue
+            .lock()
+            .map(|q| q.last_index())
+            .map_err(|_| poisoned())
+    }
 }
 
 /// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first (the

@@ -65,12 +65,7 @@ pub async fn run(agent: Arc<DiskAgent>, zeros_matter: bool) {
             p.sync_done = offset;
         }
     }
-    let last_index = agent
-        .capture
-        .queue
-        .lock()
-        .map(|q| q.last_index())
-        .unwrap_or(0);
+    let last_index = agent.capture.last_index().unwrap_or(0);
     if let Ok(mut p) = agent.progress.lock() {
         if p.phase != Phase::InitialSync {
             return;

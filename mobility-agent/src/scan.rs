@@ -118,12 +118,7 @@ async fn scan_once(
         format!("crash:{at}:fuzzy")
     };
     crate::capture::tag_all(std::slice::from_ref(&agent.capture), &tag)?;
-    let tag_index = agent
-        .capture
-        .queue
-        .lock()
-        .map(|q| q.last_index())
-        .map_err(|_| anyhow::anyhow!("capture poisoned"))?;
+    let tag_index = agent.capture.last_index()?;
     metrics::counter!("lifeboat_agent_scans_total").increment(1);
     tracing::info!(disk = %agent.disk_id, shipped, frozen, %tag, against_replica = first, "scan finished");
     if first {

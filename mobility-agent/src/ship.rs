@@ -190,12 +190,7 @@ pub(crate) async fn ask_position(
 /// Marks the end of a sync, resync or first scan: it is complete once everything queued so
 /// far is applied (see `check_sync_complete`).
 pub(crate) fn mark_pass_end(agent: &DiskAgent) -> anyhow::Result<()> {
-    let last = agent
-        .capture
-        .queue
-        .lock()
-        .map(|q| q.last_index())
-        .map_err(|_| anyhow::anyhow!("capture poisoned"))?;
+    let last = agent.capture.last_index()?;
     if let Ok(mut p) = agent.progress.lock() {
         p.sync_last_index = Some(last);
     }

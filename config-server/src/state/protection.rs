@@ -239,6 +239,20 @@ pub enum PlanStep {
 }
 
 impl Job {
+    /// This job as failed at `now` for `why`: every step not done fails with it.
+    pub fn failed(&self, now: i64, why: String) -> Job {
+        let mut next = self.clone();
+        next.state = JobState::Failed;
+        next.updated_at_ms = now;
+        for step in &mut next.steps {
+            if matches!(step.state, JobState::Running | JobState::Pending) {
+                step.state = JobState::Failed;
+            }
+        }
+        next.error = why;
+        next
+    }
+
     pub fn progress_pct(&self) -> f64 {
         if self.steps.is_empty() {
             return 0.0;

@@ -4,7 +4,7 @@
 use super::command::CommandResult;
 use super::keys;
 use super::kv::{KvError, KvRead, Overlay};
-use super::protection::{Job, JobState, Switching};
+use super::protection::{Job, Switching};
 use super::query::StateReader;
 use lifeboat_common::Role;
 
@@ -57,16 +57,10 @@ pub(super) fn start_switch(
             started_at_ms: job.created_at_ms,
         });
     }
-    if let Some(mut old) = replaced {
-        old.state = JobState::Failed;
-        old.updated_at_ms = job.created_at_ms;
-        old.error = format!("replaced by a forced move (job {})", job.id);
-        for step in &mut old.steps {
-            if matches!(step.state, JobState::Running | JobState::Pending) {
-                step.state = JobState::Failed;
-            }
-        }
-        tx.writes.put(keys::job(&old.id), &old);
+    if let Some(old) = replaced {
+        let why = format!("replaced by a forced move (job {})", job.id);
+        tx.writes
+            .put(keys::job(&old.id), &old.failed(job.created_at_ms, why));
     }
     tx.writes.put(keys::machine(name), &machine);
     tx.writes.put(keys::job(&job.id), job);
