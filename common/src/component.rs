@@ -375,12 +375,12 @@ where
     // The server stops with the process, or when heartbeats end on revocation.
     let server_stop = cancel.child_token();
     let server = if run.serve {
-        let (bound, incoming) = crate::serve::bind(settings.listen).await?;
+        let (bound, incoming) = crate::serve::bind(settings.listen, &identity).await?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let router = crate::serve::grpc_server(&identity)?
+        let router = crate::serve::grpc_server()
             .add_routes(run.routes)
             .add_service(health_service);
         let server_cancel = server_stop.clone();

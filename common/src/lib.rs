@@ -19,7 +19,7 @@ pub mod kept_gauges;
 pub mod passphrase;
 pub mod peer;
 pub mod rate;
-pub mod read_ahead;
+pub mod record_layer;
 pub mod register;
 pub mod role;
 pub mod serve;

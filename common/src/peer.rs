@@ -1,6 +1,8 @@
 //! Who is calling: the identity id and role carried by a verified client certificate.
 //! TLS has already checked the chain against the cluster CA; this reads the leaf's subject.
+use crate::record_layer::TlsPeer;
 use crate::role::Role;
+use std::net::SocketAddr;
 use tonic::{Request, Status};
 use x509_parser::prelude::*;
 
@@ -31,13 +33,25 @@ pub fn peer_from_der(der: &[u8]) -> Result<Peer, String> {
     Ok(Peer { id, role })
 }
 
+/// The connection `request` came on, as `record_layer` describes it to the server.
+fn connection<T>(request: &Request<T>) -> Option<&TlsPeer> {
+    request.extensions().get::<TlsPeer>()
+}
+
+/// The address `request` came from.
+pub fn remote_addr<T>(request: &Request<T>) -> Option<SocketAddr> {
+    connection(request).and_then(|c| c.remote)
+}
+
 /// The caller of `request`, or UNAUTHENTICATED if it presented no certificate.
 pub fn peer_of<T>(request: &Request<T>) -> Result<Peer, Status> {
-    let certs = request.peer_certs().ok_or_else(|| {
-        Status::unauthenticated(
-            "this call needs a client certificate: register the component first",
-        )
-    })?;
+    let certs = connection(request)
+        .and_then(|c| c.certs.as_ref())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "this call needs a client certificate: register the component first",
+            )
+        })?;
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;

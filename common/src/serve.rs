@@ -1,20 +1,25 @@
-//! Building a Lifeboat gRPC server: TLS from the component's identity, the request-metrics
-//! layer, the standard `grpc.health.v1` service, and a listener bound before serving so the
-//! caller learns of a busy port at once.
+//! Building a Lifeboat gRPC server: a listener bound before serving (so the caller learns of
+//! a busy port at once) whose connections complete their TLS handshakes concurrently, under
+//! the component's identity, before tonic sees them; the request-metrics layer; the standard
+//! `grpc.health.v1` service.
 use crate::identity::Identity;
-use crate::read_ahead::ReadAheadTcp;
+use crate::record_layer::TlsConnection;
 use crate::telemetry::GrpcMetricsLayer;
 use std::net::SocketAddr;
-use tokio_stream::{Stream, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::transport::Server;
 
-/// A server builder with TLS and request metrics.
+/// How long a new connection may take over its TLS handshake before it is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server builder with request metrics (TLS is done by `bind`'s connections).
 pub fn grpc_server(
-    identity: &Identity,
-) -> anyhow::Result<Server<tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>>>
-{
-    Ok(Server::builder()
-        .tls_config(crate::tls::server_tls(identity))?
+) -> Server<tower::layer::util::Stack<GrpcMetricsLayer, tower::layer::util::Identity>> {
+    Server::builder()
         // Large HTTP/2 windows let a data stream run well ahead of the receiver's fsyncs
         // (the 1 MiB default turns replication into small groups and many fsyncs).
         .initial_stream_window_size(crate::tls::STREAM_WINDOW)
@@ -22,31 +27,67 @@ pub fn grpc_server(
         // Senders may use HTTP/2 DATA frames up to this size instead of the 16 KiB default:
         // a batch then crosses in a few frames, not a hundred per MiB.
         .max_frame_size(crate::tls::MAX_FRAME)
-        .layer(GrpcMetricsLayer))
+        .layer(GrpcMetricsLayer)
 }
 
-/// Binds `addr` now (port 0 picks a free port) and returns the stream of connections, each
-/// without Nagle's delay and read through a read-ahead buffer (see `read_ahead`). tonic sets
-/// `TCP_NODELAY` only on listeners it binds itself; without it a server's small writes (TLS
-/// handshake messages, acknowledgements) could wait for the peer's delayed ACK, up to 40 ms.
+/// Binds `addr` now (port 0 picks a free port) and returns the stream of connections that
+/// completed a TLS handshake under `identity`. Each handshake runs in a task of its own, so a
+/// slow or silent client holds up nobody else; one that takes over [`HANDSHAKE_TIMEOUT`] or
+/// fails (a wrong CA, no HTTP/2) is dropped. Sockets go without Nagle's delay: tonic sets
+/// `TCP_NODELAY` only on listeners it binds itself, and without it a server's small writes
+/// (acknowledgements) could wait for the peer's delayed ACK, up to 40 ms.
 pub async fn bind(
     addr: SocketAddr,
+    identity: &Identity,
 ) -> anyhow::Result<(
     SocketAddr,
-    impl Stream<Item = std::io::Result<ReadAheadTcp>> + Send + 'static,
+    impl Stream<Item = std::io::Result<TlsConnection>> + Send + 'static,
 )> {
+    let config = Arc::new(crate::tls::server_config(identity)?);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
-        accepted.map(|tcp| {
-            // A socket that refuses the option still works, only slower.
-            let _ = tcp.set_nodelay(true);
-            ReadAheadTcp::new(tcp)
-        })
-    });
-    Ok((local, incoming))
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept(listener, config, tx));
+    Ok((local, ReceiverStream::new(rx)))
+}
+
+/// Accepts until the server stops reading the connections.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    ready: mpsc::Sender<std::io::Result<TlsConnection>>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = ready.closed() => return,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, most likely: wait for some to be freed.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // A socket that refuses the option still works, only slower.
+        let _ = tcp.set_nodelay(true);
+        let config = config.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let handshake = TlsConnection::accept(tcp, Some(remote), config);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(connection)) => {
+                    let _ = ready.send(Ok(connection)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%remote, "TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+            }
+        });
+    }
 }
 
 /// How long a stopping server waits for calls in progress to finish.

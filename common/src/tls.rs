@@ -8,10 +8,11 @@ use crate::role::Role;
 use crate::tls_connect;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, Endpoint, ServerTlsConfig};
+use tonic::transport::{Channel, Endpoint};
 
 /// How long to wait for a TCP + TLS connection before trying the next address.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -25,15 +26,32 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Server side: our certificate, and client certificates verified against the cluster CA when
-/// presented. Calls that need one check for it (see `peer`).
-pub fn server_tls(identity: &Identity) -> ServerTlsConfig {
-    ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &identity.cert_pem,
-            &identity.key_pem,
-        ))
-        .client_ca_root(Certificate::from_pem(&identity.ca_pem))
-        .client_auth_optional(true)
+/// presented. Calls that need one check for it (see `peer`). HTTP/2 by ALPN; no session
+/// tickets (clients do not resume, and none need to be sent after the handshake); the traffic
+/// keys go to `record_layer` after the handshake.
+pub fn server_config(identity: &Identity) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = tls_connect::provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tls_connect::pem_certs(&identity.ca_pem, "CA certificate")? {
+        roots
+            .add(ca)
+            .map_err(|e| anyhow::anyhow!("the cluster CA certificate is not usable: {e}"))?;
+    }
+    let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| anyhow::anyhow!("verifying client certificates: {e}"))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(tls_connect::PROTOCOL_VERSIONS)?
+        .with_client_cert_verifier(clients)
+        .with_single_cert(
+            tls_connect::pem_certs(&identity.cert_pem, "certificate")?,
+            tls_connect::pem_key(&identity.key_pem)?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.send_tls13_tickets = 0;
+    config.enable_secret_extraction = true;
+    Ok(config)
 }
 
 /// The endpoint settings of every client channel. The scheme is `http` because TLS is done by
@@ -105,7 +123,7 @@ pub async fn mtls_connect_any(
 pub async fn bootstrap_channel(address: &str) -> anyhow::Result<Channel> {
     let provider = tls_connect::provider();
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(tls_connect::PROTOCOL_VERSIONS)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ProofChecksServer(provider)))
         .with_no_client_auth();

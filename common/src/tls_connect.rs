@@ -2,13 +2,10 @@
 //! against the cluster CA; the unverified one registration uses) and the connector that opens
 //! TCP, runs the handshake and hands the stream to a tonic channel.
 //!
-//! tonic could do the TLS itself (`ClientTlsConfig`), but then nobody can reach the rustls
-//! connection, whose send buffer holds 64 KiB of TLS records by default. tokio-rustls
-//! flushes whenever that buffer is full, so a client streaming change batches wrote to its
-//! socket 64 KiB at a time: on loopback TCP costs about three times as much CPU per byte in
-//! 64 KiB writes as in 1 MiB ones (iperf3 on the benchmark VM: 1.0 against 0.32 CPU-s per
-//! GiB). Here each connection buffers [`SEND_BUFFER`] bytes, so an HTTP/2 DATA frame (up
-//! to 1 MiB towards Lifeboat servers) leaves in one `writev`.
+//! tonic could do the TLS itself (`ClientTlsConfig`), but its records would go through
+//! rustls's buffered streams; after the handshake Lifeboat's connections seal and open their
+//! records in `record_layer`, which moves each byte fewer times.
+use crate::record_layer::TlsConnection;
 use crate::role::Role;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -16,11 +13,7 @@ use rustls::ClientConfig;
 use std::io;
 use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 use tonic::transport::Uri;
-
-/// TLS records a client connection buffers before it must write them to the socket.
-pub const SEND_BUFFER: usize = 1024 * 1024;
 
 /// A client configuration that trusts only `ca_pem` and presents `cert_pem`/`key_pem`.
 pub fn mutual_tls_config(
@@ -35,7 +28,7 @@ pub fn mutual_tls_config(
             .map_err(|e| anyhow::anyhow!("the cluster CA certificate is not usable: {e}"))?;
     }
     let config = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
         .with_root_certificates(roots)
         .with_client_auth_cert(pem_certs(cert_pem, "certificate")?, pem_key(key_pem)?)?;
     Ok(with_h2(config))
@@ -60,13 +53,18 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(provider)
 }
 
-/// `config` offering HTTP/2 by ALPN, which gRPC servers expect.
+/// The TLS versions Lifeboat speaks: 1.3 only, the one `record_layer` implements.
+pub const PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// `config` offering HTTP/2 by ALPN, which gRPC servers expect, and handing its traffic keys
+/// to `record_layer` after the handshake.
 pub fn with_h2(mut config: ClientConfig) -> ClientConfig {
     config.alpn_protocols = vec![b"h2".to_vec()];
+    config.enable_secret_extraction = true;
     config
 }
 
-fn pem_certs(pem: &str, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn pem_certs(pem: &str, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = rustls_pemfile::certs(&mut pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("reading the identity's {what}: {e}"))?;
@@ -77,25 +75,24 @@ fn pem_certs(pem: &str, what: &str) -> anyhow::Result<Vec<CertificateDer<'static
 }
 
 /// A tower service a tonic `Endpoint` connects through: TCP to `address` (no Nagle delay), the
-/// TLS handshake under `config` expecting the certificate name of `server_role`, then a send
-/// buffer of [`SEND_BUFFER`]. The endpoint's URI is ignored (its scheme must be `http`, since
-/// TLS is done here).
+/// TLS handshake under `config` expecting the certificate name of `server_role`, then the
+/// record layer. The endpoint's URI is ignored (its scheme must be `http`, since TLS is done
+/// here).
 pub fn connector(
     config: Arc<ClientConfig>,
     address: &str,
     server_role: Role,
 ) -> impl tower::Service<
     Uri,
-    Response = TokioIo<TlsStream<TcpStream>>,
+    Response = TokioIo<TlsConnection>,
     Error = io::Error,
     Future = impl Send + 'static,
 > + Clone
        + Send
        + 'static {
-    let connector = tokio_rustls::TlsConnector::from(config);
     let address = address.to_string();
     tower::service_fn(move |_: Uri| {
-        let connector = connector.clone();
+        let config = config.clone();
         let address = address.clone();
         async move {
             let tcp = TcpStream::connect(&address).await?;
@@ -103,19 +100,18 @@ pub fn connector(
             let name = ServerName::try_from(server_role.server_name())
                 .map_err(io::Error::other)?
                 .to_owned();
-            let mut tls = connector.connect(name, tcp).await?;
-            if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            let tls = TlsConnection::connect(tcp, name, config).await?;
+            if tls.alpn_protocol() != Some(b"h2") {
                 return Err(io::Error::other(format!(
                     "{address} did not agree to HTTP/2: is it a Lifeboat {server_role}?"
                 )));
             }
-            tls.get_mut().1.set_buffer_limit(Some(SEND_BUFFER));
             Ok(TokioIo::new(tls))
         }
     })
 }
 
-fn pem_key(key_pem: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+pub(crate) fn pem_key(key_pem: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
     rustls_pemfile::private_key(&mut key_pem.as_bytes())
         .map_err(|e| anyhow::anyhow!("reading the identity's private key: {e}"))?
         .ok_or_else(|| anyhow::anyhow!("the identity holds no private key"))

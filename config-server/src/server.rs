@@ -79,12 +79,12 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         applied.clone(),
     ));
 
-    let (bound, incoming) = serve::bind(settings.listen).await?;
+    let (bound, incoming) = serve::bind(settings.listen, &identity).await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let router = serve::grpc_server(&identity)?
+    let router = serve::grpc_server()
         .add_service(health_service)
         .add_service(BootstrapServer::new(BootstrapService::new(node.clone())))
         .add_service(ComponentServer::new(ComponentService::new(

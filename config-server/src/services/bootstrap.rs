@@ -68,7 +68,7 @@ impl Bootstrap for BootstrapService {
         &self,
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
-        let remote = request.remote_addr();
+        let remote = lifeboat_common::peer::remote_addr(&request);
         let source_ip = remote
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
