@@ -28,6 +28,9 @@ pub struct DiskEntry {
     pub cache: Mutex<DiskCache>,
     /// The cache's size on disk, readable without its lock (`DiskCache::bytes_counter`).
     pub cache_bytes: Arc<AtomicU64>,
+    /// The cache's durable seq, readable without its lock (`DiskCache::durable_counter`):
+    /// see [`DiskEntry::durable_seq`].
+    cache_durable: Arc<AtomicU64>,
     /// Signalled after every append, to wake the forwarder.
     pub appended: Notify,
     pub applied: watch::Sender<Applied>,
@@ -55,6 +58,13 @@ impl DiskEntry {
             .read()
             .map(|a| a.clone())
             .unwrap_or_default()
+    }
+
+    /// The highest seq durable in the cache, without waiting for its lock (a group commit
+    /// holds it through its fdatasync). Where the answer must not grow after it is read (a
+    /// switch's drain report), read it under the lock instead.
+    pub fn durable_seq(&self) -> u64 {
+        self.cache_durable.load(Ordering::Acquire)
     }
 
     pub fn applied(&self) -> Applied {
@@ -158,6 +168,7 @@ impl Disks {
                     disk_id: id.clone(),
                     assignment: RwLock::new(assignment),
                     cache_bytes: cache.bytes_counter(),
+                    cache_durable: cache.durable_counter(),
                     cache: Mutex::new(cache),
                     appended: Notify::new(),
                     applied,

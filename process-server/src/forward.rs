@@ -23,6 +23,7 @@ const READ_BYTES: usize = 8 * 1024 * 1024;
 const WINDOW: u64 = 64;
 
 pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
+    tokio::spawn(release_applied(entry.clone()));
     let mut backoff = Duration::from_millis(200);
     let mut last_error = String::new();
     while !entry.stop.is_cancelled() {
@@ -109,11 +110,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
         let wanted = pending.is_empty() && sent.saturating_sub(applied) < WINDOW;
         // What the cache held before reading: batches stored after the reads below are not a
         // reason to worry that nothing was read.
-        let durable_before = entry
-            .cache
-            .lock()
-            .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?
-            .durable_seq();
+        let durable_before = entry.durable_seq();
         if wanted {
             let (hot, after) = entry
                 .recent
@@ -170,13 +167,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
             metrics::counter!("lifeboat_ps_forwarded_bytes_total").increment(bytes);
             sent = seq;
         }
-        let caught_up = pending.is_empty() && {
-            let cache = entry
-                .cache
-                .lock()
-                .map_err(|_| anyhow::anyhow!("cache lock poisoned"))?;
-            sent >= cache.durable_seq()
-        };
+        let caught_up = pending.is_empty() && sent >= entry.durable_seq();
         let window_full = sent.saturating_sub(applied) >= WINDOW;
         if wanted && pending.is_empty() && sent == sent_before && sent < durable_before {
             // The cache says it holds more, but nothing could be read: start over (fresh
@@ -195,12 +186,46 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
                     pending.retain(|b| b.seq > applied);
                     cursor = Cursor::default();
                 }
+                // `release_applied` frees what this covers.
                 entry.applied.send_replace((applied, ack.applied_write_unix_ms));
-                release(entry, applied).await?;
             }
             _ = entry.appended.notified(), if caught_up => {}
             _ = std::future::ready(()), if !caught_up && !window_full => {}
             _ = entry.stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Frees the cache as the master target applies, in a task of its own: freeing takes the
+/// cache lock, which a group commit holds through its writes and fdatasync, and a forwarder
+/// that waited for it after each acknowledgement sent nothing meanwhile. While an initial sync
+/// kept the cache busy, that held forwarding to a fraction of the ingest rate; the backlog
+/// outgrew what is kept in memory and was read back from the file (up to 900 MiB of a 1 GiB
+/// sync, and a third longer). Acknowledgements that arrive meanwhile are freed together.
+async fn release_applied(entry: Arc<DiskEntry>) {
+    let mut applied = entry.applied.subscribe();
+    let mut last_error = String::new();
+    loop {
+        tokio::select! {
+            changed = applied.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = entry.stop.cancelled() => return,
+        }
+        let seq = applied.borrow_and_update().0;
+        match release(&entry, seq).await {
+            Ok(()) => last_error.clear(),
+            Err(e) => {
+                // Tried again at the next acknowledgement; a cache that cannot shrink fills,
+                // and its quota then slows the agents.
+                let text = e.to_string();
+                if text != last_error {
+                    tracing::warn!(disk = %entry.disk_id, "freeing applied batches from the cache: {text}");
+                    last_error = text;
+                }
+            }
         }
     }
 }

@@ -79,14 +79,7 @@ const POSITION_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// batches were lost, or restart its sequence. The forwarder is asking right now, so the
 /// call waits for it a moment, which saves the agent a retry when a disk is first protected.
 async fn durable_position(entry: &DiskEntry) -> Result<u64, Status> {
-    let durable = || -> Result<u64, Status> {
-        Ok(entry
-            .cache
-            .lock()
-            .map_err(|_| Status::internal("cache lock poisoned"))?
-            .durable_seq())
-    };
-    let now = durable()?;
+    let now = entry.durable_seq();
     if now > 0 {
         return Ok(now);
     }
@@ -95,7 +88,7 @@ async fn durable_position(entry: &DiskEntry) -> Result<u64, Status> {
         .await
         .is_ok_and(|r| r.is_ok());
     match heard {
-        true => durable(),
+        true => Ok(entry.durable_seq()),
         false => Err(Status::unavailable(format!(
             "disk {}: this process server has not yet reached the disk's master target; retry shortly",
             entry.disk_id
@@ -110,10 +103,7 @@ async fn admitted(disks: &Disks, entry: &DiskEntry, batches: &[ChangeBatch]) -> 
     let taken = loop {
         // A disk with nothing waiting for its master target always gets one group in: what it
         // holds is being released, and it must not starve behind other disks' backlogs.
-        let idle = entry
-            .cache
-            .lock()
-            .is_ok_and(|c| c.durable_seq() <= entry.applied().0);
+        let idle = entry.durable_seq() <= entry.applied().0;
         let used = if idle { 0 } else { disks.cache_used() };
         let (free, _) = lifeboat_common::facts::space(&disks.cache.dir);
         let mut incoming = 0u64;

@@ -111,9 +111,11 @@ pub struct TlsConnection {
     read_closed: bool,
     /// The peer asked for a key update: ours goes out before the next record.
     update_requested: bool,
-    /// Sealed records: `out_start..` not yet written to the socket.
+    /// Sealed records: `out_start..out_len` not yet written to the socket. Zeroed once and
+    /// never shrunk, so sealing never zeroes bytes it is about to overwrite.
     outbuf: Vec<u8>,
     out_start: usize,
+    out_len: usize,
     /// Small writes gathered into one record.
     gather: Vec<u8>,
     close_sent: bool,
@@ -184,8 +186,9 @@ impl TlsConnection {
             plain: 0..0,
             read_closed: false,
             update_requested: false,
-            outbuf: Vec::with_capacity(SEND_BUFFER + HEADER + MAX_BODY),
+            outbuf: vec![0u8; SEND_BUFFER + 2 * (HEADER + MAX_BODY)],
             out_start: 0,
+            out_len: 0,
             gather: Vec::with_capacity(MAX_CONTENT),
             close_sent: false,
         })
@@ -339,19 +342,17 @@ impl TlsConnection {
         let body = content.len() + 1 + TAG_LEN;
         let [hi, lo] = (body as u16).to_be_bytes();
         let header = [APPLICATION_DATA, 3, 3, hi, lo];
-        let at = self.outbuf.len();
-        self.outbuf.resize(at + HEADER + body, 0);
-        self.outbuf[at..at + HEADER].copy_from_slice(&header);
-        let sealed = self.tx.seal(
-            &header,
-            content,
-            content_type,
-            &mut self.outbuf[at + HEADER..],
-        );
-        if sealed.is_err() {
-            self.outbuf.truncate(at);
+        let at = self.out_len;
+        let end = at + HEADER + body;
+        if end > self.outbuf.len() {
+            // Past the usual high-water mark (many small records): grown once, kept.
+            self.outbuf.resize(end, 0);
         }
-        sealed
+        self.outbuf[at..at + HEADER].copy_from_slice(&header);
+        let out = &mut self.outbuf[at + HEADER..end];
+        self.tx.seal(&header, content, content_type, out)?;
+        self.out_len = end;
+        Ok(())
     }
 
     fn seal_gathered(&mut self) -> io::Result<()> {
@@ -398,20 +399,22 @@ impl TlsConnection {
 
     /// Writes sealed records to the socket until none are left.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.out_start < self.outbuf.len() {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outbuf[self.out_start..]))?;
+        while self.out_start < self.out_len {
+            let n =
+                ready!(Pin::new(&mut self.tcp)
+                    .poll_write(cx, &self.outbuf[self.out_start..self.out_len]))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.out_start += n;
         }
-        self.outbuf.clear();
         self.out_start = 0;
+        self.out_len = 0;
         Poll::Ready(Ok(()))
     }
 
     fn unsent(&self) -> usize {
-        self.outbuf.len() - self.out_start
+        self.out_len - self.out_start
     }
 }
 

@@ -61,7 +61,11 @@ pub struct DiskCache {
     key: Arc<CacheKey>,
     closed: VecDeque<Closed>,
     writer: Option<SegmentWriter>,
-    durable_seq: u64,
+    /// Highest sequence number durable here. Shared (see [`DiskCache::durable_counter`]) so
+    /// that forwarders and flow control read it without the lock, which a group commit holds
+    /// through its writes and fdatasync (tens of milliseconds in which a forwarder would
+    /// stall a runtime thread).
+    durable: Arc<AtomicU64>,
     /// Bytes the cache occupies on disk. Shared (see [`DiskCache::bytes_counter`]) so that
     /// flow control and acks can sum every disk's cache without taking their locks, which
     /// are held through fsyncs.
@@ -90,7 +94,7 @@ impl DiskCache {
             key,
             closed: VecDeque::new(),
             writer: None,
-            durable_seq: 0,
+            durable: Arc::new(AtomicU64::new(0)),
             bytes: Arc::new(AtomicU64::new(0)),
             direct_io: false,
             spares,
@@ -109,14 +113,15 @@ impl DiskCache {
             };
             let mut last = None;
             while let Some(batch) = reader.next_batch(&cache.key) {
-                if batch.seq != cache.durable_seq + 1 && cache.durable_seq != 0 {
+                let durable = cache.durable_seq();
+                if batch.seq != durable + 1 && durable != 0 {
                     return Err(CacheError::Corrupt {
                         disk: disk_id.into(),
                         path,
-                        detail: format!("seq {} follows {}", batch.seq, cache.durable_seq),
+                        detail: format!("seq {} follows {durable}", batch.seq),
                     });
                 }
-                cache.durable_seq = batch.seq;
+                cache.durable.store(batch.seq, Ordering::Release);
                 last = Some(batch.seq);
             }
             match reader.tail {
@@ -163,13 +168,18 @@ impl DiskCache {
 
     /// Highest sequence number durable in this cache (0: none ever).
     pub fn durable_seq(&self) -> u64 {
-        self.durable_seq
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// The live value of [`DiskCache::durable_seq`], readable without this cache's lock.
+    pub fn durable_counter(&self) -> Arc<AtomicU64> {
+        self.durable.clone()
     }
 
     /// Raises the durable position without data: used when the master target already holds
     /// batches this cache never saw (after a cache loss or a switch of process server).
     pub fn skip_to(&mut self, seq: u64) {
-        self.durable_seq = self.durable_seq.max(seq);
+        self.durable.fetch_max(seq, Ordering::AcqRel);
     }
 
     pub fn bytes(&self) -> u64 {
@@ -233,9 +243,9 @@ impl DiskCache {
             if let Err(e) = writer.sync() {
                 return Err(self.abandon_writer(e));
             }
-            self.durable_seq = last.seq;
+            self.durable.store(last.seq, Ordering::Release);
         }
-        Ok((self.durable_seq, plain, stored, cursors))
+        Ok((self.durable_seq(), plain, stored, cursors))
     }
 
     /// Starts the segment whose first record is `first_seq`, in a spare file if there is one.
@@ -286,7 +296,7 @@ impl DiskCache {
         } else {
             // Whatever the segment holds now is durable (synced, or rolled back to what
             // was): if the rest of the group fails, the sender resumes after it, not before.
-            self.durable_seq = self.durable_seq.max(w.last_seq);
+            self.durable.fetch_max(w.last_seq, Ordering::AcqRel);
             self.closed.push_back(Closed {
                 path: w.path.clone(),
                 last_seq: w.last_seq,
