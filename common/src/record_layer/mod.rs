@@ -69,19 +69,14 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn update_rx(&mut self) -> io::Result<TrafficKeys> {
-        let (seq, secrets) = match self {
-            Kernel::Client(k) => k.update_rx_secret(),
-            Kernel::Server(k) => k.update_rx_secret(),
-        }
-        .map_err(io::Error::other)?;
-        TrafficKeys::new(seq, secrets)
-    }
-
-    fn update_tx(&mut self) -> io::Result<TrafficKeys> {
-        let (seq, secrets) = match self {
-            Kernel::Client(k) => k.update_tx_secret(),
-            Kernel::Server(k) => k.update_tx_secret(),
+    /// The next traffic keys of one direction (`send`: ours, else the peer's), after a key
+    /// update.
+    fn next_keys(&mut self, send: bool) -> io::Result<TrafficKeys> {
+        let (seq, secrets) = match (self, send) {
+            (Kernel::Client(k), true) => k.update_tx_secret(),
+            (Kernel::Client(k), false) => k.update_rx_secret(),
+            (Kernel::Server(k), true) => k.update_tx_secret(),
+            (Kernel::Server(k), false) => k.update_rx_secret(),
         }
         .map_err(io::Error::other)?;
         TrafficKeys::new(seq, secrets)
@@ -287,7 +282,7 @@ impl TlsConnection {
                     rest = after;
                     match (*message_type, message) {
                         (KEY_UPDATE, [request]) if *request <= 1 => {
-                            self.rx = self.kernel.update_rx()?;
+                            self.rx = self.kernel.next_keys(false)?;
                             self.update_requested |= *request == 1;
                         }
                         (NEW_SESSION_TICKET, ticket) => {
@@ -333,7 +328,7 @@ impl TlsConnection {
     /// peer is asked to update its own key too.
     fn update_tx_key(&mut self, ask_peer: bool) -> io::Result<()> {
         self.seal_record(HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, u8::from(ask_peer)])?;
-        self.tx = self.kernel.update_tx()?;
+        self.tx = self.kernel.next_keys(true)?;
         self.update_requested = false;
         Ok(())
     }
