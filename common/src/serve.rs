@@ -15,6 +15,9 @@ use tonic::transport::Server;
 
 /// How long a new connection may take over its TLS handshake before it is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further connections wait to be accepted (each holds up to
+/// 256 KiB of handshake messages, and nobody needs a certificate to start one).
+pub const MAX_HANDSHAKES: usize = 128;
 
 /// A server builder with request metrics (TLS is done by `bind`'s connections).
 pub fn grpc_server(
@@ -59,7 +62,15 @@ async fn accept(
     config: Arc<rustls::ServerConfig>,
     ready: mpsc::Sender<std::io::Result<TlsConnection>>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let permit = tokio::select! {
+            permit = handshakes.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = ready.closed() => return,
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = ready.closed() => return,
@@ -79,7 +90,9 @@ async fn accept(
         let ready = ready.clone();
         tokio::spawn(async move {
             let handshake = TlsConnection::accept(tcp, Some(remote), config);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+            drop(permit);
+            match done {
                 Ok(Ok(connection)) => {
                     let _ = ready.send(Ok(connection)).await;
                 }

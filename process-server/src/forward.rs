@@ -206,20 +206,22 @@ async fn release_applied(entry: Arc<DiskEntry>) {
     let mut applied = entry.applied.subscribe();
     let mut last_error = String::new();
     loop {
+        // After a failure, tried again within a second even if nothing more is applied.
+        let retry = !last_error.is_empty();
         tokio::select! {
             changed = applied.changed() => {
                 if changed.is_err() {
                     return;
                 }
             }
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
             _ = entry.stop.cancelled() => return,
         }
         let seq = applied.borrow_and_update().0;
         match release(&entry, seq).await {
             Ok(()) => last_error.clear(),
             Err(e) => {
-                // Tried again at the next acknowledgement; a cache that cannot shrink fills,
-                // and its quota then slows the agents.
+                // A cache that cannot shrink fills, and its quota then slows the agents.
                 let text = e.to_string();
                 if text != last_error {
                     tracing::warn!(disk = %entry.disk_id, "freeing applied batches from the cache: {text}");

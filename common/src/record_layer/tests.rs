@@ -181,6 +181,11 @@ async fn keys_are_updated_in_both_directions_and_both_sides_follow() {
     assert!(client.tx.seq() <= 10, "the client never updated its key");
     // The client asks the server for an update too: the server answers with its own before
     // its next record, and the client reads that record under the server's new key.
+    server.write_all(b"before").await.unwrap();
+    server.flush().await.unwrap();
+    let mut before = [0u8; 6];
+    client.read_exact(&mut before).await.unwrap();
+    assert_eq!(server.tx.seq(), 1);
     client.update_tx_key(true).unwrap();
     client.write_all(b"ask").await.unwrap();
     client.flush().await.unwrap();
@@ -191,6 +196,8 @@ async fn keys_are_updated_in_both_directions_and_both_sides_follow() {
     let mut reply = [0u8; 5];
     client.read_exact(&mut reply).await.unwrap();
     assert_eq!(&reply, b"after");
+    // Under the old key "after" would have been its record 1 (seq now 2); under the new key
+    // it is record 0.
     assert_eq!(
         server.tx.seq(),
         1,
