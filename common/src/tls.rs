@@ -31,13 +31,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// keys go to `record_layer` after the handshake.
 pub fn server_config(identity: &Identity) -> anyhow::Result<rustls::ServerConfig> {
     let provider = tls_connect::provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in tls_connect::pem_certs(&identity.ca_pem, "CA certificate")? {
-        roots
-            .add(ca)
-            .map_err(|e| anyhow::anyhow!("the cluster CA certificate is not usable: {e}"))?;
-    }
-    let clients = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let roots = Arc::new(tls_connect::cluster_roots(&identity.ca_pem)?);
+    let clients = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .allow_unauthenticated()
         .build()
         .map_err(|e| anyhow::anyhow!("verifying client certificates: {e}"))?;

@@ -21,15 +21,9 @@ pub fn mutual_tls_config(
     cert_pem: &str,
     key_pem: &str,
 ) -> anyhow::Result<ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in pem_certs(ca_pem, "CA certificate")? {
-        roots
-            .add(ca)
-            .map_err(|e| anyhow::anyhow!("the cluster CA certificate is not usable: {e}"))?;
-    }
     let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(PROTOCOL_VERSIONS)?
-        .with_root_certificates(roots)
+        .with_root_certificates(cluster_roots(ca_pem)?)
         .with_client_auth_cert(pem_certs(cert_pem, "certificate")?, pem_key(key_pem)?)?;
     Ok(with_h2(config))
 }
@@ -51,6 +45,18 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         .cipher_suites
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     Arc::new(provider)
+}
+
+/// The trust anchors of a cluster: its CA certificate(s), as PEM. Servers verify client
+/// certificates against them, clients server certificates.
+pub(crate) fn cluster_roots(ca_pem: &str) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pem_certs(ca_pem, "CA certificate")? {
+        roots
+            .add(ca)
+            .map_err(|e| anyhow::anyhow!("the cluster CA certificate is not usable: {e}"))?;
+    }
+    Ok(roots)
 }
 
 /// The TLS versions Lifeboat speaks: 1.3 only, the one `record_layer` implements.

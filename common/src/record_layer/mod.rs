@@ -51,10 +51,10 @@ const READ_AHEAD: usize = 256 * 1024;
 const SMALL_INBUF: usize = 2 * (HEADER + MAX_BODY);
 /// Sealed bytes held before a write must wait for the socket: an HTTP/2 DATA frame of up to
 /// 1 MiB then leaves in one `write` (small writes cost loopback TCP far more CPU per byte).
-pub const SEND_BUFFER: usize = 1024 * 1024;
+const SEND_BUFFER: usize = 1024 * 1024;
 /// Writes at least this long are sealed straight from the writer's memory; shorter ones
 /// (HTTP/2 frame headers, small messages) are gathered into one record first.
-const SEAL_IN_PLACE_FROM: usize = 2048;
+const SEAL_DIRECT_FROM: usize = 2048;
 
 /// Who is at the other end of an accepted connection: what a server's calls see in their
 /// request extensions (see `peer`).
@@ -135,8 +135,8 @@ impl TlsConnection {
         config: Arc<rustls::ServerConfig>,
     ) -> io::Result<TlsConnection> {
         let conn = rustls::server::UnbufferedServerConnection::new(config).map_err(invalid_tls)?;
-        let done = handshake(conn, &mut tcp).await?;
-        let peer_certs = done.peer_certs.clone().map(Arc::new);
+        let mut done = handshake(conn, &mut tcp).await?;
+        let peer_certs = done.peer_certs.take().map(Arc::new);
         TlsConnection::new(tcp, done, Kernel::Server, remote, peer_certs)
     }
 
@@ -393,7 +393,7 @@ impl TlsConnection {
             let mut rest: &[u8] = buf;
             while !rest.is_empty() && taken < budget {
                 let room = budget - taken;
-                if rest.len() >= SEAL_IN_PLACE_FROM {
+                if rest.len() >= SEAL_DIRECT_FROM {
                     self.seal_gathered()?;
                     let n = rest.len().min(MAX_CONTENT).min(room);
                     self.seal(APPLICATION_DATA, &rest[..n])?;
