@@ -42,7 +42,7 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10810";
 /// Disk slots of a master target unless configured (the seed documents' limit).
 pub const DEFAULT_DISK_SLOTS: u32 = 31;
 /// Whether replica data bypasses the page cache unless configured (`replica_direct_io`).
-pub const DEFAULT_REPLICA_DIRECT_IO: bool = true;
+pub const DEFAULT_REPLICA_DIRECT_IO: bool = false;
 /// Slots not available for replica disks: the retention volume's.
 pub const RESERVED_SLOTS: u32 = 1;
 
@@ -59,7 +59,7 @@ struct FileConfig {
     nbd_listen: Option<String>,
     /// `host:port` put in views' NBD URIs (default: the advertised host, nbd_listen's port).
     nbd_advertise: Option<String>,
-    /// Write replica data with O_DIRECT where the file system allows (default: true).
+    /// Write replica data with O_DIRECT where the file system allows (default: false).
     replica_direct_io: Option<bool>,
 }
 

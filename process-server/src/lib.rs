@@ -30,7 +30,7 @@ pub const DEFAULTS: RoleDefaults = RoleDefaults {
 };
 
 /// Whether cache segments are written with `O_DIRECT` unless configured (`cache_direct_io`).
-pub const DEFAULT_CACHE_DIRECT_IO: bool = true;
+pub const DEFAULT_CACHE_DIRECT_IO: bool = false;
 
 /// The `--config` file.
 #[derive(Debug, Default, Deserialize)]
