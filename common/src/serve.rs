@@ -14,10 +14,10 @@ use tokio_stream::Stream;
 use tonic::transport::Server;
 
 /// How long a new connection may take over its TLS handshake before it is dropped.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; further connections wait to be accepted (each holds up to
 /// 256 KiB of handshake messages, and nobody needs a certificate to start one).
-pub const MAX_HANDSHAKES: usize = 128;
+const MAX_HANDSHAKES: usize = 128;
 
 /// A server builder with request metrics (TLS is done by `bind`'s connections).
 pub fn grpc_server(

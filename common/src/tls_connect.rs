@@ -33,9 +33,8 @@ pub fn mutual_tls_config(
 /// encrypting and decrypting it once, so the cipher is a large part of the data path's CPU:
 /// AES-128-GCM took 15% less time than AES-256-GCM on the benchmark VM (`openssl speed`,
 /// 16 KiB records: 6.7 against 5.7 GB/s), and its 128-bit key is what TLS 1.3 requires every
-/// implementation to support. Lifeboat's servers are tonic's, with rustls's stock order
-/// (AES-256-GCM first), but a rustls server follows the client's order, so the client's
-/// preference decides.
+/// implementation to support. Lifeboat's servers (`tls::server_config`) use this provider
+/// too, and a rustls server follows the client's order, so the client's preference decides.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     let mut provider = rustls::crypto::CryptoProvider::get_default()
         .map(|p| p.as_ref().clone())

@@ -205,6 +205,9 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
 async fn release_applied(entry: Arc<DiskEntry>) {
     let mut applied = entry.applied.subscribe();
     let mut last_error = String::new();
+    // What the last successful release covered: a new forwarding session announces the
+    // master target's position again, which frees nothing new.
+    let mut released = 0;
     loop {
         // After a failure, tried again within a second even if nothing more is applied.
         let retry = !last_error.is_empty();
@@ -218,8 +221,14 @@ async fn release_applied(entry: Arc<DiskEntry>) {
             _ = entry.stop.cancelled() => return,
         }
         let seq = applied.borrow_and_update().0;
+        if seq <= released && last_error.is_empty() {
+            continue;
+        }
         match release(&entry, seq).await {
-            Ok(()) => last_error.clear(),
+            Ok(()) => {
+                last_error.clear();
+                released = released.max(seq);
+            }
             Err(e) => {
                 // A cache that cannot shrink fills, and its quota then slows the agents.
                 let text = e.to_string();

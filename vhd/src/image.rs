@@ -451,7 +451,7 @@ impl Image {
         self.since_writeback += buf.len() as u64;
         if self.since_writeback >= EARLY_WRITEBACK {
             self.since_writeback = 0;
-            start_writeback(&self.file);
+            dio::start_writeback(&self.file, 0, 0);
         }
         Ok(())
     }
@@ -650,17 +650,6 @@ impl Image {
 
 /// Bytes written between two write-back starts.
 const EARLY_WRITEBACK: u64 = 32 << 20;
-
-/// Starts write-back of all dirty pages of `file`. A hint: errors change nothing and are
-/// ignored (the flush that follows reports real I/O errors).
-fn start_writeback(file: &File) {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: sync_file_range only reads its integer arguments; `file` owns the descriptor
-    // for the duration of the call.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
 
 impl Drop for Image {
     fn drop(&mut self) {

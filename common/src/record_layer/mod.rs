@@ -171,8 +171,8 @@ impl TlsConnection {
         if unread > READ_AHEAD + HEADER + MAX_BODY {
             return Err(invalid("too much data arrived with the TLS handshake"));
         }
-        let mut inbuf = vec![0u8; SMALL_INBUF.max(unread + HEADER + MAX_BODY)];
-        inbuf[..unread].copy_from_slice(&done.unread);
+        let mut inbuf = done.unread;
+        inbuf.resize(SMALL_INBUF.max(unread + HEADER + MAX_BODY), 0);
         Ok(TlsConnection {
             tcp,
             kernel: kernel(done.kernel),
@@ -443,11 +443,9 @@ fn invalid_tls(e: rustls::Error) -> io::Error {
 }
 
 /// The content type and content length of a record's inner plaintext: content, type byte,
-/// then any zero padding (RFC 8446 §5.2, §5.4).
+/// then any zero padding (RFC 8446 §5.2, §5.4). `inner` is at most `MAX_BODY - TAG_LEN`
+/// bytes (`complete_record` refuses longer records), so only the content can be too long.
 fn inner_type(inner: &[u8]) -> io::Result<(u8, usize)> {
-    if inner.len() > MAX_CONTENT + 1 + 255 {
-        return Err(invalid("a TLS record over 2^14 bytes (record_overflow)"));
-    }
     let end = inner
         .iter()
         .rposition(|&b| b != 0)

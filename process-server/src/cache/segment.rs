@@ -288,8 +288,7 @@ impl SegmentWriter {
                 self.file.write_aligned_at(&self.staged, self.staged_at)?;
                 // Through the page cache: start these pages' write-back now, so the group's
                 // fdatasync waits for the last stage only.
-                let written = (self.staged_at, logical as u64);
-                lifeboat_common::fsutil::start_writeback(self.file.file(), written.0, written.1);
+                dio::start_writeback(self.file.file(), self.staged_at, logical as u64);
                 self.staged.clear();
                 self.staged_at += logical as u64;
             }
