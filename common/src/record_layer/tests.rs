@@ -40,26 +40,38 @@ fn chain(pem: &str) -> Vec<CertificateDer<'static>> {
     vec![CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()]
 }
 
-fn server_config(c: &Certs, extract: bool) -> Arc<rustls::ServerConfig> {
+/// Lifeboat's own servers' configuration (`tls::server_config`).
+fn server_config(c: &Certs) -> Arc<rustls::ServerConfig> {
+    let identity = crate::identity::Identity {
+        info: crate::identity::IdentityInfo {
+            id: "server".into(),
+            role: crate::role::Role::ProcessServer,
+            name: "server".into(),
+            cs_addresses: Vec::new(),
+            node_id: 0,
+            heartbeat_interval_secs: 5,
+        },
+        cert_pem: c.server.0.clone(),
+        key_pem: c.server.1.clone(),
+        ca_pem: c.ca.clone(),
+    };
+    Arc::new(crate::tls::server_config(&identity).unwrap())
+}
+
+/// A stock rustls server's configuration, which sends session tickets after the handshake.
+fn stock_server_config(c: &Certs) -> Arc<rustls::ServerConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(chain(&c.ca).remove(0)).unwrap();
     let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
         .build()
         .unwrap();
-    let mut config =
-        rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                chain(&c.server.0),
-                PrivateKeyDer::from_pem_slice(c.server.1.as_bytes()).unwrap(),
-            )
-            .unwrap();
-    // As Lifeboat's servers are (see `tls::server_config`), or as rustls's stock ones, which
-    // send session tickets after the handshake.
-    config.enable_secret_extraction = extract;
-    if extract {
-        config.send_tls13_tickets = 0;
-    }
+    let config = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            chain(&c.server.0),
+            PrivateKeyDer::from_pem_slice(c.server.1.as_bytes()).unwrap(),
+        )
+        .unwrap();
     Arc::new(config)
 }
 
@@ -76,7 +88,7 @@ fn name() -> ServerName<'static> {
 async fn pair(c: &Certs) -> (TlsConnection, TlsConnection) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = server_config(c, true);
+    let config = server_config(c);
     let server = tokio::spawn(async move {
         let (tcp, remote) = listener.accept().await.unwrap();
         TlsConnection::accept(tcp, Some(remote), config)
@@ -213,7 +225,7 @@ async fn talks_to_rustls_streams_both_ways() {
     // handshake: the client hands them to rustls).
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_config(&c, false));
+    let acceptor = tokio_rustls::TlsAcceptor::from(stock_server_config(&c));
     let expected = data.clone();
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
@@ -234,7 +246,7 @@ async fn talks_to_rustls_streams_both_ways() {
     // tokio-rustls client, record-layer server.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = server_config(&c, true);
+    let config = server_config(&c);
     let server = tokio::spawn(async move {
         let (tcp, remote) = listener.accept().await.unwrap();
         let mut tls = TlsConnection::accept(tcp, Some(remote), config)
@@ -262,7 +274,7 @@ async fn a_tampered_record_breaks_the_connection_unread() {
     let relay_addr = listener.local_addr().unwrap();
     let server_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server_addr = server_listener.local_addr().unwrap();
-    let config = server_config(&c, true);
+    let config = server_config(&c);
     // The record arrives either with the client's Finished (rustls opens it, finishing the
     // handshake) or after it (the record layer opens it): refused either way.
     let server = tokio::spawn(async move {
