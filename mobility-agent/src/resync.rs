@@ -68,7 +68,7 @@ pub async fn run(agent: Arc<DiskAgent>) {
 pub async fn settle(agent: &DiskAgent, client: &mut IngestClient<Channel>) -> anyhow::Result<bool> {
     let mut said = false;
     loop {
-        let r = crate::ship::ask_position(agent, client).await?;
+        let r = crate::ship::ask_position(agent, client, false).await?;
         let settled = agent.progress.lock().is_ok_and(|p| {
             p.next_seq > 0
                 && p.unacked.is_empty()

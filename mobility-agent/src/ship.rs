@@ -171,13 +171,17 @@ fn ingest_channel(agent: &DiskAgent) -> anyhow::Result<Channel> {
 }
 
 /// Asks the process server where the disk's stream stands, noting how full its cache is.
+/// `take_stream`: the caller pushes the disk's batches on this connection next (see
+/// `ResumeRequest.take_stream`).
 pub(crate) async fn ask_position(
     agent: &DiskAgent,
     client: &mut IngestClient<Channel>,
+    take_stream: bool,
 ) -> anyhow::Result<ResumeResponse> {
     let r = client
         .resume(ResumeRequest {
             disk_id: agent.disk_id.clone(),
+            take_stream,
         })
         .await?
         .into_inner();
@@ -209,7 +213,7 @@ async fn session(
     // One connection for the position question and the push stream.
     let channel = ingest_channel(agent)?;
     let mut client = ingest_client_on(channel.clone());
-    let resume = ask_position(agent, &mut client).await?;
+    let resume = ask_position(agent, &mut client, true).await?;
     if !last_error.is_empty() {
         tracing::info!(disk = %agent.disk_id, durable = resume.durable_seq,
             "shipping to the process server again");
@@ -329,7 +333,7 @@ async fn session(
             .unwrap_or(false);
         if waiting && last_poll.elapsed() >= Duration::from_millis(500) {
             last_poll = Instant::now();
-            let r = ask_position(agent, &mut client).await?;
+            let r = ask_position(agent, &mut client, false).await?;
             on_ack(agent, r.durable_seq, r.applied_seq)?;
         }
     }

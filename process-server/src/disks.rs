@@ -12,6 +12,7 @@ use lifeboat_common::component::RevocationList;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::replica_client::ReplicaClient;
 use lifeboat_proto::v1::DiskAssignment;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -31,6 +32,13 @@ pub struct DiskEntry {
     /// The cache's durable seq, readable without its lock (`DiskCache::durable_counter`):
     /// see [`DiskEntry::durable_seq`].
     cache_durable: Arc<AtomicU64>,
+    /// The connection (the agent's address) of the disk's latest `Ingest.Resume` with
+    /// `take_stream`: only push streams on it may store. A restarted agent numbers its batches on from where it
+    /// resumed, with contents the old process never had, so a batch of the old process's
+    /// stream stored after that resume (read late from a dead connection) would take a seq
+    /// the new process uses, and the new batch would be dropped as a replay. Set and checked
+    /// under the cache lock. `None` until the first resume (after a process-server start).
+    pub stream_owner: Mutex<Option<SocketAddr>>,
     /// Signalled after every append, to wake the forwarder.
     pub appended: Notify,
     pub applied: watch::Sender<Applied>,
@@ -170,6 +178,7 @@ impl Disks {
                     cache_bytes: cache.bytes_counter(),
                     cache_durable: cache.durable_counter(),
                     cache: Mutex::new(cache),
+                    stream_owner: Mutex::new(None),
                     appended: Notify::new(),
                     applied,
                     plain_bytes: AtomicU64::new(0),

@@ -85,6 +85,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     let status = client
         .status(ResumeRequest {
             disk_id: entry.disk_id.clone(),
+            take_stream: false,
         })
         .await?
         .into_inner();

@@ -13,6 +13,7 @@ use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, ingest_server::Ingest, ChangeBatch, IngestAck};
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -143,9 +144,11 @@ async fn admitted(disks: &Disks, entry: &DiskEntry, batches: &[ChangeBatch]) -> 
 }
 
 /// Checks and stores a group of batches; returns one ack per disk touched.
+/// `remote`: the stream's connection (see [`DiskEntry::stream_owner`]).
 async fn store(
     disks: &Disks,
     peer: &Peer,
+    remote: Option<SocketAddr>,
     group: Vec<ChangeBatch>,
 ) -> Result<Vec<IngestAck>, Status> {
     let mut by_disk: BTreeMap<String, Vec<ChangeBatch>> = BTreeMap::new();
@@ -200,6 +203,17 @@ async fn store(
                 // with its durable seq, no store adds to that seq (see `draining_refusal`).
                 if let Some(refusal) = draining_refusal(&entry2) {
                     return Err(refusal);
+                }
+                let owner = *entry2
+                    .stream_owner
+                    .lock()
+                    .map_err(|_| Status::internal("stream owner lock poisoned"))?;
+                if owner.is_some() && owner != remote {
+                    return Err(Status::failed_precondition(format!(
+                        "disk {}: the agent resumed on another connection, which now owns the \
+                         disk's stream; resume",
+                        entry2.disk_id
+                    )));
                 }
                 // Checked again under the lock: another stream of the same disk (an agent
                 // that reconnected while this one waited for room) may have stored them.
@@ -305,8 +319,28 @@ impl Ingest for IngestService {
         request: Request<v1::ResumeRequest>,
     ) -> Result<Response<v1::ResumeResponse>, Status> {
         let peer = self.authorize(&request)?;
+        let remote = lifeboat_common::peer::remote_addr(&request);
         let entry = owned_disk(&self.disks, &peer, &request.get_ref().disk_id)?;
-        let durable = durable_position(&entry).await?;
+        durable_position(&entry).await?;
+        // Under the cache lock: a group of an older stream that is being stored now is
+        // counted in the answer, and none stores after it (`DiskEntry::stream_owner`).
+        let take_stream = request.get_ref().take_stream;
+        let owned = entry.clone();
+        let durable = tokio::task::spawn_blocking(move || -> Result<u64, Status> {
+            let cache = owned
+                .cache
+                .lock()
+                .map_err(|_| Status::internal("cache lock poisoned"))?;
+            if take_stream {
+                *owned
+                    .stream_owner
+                    .lock()
+                    .map_err(|_| Status::internal("stream owner lock poisoned"))? = remote;
+            }
+            Ok(cache.durable_seq())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("resume: {e}")))??;
         let (applied, _) = entry.applied();
         Ok(Response::new(v1::ResumeResponse {
             durable_seq: durable.max(applied),
@@ -339,6 +373,7 @@ impl Ingest for IngestService {
         request: Request<Streaming<ChangeBatch>>,
     ) -> Result<Response<Self::PushStream>, Status> {
         let peer = self.authorize(&request)?;
+        let remote = lifeboat_common::peer::remote_addr(&request);
         let mut groups = Groups::of_call(request);
         let disks = self.disks.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -359,7 +394,7 @@ impl Ingest for IngestService {
                     }
                 };
                 let Some(group) = group else { break };
-                match store(&disks, &peer, group).await {
+                match store(&disks, &peer, remote, group).await {
                     Ok(acks) => {
                         for a in acks {
                             last = disks.get(&a.disk_id).map(|entry| AppliedWatch {

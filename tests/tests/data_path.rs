@@ -80,6 +80,7 @@ async fn durable(client: &mut IngestClient<Channel>, disk: &str) -> (u64, u64) {
     let r = client
         .resume(ResumeRequest {
             disk_id: disk.into(),
+            take_stream: false,
         })
         .await
         .unwrap()
@@ -103,6 +104,7 @@ fn applied_on_mt(ps: &Component, mt: &Component, disk: &str) -> Option<u64> {
         let channel = tls::mtls_channel(&identity, &mt.listen, Role::MasterTarget).ok()?;
         let request = ResumeRequest {
             disk_id: disk.into(),
+            take_stream: false,
         };
         let status = ReplicaClient::new(channel).status(request).await.ok()?;
         Some(status.into_inner().applied_seq)
@@ -199,6 +201,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
             c.clone()
                 .resume(ResumeRequest {
                     disk_id: web.clone(),
+                    take_stream: false,
                 })
                 .await
                 .is_ok()
@@ -254,6 +257,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
             c.clone()
                 .resume(ResumeRequest {
                     disk_id: web.clone(),
+                    take_stream: false,
                 })
                 .await
                 .is_ok()
@@ -324,6 +328,33 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
             m.contains("lifeboat_ps_cache_bytes ")
                 && !m.contains("lifeboat_ps_ingest_bytes_total 0")
         })
+    });
+
+    // A restarted agent takes the disk's stream on its new connection: a batch of the old
+    // process's stream that arrives afterwards (read late from its dead connection) is
+    // refused, so it cannot take a seq the new process numbers its own batches with.
+    let mut scratch = vec![0u8; DISK as usize];
+    let late = make_batch(&mut rng, &web, 46, &mut scratch);
+    runtime.block_on(async {
+        let take = ResumeRequest {
+            disk_id: web.clone(),
+            take_stream: true,
+        };
+        let mut old = client(&agent_dir, &ps.listen).await;
+        old.resume(take.clone()).await.unwrap();
+        let mut new = client(&agent_dir, &ps.listen).await;
+        assert_eq!(new.resume(take).await.unwrap().into_inner().durable_seq, 45);
+        let err = push(&mut old, vec![late.clone()]).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert_eq!(durable(&mut new, &web).await.0, 45);
+        assert_eq!(
+            push(&mut new, vec![late])
+                .await
+                .unwrap()
+                .unwrap()
+                .durable_seq,
+            46
+        );
     });
 }
 
