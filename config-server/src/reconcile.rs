@@ -5,7 +5,7 @@
 use crate::node::Node;
 use crate::state::model::now_ms;
 use crate::state::protection::{Alert, Job, JobState, ProtectedMachine, ReplicationState};
-use crate::state::Command;
+use crate::state::{Command, CommandResult};
 use lifeboat_common::Role;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -71,8 +71,10 @@ fn next_state(current: ReplicationState, phase: &str) -> Option<(ReplicationStat
         (Protected | Enabling | InitialSync | Resyncing, "resync_required") => {
             (ResyncRequired, "the change stream was interrupted")
         }
-        (ResyncRequired, "resync") => (Resyncing, "resync started"),
-        (Resyncing | ResyncRequired, "streaming") => (Protected, "resync complete"),
+        // Likewise a short resync: step through Resyncing (ResyncRequired cannot become
+        // Protected directly, and a refused step would leave the disk ResyncRequired).
+        (ResyncRequired, "resync" | "streaming") => (Resyncing, "resync started"),
+        (Resyncing, "streaming") => (Protected, "resync complete"),
         _ => return None,
     };
     (next.0 != current).then_some(next)
@@ -82,6 +84,7 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
     let state = node.state();
     let machines = state.machines()?;
     let now = now_ms();
+    let mut moved = false;
     node.progress.retain(|disk| {
         machines
             .iter()
@@ -100,23 +103,43 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
                 .set(lag.sync_progress_pct / 100.0);
             metrics::gauge!("lifeboat_disk_eta_seconds", &labels).set(lag.eta_secs as f64);
             let Some(received) = report else { continue };
-            if let Some((next, why)) = next_state(disk.state, &received.report.phase) {
+            // Every step the report calls for, in this pass: a sync shorter than the agent's
+            // report interval goes from Enabling through InitialSync to Protected on one
+            // report, and waiting a pass for the second step kept `lifeboat wait` (and the
+            // job) waiting up to a second for nothing. Each step moves on (`next_state`
+            // never returns the current state) and no phase leads back: this ends.
+            let mut current = disk.state;
+            while let Some((next, why)) = next_state(current, &received.report.phase) {
                 let reason = if received.report.error.is_empty() {
                     why.to_string()
                 } else {
                     received.report.error.clone()
                 };
-                node.write(Command::SetDiskState {
-                    machine: machine.name.clone(),
-                    disk_id: disk.disk_id.clone(),
-                    state: next,
-                    reason,
-                    at_ms: now,
-                })
-                .await?;
+                let result = node
+                    .write(Command::SetDiskState {
+                        machine: machine.name.clone(),
+                        disk_id: disk.disk_id.clone(),
+                        state: next,
+                        reason,
+                        at_ms: now,
+                    })
+                    .await?;
+                if !matches!(result, CommandResult::Done) {
+                    tracing::warn!(disk = %disk.disk_id, "state change refused: {result:?}");
+                    break;
+                }
+                current = next;
+                moved = true;
             }
         }
     }
+    // Jobs follow the states just written, not the ones this pass started from: a protect
+    // job ends in the pass its last disk became Protected.
+    let machines = if moved {
+        node.state().machines()?
+    } else {
+        machines
+    };
     let jobs = state.jobs()?;
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
     for job in &jobs {
@@ -554,5 +577,49 @@ mod tests {
             let (to, _) = next_state(from, phase).unwrap();
             assert!(from.can_become(to), "{from:?} -> {to:?} must be allowed");
         }
+    }
+
+    /// A pass takes every step one report calls for (`reconcile_once`): from any state, a
+    /// phase leads through allowed steps to a state it leaves alone, in a few steps.
+    #[test]
+    fn every_phase_settles_in_a_few_allowed_steps() {
+        let states = [
+            Enabling,
+            InitialSync,
+            Protected,
+            ResyncRequired,
+            Resyncing,
+            FailedOver,
+            Reprotecting,
+            FailbackSync,
+            Disabled,
+        ];
+        let phases = [
+            "initial_sync",
+            "streaming",
+            "resync_required",
+            "resync",
+            "other",
+        ];
+        for from in states {
+            for phase in phases {
+                let (mut current, mut steps) = (from, 0);
+                while let Some((next, _)) = next_state(current, phase) {
+                    assert!(
+                        current.can_become(next),
+                        "{current:?} -> {next:?} ({phase})"
+                    );
+                    current = next;
+                    steps += 1;
+                    assert!(steps <= 3, "{from:?} does not settle on {phase}");
+                }
+            }
+        }
+        // The short sync: one report of "streaming" while the disk is still Enabling.
+        let mut current = Enabling;
+        while let Some((next, _)) = next_state(current, "streaming") {
+            current = next;
+        }
+        assert_eq!(current, Protected);
     }
 }
