@@ -68,7 +68,7 @@ where
             .await?;
             registered.report(
                 &S::ROLE.to_string(),
-                &format!("start it with `{} run`", S::ROLE),
+                &format!("start it with `{}`", run_command_after_register()),
             );
             Ok(())
         }
@@ -78,5 +78,88 @@ where
             telemetry::init_metrics(settings.common().metrics_listen)?;
             run(settings, shutdown::on_signal()).await
         }
+    }
+}
+
+/// The `run` command to give after `register`: this process's own command line with `run`
+/// for `register` and without the flags only `register` takes, so the component runs with
+/// the data directory, configuration and disks it registered with.
+pub fn run_command_after_register() -> String {
+    run_command_from(&std::env::args().collect::<Vec<_>>())
+}
+
+fn run_command_from(args: &[String]) -> String {
+    // `RegisterArgs`: these take a value (as the next argument or after `=`) ...
+    const WITH_VALUE: [&str; 3] = ["--cs", "--passphrase-file", "--name"];
+    // ... and these do not.
+    const SWITCHES: [&str; 2] = ["--force", "--keep-existing"];
+    let mut out = vec![args.first().cloned().unwrap_or_default(), "run".to_string()];
+    let mut rest = args.iter().skip(1).peekable();
+    if rest.peek().is_some_and(|a| *a == "register") {
+        rest.next();
+    }
+    while let Some(arg) = rest.next() {
+        let (name, inline_value) = match arg.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (arg.as_str(), false),
+        };
+        if WITH_VALUE.contains(&name) {
+            if !inline_value {
+                rest.next();
+            }
+        } else if !SWITCHES.contains(&name) {
+            out.push(shell_word(arg));
+        }
+    }
+    out.join(" ")
+}
+
+/// `word` as a shell reads it back: single-quoted when it holds anything but plain characters.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_command_from;
+
+    fn args(line: &[&str]) -> Vec<String> {
+        line.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_run_command_keeps_what_run_needs_and_drops_what_only_register_takes() {
+        let line = args(&[
+            "./mobility-agent",
+            "register",
+            "--cs",
+            "127.0.0.1:7443",
+            "--passphrase-file=/tmp/pass",
+            "--data-dir",
+            "/tmp/my agent",
+            "--name",
+            "web01",
+            "--disk",
+            "disk0=/tmp/web01.img",
+            "--force",
+        ]);
+        assert_eq!(
+            run_command_from(&line),
+            "./mobility-agent run --data-dir '/tmp/my agent' --disk disk0=/tmp/web01.img"
+        );
+        assert_eq!(
+            run_command_from(&args(&[
+                "process-server",
+                "register",
+                "--cs=a:1",
+                "--keep-existing"
+            ])),
+            "process-server run"
+        );
     }
 }

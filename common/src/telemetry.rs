@@ -52,7 +52,16 @@ pub fn install_metrics(
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])?
         .install()
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {listen}: {e}"))?;
+        .map_err(|e| {
+            let text = e.to_string();
+            let hint = if text.contains("in use") {
+                ": another process listens there. Is this component (or `lifeboat up`) \
+                 already running? If not, choose a free address with --metrics-listen"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("cannot serve metrics on {listen}: {text}{hint}")
+        })?;
     metrics::describe_counter!(
         "lifeboat_grpc_requests_total",
         "gRPC requests received, by method"

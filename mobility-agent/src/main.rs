@@ -61,7 +61,13 @@ fn main() -> ExitCode {
                     settings.facts(),
                 )
                 .await?;
-                registered.report("machine", "start the agent with `mobility-agent run`");
+                registered.report(
+                    "machine",
+                    &format!(
+                        "start the agent with `{}`",
+                        lifeboat_common::component_cli::run_command_after_register()
+                    ),
+                );
                 Ok(())
             }
             Command::MarkForResync { common, disk_id } => {

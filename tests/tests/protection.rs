@@ -200,6 +200,12 @@ fn policies_protect_status_jobs_and_unprotect() {
 
     // Protect: both disks on one master target, a job, replication under way (Enabling
     // until the components hear of it, which with their long-polls is at once).
+    // The failback twin is for replication back after a failover, never chosen by hand.
+    fails(
+        &ctx,
+        &["protect", "web01", "--policy", "gold-failback"],
+        "failback twin of gold",
+    );
     let out = ok(&ctx, &["protect", "web01", "--policy", "gold"]);
     assert!(
         out.contains("process server ps1, master target mt1"),
@@ -243,6 +249,11 @@ fn policies_protect_status_jobs_and_unprotect() {
         assert_eq!(d["rpo_threshold_secs"], 3600, "{status}");
     }
     fails(&ctx, &["policy", "assign", "nosuch", "web01"], "no policy");
+    fails(
+        &ctx,
+        &["policy", "assign", "silver-failback", "web01"],
+        "failback twin of silver",
+    );
     fails(
         &ctx,
         &["policy", "assign", "gold", "db99"],

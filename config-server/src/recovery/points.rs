@@ -92,7 +92,17 @@ pub fn choose(
             .find(|p| (kind == "crash" && !p.fuzzy) || p.kind == kind)
             .cloned()
             .ok_or_else(|| {
-                format!("{machine} has no {kind} point in its retention window; {hint}")
+                // The kinds that need something the operator sets up say what.
+                let needs = match kind {
+                    "app" => {
+                        " (app points need the agent's --freeze-hook and a policy with \
+                         --app-consistent-every)"
+                    }
+                    "group" => " (group points need a consistency group: `lifeboat group create`)",
+                    "crash" => " yet (the first comes one crash-consistent interval after protect)",
+                    _ => "",
+                };
+                format!("{machine} has no {kind} point in its retention window{needs}; {hint}")
             });
     }
     if let Some(p) = points.iter().find(|p| p.id == selector) {

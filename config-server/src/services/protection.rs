@@ -80,6 +80,19 @@ impl ProtectionService {
             })
     }
 
+    /// A policy a machine may be protected with: not a failback twin, which is the reverse
+    /// direction's (reprotect and failback choose it; an operator never does).
+    fn replication_policy(&self, name: &str) -> Result<Policy, Status> {
+        let policy = self.find_policy(name)?;
+        match &policy.failback_of {
+            Some(forward) => Err(Status::invalid_argument(format!(
+                "{name} is the failback twin of {forward}, for replication back to the \
+                 original site after a failover; protect with {forward} (or another policy)"
+            ))),
+            None => Ok(policy),
+        }
+    }
+
     pub(super) fn candidates(&self) -> Result<Vec<Candidate>, Status> {
         Ok(self
             .node
@@ -246,6 +259,7 @@ impl Protection for ProtectionService {
         if protected.is_none() {
             return Err(self.not_protected(&machine));
         }
+        self.replication_policy(&policy)?;
         result_status(
             self.node
                 .write(Command::AssignPolicy { machine, policy })
@@ -261,15 +275,12 @@ impl Protection for ProtectionService {
         self.node.authorize(&request, &[Role::Admin])?;
         let req = request.into_inner();
         let state = self.node.state();
-        self.find_policy(&req.policy)?;
-        if state
-            .machine(&req.machine)
-            .map_err(storage_status)?
-            .is_some()
-        {
+        self.replication_policy(&req.policy)?;
+        if let Some(m) = state.machine(&req.machine).map_err(storage_status)? {
             return Err(Status::already_exists(format!(
-                "{} is already protected",
-                req.machine
+                "{} is already protected (policy {}); to change its policy: `lifeboat policy \
+                 assign POLICY {}`",
+                req.machine, m.policy, req.machine
             )));
         }
         let identities = state.identities().map_err(storage_status)?;
