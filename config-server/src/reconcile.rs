@@ -583,17 +583,6 @@ mod tests {
     /// phase leads through allowed steps to a state it leaves alone, in a few steps.
     #[test]
     fn every_phase_settles_in_a_few_allowed_steps() {
-        let states = [
-            Enabling,
-            InitialSync,
-            Protected,
-            ResyncRequired,
-            Resyncing,
-            FailedOver,
-            Reprotecting,
-            FailbackSync,
-            Disabled,
-        ];
         let phases = [
             "initial_sync",
             "streaming",
@@ -601,7 +590,7 @@ mod tests {
             "resync",
             "other",
         ];
-        for from in states {
+        for from in ReplicationState::ALL {
             for phase in phases {
                 let (mut current, mut steps) = (from, 0);
                 while let Some((next, _)) = next_state(current, phase) {

@@ -38,6 +38,23 @@ pub enum ReplicationState {
 }
 
 impl ReplicationState {
+    /// Every state, in the order of the state machine (for tests that walk all of them).
+    #[cfg(test)]
+    pub const ALL: [ReplicationState; 9] = {
+        use ReplicationState::*;
+        [
+            Enabling,
+            InitialSync,
+            Protected,
+            ResyncRequired,
+            Resyncing,
+            FailedOver,
+            Reprotecting,
+            FailbackSync,
+            Disabled,
+        ]
+    };
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReplicationState::Enabling => "Enabling",
