@@ -221,10 +221,18 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         CacheKey::load_or_create(&settings.common.data_dir.join("private").join("cache.key"))?;
     let revocations = RevocationList::default();
     let quota = quota::Quota::new(&settings.cache_dir, settings.cache_quota_mib);
+    // Say where the figure comes from: by default it is a share of the whole file system,
+    // which on a large disk is a number nobody recognises.
+    let source = if settings.cache_quota_mib == 0 {
+        "80% of the file system's size (default; set cache_quota_mib to choose)"
+    } else {
+        "cache_quota_mib"
+    };
     tracing::info!(
         quota_bytes = quota.quota_bytes,
-        "cache quota {} MiB",
-        quota.quota_bytes >> 20
+        "cache {}: quota {:.1} GiB, {source}",
+        settings.cache_dir.display(),
+        quota.quota_bytes as f64 / (1u64 << 30) as f64
     );
     let cache = CacheSetup {
         dir: settings.cache_dir.clone(),
