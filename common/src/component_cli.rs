@@ -89,10 +89,16 @@ pub fn run_command_after_register() -> String {
 }
 
 fn run_command_from(args: &[String]) -> String {
-    // `RegisterArgs`: these take a value (as the next argument or after `=`) ...
-    const WITH_VALUE: [&str; 3] = ["--cs", "--passphrase-file", "--name"];
-    // ... and these do not.
-    const SWITCHES: [&str; 2] = ["--force", "--keep-existing"];
+    // The flags only `register` takes (`RegisterArgs`), and whether each takes a value (as the
+    // next argument or after `=`), as clap knows them.
+    let register_only: Vec<(String, bool)> =
+        <RegisterArgs as clap::Args>::augment_args(clap::Command::new("register"))
+            .get_arguments()
+            .filter_map(|a| {
+                let long = a.get_long()?;
+                Some((format!("--{long}"), a.get_action().takes_values()))
+            })
+            .collect();
     let mut out = vec![args.first().cloned().unwrap_or_default(), "run".to_string()];
     let mut rest = args.iter().skip(1).peekable();
     if rest.peek().is_some_and(|a| *a == "register") {
@@ -103,12 +109,13 @@ fn run_command_from(args: &[String]) -> String {
             Some((name, _)) => (name, true),
             None => (arg.as_str(), false),
         };
-        if WITH_VALUE.contains(&name) {
-            if !inline_value {
-                rest.next();
+        match register_only.iter().find(|(flag, _)| flag == name) {
+            Some((_, takes_value)) => {
+                if *takes_value && !inline_value {
+                    rest.next();
+                }
             }
-        } else if !SWITCHES.contains(&name) {
-            out.push(shell_word(arg));
+            None => out.push(shell_word(arg)),
         }
     }
     out.join(" ")

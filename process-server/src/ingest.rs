@@ -321,26 +321,26 @@ impl Ingest for IngestService {
         let peer = self.authorize(&request)?;
         let remote = lifeboat_common::peer::remote_addr(&request);
         let entry = owned_disk(&self.disks, &peer, &request.get_ref().disk_id)?;
-        durable_position(&entry).await?;
-        // Under the cache lock: a group of an older stream that is being stored now is
-        // counted in the answer, and none stores after it (`DiskEntry::stream_owner`).
-        let take_stream = request.get_ref().take_stream;
-        let owned = entry.clone();
-        let durable = tokio::task::spawn_blocking(move || -> Result<u64, Status> {
-            let cache = owned
-                .cache
-                .lock()
-                .map_err(|_| Status::internal("cache lock poisoned"))?;
-            if take_stream {
+        let mut durable = durable_position(&entry).await?;
+        if request.get_ref().take_stream {
+            // Under the cache lock: a group of an older stream that is being stored now is
+            // counted in the answer, and none stores after it (`DiskEntry::stream_owner`). A
+            // position question needs no lock (it would wait out a store's fsync).
+            let owned = entry.clone();
+            durable = tokio::task::spawn_blocking(move || -> Result<u64, Status> {
+                let cache = owned
+                    .cache
+                    .lock()
+                    .map_err(|_| Status::internal("cache lock poisoned"))?;
                 *owned
                     .stream_owner
                     .lock()
                     .map_err(|_| Status::internal("stream owner lock poisoned"))? = remote;
-            }
-            Ok(cache.durable_seq())
-        })
-        .await
-        .map_err(|e| Status::internal(format!("resume: {e}")))??;
+                Ok(cache.durable_seq())
+            })
+            .await
+            .map_err(|e| Status::internal(format!("resume: {e}")))??;
+        }
         let (applied, _) = entry.applied();
         Ok(Response::new(v1::ResumeResponse {
             durable_seq: durable.max(applied),
