@@ -77,10 +77,12 @@ start_agent bench-b $WORK/b.img 127.0.0.1:$(port)
 # the host already backs (350 MB/s to 3 GB/s have been seen, often slow on a first run), so
 # taking turns gives both the same conditions. Between Lifeboat's runs the machine is
 # unprotected (the master target deletes the replica) and protected again: a new full sync.
-LS=(); QCS=(); SECS=(); STEALS=()
+LS=(); QCS=(); SECS=(); STEALS=(); IDLES=()
 # CPU time the hypervisor gave to other guests (jiffies, all CPUs): on a shared host it swings
 # from 0 to a third of the machine, and Lifeboat, busy on both cores, loses most to it.
 steal() { awk '/^cpu / {print $9}' /proc/stat; }
+# CPU time nobody used (idle and waiting for I/O): what a pipeline stalled on its disk leaves.
+idle() { awk '/^cpu / {print $5 + $6}' /proc/stat; }
 cpu_of() { local t=0 p; for p in "$@"; do [ -r /proc/$p/stat ] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
 AGENT_B=${AGENT_PID[bench-b]}
 CPU_B0=$(cpu_of ${COMPONENT_PID[process-server]} ${COMPONENT_PID[master-target]} $AGENT_B)
@@ -91,10 +93,11 @@ for i in 1 2 3; do
   [ $i = 2 ] && [ -n "${PERF_OUT:-}" ] && { perf record -a ${PERF_ARGS:--F 999} -o "$PERF_OUT" >/dev/null 2>&1 & PERF=$!; sleep 0.5; }
   [ $i = 2 ] && [ -n "${TIMELINE:-}" ] && timeline_start bench-b
   # Protected: the agent has seen every byte of the copy applied on the master target.
-  S0=$(steal)
+  S0=$(steal); I0=$(idle)
   t0=$(now); $BIN/lifeboat protect bench-b --policy bench >/dev/null
   $BIN/lifeboat wait bench-b --timeout-secs 300 >/dev/null || { echo "timed out waiting for bench-b"; exit 1; }
-  t1=$(now); STEALS+=($(python3 -c "print(f'{100 * ($(steal) - $S0) / ($t1 - $t0) / $(getconf CLK_TCK) / $(nproc):.0f}')"))
+  t1=$(now); IDLES+=($(python3 -c "print(f'{100 * ($(idle) - $I0) / ($t1 - $t0) / $(getconf CLK_TCK) / $(nproc):.0f}')"))
+  STEALS+=($(python3 -c "print(f'{100 * ($(steal) - $S0) / ($t1 - $t0) / $(getconf CLK_TCK) / $(nproc):.0f}')"))
   [ $i = 2 ] && [ -n "${PERF_OUT:-}" ] && { kill -INT $PERF; wait $PERF || true; }
   [ $i = 2 ] && [ -n "${TIMELINE:-}" ] && timeline_print $t0
   [ -n "${KEEP:-}" ] && echo "run $i: t0=$t0 t1=$t1" >> $WORK/b-times.txt
@@ -108,7 +111,7 @@ for i in 1 2 3; do
 done
 median() { printf '%s\n' "$@" | sort -n | sed -n 2p; }
 L=$(median "${LS[@]}"); QC=$(median "${QCS[@]}")
-echo "Lifeboat initial sync end to end: $L MB/s (median of ${LS[*]}; ${SECS[*]} s from protect to Protected, as \`lifeboat wait\` saw it (long polls, answered as the state changes); CPU stolen by the host meanwhile: ${STEALS[*]} %)"
+echo "Lifeboat initial sync end to end: $L MB/s (median of ${LS[*]}; ${SECS[*]} s from protect to Protected, as \`lifeboat wait\` saw it (long polls, answered as the state changes); CPU idle meanwhile: ${IDLES[*]} %, stolen by the host: ${STEALS[*]} %)"
 echo "qemu-img convert -O vpc locally:  $QC MB/s (median of ${QCS[*]})   ratio: $(python3 -c "print(f'{$L/$QC:.2f}')")   (goal >= 0.5)"
 # Context for the ratio: the CPU the sync costs per GiB of data (process server, master target
 # and agent, from /proc, over the three syncs and unprotects) against a floor of the design's

@@ -157,6 +157,15 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         .await
         .map_err(|e| anyhow::anyhow!("cannot serve NBD on {}: {e}", settings.nbd_listen))?;
     tracing::info!(listen = %settings.nbd_listen, "NBD exports of protected disks served here");
+    if settings.disks.is_empty() {
+        // `run` does not remember what `register` was given: an agent started without its
+        // disks reports none, and its machine cannot be protected.
+        tracing::warn!(
+            "no disks configured: nothing on this machine can be protected; give each disk \
+             to `run` as at register (--disk NAME=PATH or --scan-disk NAME=PATH), or list \
+             them as `disks` in the config file"
+        );
+    }
     {
         let (agent, stop) = (agent.clone(), agent.cancel.clone());
         tokio::spawn(async move {
