@@ -101,6 +101,9 @@ impl Stack {
             log_format: args.log_format,
         };
         let first_run = !Identity::exists(&cs_settings.data_dir);
+        if !first_run {
+            refuse_moved_address(&data_dir, &cs_settings.advertise)?;
+        }
         let new_passphrase = if first_run {
             let outcome = cs_init::init(&cs_settings)?;
             Some((outcome.cluster_id, outcome.passphrase))
@@ -435,4 +438,25 @@ pub(crate) async fn wait_for_servers(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A stack started again with another `--cs-listen`: its process server and master target
+/// (and any agents) know the configuration server by the address it was set up with, and
+/// would dial it there for ever. Said at once rather than after a minute of waiting.
+fn refuse_moved_address(data_dir: &std::path::Path, address: &str) -> anyhow::Result<()> {
+    let Ok(ps) = Identity::load(&data_dir.join("process-server")) else {
+        return Ok(());
+    };
+    let known = &ps.info.cs_addresses;
+    if known.is_empty() || known.iter().any(|a| a == address) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{} was set up with its configuration server at {}, and its process server, master \
+         target and agents dial it there: start it with `--cs-listen {}` (a new address \
+         needs a new --data-dir)",
+        data_dir.display(),
+        known.join(", "),
+        known[0]
+    )
 }

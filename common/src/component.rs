@@ -24,7 +24,8 @@ pub struct RegisterArgs {
     /// File holding the connection passphrase (from `config-server init`).
     #[arg(long)]
     pub passphrase_file: PathBuf,
-    /// Name of this component, unique for its role (default: the host name).
+    /// Name of this component, unique for its role (default: with --force, the name of the
+    /// identity it replaces; else the host name).
     #[arg(long)]
     pub name: Option<String>,
     /// Register again even if this data directory already has an identity.
@@ -104,7 +105,12 @@ pub async fn register_command(
         .ok()
         .filter(|old| old.info.role == role);
     let passphrase = crate::config::read_passphrase_file(&args.passphrase_file)?;
-    let name = args.name.clone().unwrap_or_else(crate::facts::hostname);
+    // `--force` again (after a passphrase change, say) keeps the name it replaces.
+    let name = args
+        .name
+        .clone()
+        .or_else(|| replaced.as_ref().map(|old| old.info.name.clone()))
+        .unwrap_or_else(crate::facts::hostname);
     crate::fsutil::create_private_dir(data_dir)?;
     let identity = register(Registration {
         cs_addresses: &args.cs,
@@ -225,6 +231,8 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// agent asks at every backlog start and catch-up, which under small steady writes can be
 /// many times a second.
 const EARLY_REPORT_GAP: Duration = Duration::from_secs(1);
+/// Heartbeats sent `EARLY_REPORT_GAP` apart after one sent early for `EarlyReports::soon`.
+const FOLLOW_UPS: u8 = 2;
 
 /// The reporter's disk reports. They take each disk's lock, which a store or an apply holds
 /// through its fsync (milliseconds, more on a slow disk): on a multi-threaded runtime the
@@ -254,10 +262,11 @@ async fn heartbeats(
     let mut interval = Duration::from_secs(identity.info.heartbeat_interval_secs.max(1) as u64);
     let mut was_connected = None;
     let mut retry = RETRY_FIRST;
-    // Set after a heartbeat sent early for `EarlyReports::soon`: one more follows a gap later,
-    // so whoever began waiting just after the change (`lifeboat wait --caught-up` trusts only
-    // reports sent after it began) hears of it without waiting out the interval.
-    let mut follow_up = false;
+    // Set after a heartbeat sent early for `EarlyReports::soon`: two more follow, a gap apart,
+    // so whoever began waiting just after the change hears of it without waiting out the
+    // interval (`lifeboat wait --caught-up` trusts the second report that arrives after it
+    // began: the first may have been put together before).
+    let mut follow_ups = 0u8;
     loop {
         let request = v1::HeartbeatRequest {
             facts: Some(reporter.facts()),
@@ -313,7 +322,8 @@ async fn heartbeats(
         let wait = if connected {
             retry = RETRY_FIRST;
             let every = reporter.heartbeat_every(interval);
-            if std::mem::take(&mut follow_up) {
+            if follow_ups > 0 {
+                follow_ups -= 1;
                 every.min(EARLY_REPORT_GAP)
             } else {
                 every
@@ -325,7 +335,7 @@ async fn heartbeats(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            for_figures = nudged => follow_up = for_figures,
+            for_figures = nudged => if for_figures { follow_ups = FOLLOW_UPS },
             _ = reconnected.notified() => {}
             _ = cancel.cancelled() => return Ok(()),
         }

@@ -119,6 +119,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for (flag, given) in [
                 ("--listen", args.listen.map(|l| l.to_string())),
                 ("--advertise", args.advertise.clone()),
+                (
+                    "--metrics-listen",
+                    args.metrics_listen.map(|l| l.to_string()),
+                ),
             ] {
                 if let Some(value) = given {
                     start.push_str(&format!(" {flag} {value}"));

@@ -101,9 +101,13 @@ pub struct Lag {
     pub last_report_ms: i64,
 }
 
-/// Derives the lag of a disk at `now_ms`. A fresh report is taken as it is; a stale one means
-/// the agent cannot tell us, so the RPO keeps growing from what it last said; a disk never
-/// reported has been unprotected since `protected_at_ms`.
+/// Derives the lag of a disk at `now_ms`. A report that found the disk caught up is taken as
+/// it is while fresh (the agent reports within a second when a backlog starts). One that found
+/// it behind is aged: the write it found oldest, if still unapplied, is older by the report's
+/// age, and any other is younger, so the RPO shown is never less than the true one (the
+/// catch-up report follows within a second of the catch-up). A stale report means the agent
+/// cannot tell us, so the RPO keeps growing from what it last said; a disk never reported
+/// has been unprotected since `protected_at_ms`.
 pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms: i64) -> Lag {
     let Some(received) = agent else {
         return Lag {
@@ -116,7 +120,8 @@ pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms
     };
     let r = &received.report;
     let age = (now_ms - received.at_ms).max(0);
-    let rpo_secs = if age <= fresh_ms {
+    let behind = r.pending_bytes > 0 || r.rpo_secs > 0.0;
+    let rpo_secs = if age <= fresh_ms && !behind {
         r.rpo_secs
     } else {
         r.rpo_secs + age as f64 / 1000.0
@@ -177,16 +182,29 @@ mod tests {
     }
 
     #[test]
-    fn fresh_reports_are_taken_as_they_are() {
+    fn fresh_reports_are_taken_as_they_are_when_caught_up_and_aged_when_behind() {
+        let caught_up = lag(
+            Some(&report("streaming", 0.0, 0, 0, 0.0)),
+            11_000,
+            15_000,
+            0,
+        );
+        assert_eq!(caught_up.rpo_secs, 0.0);
         let l = lag(
             Some(&report("initial_sync", 3.0, 25, 100, 5.0)),
             11_000,
             15_000,
             0,
         );
-        assert_eq!(l.rpo_secs, 3.0);
+        // Its oldest write, if still unapplied, is a second older now.
+        assert_eq!(l.rpo_secs, 4.0);
         assert_eq!(l.sync_progress_pct, 25.0);
         assert_eq!(l.eta_secs, 15);
+        // Pending writes captured the very moment the report was made: behind all the same.
+        let mut just_captured = report("streaming", 0.0, 0, 0, 0.0);
+        just_captured.report.pending_bytes = 1 << 20;
+        let l = lag(Some(&just_captured), 12_500, 15_000, 0);
+        assert_eq!(l.rpo_secs, 2.5);
     }
 
     #[test]

@@ -108,6 +108,20 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
             .await
     });
     tracing::info!(node = node_id, listen = %bound, advertise = %settings.advertise, "configuration server serving");
+    let advertised_port = settings
+        .advertise
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok());
+    if advertised_port.is_some_and(|port| port != bound.port()) {
+        // Right behind a port mapping (containers, NAT); otherwise nobody reaches the node.
+        tracing::warn!(
+            "this node advertises {} but listens on port {}: other nodes and components dial \
+             the advertised address, so unless a port mapping forwards it here, start the node \
+             with the --listen it was given at init (`config-server init` printed the command)",
+            settings.advertise,
+            bound.port()
+        );
+    }
 
     let background = tokio_util::task::TaskTracker::new();
     background.spawn(tasks::raft_metrics(node.clone(), cancel.clone()));
@@ -203,7 +217,20 @@ async fn join_cluster(node: Arc<Node>, advertise: String, cancel: CancellationTo
             call.set_timeout(Duration::from_secs(120));
             match client.join_cluster(call).await {
                 Ok(reply) => {
-                    tracing::info!(voters = ?reply.into_inner().voters, "joined the cluster as a voter");
+                    let voters = reply.into_inner().voters;
+                    tracing::info!(voters = ?voters, "joined the cluster as a voter");
+                    if voters.len() % 2 == 0 {
+                        // A majority of an even count needs all but fewer than half: two
+                        // voters stop taking changes when either is down.
+                        tracing::warn!(
+                            "the cluster has {} voters: it takes changes only while {} of them \
+                             run, so it tolerates no more failures than {} would; join one more \
+                             node (a cluster has 1, 3 or 5 nodes)",
+                            voters.len(),
+                            voters.len() / 2 + 1,
+                            voters.len() - 1
+                        );
+                    }
                     return;
                 }
                 Err(status) => tracing::warn!("join via {address} failed: {}", status.message()),

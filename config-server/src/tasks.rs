@@ -147,7 +147,7 @@ pub async fn self_heartbeat(
 /// from its peers in the Leader state (it cannot commit, and its alert counts freeze), so
 /// `lifeboat_raft_leader` also needs a quorum acknowledgement within an election timeout; a
 /// single-voter cluster is its own quorum.
-fn leads_a_quorum(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> bool {
+pub(crate) fn leads_a_quorum(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> bool {
     let alone = m.membership_config.membership().voter_ids().count() <= 1;
     m.state == ServerState::Leader
         && (alone

@@ -391,8 +391,11 @@ fn on_ack(agent: &DiskAgent, durable: u64, applied: u64) -> anyhow::Result<()> {
         p.durable(durable);
         let had_backlog = !p.in_flight.is_empty();
         let clear = p.applied(applied);
-        if had_backlog && p.in_flight.is_empty() && agent.capture.queued_bytes() == 0 {
+        if had_backlog {
             // Caught up: report it now (status and `lifeboat wait --caught-up` wait on it).
+            // Still behind: report within a second all the same, since the configuration
+            // server ages a report that found a backlog (its RPO must never read low), and
+            // a steady backlog would otherwise show an RPO a heartbeat interval too old.
             agent.early_reports.soon.notify_one();
         }
         clear

@@ -101,6 +101,14 @@ fn a_plan_runs_groups_in_order_and_waits_for_the_operator() {
         ["Succeeded", "Succeeded", "Waiting", "Pending", "Pending"],
         "{j}"
     );
+    // `lifeboat jobs` (without --all) lists it: it waits for the operator.
+    let listed = lifeboat_json(&ctx, &["jobs", "--json"]);
+    assert!(
+        listed["jobs"]
+            .as_array()
+            .is_some_and(|jobs| jobs.iter().any(|j| j["id"] == id.as_str())),
+        "{listed}"
+    );
     assert!(text(&out).contains("Switch DNS"), "{}", text(&out));
     assert_eq!(
         std::fs::read_to_string(&log).unwrap(),

@@ -255,6 +255,15 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
         "{}",
         text(&refused)
     );
+    // Protecting it again says the same, not that it is "already protected".
+    let refused = lifeboat(&ctx, &["protect", MACHINE, "--policy", "drill"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("failed over")
+            && text(&refused).contains("--delete-recovered-disks"),
+        "{}",
+        text(&refused)
+    );
     assert!(
         compare_nbd(&copy_b, &failed_over),
         "a refused unprotect left the recovered disk served"

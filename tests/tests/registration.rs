@@ -289,14 +289,16 @@ fn regenerating_the_passphrase_revokes_components_until_they_register_again() {
         &["--name", "db01", "--force"],
     );
     assert!(!refused.status.success());
+    // Without --name, as `passphrase regenerate` suggests: it keeps the name it had.
     let ok = register(
         "mobility-agent",
         &agent_dir,
         &cs.addr,
         &cs.passphrase_file(),
-        &["--name", "db01", "--force"],
+        &["--force"],
     );
     assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains("db01"), "{}", text(&ok));
     let _agent = start("mobility-agent", &agent_dir, &[]);
     wait_until("agent connected again", WAIT, || {
         status_of(&cs.context(), "agent", "db01").as_deref() == Some("Connected")

@@ -102,4 +102,21 @@ fn up_runs_the_stack_stops_on_signal_and_resumes() {
     });
     assert!(!up.log_text().contains("Connection passphrase"));
     assert_eq!(up.terminate(), Some(0));
+
+    // Started again at another configuration-server address, it refuses at once (its
+    // components would dial the old one for ever), naming the address to use.
+    let mut moved = ports.clone();
+    moved[0] = free_addr();
+    let mut up = start_up(tmp.path(), &moved, "up3.log");
+    assert_ne!(
+        up.wait(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        up.log_text()
+    );
+    assert!(
+        up.log_text().contains(&format!("--cs-listen {}", ports[0])),
+        "{}",
+        up.log_text()
+    );
 }

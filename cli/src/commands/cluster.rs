@@ -24,6 +24,7 @@ pub async fn status(ctx: &ContextArgs, as_json: bool) -> anyhow::Result<()> {
                 "leader_id": s.leader_id, "leader_address": s.leader_address, "term": s.term,
                 "commit_index": s.commit_index, "last_applied": s.last_applied,
                 "last_log_index": s.last_log_index, "members": members,
+                "leader_without_quorum": s.leader_without_quorum,
             }))?
         );
         return Ok(());
@@ -35,6 +36,14 @@ pub async fn status(ctx: &ContextArgs, as_json: bool) -> anyhow::Result<()> {
         println!(
             "Leader:        node {} at {}",
             s.leader_id, s.leader_address
+        );
+    }
+    if s.leader_without_quorum {
+        let voters = s.members.iter().filter(|m| m.voter).count();
+        println!(
+            "               WITHOUT A MAJORITY: {} of {voters} voters must run for a change to \
+             commit; start the nodes that are down (changes wait meanwhile)",
+            voters / 2 + 1
         );
     }
     println!("Term:          {}", s.term);

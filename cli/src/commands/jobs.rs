@@ -53,7 +53,10 @@ pub async fn list(ctx: &ContextArgs, args: JobsArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if jobs.is_empty() {
-        println!("No {}jobs.", if args.all { "" } else { "running " });
+        println!(
+            "No {}jobs.",
+            if args.all { "" } else { "running or waiting " }
+        );
         return Ok(());
     }
     let mut t = table(&[

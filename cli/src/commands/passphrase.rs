@@ -55,8 +55,9 @@ pub async fn run(ctx: &ContextArgs, command: PassphraseCommand) -> anyhow::Resul
             println!();
             println!("{} component identities were revoked. Register each again with the new passphrase,", p.revoked_identities);
             println!(
-                "e.g. `process-server register --force --cs HOST:PORT --passphrase-file FILE`."
+                "e.g. `process-server register --force --cs HOST:PORT --passphrase-file FILE [--data-dir DIR]`"
             );
+            println!("(each keeps its name and data; then restart it).");
         }
     }
     Ok(())

@@ -171,6 +171,8 @@ impl Admin for AdminService {
             last_log_index: metrics.last_log_index.unwrap_or(0),
             state: state.into(),
             members,
+            leader_without_quorum: metrics.state == ServerState::Leader
+                && !crate::tasks::leads_a_quorum(&metrics),
         }))
     }
 

@@ -277,6 +277,14 @@ impl Protection for ProtectionService {
         let state = self.node.state();
         self.replication_policy(&req.policy)?;
         if let Some(m) = state.machine(&req.machine).map_err(storage_status)? {
+            if m.recovery.failover.is_some() {
+                return Err(Status::failed_precondition(format!(
+                    "{} is failed over; reprotecting a failed-over machine is not built yet: \
+                     to protect it again under its name, `lifeboat unprotect {} \
+                     --delete-recovered-disks` first (this deletes its recovered disks)",
+                    req.machine, req.machine
+                )));
+            }
             return Err(Status::already_exists(format!(
                 "{} is already protected (policy {}); to change its policy: `lifeboat policy \
                  assign POLICY {}`",
@@ -474,7 +482,7 @@ impl Protection for ProtectionService {
         let all = self.node.state().jobs().map_err(storage_status)?;
         let selected: Vec<&Job> = all
             .iter()
-            .filter(|j| req.all || j.state == JobState::Running)
+            .filter(|j| req.all || matches!(j.state, JobState::Running | JobState::Waiting))
             .collect();
         let skip = selected.len().saturating_sub(limit);
         let jobs = selected.into_iter().skip(skip).map(job_info).collect();
