@@ -72,15 +72,26 @@ impl CommonArgs {
         file: &CommonFileConfig,
         defaults: &RoleDefaults,
     ) -> anyhow::Result<CommonSettings> {
-        let listen = match self.listen.or(file.listen) {
+        let given = self.listen.or(file.listen);
+        let listen = match given {
             Some(l) => l,
             None => defaults.listen.parse()?,
         };
-        let advertise = self
-            .advertise
-            .clone()
-            .or(file.advertise.clone())
-            .unwrap_or_else(|| default_advertise(listen));
+        // A role whose default listen port is 0 does not serve (the agent): its listen
+        // address is unused.
+        let serves = defaults
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|d| d.port() != 0);
+        let advertise = match self.advertise.clone().or(file.advertise.clone()) {
+            Some(a) => a,
+            None if serves && given.is_some_and(|l| l.port() == 0) => anyhow::bail!(
+                "listen address {listen} has port 0, a port picked at random that others \
+                 could not be told: give a fixed port (the configuration server hands this \
+                 address to agents and process servers), or --advertise the address to reach"
+            ),
+            None => default_advertise(listen),
+        };
         Ok(CommonSettings {
             data_dir: self
                 .data_dir
@@ -95,5 +106,49 @@ impl CommonArgs {
             },
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(listen: &str) -> CommonArgs {
+        CommonArgs {
+            config: None,
+            data_dir: None,
+            listen: Some(listen.parse().unwrap()),
+            advertise: None,
+            metrics_listen: None,
+            log_format: None,
+        }
+    }
+
+    const SERVER: RoleDefaults = RoleDefaults {
+        data_dir: "/tmp/x",
+        listen: "0.0.0.0:9443",
+        metrics_listen: "0.0.0.0:9101",
+    };
+    const AGENT: RoleDefaults = RoleDefaults {
+        data_dir: "/tmp/x",
+        listen: "127.0.0.1:0",
+        metrics_listen: "127.0.0.1:9103",
+    };
+
+    #[test]
+    fn a_server_listening_on_port_0_must_say_where_it_is_reached() {
+        let file = CommonFileConfig::default();
+        let e = args("127.0.0.1:0").resolve(&file, &SERVER).unwrap_err();
+        assert!(e.to_string().contains("fixed port"), "{e}");
+        let mut advertised = args("127.0.0.1:0");
+        advertised.advertise = Some("ps1.example:9443".into());
+        assert_eq!(
+            advertised.resolve(&file, &SERVER).unwrap().advertise,
+            "ps1.example:9443"
+        );
+        let s = args("0.0.0.0:9555").resolve(&file, &SERVER).unwrap();
+        assert_eq!(s.advertise, "127.0.0.1:9555");
+        // The agent serves nothing on its listen address.
+        assert!(args("127.0.0.1:0").resolve(&file, &AGENT).is_ok());
     }
 }

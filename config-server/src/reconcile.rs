@@ -272,6 +272,17 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                     .filter(|m| m.ps_id == r.id || m.mt_id == r.id)
                     .map(|m| m.name.as_str())
                     .collect();
+                // An agent whose machine is not protected puts no replica at risk.
+                let idle_agent =
+                    r.role == Role::Agent && !machines.iter().any(|m| m.agent_id == r.id);
+                let removable = matches!(r.role, Role::ProcessServer | Role::MasterTarget);
+                if served.is_empty() && (removable || idle_agent) {
+                    message.push_str(&format!(
+                        "; if it was taken out of service, `lifeboat servers revoke {}` \
+                         removes it and this alert",
+                        r.id
+                    ));
+                }
                 if !served.is_empty() {
                     message.push_str(&format!(
                         "; replication of {} waits for it: start it again",
@@ -287,7 +298,7 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                 }
                 wanted.push(Alert {
                     key: format!("down/{}", r.id),
-                    severity: "critical".into(),
+                    severity: if idle_agent { "warning" } else { "critical" }.into(),
                     subject: format!("{} {}", r.role, r.name),
                     message,
                     raised_at_ms: now,

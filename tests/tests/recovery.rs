@@ -157,6 +157,22 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
         "{freezes}"
     );
 
+    // A point that does not exist is refused before any job is made.
+    let jobs_before = lifeboat_json(&ctx, &["jobs", "--all", "--json"])["jobs"]
+        .as_array()
+        .map_or(0, |j| j.len());
+    let refused = lifeboat(&ctx, &["test-failover", MACHINE, "--point", "bogus"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("recovery-points"),
+        "{}",
+        text(&refused)
+    );
+    let jobs_after = lifeboat_json(&ctx, &["jobs", "--all", "--json"])["jobs"]
+        .as_array()
+        .map_or(0, |j| j.len());
+    assert_eq!(jobs_before, jobs_after);
+
     for (point, copy) in [
         (&point_a, &copy_a),
         (&point_b, &copy_b),

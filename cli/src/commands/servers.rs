@@ -32,6 +32,9 @@ pub enum ServersCommand {
 fn status(s: &v1::ServerInfo) -> &'static str {
     if s.revoked {
         "Revoked"
+    } else if s.role == v1::Role::Admin as i32 {
+        // Admin identities (the CLI's) call in; they never heartbeat.
+        "Valid"
     } else if s.connected {
         "Connected"
     } else {
@@ -135,7 +138,11 @@ pub async fn run(ctx: &ContextArgs, command: ServersCommand) -> anyhow::Result<(
                     } else {
                         s.version.clone()
                     },
-                    age(s.last_heartbeat_unix_ms),
+                    if s.role == v1::Role::Admin as i32 {
+                        "-".into()
+                    } else {
+                        age(s.last_heartbeat_unix_ms)
+                    },
                     status(s).to_string(),
                     details(s),
                 ]);

@@ -98,6 +98,19 @@ async fn put_recovery(node: &Node, machine: &str, recovery: MachineRecovery) -> 
     }
 }
 
+/// Checks, before a job is started for it, that `selector` names a point of `machine` (the job
+/// chooses again: retention may have moved on meanwhile). A typo is so refused at once, with
+/// nothing recorded, rather than as a failed job.
+pub async fn check_point(
+    node: &Node,
+    machine: &ProtectedMachine,
+    selector: &str,
+) -> Result<(), String> {
+    let mut mt = master_target(node, machine)?;
+    let disks = disk_points(node, &mut mt, machine).await?;
+    points::choose(&machine.name, &disks, selector).map(|_| ())
+}
+
 fn current(node: &Node, machine: &str) -> Result<ProtectedMachine, String> {
     node.state()
         .machine(machine)
@@ -178,10 +191,15 @@ async fn run_hook(
     }
     run.running(step, "running", 0.0).await;
     let disks: Vec<String> = record.views.iter().map(|v| v.nbd_uri.clone()).collect();
+    let point_time = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(record.point_time_ms.max(0) as u64),
+    )
+    .to_string();
     let input = HookInput {
         machine: &machine.name,
         mode,
         point: &record.point,
+        point_time: &point_time,
         network: &machine.recovery.network_map,
         disks: &disks,
     };
@@ -412,13 +430,19 @@ pub async fn commit(node: Arc<Node>, run: &mut JobRun, name: &str) -> Result<(),
     record.committed = true;
     let mut recovery = current(&node, name)?.recovery;
     recovery.failover = Some(record.clone());
-    // A commit drops every view of the disks, test views included.
-    recovery.test_failover = None;
+    // A commit drops every view of the disks, test views included: said in the step, since
+    // a drill's writes go with them.
+    let drill = recovery.test_failover.take().map_or(String::new(), |t| {
+        format!(
+            "; the test failover that was open (point {}) is closed and its writes discarded",
+            t.point
+        )
+    });
     put_recovery(&node, name, recovery).await?;
     run.done(
         "Commit disks",
         format!(
-            "the replicas now hold {}; older points are discarded\n{}",
+            "the replicas now hold {}; older points are discarded{drill}\n{}",
             record.point,
             list_views(&record.views)
         ),

@@ -1,11 +1,13 @@
 //! The machine's recovery hook (DESIGN §7): a command template the operator gave at protect
 //! time, run by the configuration server after the disks of a test failover or failover are
 //! ready. The template is split like a shell would (quotes work) but no shell runs it; in
-//! each word `{machine}`, `{mode}` (test or failover), `{point}`, `{network}` and `{disks}` are
+//! each word `{machine}`, `{mode}` (test or failover), `{point}` (the point's id: `latest` for
+//! the newest applied position), `{point_time}` (when that point was captured, RFC 3339),
+//! `{network}` and `{disks}` are
 //! replaced — a word that is exactly `{disks}` becomes one argument per disk URI, elsewhere
 //! the URIs are joined with commas. The same values are in the environment as
-//! `LIFEBOAT_MACHINE`, `LIFEBOAT_MODE`, `LIFEBOAT_POINT`, `LIFEBOAT_NETWORK` and
-//! `LIFEBOAT_DISKS` (space-separated). Its output is kept in the job.
+//! `LIFEBOAT_MACHINE`, `LIFEBOAT_MODE`, `LIFEBOAT_POINT`, `LIFEBOAT_POINT_TIME`,
+//! `LIFEBOAT_NETWORK` and `LIFEBOAT_DISKS` (space-separated). Its output is kept in the job.
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -18,6 +20,7 @@ pub struct HookInput<'a> {
     pub machine: &'a str,
     pub mode: &'a str,
     pub point: &'a str,
+    pub point_time: &'a str,
     pub network: &'a str,
     pub disks: &'a [String],
 }
@@ -39,6 +42,7 @@ pub fn expand(template: &str, input: &HookInput<'_>) -> Result<Vec<String>, Stri
             word.replace("{machine}", input.machine)
                 .replace("{mode}", input.mode)
                 .replace("{point}", input.point)
+                .replace("{point_time}", input.point_time)
                 .replace("{network}", input.network)
                 .replace("{disks}", &input.disks.join(",")),
         );
@@ -55,6 +59,7 @@ pub async fn run(template: &str, input: &HookInput<'_>) -> Result<String, String
         .env("LIFEBOAT_MACHINE", input.machine)
         .env("LIFEBOAT_MODE", input.mode)
         .env("LIFEBOAT_POINT", input.point)
+        .env("LIFEBOAT_POINT_TIME", input.point_time)
         .env("LIFEBOAT_NETWORK", input.network)
         .env("LIFEBOAT_DISKS", input.disks.join(" "))
         .kill_on_drop(true);
@@ -102,11 +107,12 @@ mod tests {
             machine: "db01",
             mode: "test",
             point: "app:1",
+            point_time: "2026-12-06T08:00:00.000Z",
             network: "lan=test-lan",
             disks: &disks,
         };
         let args = expand(
-            "boot --name '{machine} vm' {disks} --all={disks} -n {network}",
+            "boot --name '{machine} vm' {disks} --all={disks} -n {network} --at {point_time}",
             &input,
         )
         .unwrap();
@@ -120,7 +126,9 @@ mod tests {
                 "nbd://h:1/b",
                 "--all=nbd://h:1/a,nbd://h:1/b",
                 "-n",
-                "lan=test-lan"
+                "lan=test-lan",
+                "--at",
+                "2026-12-06T08:00:00.000Z"
             ]
         );
         assert!(expand("boot 'unbalanced", &input).is_err());

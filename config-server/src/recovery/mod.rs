@@ -158,6 +158,9 @@ impl Recovery for RecoveryService {
                 r.machine
             )));
         }
+        flows::check_point(&self.node, &machine, &r.point)
+            .await
+            .map_err(Status::failed_precondition)?;
         let steps = test_failover_steps(r.materialize);
         self.spawn(
             "test-failover",
@@ -229,6 +232,11 @@ impl Recovery for RecoveryService {
                 "{} cannot fail over before its initial sync is complete (see `lifeboat status`)",
                 r.machine
             )));
+        }
+        if !r.planned {
+            flows::check_point(&self.node, &machine, &r.point)
+                .await
+                .map_err(Status::failed_precondition)?;
         }
         let mut steps = Vec::new();
         if r.planned {

@@ -195,6 +195,7 @@ async fn execute(node: &Arc<Node>, plan: &PlanRun, step: &PlanStep) -> Result<St
                 machine: "",
                 mode: &plan.mode,
                 point: &plan.point,
+                point_time: "",
                 network: "",
                 disks: &[],
             };
