@@ -265,10 +265,13 @@ fn materialize(
     out.close()
         .map_err(|e| Status::unavailable(e.to_string()))?;
     std::fs::rename(&tmp, &path).map_err(|e| Status::unavailable(e.to_string()))?;
+    // Absolute: a path relative to the master target's working directory means nothing to
+    // the operator reading it in the job.
+    let shown = std::fs::canonicalize(&path).unwrap_or(path);
     let _ = tx.blocking_send(Ok(v1::MaterializeProgress {
         done_bytes: done,
         total_bytes: total,
-        path: path.display().to_string(),
+        path: shown.display().to_string(),
     }));
     Ok(())
 }

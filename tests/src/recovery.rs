@@ -6,13 +6,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A hook script that appends its arguments and `mode=$LIFEBOAT_MODE` to `log`.
+/// A hook script that appends its arguments, `mode=$LIFEBOAT_MODE` and
+/// `point_time=$LIFEBOAT_POINT_TIME` to `log`.
 pub fn hook_script(dir: &Path, log: &Path, name: &str) -> PathBuf {
     let hook = dir.join(name);
     std::fs::write(
         &hook,
         format!(
-            "#!/bin/sh\necho \"$@\" >> {}\necho \"mode=$LIFEBOAT_MODE\" >> {}\n",
+            "#!/bin/sh\necho \"$@\" >> {}\necho \"mode=$LIFEBOAT_MODE\" >> {}\n\
+             echo \"point_time=$LIFEBOAT_POINT_TIME\" >> {}\n",
+            log.display(),
             log.display(),
             log.display()
         ),

@@ -204,11 +204,14 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
         "{hook}"
     );
     assert!(hook.contains("mode=test"), "{hook}");
+    // When the point was captured, as the hook sees it: this year's RFC 3339 time.
+    assert!(hook.contains("point_time=20"), "{hook}");
     let copy = out
         .split_whitespace()
         .find(|w| w.ends_with("disk.vhd)"))
         .map(|w| w.trim_end_matches(')').to_string())
         .unwrap_or_else(|| panic!("no materialised copy in: {out}"));
+    assert!(Path::new(&copy).is_absolute(), "{copy}");
     assert_identical(&copy_b, Path::new(&copy));
     qemu_io(&view, &["write -P 0xee 0 1M"]);
     assert!(

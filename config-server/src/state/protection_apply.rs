@@ -163,6 +163,22 @@ pub(super) fn unprotect(
         }
     }
     tx.writes.delete(keys::machine(name));
+    // It leaves its consistency group: a group point needs every member's agent, so a member
+    // no longer protected would keep the others from getting any. A barrier under way is
+    // dropped (the next interval starts one without it); a group left empty goes.
+    let groups = StateReader(&*tx).groups()?;
+    for mut group in groups
+        .into_iter()
+        .filter(|g| g.machines.iter().any(|m| m == name))
+    {
+        group.machines.retain(|m| m != name);
+        if group.machines.is_empty() {
+            tx.writes.delete(keys::group(&group.name));
+        } else {
+            group.barrier = None;
+            tx.writes.put(keys::group(&group.name), &group);
+        }
+    }
     tx.writes.put(keys::job(&job.id), job);
     Ok(CommandResult::Done)
 }

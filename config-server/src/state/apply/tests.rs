@@ -378,3 +378,59 @@ fn a_forced_switch_replaces_a_drain_that_cannot_finish() {
     assert_eq!(old.state, JobState::Failed);
     assert!(old.error.contains("job-b"), "{}", old.error);
 }
+
+#[test]
+fn unprotecting_a_machine_takes_it_out_of_its_group() {
+    use crate::state::groups::{Barrier, BarrierPhase, ProtectionGroup};
+    let mut kv = protected();
+    let mut other = machine(&kv);
+    other.name = "web02".into();
+    let protect = Command::Protect {
+        machine: other,
+        job: job("job-protect-2"),
+    };
+    assert_eq!(run(&mut kv, protect), CommandResult::Done);
+    let group = ProtectionGroup {
+        name: "erp".into(),
+        machines: vec!["web01".into(), "web02".into()],
+        every_secs: 60,
+        created_at_ms: 1,
+        last_point_ms: 0,
+        barrier: None,
+    };
+    assert_eq!(
+        run(&mut kv, Command::CreateGroup { group }),
+        CommandResult::Done
+    );
+    let barrier = Some(Barrier {
+        id: 5,
+        phase: BarrierPhase::Hold,
+        phase_since_ms: 5,
+    });
+    let put = Command::PutBarrier {
+        group: "erp".into(),
+        barrier,
+        last_point_ms: None,
+    };
+    assert_eq!(run(&mut kv, put), CommandResult::Done);
+    let unprotect = |name: &str, id: &str| Command::Unprotect {
+        name: name.into(),
+        job: job(id),
+        delete_recovered_disks: false,
+    };
+    assert_eq!(
+        run(&mut kv, unprotect("web01", "job-u1")),
+        CommandResult::Done
+    );
+    let g = StateReader(&kv).group("erp").unwrap().unwrap();
+    assert_eq!(g.machines, ["web02"]);
+    assert!(
+        g.barrier.is_none(),
+        "a barrier with the machine in it is dropped"
+    );
+    assert_eq!(
+        run(&mut kv, unprotect("web02", "job-u2")),
+        CommandResult::Done
+    );
+    assert!(StateReader(&kv).group("erp").unwrap().is_none());
+}
