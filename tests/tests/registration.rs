@@ -279,6 +279,10 @@ fn regenerating_the_passphrase_revokes_components_until_they_register_again() {
         agent.log_text()
     );
     assert_eq!(servers(&cs.context(), "agent")[0]["status"], "Revoked");
+    // Asked about, the machine is said to have a revoked agent, not no agent at all.
+    let asked = lifeboat(&cs.context(), &["status", "db01"]);
+    assert!(!asked.status.success());
+    assert!(text(&asked).contains("revoked"), "{}", text(&asked));
 
     // The old passphrase no longer works; the new one does.
     let refused = register(

@@ -54,12 +54,17 @@ impl ProtectionService {
     /// NOT_FOUND for a machine that is not protected, saying whether an agent of that name
     /// is registered at all (a typo) or the machine is known and just not protected.
     pub(super) fn not_protected(&self, name: &str) -> Status {
-        let known = self
-            .node
-            .state()
-            .identities()
-            .is_ok_and(|ids| agent_named(&ids, name).is_some());
-        if known {
+        let identities = self.node.state().identities().unwrap_or_default();
+        let known = agent_named(&identities, name).is_some();
+        let revoked = identities
+            .iter()
+            .any(|r| r.role == Role::Agent && r.name == name && r.revoked.is_some());
+        if !known && revoked {
+            Status::not_found(format!(
+                "{name} is not protected, and its agent's identity is revoked: register the \
+                 agent again (`mobility-agent register --force`), then protect it"
+            ))
+        } else if known {
             Status::not_found(format!(
                 "{name} is not protected; protect it with `lifeboat protect {name} --policy POLICY`"
             ))
