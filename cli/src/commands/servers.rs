@@ -29,11 +29,15 @@ pub enum ServersCommand {
     Revoke { id: String },
 }
 
+/// Admin identities (the CLI's) call in; they never heartbeat.
+fn heartbeats(s: &v1::ServerInfo) -> bool {
+    s.role != v1::Role::Admin as i32
+}
+
 fn status(s: &v1::ServerInfo) -> &'static str {
     if s.revoked {
         "Revoked"
-    } else if s.role == v1::Role::Admin as i32 {
-        // Admin identities (the CLI's) call in; they never heartbeat.
+    } else if !heartbeats(s) {
         "Valid"
     } else if s.connected {
         "Connected"
@@ -138,10 +142,10 @@ pub async fn run(ctx: &ContextArgs, command: ServersCommand) -> anyhow::Result<(
                     } else {
                         s.version.clone()
                     },
-                    if s.role == v1::Role::Admin as i32 {
-                        "-".into()
-                    } else {
+                    if heartbeats(s) {
                         age(s.last_heartbeat_unix_ms)
+                    } else {
+                        "-".into()
                     },
                     status(s).to_string(),
                     details(s),
