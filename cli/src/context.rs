@@ -8,6 +8,7 @@ use lifeboat_proto::v1::{
     admin_client::AdminClient, protection_client::ProtectionClient,
     recovery_client::RecoveryClient, Empty,
 };
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 
@@ -25,11 +26,24 @@ pub struct ContextArgs {
 
 /// The default context file path.
 pub fn default_path() -> PathBuf {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("lifeboat").join("context.toml")
+    config_base(
+        std::env::var_os("XDG_CONFIG_HOME"),
+        std::env::var_os("HOME"),
+    )
+    .join("lifeboat")
+    .join("context.toml")
+}
+
+/// The directory for user configuration. As the XDG base directory specification says, an
+/// XDG_CONFIG_HOME that is empty or relative is ignored: a relative one would put the context
+/// wherever the CLI happens to run, and `lifeboat up` in one directory would not be found by
+/// `lifeboat status` in another.
+fn config_base(xdg_config_home: Option<OsString>, home: Option<OsString>) -> PathBuf {
+    let absolute =
+        |value: Option<OsString>| value.map(PathBuf::from).filter(|path| path.is_absolute());
+    absolute(xdg_config_home)
+        .or_else(|| absolute(home).map(|home| home.join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 impl ContextArgs {
@@ -140,4 +154,27 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
         );
     }
     anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_base;
+    use std::path::PathBuf;
+
+    #[test]
+    fn an_empty_or_relative_xdg_config_home_is_ignored() {
+        let home = Some("/home/op".into());
+        for ignored in ["", "relative/dir"] {
+            assert_eq!(
+                config_base(Some(ignored.into()), home.clone()),
+                PathBuf::from("/home/op/.config"),
+                "XDG_CONFIG_HOME={ignored:?}"
+            );
+        }
+        assert_eq!(
+            config_base(Some("/etc/xdg-op".into()), home),
+            PathBuf::from("/etc/xdg-op")
+        );
+        assert_eq!(config_base(None, None), PathBuf::from("."));
+    }
 }

@@ -247,7 +247,8 @@ impl DiskAgent {
         let dirty = dirty.unwrap_or(p.sync_total.saturating_sub(p.sync_done));
         let mut report = p.report(&self.disk_id, now, oldest, queued, since, dirty);
         report.change_bytes_per_sec = p.change.sample(self.capture.changed_bytes());
-        if self.mode == CaptureMode::Scan {
+        report.scan = self.mode == CaptureMode::Scan;
+        if report.scan {
             // Changes since the newest applied scan are not captured anywhere yet.
             let point = match self.scan_point_ms.load(Ordering::Relaxed) {
                 0 => self.started_ms,

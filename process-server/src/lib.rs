@@ -234,6 +234,21 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         settings.cache_dir.display(),
         quota.quota_bytes as f64 / (1u64 << 30) as f64
     );
+    // The quota is a ceiling, not a reservation: whatever else shares the file system, the
+    // cache also stops FS_RESERVE short of full. Say so when that is the tighter limit, so
+    // that the operator does not plan with a figure the disk cannot hold.
+    let (free, _) = lifeboat_common::facts::space(&settings.cache_dir);
+    let room = free.saturating_sub(quota::FS_RESERVE);
+    if room < quota.quota_bytes {
+        tracing::warn!(
+            "cache {}: only {:.1} GiB free for it (the file system's free space less a {} MiB \
+             reserve), less than its quota: the cache holds at most that much until space is \
+             freed; give it a file system of its own or set cache_quota_mib",
+            settings.cache_dir.display(),
+            room as f64 / (1u64 << 30) as f64,
+            quota::FS_RESERVE >> 20
+        );
+    }
     let cache = CacheSetup {
         dir: settings.cache_dir.clone(),
         direct_io: settings.cache_direct_io,

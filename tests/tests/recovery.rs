@@ -220,7 +220,20 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
     );
     qemu_io(&nbd, &["write -P 0xd1 40M 2M"]);
     replica_equals(&s.source, &replica);
+    // Status tells of the drill standing and how to end it.
+    let status = text(&lifeboat(&ctx, &["status"]));
+    assert!(
+        status.contains(&format!("test failover running at point {point_b}"))
+            && status.contains(&view)
+            && status.contains(&format!("lifeboat test-failover cleanup {MACHINE}")),
+        "{status}"
+    );
+    assert_eq!(
+        disk_status(&ctx)["test_failover"]["point"],
+        point_b.as_str()
+    );
     recover(&ctx, &["test-failover", "cleanup", MACHINE]);
+    assert!(disk_status(&ctx)["test_failover"].is_null());
     assert!(
         !Path::new(&copy).exists(),
         "cleanup left the materialised copy"
@@ -245,6 +258,11 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
         "{hook}"
     );
     assert_eq!(disk_status(&ctx)["state"], "FailedOver");
+    let status = text(&lifeboat(&ctx, &["status"]));
+    assert!(
+        status.contains(&format!("lifeboat failover commit {MACHINE}")),
+        "{status}"
+    );
     // The source is fenced: it must not take writes that are no longer replicated.
     wait_until("source refuses writes", WAIT, || {
         !Command::new("qemu-io")

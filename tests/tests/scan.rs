@@ -140,4 +140,15 @@ fn scans_replicate_changes_made_by_another_process() {
     let d = disk_status(&ctx);
     assert!(d["rpo_secs"].as_f64().unwrap_or(0.0) > 0.0, "{d}");
     assert_eq!(d["state"], "Protected", "{d}");
+    assert_eq!(d["capture"], "scan", "{d}");
+
+    // `wait --caught-up` returns once a scan begun after the wait is applied: one that read
+    // every write made before it.
+    qemu_io(&path, &["write -P 0x55 10M 1M"]);
+    let out = lifeboat(
+        &ctx,
+        &["wait", "legacy01", "--caught-up", "--timeout-secs", "120"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_identical(&source, &replica);
 }

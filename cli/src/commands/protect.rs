@@ -2,7 +2,7 @@
 //! behind each disk is.
 use crate::commands::jobs;
 use crate::context::{status_error, ContextArgs};
-use crate::format::{age, bytes, table};
+use crate::format::{age, bytes, table, time};
 use lifeboat_proto::v1::{self, ProtectRequest, StatusRequest};
 use serde_json::json;
 
@@ -117,7 +117,53 @@ fn disk_json(m: &v1::MachineStatus, d: &v1::DiskStatus) -> serde_json::Value {
         "state_reason": d.state_reason, "sync_progress_pct": d.sync_progress_pct, "eta_secs": d.eta_secs,
         "rpo_secs": d.rpo_secs, "rpo_threshold_secs": d.rpo_threshold_secs, "rpo_exceeded": d.rpo_exceeded,
         "pending_bytes": d.pending_bytes, "last_report_unix_ms": d.last_report_unix_ms,
+        "capture": d.capture,
+        "test_failover": m.test_failover.as_ref().map(under_way_json),
+        "failover": m.failover.as_ref().map(under_way_json),
     })
+}
+
+fn under_way_json(r: &v1::RecoveryUnderWay) -> serde_json::Value {
+    json!({
+        "point": r.point, "point_time_unix_ms": r.point_time_unix_ms,
+        "nbd_uris": r.nbd_uris, "committed": r.committed,
+    })
+}
+
+/// The lines under the status table for machines with a drill or a failover standing: a
+/// drill left running holds views (and their writes) on the master target until cleaned up,
+/// and an uncommitted failover waits for a decision.
+fn recovery_notes(m: &v1::MachineStatus) -> Vec<String> {
+    let at = |r: &v1::RecoveryUnderWay| {
+        let when = if r.point_time_unix_ms > 0 {
+            format!(" ({})", time(r.point_time_unix_ms))
+        } else {
+            String::new()
+        };
+        format!("point {}{when}, disks at {}", r.point, r.nbd_uris.join(" "))
+    };
+    let mut notes = Vec::new();
+    if let Some(r) = &m.test_failover {
+        notes.push(format!(
+            "{}: test failover running at {}; end it with `lifeboat test-failover cleanup {}`",
+            m.name,
+            at(r),
+            m.name
+        ));
+    }
+    if let Some(r) = &m.failover {
+        notes.push(if r.committed {
+            format!("{}: failed over (committed) at {}", m.name, at(r))
+        } else {
+            format!(
+                "{}: failed over at {}; make it final with `lifeboat failover commit {}`",
+                m.name,
+                at(r),
+                m.name
+            )
+        });
+    }
+    notes
 }
 
 pub async fn status(
@@ -200,5 +246,8 @@ pub async fn status(
         }
     }
     println!("{t}");
+    for note in reply.machines.iter().flat_map(recovery_notes) {
+        println!("{note}");
+    }
     Ok(())
 }

@@ -17,7 +17,8 @@ pub struct WaitArgs {
     /// The machine (the name its agent registered with).
     machine: String,
     /// Also wait until nothing is pending: every write made before the wait began is applied
-    /// on the master target (RPO 0). Not for scan-mode disks, whose RPO is never 0.
+    /// on the master target (RPO 0). For a scan-mode disk, whose RPO is never 0: until a scan
+    /// begun after the wait began is applied (it waits for the next scan).
     #[arg(long)]
     caught_up: bool,
     /// Give up after this many seconds (exit status 1).
@@ -55,8 +56,8 @@ impl Freshness {
     }
 }
 
-/// Why a disk is not there yet (`None`: it is).
-fn not_yet(d: &DiskStatus, caught_up: bool, freshness: Freshness) -> Option<String> {
+/// Why a disk is not there yet (`None`: it is). `waited`: seconds since the wait began.
+fn not_yet(d: &DiskStatus, caught_up: bool, freshness: Freshness, waited: f64) -> Option<String> {
     if d.state != "Protected" {
         let why = if d.state_reason.is_empty() {
             String::new()
@@ -76,6 +77,20 @@ fn not_yet(d: &DiskStatus, caught_up: bool, freshness: Freshness) -> Option<Stri
             "disk {} has not reported since the wait began",
             d.name
         ));
+    }
+    if d.capture == "scan" {
+        // A scan disk's RPO is the age of the newest applied scan: younger than the wait, that
+        // scan read the disk after the wait began, so it holds every write made before.
+        if d.pending_bytes > 0 || d.rpo_secs >= waited {
+            return Some(format!(
+                "disk {} (scan mode) waits for a scan begun after the wait to be applied \
+                 (newest applied scan: {:.1}s old; {} pending)",
+                d.name,
+                d.rpo_secs,
+                bytes(d.pending_bytes)
+            ));
+        }
+        return None;
     }
     if d.pending_bytes > 0 || d.rpo_secs > 0.0 {
         return Some(format!(
@@ -152,7 +167,7 @@ pub async fn run(ctx: &ContextArgs, args: WaitArgs) -> anyhow::Result<()> {
                     .unwrap_or(Freshness::Before(i64::MIN))
                     .advance(d.last_report_unix_ms);
                 seen.insert(d.disk_id.clone(), f);
-                not_yet(d, args.caught_up, f)
+                not_yet(d, args.caught_up, f, started.elapsed().as_secs_f64())
             })
             .collect();
         if machine.disks.is_empty() {

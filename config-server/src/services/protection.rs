@@ -566,7 +566,12 @@ impl ProtectionService {
             .disks
             .iter()
             .map(|d| {
-                let (_, lag) = self.node.disk_lag(m, d, now);
+                let (report, lag) = self.node.disk_lag(m, d, now);
+                let capture = match report {
+                    Some(r) if r.report.scan => "scan",
+                    Some(_) => "nbd",
+                    None => "",
+                };
                 v1::DiskStatus {
                     disk_id: d.disk_id.clone(),
                     name: d.name.clone(),
@@ -581,6 +586,7 @@ impl ProtectionService {
                     rpo_threshold_secs: threshold,
                     rpo_exceeded: threshold > 0 && lag.rpo_secs > threshold as f64,
                     last_report_unix_ms: lag.last_report_ms,
+                    capture: capture.into(),
                 }
             })
             .collect();
@@ -597,6 +603,18 @@ impl ProtectionService {
                 Some(s) => name_of(&s.to_ps)?,
                 None => String::new(),
             },
+            test_failover: m.recovery.test_failover.as_ref().map(under_way),
+            failover: m.recovery.failover.as_ref().map(under_way),
         })
+    }
+}
+
+/// What status tells of a (test) failover.
+fn under_way(record: &crate::state::protection::RecoveryRecord) -> v1::RecoveryUnderWay {
+    v1::RecoveryUnderWay {
+        point: record.point.clone(),
+        point_time_unix_ms: record.point_time_ms,
+        nbd_uris: record.views.iter().map(|v| v.nbd_uri.clone()).collect(),
+        committed: record.committed,
     }
 }
