@@ -128,6 +128,11 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     background.spawn(tasks::summarise_liveness(node.clone(), cancel.clone()));
     background.spawn(crate::groups::coordinate(node.clone(), cancel.clone()));
     background.spawn(crate::reconcile::run(node.clone(), cancel.clone()));
+    background.spawn(crate::recovery::jobs::end_interrupted(
+        node.clone(),
+        crate::state::model::now_ms(),
+        cancel.clone(),
+    ));
     background.spawn(tasks::self_heartbeat(
         node.clone(),
         settings.advertise.clone(),

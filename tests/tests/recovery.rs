@@ -15,7 +15,7 @@ const MACHINE: &str = "db01";
 /// Fields drop in order: the processes (whose logs are printed when a test fails) before
 /// the directory that holds the logs.
 struct Site {
-    _cs: CsNode,
+    cs: CsNode,
     ctx: PathBuf,
     _ps: Component,
     mt: Component,
@@ -113,7 +113,7 @@ fn site() -> Site {
     assert!(out.status.success(), "{}", text(&out));
     Site {
         tmp,
-        _cs: cs,
+        cs,
         ctx,
         _ps: ps,
         mt,
@@ -321,7 +321,29 @@ fn a_planned_failover_loses_nothing() {
     let ctx = s.ctx.clone();
     let nbd = s.nbd();
     qemu_io(&nbd, &["write -P 0x31 0 8M", "write -P 0x32 20M 5M"]);
-    let out = recover(&ctx, &["failover", MACHINE, "--planned"]);
+    // The master target is away when the planned failover starts: the final sync asks it
+    // again until it is back (rather than failing with the source's writes stopped), and
+    // meanwhile status says the source refuses writes.
+    s.mt.proc().kill9();
+    let failover = Command::new(bin("lifeboat"))
+        .args(["failover", MACHINE, "--planned"])
+        .env("LIFEBOAT_CONTEXT", &ctx)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("status to say the source refuses writes", WAIT, || {
+        text(&lifeboat(&ctx, &["status"])).contains("refuses writes for a planned failover")
+    });
+    wait_until(
+        "the final sync to ask the master target again",
+        WAIT,
+        || text(&lifeboat(&ctx, &["jobs", "--json"])).contains("asking again"),
+    );
+    s.mt.start();
+    let done = failover.wait_with_output().unwrap();
+    let out = text(&done);
+    assert!(done.status.success(), "{out}");
     assert!(out.contains("planned:"), "{out}");
     // Nothing can be written at the source any more, and the failed-over disk is the source.
     let write = Command::new("qemu-io")
@@ -337,6 +359,66 @@ fn a_planned_failover_loses_nothing() {
     assert!(
         compare_nbd(&copy, &uri(&out)),
         "the planned failover lost data"
+    );
+    s.agent.proc().terminate();
+}
+
+/// A planned failover cut short by a configuration server crash: its job says it was
+/// interrupted (not "Running" for ever), and running the failover again takes the final
+/// point the agent placed the first time, instead of waiting for one that never comes.
+#[test]
+fn an_interrupted_planned_failover_ends_its_job_and_runs_again() {
+    if !have_qemu() {
+        return;
+    }
+    let mut s = site();
+    let ctx = s.ctx.clone();
+    let nbd = s.nbd();
+    qemu_io(&nbd, &["write -P 0x41 0 6M"]);
+    // The master target is away, so the final sync waits; the configuration server dies.
+    s.mt.proc().kill9();
+    let mut failover = Command::new(bin("lifeboat"))
+        .args(["failover", MACHINE, "--planned"])
+        .env("LIFEBOAT_CONTEXT", &ctx)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the final sync to wait", WAIT, || {
+        text(&lifeboat(&ctx, &["jobs", "--json"])).contains("asking again")
+    });
+    s.cs.proc.as_mut().unwrap().kill9();
+    let _ = failover.kill();
+    let _ = failover.wait();
+    s.cs.start();
+    wait_until("the interrupted job to be failed", WAIT, || {
+        let jobs = lifeboat(&ctx, &["jobs", "--all", "--json"]);
+        let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap_or_default();
+        jobs["jobs"].as_array().is_some_and(|list| {
+            list.iter().any(|j| {
+                j["kind"] == "failover"
+                    && j["state"] == "Failed"
+                    && j["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("interrupted"))
+            })
+        })
+    });
+    // The source still refuses writes (nothing has resumed them), and a second planned
+    // failover completes with what was written before the first.
+    let write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
+        .arg(&nbd)
+        .output()
+        .unwrap();
+    assert!(!write.status.success(), "the fenced source took a write");
+    s.mt.start();
+    let out = recover(&ctx, &["failover", MACHINE, "--planned"]);
+    assert!(out.contains("planned:"), "{out}");
+    let copy = s.copy("final.img");
+    assert!(
+        compare_nbd(&copy, &uri(&out)),
+        "the second planned failover lost data"
     );
     s.agent.proc().terminate();
 }

@@ -117,7 +117,7 @@ fn disk_json(m: &v1::MachineStatus, d: &v1::DiskStatus) -> serde_json::Value {
         "state_reason": d.state_reason, "sync_progress_pct": d.sync_progress_pct, "eta_secs": d.eta_secs,
         "rpo_secs": d.rpo_secs, "rpo_threshold_secs": d.rpo_threshold_secs, "rpo_exceeded": d.rpo_exceeded,
         "pending_bytes": d.pending_bytes, "last_report_unix_ms": d.last_report_unix_ms,
-        "capture": d.capture,
+        "capture": d.capture, "writes_stopped": m.writes_stopped,
         "test_failover": m.test_failover.as_ref().map(under_way_json),
         "failover": m.failover.as_ref().map(under_way_json),
     })
@@ -148,6 +148,13 @@ fn recovery_notes(m: &v1::MachineStatus) -> Vec<String> {
             "{}: test failover running at {}; end it with `lifeboat test-failover cleanup {}`",
             m.name,
             at(r),
+            m.name
+        ));
+    }
+    if m.writes_stopped && m.failover.is_none() {
+        notes.push(format!(
+            "{}: the source refuses writes for a planned failover under way (they resume if \
+             it fails; see `lifeboat jobs`)",
             m.name
         ));
     }

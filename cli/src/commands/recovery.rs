@@ -23,7 +23,7 @@ pub struct TestFailoverArgs {
     #[arg(num_args = 1..=2, required = true, value_names = ["MACHINE"])]
     words: Vec<String>,
     /// An id from `lifeboat recovery-points`, a time (RFC 3339: the newest point at or before
-    /// it), latest, latest-crash, latest-app or latest-group.
+    /// it), latest, latest-crash, latest-app, latest-group or latest-planned.
     #[arg(long, default_value = "latest")]
     point: String,
     /// Also write each disk's view to a standalone VHD file on the master target.

@@ -314,17 +314,42 @@ async fn final_sync(
     machine: &ProtectedMachine,
 ) -> Result<MachinePoint, String> {
     let mut recovery = machine.recovery.clone();
+    // Writes already stopped (an earlier planned failover that failed or was cut short): the
+    // final point the agent placed then still ends the source's writes, so it counts too.
+    let asked = if recovery.stop_writes {
+        match recovery.stop_writes_since_ms {
+            0 => i64::MIN,
+            since => since,
+        }
+    } else {
+        run.job.created_at_ms
+    };
     recovery.stop_writes = true;
+    recovery.stop_writes_since_ms = asked.max(0);
     put_recovery(node, &machine.name, recovery).await?;
     run.done(
         "Stop writes at the source",
-        "the agent refuses writes from its next heartbeat",
+        "the agent refuses writes as soon as it hears of it (within a heartbeat)",
     )
     .await;
-    let asked = run.job.created_at_ms;
     let started = std::time::Instant::now();
     loop {
-        let disks = disk_points(node, mt, machine).await?;
+        // A master target that cannot be asked (restarting, a network blip) is asked again
+        // until the timeout: the final point may well be on its way.
+        let disks = match disk_points(node, mt, machine).await {
+            Ok(disks) => disks,
+            Err(e) if started.elapsed() <= FINAL_SYNC_TIMEOUT => {
+                run.running(
+                    "Final sync",
+                    format!("{e}; asking again (for up to {FINAL_SYNC_TIMEOUT:?})"),
+                    0.0,
+                )
+                .await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(p) = points::machine_points(&disks)
             .into_iter()
             .rev()
@@ -370,7 +395,10 @@ pub async fn failover(
     let mut mt = master_target(&node, &machine)?;
     let point = if planned {
         run.running("Stop writes at the source", "", 0.0).await;
-        let p = final_sync(&node, run, &mut mt, &machine).await?;
+        let p = match final_sync(&node, run, &mut mt, &machine).await {
+            Ok(p) => p,
+            Err(e) => return Err(resume_writes(&node, name, e).await),
+        };
         run.done("Choose recovery point", describe(&p)).await;
         p
     } else {
@@ -381,7 +409,11 @@ pub async fn failover(
         p
     };
     run.running("Fail over disks", "", 0.0).await;
-    let views = open_views(&mut mt, &machine, &point, "failover", true).await?;
+    let views = match open_views(&mut mt, &machine, &point, "failover", true).await {
+        Ok(views) => views,
+        Err(e) if planned => return Err(resume_writes(&node, name, e).await),
+        Err(e) => return Err(e),
+    };
     let record = RecoveryRecord {
         job_id: run.job.id.clone(),
         point: point.id.clone(),
@@ -411,6 +443,31 @@ pub async fn failover(
     }
     run.done("Fail over disks", list_views(&record.views)).await;
     run_hook(run, &machine, "failover", &record).await
+}
+
+/// A planned failover that did not happen gives the source its writes back: the primary
+/// still runs, and a machine that can neither write nor fail over is an outage. Returns the
+/// job's error, saying what became of the writes.
+async fn resume_writes(node: &Node, name: &str, error: String) -> String {
+    let Ok(machine) = current(node, name) else {
+        return error;
+    };
+    if machine.recovery.failover.is_some() {
+        return error;
+    }
+    let mut recovery = machine.recovery;
+    recovery.stop_writes = false;
+    recovery.stop_writes_since_ms = 0;
+    match put_recovery(node, name, recovery).await {
+        Ok(()) => format!(
+            "{error}. The failover did not happen: the source takes writes again (from the \
+             agent's next heartbeat); run it again once the cause is fixed"
+        ),
+        Err(e) => format!(
+            "{error}. The source still refuses writes ({e}): run the planned failover again, \
+             or fail over to a point"
+        ),
+    }
 }
 
 pub async fn commit(node: Arc<Node>, run: &mut JobRun, name: &str) -> Result<(), String> {

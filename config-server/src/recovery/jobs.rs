@@ -6,6 +6,7 @@ use crate::state::model::now_ms;
 use crate::state::protection::{Job, JobState};
 use crate::state::Command;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 pub struct JobRun {
@@ -30,7 +31,8 @@ impl JobRun {
     }
 
     /// Records `job` (made by the caller) and returns its run.
-    pub async fn record(node: Arc<Node>, job: Job) -> Result<JobRun, Status> {
+    pub async fn record(node: Arc<Node>, mut job: Job) -> Result<JobRun, Status> {
+        job.runner = Some(node.id);
         crate::services::protection::result_status(
             node.write(Command::CreateJob { job: job.clone() }).await?,
         )?;
@@ -38,7 +40,8 @@ impl JobRun {
     }
 
     /// Takes over a recorded job (a plan run continued after the operator's word).
-    pub fn resume(node: Arc<Node>, job: Job) -> JobRun {
+    pub fn resume(node: Arc<Node>, mut job: Job) -> JobRun {
+        job.runner = Some(node.id);
         JobRun { node, job }
     }
 
@@ -113,5 +116,71 @@ impl JobRun {
             }
         }
         self.save().await;
+    }
+}
+
+/// Ends the jobs this node's previous process was running when it stopped (a crash, a
+/// restart): nothing runs them any more, and `lifeboat jobs` must not show them as running.
+/// A machine's job fails; a plan's waits at the interrupted step for `job retry` or `job skip`
+/// (and this process takes the operator's word). Runs once, as soon as a leader is known.
+pub async fn end_interrupted(node: Arc<Node>, started_ms: i64, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = cancel.cancelled() => return,
+        }
+        if node.raft.metrics().borrow().current_leader.is_none() {
+            continue;
+        }
+        let Ok(jobs) = node.state().jobs() else {
+            continue;
+        };
+        let mut all_recorded = true;
+        for mut job in jobs.into_iter().filter(|j| {
+            j.state == JobState::Running
+                && j.runner == Some(node.id)
+                && j.updated_at_ms < started_ms
+        }) {
+            let id = job.id.clone();
+            interrupt(&mut job, node.id);
+            let plan = job.plan.is_some();
+            match node.write(Command::UpdateJob { job }).await {
+                Ok(_) => {
+                    tracing::warn!(job = %id, "job interrupted by this server's restart");
+                    if plan {
+                        crate::recovery::plans::spawn(node.clone(), id);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(job = %id, "interrupted job not recorded yet: {}", e.message());
+                    all_recorded = false;
+                }
+            }
+        }
+        if all_recorded {
+            return;
+        }
+    }
+}
+
+/// Marks `job` interrupted: its running step failed, and the job failed (or, for a plan,
+/// waiting for the operator).
+fn interrupt(job: &mut Job, node_id: u64) {
+    let why = format!("interrupted: configuration server {node_id} restarted while it ran");
+    if let Some(step) = job.steps.iter_mut().find(|s| s.state == JobState::Running) {
+        step.state = JobState::Failed;
+        step.detail = why.clone();
+    }
+    job.updated_at_ms = now_ms();
+    if job.plan.is_some() {
+        job.state = JobState::Waiting;
+        job.error = format!(
+            "{why}; `lifeboat job retry {0}` runs the step again (each is safe to repeat), \
+             `lifeboat job skip {0}` goes on without it",
+            job.id
+        );
+    } else {
+        job.state = JobState::Failed;
+        job.error = format!("{why}; run the operation again (each step is safe to repeat)");
     }
 }

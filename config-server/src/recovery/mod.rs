@@ -402,7 +402,10 @@ impl Recovery for RecoveryService {
         } else {
             r.point
         };
-        let job = plans::plan_job(&plan, &r.mode, &point, r.planned);
+        let mut job = plans::plan_job(&plan, &r.mode, &point, r.planned);
+        plans::fix_group_points(&self.node, &mut job)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot choose the group point: {e}")))?;
         let job = plans::start(self.node.clone(), job).await?;
         Ok(Response::new(job_info(&job)))
     }

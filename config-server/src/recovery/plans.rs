@@ -7,12 +7,13 @@
 //! the operator's word can pick it up even if the one that started it is gone.
 use super::hook;
 use super::jobs::JobRun;
+use super::points;
 use super::{failover_steps, flows, test_failover_steps, CLEANUP_STEPS};
 use crate::node::Node;
 use crate::services::protection::new_job;
 use crate::state::plans::{PlanAction, RecoveryPlan};
 use crate::state::protection::{Job, JobControl, JobState, PlanRun, PlanStep};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tonic::Status;
@@ -74,8 +75,80 @@ pub fn plan_job(plan: &RecoveryPlan, mode: &str, point: &str, planned: bool) -> 
         point: point.to_string(),
         planned,
         steps,
+        points: Default::default(),
     });
     job
+}
+
+/// Fixes `latest-group` once for the whole run: for each consistency group among the plan's
+/// machines, the newest group point that every one of them (in the plan) holds. Resolved at
+/// each machine's turn instead, a plan waiting at a manual step between two groups would
+/// bring them up at different instants — the inconsistency group points exist to prevent.
+pub async fn fix_group_points(node: &Node, job: &mut Job) -> Result<(), String> {
+    let Some(plan) = job.plan.as_mut() else {
+        return Ok(());
+    };
+    if plan.point != "latest-group" || plan.planned || plan.mode == "test-failover-cleanup" {
+        return Ok(());
+    }
+    let mut held = Vec::new();
+    for step in &plan.steps {
+        let PlanStep::Machine(name) = step else {
+            continue;
+        };
+        let machine = node
+            .state()
+            .machine(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{name} is not protected"))?;
+        let mut mt = flows::master_target(node, &machine)?;
+        let disks = flows::disk_points(node, &mut mt, &machine).await?;
+        held.push((name.clone(), points::machine_points(&disks)));
+    }
+    plan.points = common_group_points(&held);
+    Ok(())
+}
+
+/// Machine → the newest group point of its group that all the listed machines of that group
+/// hold. A machine without group points gets none (its own job then says why).
+fn common_group_points(held: &[(String, Vec<points::MachinePoint>)]) -> BTreeMap<String, String> {
+    let group_of = |id: &str| id.rsplit_once(':').map(|(_, g)| g.to_string());
+    // Group → the machines with points of it, and each of its point ids with their time.
+    let mut members: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut times: BTreeMap<String, BTreeMap<&str, i64>> = BTreeMap::new();
+    for (machine, list) in held {
+        let mut groups = HashSet::new();
+        for p in list.iter().filter(|p| p.kind == "group") {
+            if let Some(group) = group_of(&p.id) {
+                times
+                    .entry(group.clone())
+                    .or_default()
+                    .insert(&p.id, p.time_ms);
+                groups.insert(group);
+            }
+        }
+        for group in groups {
+            members.entry(group).or_default().push(machine);
+        }
+    }
+    let holds = |machine: &str, id: &str| {
+        held.iter()
+            .any(|(m, list)| m == machine && list.iter().any(|p| p.id == id))
+    };
+    let mut chosen = BTreeMap::new();
+    for (group, machines) in &members {
+        let newest = times[group]
+            .iter()
+            .filter(|(id, _)| machines.iter().all(|m| holds(m, id)))
+            .max_by_key(|(_, time)| **time)
+            .map(|(id, _)| id.to_string());
+        if let Some(id) = newest {
+            for m in machines {
+                chosen.insert(m.to_string(), id.clone());
+            }
+        }
+    }
+    chosen
 }
 
 /// Records the run and starts it.
@@ -191,10 +264,16 @@ async fn run(node: Arc<Node>, id: &str) -> Result<(), String> {
 async fn execute(node: &Arc<Node>, plan: &PlanRun, step: &PlanStep) -> Result<String, String> {
     match step {
         PlanStep::Action(PlanAction::Script(command)) => {
+            // The point chosen for the run, when it is one for every machine.
+            let chosen: HashSet<&String> = plan.points.values().collect();
+            let point = match chosen.into_iter().collect::<Vec<_>>()[..] {
+                [only] => only,
+                _ => &plan.point,
+            };
             let input = hook::HookInput {
                 machine: "",
                 mode: &plan.mode,
-                point: &plan.point,
+                point,
                 point_time: "",
                 network: "",
                 disks: &[],
@@ -217,12 +296,11 @@ async fn machine(node: &Arc<Node>, plan: &PlanRun, name: &str) -> Result<String,
         .await
         .map_err(|s| s.message().to_string())?;
     let id = run.job.id.clone();
+    let point = plan.points.get(name).unwrap_or(&plan.point);
     let result = match plan.mode.as_str() {
-        "failover" => {
-            flows::failover(node.clone(), &mut run, name, &plan.point, plan.planned).await
-        }
+        "failover" => flows::failover(node.clone(), &mut run, name, point, plan.planned).await,
         "test-failover-cleanup" => flows::cleanup_test_failover(node.clone(), &mut run, name).await,
-        _ => flows::test_failover(node.clone(), &mut run, name, &plan.point, false).await,
+        _ => flows::test_failover(node.clone(), &mut run, name, point, false).await,
     };
     let detail = run
         .job
@@ -236,5 +314,57 @@ async fn machine(node: &Arc<Node>, plan: &PlanRun, name: &str) -> Result<String,
     match result {
         Ok(()) => Ok(format!("job {id}:\n{detail}")),
         Err(e) => Err(format!("job {id}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_group_points;
+    use crate::recovery::points::MachinePoint;
+
+    fn point(id: &str) -> MachinePoint {
+        let kind = id.split(':').next().unwrap_or("").to_string();
+        let time_ms = id
+            .split(':')
+            .nth(1)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        MachinePoint {
+            id: id.into(),
+            kind,
+            time_ms,
+            fuzzy: false,
+            seqs: Default::default(),
+        }
+    }
+
+    #[test]
+    fn latest_group_is_the_newest_point_every_machine_of_the_group_holds() {
+        let held = vec![
+            // db01 already holds the group point at 3000; web01 does not yet.
+            (
+                "db01".to_string(),
+                vec![
+                    point("group:1000:erp"),
+                    point("group:2000:erp"),
+                    point("group:3000:erp"),
+                ],
+            ),
+            (
+                "web01".to_string(),
+                vec![
+                    point("group:1000:erp"),
+                    point("group:2000:erp"),
+                    point("crash:2500"),
+                ],
+            ),
+            ("mail01".to_string(), vec![point("group:1500:mail")]),
+            ("lone01".to_string(), vec![point("crash:1000")]),
+        ];
+        let chosen = common_group_points(&held);
+        assert_eq!(chosen["db01"], "group:2000:erp");
+        assert_eq!(chosen["web01"], "group:2000:erp");
+        assert_eq!(chosen["mail01"], "group:1500:mail");
+        assert!(!chosen.contains_key("lone01"));
     }
 }

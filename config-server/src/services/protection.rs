@@ -160,6 +160,7 @@ pub fn new_job(kind: &str, target: &str, steps: &[(&str, JobState, String)]) -> 
         error: String::new(),
         control: None,
         plan: None,
+        runner: None,
     }
 }
 
@@ -605,6 +606,7 @@ impl ProtectionService {
             },
             test_failover: m.recovery.test_failover.as_ref().map(under_way),
             failover: m.recovery.failover.as_ref().map(under_way),
+            writes_stopped: m.recovery.stop_writes,
         })
     }
 }

@@ -147,6 +147,10 @@ pub struct MachineRecovery {
     /// A planned failover asked the agent to refuse writes and place a final point.
     #[serde(default)]
     pub stop_writes: bool,
+    /// When writes were first stopped (Unix ms; 0: not recorded). A planned failover run
+    /// again takes any final point placed since: none of the source's writes can follow it.
+    #[serde(default)]
+    pub stop_writes_since_ms: i64,
 }
 
 /// A test failover or failover: which point, and the views its disks run on.
@@ -224,6 +228,10 @@ pub struct Job {
     /// For a recovery-plan job: what each step does.
     #[serde(default)]
     pub plan: Option<PlanRun>,
+    /// The configuration server node whose process runs the job (recovery and plan jobs; the
+    /// leader's reconciler drives the others): when that process restarts, the job is over.
+    #[serde(default)]
+    pub runner: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -247,6 +255,10 @@ pub struct PlanRun {
     pub planned: bool,
     /// One per job step, in order.
     pub steps: Vec<PlanStep>,
+    /// Machine → the point chosen for it when the run began (`latest-group`: one group
+    /// point shared by the machines of each group, not each machine's newest at its turn).
+    #[serde(default)]
+    pub points: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

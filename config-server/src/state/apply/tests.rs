@@ -226,6 +226,7 @@ fn job(id: &str) -> Job {
         error: String::new(),
         control: None,
         plan: None,
+        runner: None,
     }
 }
 
