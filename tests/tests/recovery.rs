@@ -25,6 +25,17 @@ struct Site {
     tmp: tempfile::TempDir,
 }
 
+/// Whether the source's NBD export accepts a write (a fenced source refuses it).
+fn takes_a_write(nbd: &str) -> bool {
+    Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
+        .arg(nbd)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 impl Site {
     fn nbd(&self) -> String {
         format!("nbd://{}/disk0", self.agent.nbd)
@@ -264,15 +275,7 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
         "{status}"
     );
     // The source is fenced: it must not take writes that are no longer replicated.
-    wait_until("source refuses writes", WAIT, || {
-        !Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
-            .arg(&nbd)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    });
+    wait_until("source refuses writes", WAIT, || !takes_a_write(&nbd));
     recover(&ctx, &["failover", "commit", MACHINE]);
     assert_identical(&copy_b, &replica);
     assert!(
@@ -346,13 +349,8 @@ fn a_planned_failover_loses_nothing() {
     assert!(done.status.success(), "{out}");
     assert!(out.contains("planned:"), "{out}");
     // Nothing can be written at the source any more, and the failed-over disk is the source.
-    let write = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
-        .arg(&nbd)
-        .output()
-        .unwrap();
     assert!(
-        !write.status.success(),
+        !takes_a_write(&nbd),
         "the source took a write after a planned failover"
     );
     let copy = s.copy("final.img");
@@ -406,12 +404,7 @@ fn an_interrupted_planned_failover_ends_its_job_and_runs_again() {
     });
     // The source still refuses writes (nothing has resumed them), and a second planned
     // failover completes with what was written before the first.
-    let write = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x99 0 4k"])
-        .arg(&nbd)
-        .output()
-        .unwrap();
-    assert!(!write.status.success(), "the fenced source took a write");
+    assert!(!takes_a_write(&nbd), "the fenced source took a write");
     s.mt.start();
     let out = recover(&ctx, &["failover", MACHINE, "--planned"]);
     assert!(out.contains("planned:"), "{out}");
