@@ -235,15 +235,15 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
         quota.quota_bytes as f64 / (1u64 << 30) as f64
     );
     // The quota is a ceiling, not a reservation: whatever else shares the file system, the
-    // cache also stops FS_RESERVE short of full. Say so when that is the tighter limit, so
-    // that the operator does not plan with a figure the disk cannot hold.
+    // cache also stops FS_RESERVE short of full (`Quota::limit`). Say so when that is the
+    // tighter limit, so that the operator does not plan with a figure the disk cannot hold.
     let (free, _) = lifeboat_common::facts::space(&settings.cache_dir);
-    let room = free.saturating_sub(quota::FS_RESERVE);
+    let room = quota.limit(quota::allocated_under(&settings.cache_dir), free);
     if room < quota.quota_bytes {
         tracing::warn!(
-            "cache {}: only {:.1} GiB free for it (the file system's free space less a {} MiB \
-             reserve), less than its quota: the cache holds at most that much until space is \
-             freed; give it a file system of its own or set cache_quota_mib",
+            "cache {}: room for only {:.1} GiB (what it holds, plus the file system's free \
+             space less a {} MiB reserve), less than its quota: the cache holds at most that \
+             much until space is freed; give it a file system of its own or set cache_quota_mib",
             settings.cache_dir.display(),
             room as f64 / (1u64 << 30) as f64,
             quota::FS_RESERVE >> 20

@@ -57,6 +57,13 @@ impl Quota {
         }
     }
 
+    /// The most the cache may hold when it holds `used` bytes and its file system has `free`
+    /// bytes available: the quota, unless the file system (less its reserve) holds less.
+    pub fn limit(&self, used: u64, free: u64) -> u64 {
+        self.quota_bytes
+            .min(used.saturating_add(free.saturating_sub(FS_RESERVE)))
+    }
+
     /// Decides on a group of about `incoming` bytes when the cache holds `used` bytes and its
     /// file system has `free` bytes available.
     pub fn admit(&self, used: u64, incoming: u64, free: u64) -> Admission {
@@ -65,8 +72,7 @@ impl Quota {
         if used == 0 {
             return Admission::Accept;
         }
-        let limit = self.quota_bytes.min(used + free.saturating_sub(FS_RESERVE));
-        if used + incoming > limit {
+        if used + incoming > self.limit(used, free) {
             return Admission::Full;
         }
         let fill = used as f64 / self.quota_bytes.max(1) as f64;
@@ -92,6 +98,23 @@ impl Quota {
             rates.1.sample(self.released_total.load(Ordering::Relaxed)),
         )
     }
+}
+
+/// Bytes the files under `dir` take on disk: what a restarted cache already holds (its
+/// segments and spares), room it has rather than room it lacks.
+pub fn allocated_under(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_under(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 #[cfg(test)]

@@ -316,16 +316,11 @@ async fn final_sync(
     let mut recovery = machine.recovery.clone();
     // Writes already stopped (an earlier planned failover that failed or was cut short): the
     // final point the agent placed then still ends the source's writes, so it counts too.
-    let asked = if recovery.stop_writes {
-        match recovery.stop_writes_since_ms {
-            0 => i64::MIN,
-            since => since,
-        }
-    } else {
-        run.job.created_at_ms
-    };
+    if !recovery.stop_writes {
+        recovery.stop_writes_since_ms = run.job.created_at_ms;
+    }
+    let asked = recovery.stop_writes_since_ms;
     recovery.stop_writes = true;
-    recovery.stop_writes_since_ms = asked.max(0);
     put_recovery(node, &machine.name, recovery).await?;
     run.done(
         "Stop writes at the source",

@@ -129,7 +129,7 @@ pub async fn end_interrupted(node: Arc<Node>, started_ms: i64, cancel: Cancellat
             _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             _ = cancel.cancelled() => return,
         }
-        if node.raft.metrics().borrow().current_leader.is_none() {
+        if node.leader().is_none() {
             continue;
         }
         let Ok(jobs) = node.state().jobs() else {

@@ -112,39 +112,30 @@ pub async fn fix_group_points(node: &Node, job: &mut Job) -> Result<(), String> 
 /// Machine → the newest group point of its group that all the listed machines of that group
 /// hold. A machine without group points gets none (its own job then says why).
 fn common_group_points(held: &[(String, Vec<points::MachinePoint>)]) -> BTreeMap<String, String> {
-    let group_of = |id: &str| id.rsplit_once(':').map(|(_, g)| g.to_string());
-    // Group → the machines with points of it, and each of its point ids with their time.
-    let mut members: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-    let mut times: BTreeMap<String, BTreeMap<&str, i64>> = BTreeMap::new();
+    // Group → its machines, and each of its point ids → (time, how many of them hold it).
+    type Ids<'a> = BTreeMap<&'a str, (i64, usize)>;
+    let mut groups: BTreeMap<&str, (Vec<&str>, Ids)> = BTreeMap::new();
     for (machine, list) in held {
-        let mut groups = HashSet::new();
         for p in list.iter().filter(|p| p.kind == "group") {
-            if let Some(group) = group_of(&p.id) {
-                times
-                    .entry(group.clone())
-                    .or_default()
-                    .insert(&p.id, p.time_ms);
-                groups.insert(group);
+            let Some((_, group)) = p.id.rsplit_once(':') else {
+                continue;
+            };
+            let (machines, ids) = groups.entry(group).or_default();
+            if machines.last() != Some(&machine.as_str()) {
+                machines.push(machine);
             }
-        }
-        for group in groups {
-            members.entry(group).or_default().push(machine);
+            ids.entry(&p.id).or_insert((p.time_ms, 0)).1 += 1;
         }
     }
-    let holds = |machine: &str, id: &str| {
-        held.iter()
-            .any(|(m, list)| m == machine && list.iter().any(|p| p.id == id))
-    };
     let mut chosen = BTreeMap::new();
-    for (group, machines) in &members {
-        let newest = times[group]
+    for (machines, ids) in groups.values() {
+        let newest = ids
             .iter()
-            .filter(|(id, _)| machines.iter().all(|m| holds(m, id)))
-            .max_by_key(|(_, time)| **time)
-            .map(|(id, _)| id.to_string());
-        if let Some(id) = newest {
+            .filter(|(_, (_, holders))| *holders == machines.len())
+            .max_by_key(|(_, (time, _))| *time);
+        if let Some((id, _)) = newest {
             for m in machines {
-                chosen.insert(m.to_string(), id.clone());
+                chosen.insert(m.to_string(), id.to_string());
             }
         }
     }
@@ -265,9 +256,8 @@ async fn execute(node: &Arc<Node>, plan: &PlanRun, step: &PlanStep) -> Result<St
     match step {
         PlanStep::Action(PlanAction::Script(command)) => {
             // The point chosen for the run, when it is one for every machine.
-            let chosen: HashSet<&String> = plan.points.values().collect();
-            let point = match chosen.into_iter().collect::<Vec<_>>()[..] {
-                [only] => only,
+            let point = match plan.points.values().next() {
+                Some(first) if plan.points.values().all(|p| p == first) => first,
                 _ => &plan.point,
             };
             let input = hook::HookInput {
