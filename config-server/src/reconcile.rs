@@ -267,16 +267,31 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                         humantime::format_rfc3339_seconds(at)
                     )
                 };
+                // A failed-over machine no longer replicates: it runs from views on its
+                // master target, and needs nothing of its process server.
+                let failed_over = |m: &&ProtectedMachine| m.recovery.failover.is_some();
                 let served: Vec<&str> = machines
                     .iter()
-                    .filter(|m| m.ps_id == r.id || m.mt_id == r.id)
+                    .filter(|m| (m.ps_id == r.id || m.mt_id == r.id) && !failed_over(m))
+                    .map(|m| m.name.as_str())
+                    .collect();
+                let running_from: Vec<&str> = machines
+                    .iter()
+                    .filter(|m| m.mt_id == r.id && failed_over(m))
                     .map(|m| m.name.as_str())
                     .collect();
                 // An agent whose machine is not protected puts no replica at risk.
                 let idle_agent =
                     r.role == Role::Agent && !machines.iter().any(|m| m.agent_id == r.id);
                 let removable = matches!(r.role, Role::ProcessServer | Role::MasterTarget);
-                if served.is_empty() && (removable || idle_agent) {
+                if !running_from.is_empty() {
+                    message.push_str(&format!(
+                        "; failed-over machine(s) {} run from its disks and cannot read or write them \
+                         until it is back: start it again",
+                        running_from.join(", ")
+                    ));
+                }
+                if served.is_empty() && running_from.is_empty() && (removable || idle_agent) {
                     message.push_str(&format!(
                         "; if it was taken out of service, `lifeboat servers revoke {}` \
                          removes it and this alert",

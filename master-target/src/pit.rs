@@ -92,6 +92,12 @@ pub fn disk_points(replica: &Replica) -> v1::DiskPoints {
             .map(|f| f.view_id.clone())
             .unwrap_or_default(),
         failover_committed: state.failover.as_ref().is_some_and(|f| f.committed),
+        failover_written_bytes: state
+            .failover
+            .as_ref()
+            .filter(|f| !f.committed)
+            .map_or(0, |f| replica.view_written_bytes(&f.view_id)),
+        failover_seq: state.failover.as_ref().map_or(0, |f| f.point_seq),
     }
 }
 
@@ -214,10 +220,40 @@ impl PointInTime for PitService {
     }
 }
 
-/// Writes the view to a new dynamic VHD next to it, reading it a chunk at a time.
+/// Writes the view to a new dynamic VHD next to it (`disk.vhd`), through `disk.vhd.partial`,
+/// which is deleted if the copy fails or its caller goes away.
 fn materialize(
     entry: &ReplicaEntry,
     view_id: &str,
+    tx: &mpsc::Sender<Result<v1::MaterializeProgress, Status>>,
+) -> Result<(), Status> {
+    let dir = entry
+        .replica
+        .lock()
+        .map_err(|_| Status::internal("replica lock poisoned"))?
+        .view_dir_path(view_id);
+    let tmp = dir.join("disk.vhd.partial");
+    let result = copy_view(entry, view_id, &dir.join("disk.vhd"), &tmp, tx);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Progress goes to the caller; one that went away (its job interrupted) stops the copy.
+fn progress(
+    tx: &mpsc::Sender<Result<v1::MaterializeProgress, Status>>,
+    p: v1::MaterializeProgress,
+) -> Result<(), Status> {
+    tx.blocking_send(Ok(p))
+        .map_err(|_| Status::cancelled("the caller went away; the copy was stopped"))
+}
+
+fn copy_view(
+    entry: &ReplicaEntry,
+    view_id: &str,
+    path: &std::path::Path,
+    tmp: &std::path::Path,
     tx: &mpsc::Sender<Result<v1::MaterializeProgress, Status>>,
 ) -> Result<(), Status> {
     let lock = || {
@@ -226,16 +262,14 @@ fn materialize(
             .lock()
             .map_err(|_| Status::internal("replica lock poisoned"))
     };
-    let (ranges, path, size) = {
+    let (ranges, size) = {
         let replica = lock()?;
         let ranges = replica.view_extent(view_id).map_err(replica_status)?;
-        let dir = replica.view_dir_path(view_id);
-        (ranges, dir.join("disk.vhd"), replica.image.size())
+        (ranges, replica.image.size())
     };
     let total: u64 = ranges.iter().map(|r| r.1).sum();
-    let tmp = path.with_extension("vhd.partial");
-    let _ = std::fs::remove_file(&tmp);
-    let mut out = vhd::Image::create(&tmp, &vhd::CreateOptions::dynamic(size))
+    let _ = std::fs::remove_file(tmp);
+    let mut out = vhd::Image::create(tmp, &vhd::CreateOptions::dynamic(size))
         .map_err(|e| Status::unavailable(format!("cannot create {}: {e}", tmp.display())))?;
     let mut done = 0u64;
     let mut buf = Vec::new();
@@ -255,19 +289,25 @@ fn materialize(
             }
             at += n;
             done += n;
-            let _ = tx.blocking_send(Ok(v1::MaterializeProgress {
-                done_bytes: done,
-                total_bytes: total,
-                path: String::new(),
-            }));
+            progress(
+                tx,
+                v1::MaterializeProgress {
+                    done_bytes: done,
+                    total_bytes: total,
+                    path: String::new(),
+                },
+            )?;
         }
     }
     out.close()
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Status::unavailable(e.to_string()))?;
+    std::fs::rename(tmp, path).map_err(|e| Status::unavailable(e.to_string()))?;
+    if let Some(dir) = path.parent() {
+        lifeboat_common::fsutil::fsync_dir(dir).map_err(|e| Status::unavailable(e.to_string()))?;
+    }
     // Absolute: a path relative to the master target's working directory means nothing to
     // the operator reading it in the job.
-    let shown = std::fs::canonicalize(&path).unwrap_or(path);
+    let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let _ = tx.blocking_send(Ok(v1::MaterializeProgress {
         done_bytes: done,
         total_bytes: total,

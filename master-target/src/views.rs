@@ -90,6 +90,8 @@ impl Replica {
                 continue;
             }
             let dir = self.view_dir_path(&spec.view_id);
+            // A copy the master target was writing when it stopped: never handed out.
+            let _ = std::fs::remove_file(dir.join("disk.vhd.partial"));
             let overlay = PointOverlay::build(&self.journal, spec.point_seq)
                 .map_err(self.io_error("read the retention journal"))?;
             let writes = PrivateWrites::open(&dir).map_err(self.io_error("open a view"))?;
@@ -112,6 +114,11 @@ impl Replica {
 
     pub fn views(&self) -> impl Iterator<Item = &ViewSpec> {
         self.views.values().map(|v| &v.spec)
+    }
+
+    /// Bytes of the disk the view's machine wrote (0 for no such view).
+    pub fn view_written_bytes(&self, id: &str) -> u64 {
+        self.views.get(id).map_or(0, |v| v.writes.written_bytes())
     }
 
     /// Opens a view of the point after batch `point_seq`. Opening the same view again is a

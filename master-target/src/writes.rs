@@ -126,6 +126,11 @@ impl PrivateWrites {
         self.map.iter().map(|(o, l, _, _)| (o, l)).collect()
     }
 
+    /// How many bytes of the disk were written privately (each byte once, however often).
+    pub fn written_bytes(&self) -> u64 {
+        self.map.iter().map(|(_, len, _, _)| len).sum()
+    }
+
     /// Reads privately written bytes (a range from `ranges`).
     pub fn read(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.data.read_exact_at(buf, offset)

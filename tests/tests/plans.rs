@@ -116,9 +116,18 @@ fn a_plan_runs_groups_in_order_and_waits_for_the_operator() {
     );
     assert!(text(&out).contains("nbd://"), "{}", text(&out));
 
-    // Resumed: group 2 runs, its script fails, the plan waits with the error.
+    // `lifeboat jobs` names the step it waits at.
+    let table = text(&lifeboat(&ctx, &["jobs"]));
+    assert!(table.contains("Switch DNS"), "{table}");
+    // Resumed: group 2 runs, its script fails, the plan waits with the error, and the
+    // command following it says so in its exit status.
     let out = lifeboat(&ctx, &["job", "resume", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("waits at a failed step") && text(&out).contains("plan script failed"),
+        "{}",
+        text(&out)
+    );
     let j = job(&ctx, &id);
     assert_eq!(j["state"], "Waiting", "{j}");
     assert_eq!(
@@ -154,8 +163,37 @@ fn a_plan_runs_groups_in_order_and_waits_for_the_operator() {
     }
     let out = lifeboat(&ctx, &["plan", "cleanup", "erp-plan"]);
     assert!(out.status.success(), "{}", text(&out));
+    // A second cleanup has nothing to do: refused at once, no job left waiting.
+    let again = lifeboat(&ctx, &["plan", "cleanup", "erp-plan"]);
+    assert!(
+        !again.status.success() && text(&again).contains("nothing to clean up"),
+        "{}",
+        text(&again)
+    );
+    // One machine still in a drill: the cleanup passes over the clean one.
+    recover(&ctx, &["test-failover", "db01"]);
+    let out = recover(&ctx, &["plan", "cleanup", "erp-plan"]);
+    assert!(out.contains("app01 has no test failover"), "{out}");
     for name in ["db01", "app01"] {
         let out = recover(&ctx, &["test-failover", name]);
         assert!(out.contains("nbd://"), "{out}");
     }
+    // A group number given twice is refused, not merged.
+    let dup = lifeboat(
+        &ctx,
+        &[
+            "plan", "create", "dup", "--group", "1=db01", "--group", "1=app01",
+        ],
+    );
+    assert!(
+        !dup.status.success() && text(&dup).contains("given twice"),
+        "{}",
+        text(&dup)
+    );
+    // Unprotecting a machine the plan names says what that does to the plan.
+    let out = recover(&ctx, &["unprotect", "app01"]);
+    assert!(
+        out.contains("recovery plan erp-plan still names app01"),
+        "{out}"
+    );
 }

@@ -276,15 +276,52 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
     );
     // The source is fenced: it must not take writes that are no longer replicated.
     wait_until("source refuses writes", WAIT, || !takes_a_write(&nbd));
+    let listed = text(&lifeboat(&ctx, &["recovery-points", MACHINE]));
+    assert!(
+        listed.contains(&format!("failed over to {point_b}")),
+        "{listed}"
+    );
+    // The recovered machine writes; failing over to another point would discard that, so it
+    // takes an explicit flag, and a refusal changes nothing. The same point keeps the writes.
+    qemu_io(&failed_over, &["write -P 0x77 5M 1M"]);
+    let refused = lifeboat(&ctx, &["failover", MACHINE, "--point", &point_a]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("1.0 MiB") && text(&refused).contains("--discard-writes"),
+        "{}",
+        text(&refused)
+    );
+    recover(&ctx, &["failover", MACHINE, "--point", &point_b]);
+    assert!(
+        !compare_nbd(&copy_b, &failed_over),
+        "failing over again to the same point lost the recovered machine's write"
+    );
+    let out = recover(
+        &ctx,
+        &["failover", MACHINE, "--point", &point_a, "--discard-writes"],
+    );
+    assert!(compare_nbd(&copy_a, &uri(&out)));
+    // Nothing written at A: back to B without the flag.
+    recover(&ctx, &["failover", MACHINE, "--point", &point_b]);
+    assert!(compare_nbd(&copy_b, &failed_over));
     recover(&ctx, &["failover", "commit", MACHINE]);
     assert_identical(&copy_b, &replica);
     assert!(
         compare_nbd(&copy_b, &failed_over),
         "the committed disk is no longer served"
     );
+    // Committed: no points left to list, and a second commit says there is nothing to do.
+    let refused = lifeboat(&ctx, &["recovery-points", MACHINE]);
     assert!(
-        points(&ctx, MACHINE).is_empty(),
-        "a commit keeps no older points"
+        !refused.status.success() && text(&refused).contains("committed"),
+        "{}",
+        text(&refused)
+    );
+    let again = lifeboat(&ctx, &["failover", "commit", MACHINE]);
+    assert!(
+        !again.status.success() && text(&again).contains("already committed"),
+        "{}",
+        text(&again)
     );
     // The committed disks are the recovered machine's: unprotecting would delete them, so it
     // takes an explicit flag, and a refusal changes nothing.
@@ -358,6 +395,15 @@ fn a_planned_failover_loses_nothing() {
         compare_nbd(&copy, &uri(&out)),
         "the planned failover lost data"
     );
+    // The master target going away now stops the recovered machine's disks, not replication:
+    // the alert says so.
+    s.mt.proc().kill9();
+    let mut alerts = String::new();
+    wait_until("the master-target-down alert", WAIT, || {
+        alerts = text(&lifeboat(&ctx, &["alerts"]));
+        alerts.contains("failed-over machine(s) db01 run from its disks")
+    });
+    assert!(!alerts.contains("replication of db01 waits"), "{alerts}");
     s.agent.proc().terminate();
 }
 

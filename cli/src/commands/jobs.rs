@@ -30,6 +30,20 @@ pub fn to_json(j: &v1::JobInfo) -> serde_json::Value {
     })
 }
 
+/// The step a job is at: the one running, or the one a waiting plan run stopped at (a manual
+/// step, or a failed one waiting for retry or skip).
+fn current_step(j: &v1::JobInfo) -> Option<&v1::JobStep> {
+    j.steps.iter().find(|s| s.state == "Running").or_else(|| {
+        (j.state == "Waiting")
+            .then(|| {
+                j.steps
+                    .iter()
+                    .find(|s| s.state == "Waiting" || s.state == "Failed")
+            })
+            .flatten()
+    })
+}
+
 pub async fn list(ctx: &ContextArgs, args: JobsArgs) -> anyhow::Result<()> {
     let mut client = ctx.protection().await?;
     if args.watch {
@@ -69,12 +83,7 @@ pub async fn list(ctx: &ContextArgs, args: JobsArgs) -> anyhow::Result<()> {
         "UPDATED",
     ]);
     for j in &jobs {
-        let current = j
-            .steps
-            .iter()
-            .find(|s| s.state == "Running")
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
+        let current = current_step(j).map(|s| s.name.clone()).unwrap_or_default();
         t.add_row(vec![
             j.id.clone(),
             j.kind.clone(),

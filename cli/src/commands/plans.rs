@@ -67,6 +67,14 @@ fn spec(
             .split_once('=')
             .ok_or_else(|| anyhow::anyhow!("--group {g:?}: expected NUMBER=MACHINE[,MACHINE…]"))?;
         let number = group_number(n)?;
+        // Twice the same number is more likely a typo for another group than two halves of
+        // one: said, not merged.
+        if by_number.contains_key(&number) {
+            anyhow::bail!(
+                "--group {number} is given twice; list a group's machines once \
+                 (--group {number}=A,B)"
+            );
+        }
         let entry = by_number.entry(number).or_insert_with(|| PlanGroupSpec {
             number,
             ..Default::default()

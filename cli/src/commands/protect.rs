@@ -73,6 +73,9 @@ pub async fn unprotect(
         .map_err(status_error)?
         .into_inner();
     println!("Replication of {machine} disabled: job {}", job.id);
+    if let Some(notes) = job.steps.first().filter(|s| !s.detail.is_empty()) {
+        println!("Note: {}", notes.detail);
+    }
     if wait {
         jobs::watch(&mut client, Some(vec![job.id])).await?;
     }

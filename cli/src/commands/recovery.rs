@@ -42,6 +42,10 @@ pub struct FailoverArgs {
     /// The point to fail over to (as for test-failover).
     #[arg(long)]
     point: Option<String>,
+    /// Failing over again to another point: discard what the recovered machine wrote to its
+    /// disks since the first failover (refused without it).
+    #[arg(long, requires = "point")]
+    discard_writes: bool,
 }
 
 /// `[verb] MACHINE`: the machine and whether the verb was given.
@@ -75,6 +79,7 @@ pub async fn points(ctx: &ContextArgs, args: PointsArgs) -> anyhow::Result<()> {
             "latest_unix_ms": list.latest_unix_ms,
             "journal_bytes": list.journal_bytes,
             "retention_secs": list.retention_secs,
+            "failed_over_to": list.failed_over_to,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -94,6 +99,13 @@ pub async fn points(ctx: &ContextArgs, args: PointsArgs) -> anyhow::Result<()> {
         ]);
     }
     println!("{t}");
+    if !list.failed_over_to.is_empty() {
+        println!(
+            "{} failed over to {}: replication stopped there; `lifeboat failover {} --point P` \
+             moves the failover to another point, `lifeboat failover commit {}` makes it final",
+            list.machine, list.failed_over_to, list.machine, list.machine
+        );
+    }
     println!(
         "latest: replicas hold writes up to {} ({}); retention {}, journal {}",
         time(list.latest_unix_ms),
@@ -118,9 +130,18 @@ pub async fn follow(ctx: &ContextArgs, job: v1::JobInfo) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if now.state == "Waiting" {
+        // A run stopped by a failure is not a success, even though it can go on: scripts
+        // following a plan must see it.
+        if let Some(failed) = now.steps.iter().find(|s| s.state == "Failed") {
+            anyhow::bail!(
+                "job {id} waits at a failed step ({}): fix the cause, then `lifeboat job \
+                 retry {id}`, or `lifeboat job skip {id}` to go on without it",
+                failed.name,
+                id = now.id
+            );
+        }
         println!(
-            "Waiting for you: `lifeboat job resume {id}` after a manual step, or \
-             `lifeboat job retry {id}` / `lifeboat job skip {id}` after a failed one",
+            "Waiting for you: `lifeboat job resume {id}` once the manual step is done",
             id = now.id
         );
     }
@@ -141,6 +162,7 @@ pub async fn test_failover(ctx: &ContextArgs, args: TestFailoverArgs) -> anyhow:
                 point: args.point,
                 materialize: args.materialize,
                 planned: false,
+                discard_writes: false,
             })
             .await
     }
@@ -164,6 +186,7 @@ pub async fn failover(ctx: &ContextArgs, args: FailoverArgs) -> anyhow::Result<(
                 point: args.point.unwrap_or_default(),
                 materialize: false,
                 planned: args.planned,
+                discard_writes: args.discard_writes,
             })
             .await
     }

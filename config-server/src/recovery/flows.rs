@@ -111,6 +111,20 @@ pub async fn check_point(
     points::choose(&machine.name, &disks, selector).map(|_| ())
 }
 
+/// As `check_point`, for a failover: also refuses to drop a standing failover's writes
+/// unless `discard` (see `points::check_refailover`).
+pub async fn check_failover_point(
+    node: &Node,
+    machine: &ProtectedMachine,
+    selector: &str,
+    discard: bool,
+) -> Result<(), String> {
+    let mut mt = master_target(node, machine)?;
+    let disks = disk_points(node, &mut mt, machine).await?;
+    let point = points::choose(&machine.name, &disks, selector)?;
+    points::check_refailover(&machine.name, &disks, &point, discard)
+}
+
 fn current(node: &Node, machine: &str) -> Result<ProtectedMachine, String> {
     node.state()
         .machine(machine)
@@ -203,7 +217,7 @@ async fn run_hook(
         network: &machine.recovery.network_map,
         disks: &disks,
     };
-    match hook::run(&machine.recovery.hook, &input).await {
+    match hook::run("recovery hook", &machine.recovery.hook, &input).await {
         Ok(output) => {
             run.done(step, output).await;
             Ok(())
@@ -243,16 +257,25 @@ pub async fn test_failover(
     run.done("Open views", list_views(&record.views)).await;
     if materialize {
         let total = record.views.len() as f64;
+        // The views stay open whatever becomes of the copies: say what to do next.
+        let failed = |disk: &str, s: tonic::Status| {
+            format!(
+                "{}. The test failover's views stay open (see `lifeboat status`): run \
+                 `lifeboat test-failover cleanup {name}`, then the test failover again with \
+                 --materialize",
+                call_error(&format!("materializing disk {disk} failed"), s)
+            )
+        };
         for (i, view) in record.views.iter_mut().enumerate() {
             let mut stream = mt
                 .materialize(view_request(view))
                 .await
-                .map_err(|s| call_error("cannot materialize a view", s))?
+                .map_err(|s| failed(&view.disk_name, s))?
                 .into_inner();
             while let Some(p) = stream
                 .message()
                 .await
-                .map_err(|s| call_error("materializing failed", s))?
+                .map_err(|s| failed(&view.disk_name, s))?
             {
                 if !p.path.is_empty() {
                     view.materialized_path = p.path;
@@ -385,6 +408,7 @@ pub async fn failover(
     name: &str,
     selector: &str,
     planned: bool,
+    discard_writes: bool,
 ) -> Result<(), String> {
     let machine = current(&node, name)?;
     let mut mt = master_target(&node, &machine)?;
@@ -400,6 +424,7 @@ pub async fn failover(
         run.running("Choose recovery point", selector, 0.0).await;
         let disks = disk_points(&node, &mut mt, &machine).await?;
         let p = points::choose(name, &disks, selector)?;
+        points::check_refailover(name, &disks, &p, discard_writes)?;
         run.done("Choose recovery point", describe(&p)).await;
         p
     };

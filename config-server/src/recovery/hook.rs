@@ -27,10 +27,10 @@ pub struct HookInput<'a> {
 
 /// The argument vector the template expands to.
 pub fn expand(template: &str, input: &HookInput<'_>) -> Result<Vec<String>, String> {
-    let words = shlex::split(template)
-        .ok_or_else(|| format!("recovery hook {template:?} has unbalanced quotes"))?;
+    let words =
+        shlex::split(template).ok_or_else(|| format!("{template:?} has unbalanced quotes"))?;
     if words.is_empty() {
-        return Err("the recovery hook is empty".into());
+        return Err("the command is empty".into());
     }
     let mut args = Vec::new();
     for word in words {
@@ -50,9 +50,10 @@ pub fn expand(template: &str, input: &HookInput<'_>) -> Result<Vec<String>, Stri
     Ok(args)
 }
 
-/// Runs the hook; returns its output, or an error holding it.
-pub async fn run(template: &str, input: &HookInput<'_>) -> Result<String, String> {
-    let args = expand(template, input)?;
+/// Runs the hook (or a plan's script: `what` names it in errors); returns its output, or an
+/// error holding it.
+pub async fn run(what: &str, template: &str, input: &HookInput<'_>) -> Result<String, String> {
+    let args = expand(template, input).map_err(|e| format!("the {what}: {e}"))?;
     let mut command = Command::new(&args[0]);
     command
         .args(&args[1..])
@@ -66,10 +67,10 @@ pub async fn run(template: &str, input: &HookInput<'_>) -> Result<String, String
     let out = match tokio::time::timeout(HOOK_TIMEOUT, command.output()).await {
         Err(_) => {
             return Err(format!(
-                "the recovery hook ran longer than {HOOK_TIMEOUT:?} and was killed"
+                "the {what} ran longer than {HOOK_TIMEOUT:?} and was killed"
             ))
         }
-        Ok(Err(e)) => return Err(format!("cannot run the recovery hook {:?}: {e}", args[0])),
+        Ok(Err(e)) => return Err(format!("cannot run the {what} {:?}: {e}", args[0])),
         Ok(Ok(out)) => out,
     };
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -89,10 +90,7 @@ pub async fn run(template: &str, input: &HookInput<'_>) -> Result<String, String
     if out.status.success() {
         Ok(text)
     } else {
-        Err(format!(
-            "the recovery hook failed ({}):\n{text}",
-            out.status
-        ))
+        Err(format!("the {what} failed ({}):\n{text}", out.status))
     }
 }
 

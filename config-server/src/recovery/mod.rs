@@ -85,8 +85,30 @@ pub fn failover_steps(planned: bool) -> Vec<&'static str> {
 
 pub const CLEANUP_STEPS: &[&str] = &["Delete views"];
 
-fn is_failed_over(machine: &ProtectedMachine) -> bool {
-    machine.recovery.failover.is_some()
+/// What unprotecting `machine` does beyond its replication, for the operator to read in the
+/// job: it leaves its consistency groups, and plans naming it would fail at its step.
+pub fn unprotect_notes(node: &Node, machine: &str) -> Result<String, Status> {
+    let state = node.state();
+    let mut notes = Vec::new();
+    for g in state.groups().map_err(storage_status)? {
+        if g.machines.iter().any(|m| m == machine) {
+            notes.push(format!("{machine} left consistency group {}", g.name));
+        }
+    }
+    for p in state.plans().map_err(storage_status)? {
+        if p.groups
+            .iter()
+            .any(|g| g.machines.iter().any(|m| m == machine))
+        {
+            notes.push(format!(
+                "recovery plan {} still names {machine}: runs of the plan stop at its step \
+                 until the plan is created again without it (`lifeboat plan delete`, `plan \
+                 create`)",
+                p.name
+            ));
+        }
+    }
+    Ok(notes.join("; "))
 }
 
 #[tonic::async_trait]
@@ -98,6 +120,13 @@ impl Recovery for RecoveryService {
         self.node.authorize(&request, &[Role::Admin])?;
         let r = request.into_inner();
         let machine = self.machine(&r.machine)?;
+        if let Some(f) = machine.recovery.failover.as_ref().filter(|f| f.committed) {
+            return Err(Status::failed_precondition(format!(
+                "{} failed over to {} and the failover was committed: it has no recovery \
+                 points; its disks are the recovered machine's now",
+                r.machine, f.point
+            )));
+        }
         let mut mt = flows::master_target(&self.node, &machine).map_err(Status::unavailable)?;
         let disks = flows::disk_points(&self.node, &mut mt, &machine)
             .await
@@ -131,6 +160,11 @@ impl Recovery for RecoveryService {
             latest_unix_ms: points::latest(&disks).time_ms,
             journal_bytes: disks.iter().map(|d| d.journal_bytes).sum(),
             retention_secs,
+            failed_over_to: machine
+                .recovery
+                .failover
+                .map(|f| f.point)
+                .unwrap_or_default(),
         }))
     }
 
@@ -234,7 +268,7 @@ impl Recovery for RecoveryService {
             )));
         }
         if !r.planned {
-            flows::check_point(&self.node, &machine, &r.point)
+            flows::check_failover_point(&self.node, &machine, &r.point, r.discard_writes)
                 .await
                 .map_err(Status::failed_precondition)?;
         }
@@ -252,7 +286,15 @@ impl Recovery for RecoveryService {
             &r.machine.clone(),
             &steps,
             move |node, mut run| async move {
-                let result = flows::failover(node, &mut run, &r.machine, &r.point, r.planned).await;
+                let result = flows::failover(
+                    node,
+                    &mut run,
+                    &r.machine,
+                    &r.point,
+                    r.planned,
+                    r.discard_writes,
+                )
+                .await;
                 run.finish(result).await;
             },
         )
@@ -266,10 +308,19 @@ impl Recovery for RecoveryService {
         self.node.authorize(&request, &[Role::Admin])?;
         let name = request.into_inner().name;
         let machine = self.machine(&name)?;
-        if !is_failed_over(&machine) {
-            return Err(Status::failed_precondition(format!(
-                "{name} has not failed over; run `lifeboat failover {name}` first"
-            )));
+        match &machine.recovery.failover {
+            None => {
+                return Err(Status::failed_precondition(format!(
+                    "{name} has not failed over; run `lifeboat failover {name}` first"
+                )))
+            }
+            Some(f) if f.committed => {
+                return Err(Status::failed_precondition(format!(
+                    "{name}'s failover to {} is already committed; nothing to do",
+                    f.point
+                )))
+            }
+            Some(_) => {}
         }
         self.spawn(
             "failover-commit",
@@ -397,6 +448,9 @@ impl Recovery for RecoveryService {
             .ok_or_else(|| {
                 Status::not_found(format!("no plan {:?}; see `lifeboat plan list`", r.plan))
             })?;
+        if r.mode == "test-failover-cleanup" {
+            plans::check_cleanup(&self.node, &plan).map_err(Status::failed_precondition)?;
+        }
         let point = if r.point.is_empty() {
             "latest".to_string()
         } else {

@@ -268,7 +268,7 @@ async fn execute(node: &Arc<Node>, plan: &PlanRun, step: &PlanStep) -> Result<St
                 network: "",
                 disks: &[],
             };
-            hook::run(command, &input).await
+            hook::run("plan script", command, &input).await
         }
         PlanStep::Action(PlanAction::Manual(_)) => Ok(String::new()),
         PlanStep::Machine(name) => machine(node, plan, name).await,
@@ -277,6 +277,11 @@ async fn execute(node: &Arc<Node>, plan: &PlanRun, step: &PlanStep) -> Result<St
 
 /// One machine's operation, as a job of its own.
 async fn machine(node: &Arc<Node>, plan: &PlanRun, name: &str) -> Result<String, String> {
+    // A cleanup run again (after a retry, or a second `plan cleanup`) passes over machines
+    // already clean rather than stopping at them.
+    if plan.mode == "test-failover-cleanup" && !has_test_failover(node, name)? {
+        return Ok(format!("{name} has no test failover: nothing to clean up"));
+    }
     let steps: Vec<&str> = match plan.mode.as_str() {
         "failover" => failover_steps(plan.planned),
         "test-failover-cleanup" => CLEANUP_STEPS.to_vec(),
@@ -288,7 +293,10 @@ async fn machine(node: &Arc<Node>, plan: &PlanRun, name: &str) -> Result<String,
     let id = run.job.id.clone();
     let point = plan.points.get(name).unwrap_or(&plan.point);
     let result = match plan.mode.as_str() {
-        "failover" => flows::failover(node.clone(), &mut run, name, point, plan.planned).await,
+        "failover" => {
+            // A plan never discards a recovered machine's writes: that step fails, saying so.
+            flows::failover(node.clone(), &mut run, name, point, plan.planned, false).await
+        }
         "test-failover-cleanup" => flows::cleanup_test_failover(node.clone(), &mut run, name).await,
         _ => flows::test_failover(node.clone(), &mut run, name, point, false).await,
     };
@@ -305,6 +313,27 @@ async fn machine(node: &Arc<Node>, plan: &PlanRun, name: &str) -> Result<String,
         Ok(()) => Ok(format!("job {id}:\n{detail}")),
         Err(e) => Err(format!("job {id}: {e}")),
     }
+}
+
+fn has_test_failover(node: &Node, name: &str) -> Result<bool, String> {
+    Ok(node
+        .state()
+        .machine(name)
+        .map_err(|e| e.to_string())?
+        .is_some_and(|m| m.recovery.test_failover.is_some()))
+}
+
+/// A plan's cleanup with nothing to clean up is refused at once rather than run as a job.
+pub fn check_cleanup(node: &Node, plan: &RecoveryPlan) -> Result<(), String> {
+    for m in plan.groups.iter().flat_map(|g| g.machines.iter()) {
+        if has_test_failover(node, m)? {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "no machine of plan {} is in a test failover: nothing to clean up",
+        plan.name
+    ))
 }
 
 #[cfg(test)]

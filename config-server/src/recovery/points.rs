@@ -123,6 +123,34 @@ pub fn choose(
     Err(format!("{machine} has no point {selector:?}; {hint}"))
 }
 
+/// Failing over again to another point drops the view the recovered machine has been
+/// writing to, and its writes with it: refused, saying how much, unless the operator said
+/// to discard them. The same point keeps the view (and the writes) as it is.
+pub fn check_refailover(
+    machine: &str,
+    disks: &[v1::DiskPoints],
+    point: &MachinePoint,
+    discard: bool,
+) -> Result<(), String> {
+    let moved = disks.iter().any(|d| {
+        !d.failover_view.is_empty()
+            && !d.failover_committed
+            && point.seqs.get(&d.disk_id) != Some(&d.failover_seq)
+    });
+    let written: u64 = disks.iter().map(|d| d.failover_written_bytes).sum();
+    if discard || !moved || written == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "{machine} runs failed over, and the recovered machine has written {:.1} MiB to its \
+         disks since; failing over to {} would discard those writes. Keep them with \
+         `lifeboat failover commit {machine}`, or run the failover again with \
+         --discard-writes",
+        written as f64 / 1048576.0,
+        point.id
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +199,25 @@ mod tests {
             .contains("no group point"));
         assert!(choose("m", &disks, "crash:1000").is_err());
         assert!(choose("m", &disks, "latest-bogus").is_err());
+    }
+
+    #[test]
+    fn failing_over_again_elsewhere_keeps_written_views_unless_told() {
+        let mut disks = [disk("a", &[("crash:1000", 3), ("crash:3000", 8)])];
+        disks[0].failover_view = "failover-a".into();
+        disks[0].failover_seq = 8;
+        let there = choose("m", &disks, "crash:3000").unwrap();
+        let earlier = choose("m", &disks, "crash:1000").unwrap();
+        // Nothing written yet: any point.
+        assert!(check_refailover("m", &disks, &earlier, false).is_ok());
+        disks[0].failover_written_bytes = 3 << 20;
+        let refused = check_refailover("m", &disks, &earlier, false).unwrap_err();
+        assert!(refused.contains("3.0 MiB") && refused.contains("--discard-writes"));
+        assert!(check_refailover("m", &disks, &earlier, true).is_ok());
+        // The same point keeps the view and its writes.
+        assert!(check_refailover("m", &disks, &there, false).is_ok());
+        // A committed failover is refused elsewhere, not here.
+        disks[0].failover_committed = true;
+        assert!(check_refailover("m", &disks, &earlier, false).is_ok());
     }
 }

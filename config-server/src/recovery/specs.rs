@@ -55,6 +55,12 @@ pub fn plan_from_spec(spec: v1::PlanSpec) -> Result<RecoveryPlan, Status> {
         });
     }
     groups.sort_by_key(|g| g.number);
+    if let Some(w) = groups.windows(2).find(|w| w[0].number == w[1].number) {
+        return Err(Status::invalid_argument(format!(
+            "group {} is in the plan twice",
+            w[0].number
+        )));
+    }
     let mut seen = std::collections::HashSet::new();
     for m in groups.iter().flat_map(|g| g.machines.iter()) {
         if !seen.insert(m.clone()) {

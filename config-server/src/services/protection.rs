@@ -406,11 +406,12 @@ impl Protection for ProtectionService {
             .map_err(storage_status)?
             .ok_or_else(|| self.not_protected(&name))?;
         let disks: Vec<String> = machine.disks.iter().map(|d| d.disk_id.clone()).collect();
+        let notes = crate::recovery::unprotect_notes(&self.node, &name)?;
         let job = new_job(
             "unprotect",
             &name,
             &[
-                ("Disable replication", JobState::Succeeded, String::new()),
+                ("Disable replication", JobState::Succeeded, notes),
                 (
                     "Free disk slots on the master target",
                     JobState::Running,

@@ -201,8 +201,12 @@ fn failover_refuses_batches_and_commit_folds_the_point_into_the_replica() {
     assert!(matches!(r.apply(&[next]), Err(ReplicaError::Refused(_))));
     // A different point before the commit replaces the failover view.
     r.open_view(spec("fo", ViewKind::Failover, 5)).unwrap();
+    assert_eq!(r.view_written_bytes("fo"), 0);
     r.write_view("fo", 0, Some(b"booted"), 6).unwrap();
+    r.write_view("fo", 2, Some(b"ot"), 2).unwrap();
     r.flush_view("fo").unwrap();
+    // Each byte counted once, however often written.
+    assert_eq!(r.view_written_bytes("fo"), 6);
     let mut expected = history[5].clone();
     expected[..6].copy_from_slice(b"booted");
     assert!(read_view(&r, "fo") == expected);
@@ -241,6 +245,14 @@ fn pruning_keeps_every_point_inside_the_window() {
     r.open_view(spec("v", ViewKind::Test, 7)).unwrap();
     r.prune(1, now + 100_000).unwrap();
     assert_eq!(r.points().first().map(|p| p.seq), Some(7));
+    // A copy of the view the master target was writing when it stopped is gone on reopen;
+    // the view is not.
+    let partial = r.view_dir_path("v").join("disk.vhd.partial");
+    std::fs::write(&partial, b"half a copy").unwrap();
+    drop(r);
+    let r = Replica::open_or_create(dir.path(), "d-test", SIZE).unwrap();
+    assert!(!partial.exists());
+    assert!(r.views().any(|v| v.view_id == "v"));
 }
 
 #[test]
