@@ -89,6 +89,24 @@ impl Node {
         (report, lag)
     }
 
+    /// Why the disk's replication does not move, as its process server last said (empty
+    /// when it moves, when the report is old — a process server gone quiet has its own
+    /// alert — or when the disk no longer replicates).
+    pub fn stall(&self, machine: &ProtectedMachine, disk: &ProtectedDisk) -> String {
+        if disk.state == ReplicationState::FailedOver {
+            return String::new();
+        }
+        match self.progress.get(&disk.disk_id, Role::ProcessServer) {
+            Some(r)
+                if r.from == machine.ps_id
+                    && now_ms() - r.at_ms <= self.settings.report_overdue_ms() =>
+            {
+                r.report.error
+            }
+            _ => String::new(),
+        }
+    }
+
     pub fn new(
         id: NodeId,
         raft: Raft,

@@ -126,24 +126,38 @@ pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms
     } else {
         r.rpo_secs + age as f64 / 1000.0
     };
+    let syncing = r.phase == "initial_sync" || r.phase == "resync";
+    // A sync is as far as the master target has applied, not as far as the agent has read
+    // (a master target out of space, say, leaves a sync read to the end but applied nowhere
+    // near it). The agent's pending bytes are what it shipped that is not applied; during a
+    // resync they also hold what it has not read yet.
+    let unread = r.sync_total_bytes.saturating_sub(r.sync_done_bytes);
+    let unapplied = if r.phase == "resync" {
+        r.pending_bytes.saturating_sub(unread)
+    } else {
+        r.pending_bytes
+    };
     let sync_progress_pct = if r.sync_total_bytes == 0 {
-        if r.phase == "initial_sync" || r.phase == "resync" {
+        if syncing {
             0.0
         } else {
             100.0
         }
     } else {
-        (r.sync_done_bytes as f64 * 100.0 / r.sync_total_bytes as f64).min(100.0)
+        let applied = r.sync_done_bytes.saturating_sub(unapplied);
+        (applied as f64 * 100.0 / r.sync_total_bytes as f64).min(100.0)
     };
-    let remaining = match r.phase.as_str() {
-        "initial_sync" | "resync" => r.sync_total_bytes.saturating_sub(r.sync_done_bytes),
-        _ => r.pending_bytes,
+    let remaining = if syncing {
+        unread + unapplied
+    } else {
+        r.pending_bytes
     };
-    // Syncing: what is left to read at the sync rate; streaming: the backlog at the rate the
-    // master target has recently been applying.
-    let rate = match r.phase.as_str() {
-        "initial_sync" | "resync" => r.sync_bytes_per_sec,
-        _ => r.drain_bytes_per_sec,
+    // Reading: what is left at the sync rate; read to the end (or streaming): the backlog
+    // at the rate the master target has recently been applying.
+    let rate = if syncing && unread > 0 {
+        r.sync_bytes_per_sec
+    } else {
+        r.drain_bytes_per_sec
     };
     let eta_secs = if remaining == 0 {
         0
@@ -205,6 +219,30 @@ mod tests {
         just_captured.report.pending_bytes = 1 << 20;
         let l = lag(Some(&just_captured), 12_500, 15_000, 0);
         assert_eq!(l.rpo_secs, 2.5);
+    }
+
+    #[test]
+    fn a_sync_counts_what_is_applied_not_what_is_read() {
+        // Read to the end, 40 of 100 bytes shipped but not applied, nothing draining.
+        let mut r = report("initial_sync", 9.0, 100, 100, 5.0);
+        r.report.pending_bytes = 40;
+        let l = lag(Some(&r), 10_000, 15_000, 0);
+        assert_eq!(l.sync_progress_pct, 60.0);
+        assert_eq!(l.eta_secs, -1);
+        r.report.drain_bytes_per_sec = 10.0;
+        assert_eq!(lag(Some(&r), 10_000, 15_000, 0).eta_secs, 4);
+        // Still reading: 30 read, 10 of them not applied.
+        let mut r = report("initial_sync", 9.0, 30, 100, 5.0);
+        r.report.pending_bytes = 10;
+        let l = lag(Some(&r), 10_000, 15_000, 0);
+        assert_eq!(l.sync_progress_pct, 20.0);
+        assert_eq!(l.eta_secs, 16);
+        // A resync's pending bytes hold its unread part too.
+        r.report.phase = "resync".into();
+        r.report.pending_bytes = 70 + 10;
+        let l = lag(Some(&r), 10_000, 15_000, 0);
+        assert_eq!(l.sync_progress_pct, 20.0);
+        assert_eq!(l.eta_secs, 16);
     }
 
     #[test]

@@ -177,8 +177,9 @@ async fn reconcile_once(node: &Node) -> anyhow::Result<()> {
 }
 
 /// Every kind of alert, each published as `lifeboat_alerts{kind}` (0 when none is active).
-const ALERT_KINDS: [&str; 8] = [
+const ALERT_KINDS: [&str; 9] = [
     "rpo",
+    "stall",
     "resync",
     "down",
     "cache",
@@ -228,6 +229,19 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                     message: format!(
                         "RPO {:.0}s exceeds the threshold of {threshold}s of policy {}",
                         lag.rpo_secs, machine.policy
+                    ),
+                    raised_at_ms: now,
+                });
+            }
+            let stall = node.stall(machine, disk);
+            if !stall.is_empty() {
+                wanted.push(Alert {
+                    key: format!("stall/{}", disk.disk_id),
+                    severity: "critical".into(),
+                    subject: subject.clone(),
+                    message: format!(
+                        "replication waits: {stall}; the batches stay in the process \
+                         server's cache meanwhile"
                     ),
                     raised_at_ms: now,
                 });
@@ -463,8 +477,12 @@ fn protect_progress(
     let (mut done, mut total) = (0u64, 0u64);
     for disk in &machine.disks {
         match node.progress.get(&disk.disk_id, Role::Agent) {
+            // What is applied, as `status` counts it (see `progress::lag`).
             Some(r) if r.report.phase == "initial_sync" => {
-                done += r.report.sync_done_bytes;
+                done += r
+                    .report
+                    .sync_done_bytes
+                    .saturating_sub(r.report.pending_bytes);
                 total += r.report.sync_total_bytes;
             }
             // Streaming: the copy is over, though the disk's state may say so only at the

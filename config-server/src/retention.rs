@@ -10,6 +10,13 @@ use lifeboat_common::Role;
 /// Free space below these fractions raises a warning, then a critical alert.
 const WARN_FREE: f64 = 0.15;
 const CRITICAL_FREE: f64 = 0.05;
+/// The master target keeps this much free (`SPACE_RESERVE` there) and refuses a group that
+/// would take it below: on a small file system the fractions above come too late, so free
+/// space under twice the reserve warns, and under the reserve plus a 64 MiB group's room is
+/// critical (the master target is refusing batches, or about to).
+const RESERVE: u64 = 256 << 20;
+const WARN_BYTES: u64 = 2 * RESERVE;
+const CRITICAL_BYTES: u64 = RESERVE + (128 << 20);
 
 pub fn retention_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
     let state = node.state();
@@ -31,11 +38,16 @@ pub fn retention_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
             .filter_map(|d| node.progress.get(&d.disk_id, Role::MasterTarget))
             .map(|p| p.report.journal_bytes)
             .sum();
-        for (level, key, severity) in [
-            (WARN_FREE, "retention-space", "warning"),
-            (CRITICAL_FREE, "retention-space-critical", "critical"),
+        for (level, bytes, key, severity) in [
+            (WARN_FREE, WARN_BYTES, "retention-space", "warning"),
+            (
+                CRITICAL_FREE,
+                CRITICAL_BYTES,
+                "retention-space-critical",
+                "critical",
+            ),
         ] {
-            if free < level {
+            if free < level || facts.free_bytes < bytes {
                 out.push(Alert {
                     key: format!("{key}/{}", r.id),
                     severity: severity.into(),

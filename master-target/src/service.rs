@@ -118,10 +118,13 @@ async fn apply_group(
             let (free, _) = lifeboat_common::facts::space(&replicas_dir);
             if free < SPACE_RESERVE + 2 * bytes {
                 return Err(Status::resource_exhausted(format!(
-                    "master target is out of space for disk {disk_id}: {} MiB free; shorten \
-                     the policy's retention or add space (batches stay in the process server's \
-                     cache)",
-                    free >> 20
+                    "master target is out of space for disk {disk_id}: {} MiB free, and it \
+                     keeps {} MiB free plus twice the {} MiB of the batches waiting (replica \
+                     and retention journal); add space or shorten the policy's retention \
+                     (the batches stay in the process server's cache)",
+                    free >> 20,
+                    SPACE_RESERVE >> 20,
+                    (bytes + (1 << 20) - 1) >> 20
                 )));
             }
             let started = Instant::now();

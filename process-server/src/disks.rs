@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -56,9 +57,17 @@ pub struct DiskEntry {
     /// Set once the forwarder has heard where the master target stands. Until then an empty
     /// cache cannot tell an agent where to resume (see `Ingest.Resume`).
     pub mt_status_known: watch::Sender<bool>,
+    /// Why forwarding fails, and since when: set when a forwarding session fails, cleared
+    /// by progress (an acknowledgement, or nothing left to send). Reported with the disk
+    /// (`forward_stall`) so the operator learns why replication waits.
+    pub forward_error: Mutex<Option<(String, Instant)>>,
     /// Cancelled when the disk is no longer assigned here.
     pub stop: CancellationToken,
 }
+
+/// How long forwarding must have failed before the process server reports it: a master
+/// target restarting, or a connection broken once, is not worth an alert.
+const REPORT_STALL_AFTER: Duration = Duration::from_secs(10);
 
 impl DiskEntry {
     pub fn assignment(&self) -> DiskAssignment {
@@ -77,6 +86,41 @@ impl DiskEntry {
 
     pub fn applied(&self) -> Applied {
         *self.applied.borrow()
+    }
+
+    /// Notes a failed forwarding session (keeping when the failures began).
+    pub fn forward_failed(&self, error: String) {
+        if let Ok(mut slot) = self.forward_error.lock() {
+            let since = slot.take().map_or_else(Instant::now, |(_, since)| since);
+            *slot = Some((error, since));
+        }
+    }
+
+    /// Forwarding moves (or has nothing to move): whatever failed before is over.
+    pub fn forward_ok(&self) {
+        if let Ok(mut slot) = self.forward_error.lock() {
+            *slot = None;
+        }
+    }
+
+    /// Why batches cached here have not reached the master target for a while, if they have
+    /// not: `cached_seq` is the newest batch the cache holds, `applied_seq` the master
+    /// target's.
+    pub fn forward_stall(&self, cached_seq: u64, applied_seq: u64) -> String {
+        let Ok(slot) = self.forward_error.lock() else {
+            return String::new();
+        };
+        match slot.as_ref() {
+            Some((error, since))
+                if cached_seq > applied_seq && since.elapsed() >= REPORT_STALL_AFTER =>
+            {
+                format!(
+                    "the process server cannot forward to the master target (for {}s): {error}",
+                    since.elapsed().as_secs()
+                )
+            }
+            _ => String::new(),
+        }
     }
 
     /// A client of the disk's master target, made once per address.
@@ -187,6 +231,7 @@ impl Disks {
                     replica_client: Mutex::new(None),
                     recent: Mutex::new(Recent::new(self.recent_budget.clone())),
                     mt_status_known: watch::Sender::new(false),
+                    forward_error: Mutex::new(None),
                     stop: self.cancel.child_token(),
                 });
                 tracing::info!(disk = %id, "disk assigned here: forwarding to its master target");

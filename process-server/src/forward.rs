@@ -30,6 +30,7 @@ pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
         match session(&identity, &entry).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(e) => {
+                entry.forward_failed(format!("{e:#}"));
                 // Nothing is being taken from memory until the next session catches up by
                 // reading the file: leave the shared budget to the disks that are moving.
                 if let Ok(mut recent) = entry.recent.lock() {
@@ -169,6 +170,9 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
             sent = seq;
         }
         let caught_up = pending.is_empty() && sent >= entry.durable_seq();
+        if caught_up && applied >= sent {
+            entry.forward_ok();
+        }
         let window_full = sent.saturating_sub(applied) >= WINDOW;
         if wanted && pending.is_empty() && sent == sent_before && sent < durable_before {
             // The cache says it holds more, but nothing could be read: start over (fresh
@@ -189,6 +193,7 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
                 }
                 // `release_applied` frees what this covers.
                 entry.applied.send_replace((applied, ack.applied_write_unix_ms));
+                entry.forward_ok();
             }
             _ = entry.appended.notified(), if caught_up => {}
             _ = std::future::ready(()), if !caught_up && !window_full => {}

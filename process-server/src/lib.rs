@@ -149,6 +149,7 @@ impl Reporter for PsReporter<'_> {
                     applied_seq,
                     stored_bytes: bytes,
                     draining,
+                    error: d.forward_stall(seq, applied_seq),
                     ..Default::default()
                 })
             })

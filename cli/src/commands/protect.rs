@@ -120,7 +120,7 @@ fn disk_json(m: &v1::MachineStatus, d: &v1::DiskStatus) -> serde_json::Value {
         "state_reason": d.state_reason, "sync_progress_pct": d.sync_progress_pct, "eta_secs": d.eta_secs,
         "rpo_secs": d.rpo_secs, "rpo_threshold_secs": d.rpo_threshold_secs, "rpo_exceeded": d.rpo_exceeded,
         "pending_bytes": d.pending_bytes, "last_report_unix_ms": d.last_report_unix_ms,
-        "capture": d.capture, "writes_stopped": m.writes_stopped,
+        "capture": d.capture, "writes_stopped": m.writes_stopped, "stall": d.stall,
         "test_failover": m.test_failover.as_ref().map(under_way_json),
         "failover": m.failover.as_ref().map(under_way_json),
     })
@@ -146,6 +146,12 @@ fn recovery_notes(m: &v1::MachineStatus) -> Vec<String> {
         format!("point {}{when}, disks at {}", r.point, r.nbd_uris.join(" "))
     };
     let mut notes = Vec::new();
+    for d in m.disks.iter().filter(|d| !d.stall.is_empty()) {
+        notes.push(format!(
+            "{}/{}: replication waits: {}",
+            m.name, d.name, d.stall
+        ));
+    }
     if let Some(r) = &m.test_failover {
         notes.push(format!(
             "{}: test failover running at {}; end it with `lifeboat test-failover cleanup {}`",

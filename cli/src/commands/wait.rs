@@ -56,8 +56,18 @@ impl Freshness {
     }
 }
 
-/// Why a disk is not there yet (`None`: it is). `waited`: seconds since the wait began.
+/// Why a disk is not there yet (`None`: it is), with what holds replication up if something
+/// does. `waited`: seconds since the wait began.
 fn not_yet(d: &DiskStatus, caught_up: bool, freshness: Freshness, waited: f64) -> Option<String> {
+    let why = position(d, caught_up, freshness, waited)?;
+    Some(if d.stall.is_empty() {
+        why
+    } else {
+        format!("{why}; replication waits: {}", d.stall)
+    })
+}
+
+fn position(d: &DiskStatus, caught_up: bool, freshness: Freshness, waited: f64) -> Option<String> {
     if d.state != "Protected" {
         let why = if d.state_reason.is_empty() {
             String::new()

@@ -589,6 +589,7 @@ impl ProtectionService {
                     rpo_exceeded: threshold > 0 && lag.rpo_secs > threshold as f64,
                     last_report_unix_ms: lag.last_report_ms,
                     capture: capture.into(),
+                    stall: self.node.stall(m, d),
                 }
             })
             .collect();
