@@ -365,7 +365,9 @@ where
             let registered = register_command(role, &register, &data_dir, facts.clone()).await?;
             tracing::info!(id = %registered.identity().info.id, "{role} registered");
         }
-        match run(cancel.clone()).await {
+        // A token of its own per run: a component may cancel what it was given when it
+        // ends, and the next run (after registering again) must not start cancelled.
+        match run(cancel.child_token()).await {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<HeartbeatStop>().is_some() => {
                 tracing::warn!("{role}: {e}; registering again with the current passphrase");

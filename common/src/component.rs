@@ -118,6 +118,7 @@ pub async fn register_command(
         role,
         name: &name,
         facts,
+        replaces: replaced.as_ref().map_or("", |old| old.info.id.as_str()),
     })
     .await?;
     identity.save(data_dir)?;

@@ -136,6 +136,16 @@ impl PassphraseKey {
     }
 }
 
+/// What the registration proof covers as the name: the name, and the identity it replaces if
+/// any (so that claim cannot be changed on the way). A new component's is its name alone.
+pub fn proof_name(name: &str, replaces: &str) -> String {
+    if replaces.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}\0replaces {replaces}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,8 @@ pub struct Registration<'a> {
     pub role: Role,
     pub name: &'a str,
     pub facts: v1::ComponentFacts,
+    /// The identity this one replaces (see `RegisterRequest.replaces`); empty if none.
+    pub replaces: &'a str,
 }
 
 /// Registers with the first reachable configuration server and returns the new identity
@@ -68,7 +70,7 @@ async fn register_with(server: &str, reg: &Registration<'_>) -> Result<Identity,
         &challenge.server_nonce,
         &client_nonce,
         reg.role.as_str(),
-        reg.name,
+        &passphrase::proof_name(reg.name, reg.replaces),
         &csr_der,
     );
     let response = client
@@ -80,6 +82,7 @@ async fn register_with(server: &str, reg: &Registration<'_>) -> Result<Identity,
             client_nonce: client_nonce.clone(),
             proof,
             facts: Some(reg.facts.clone()),
+            replaces: reg.replaces.to_string(),
         })
         .await
         .map_err(|s| status_error(server, s))?

@@ -152,6 +152,7 @@ pub async fn join(
     let mut facts = facts::base_facts(&settings.advertise, data_dir);
     facts.address = settings.advertise.clone();
     let identity = register(Registration {
+        replaces: "",
         cs_addresses: cs,
         passphrase: &passphrase,
         role: Role::ConfigServer,

@@ -201,6 +201,10 @@ impl Reporter for MtReporter<'_> {
 
 /// Serves until `cancel` (or until the identity is revoked).
 pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Result<()> {
+    // Its own token, cancelled below to stop its tasks when it ends (revoked, say): the
+    // caller's may be shared — `lifeboat up` runs the process server on it too, and this one
+    // again after registering it anew.
+    let cancel = cancel.child_token();
     settings.prepare()?;
     metrics::describe_counter!(
         "lifeboat_mt_apply_bytes_total",

@@ -418,7 +418,25 @@ impl Component {
         cs: &CsNode,
         extra: &[&str],
     ) -> Component {
-        let c = Component {
+        let c = Component::new(binary, name, tmp, extra);
+        let out = c.run_register(cs, &["--name", name]);
+        assert!(out.status.success(), "{binary} register: {}", text(&out));
+        c
+    }
+
+    /// As `register`, returning what `register` printed however it ended.
+    pub fn register_result(
+        binary: &'static str,
+        name: &str,
+        tmp: &Path,
+        cs: &CsNode,
+        extra: &[&str],
+    ) -> Output {
+        Component::new(binary, name, tmp, extra).run_register(cs, &["--name", name])
+    }
+
+    fn new(binary: &'static str, name: &str, tmp: &Path, extra: &[&str]) -> Component {
+        Component {
             binary,
             dir: tmp.join(name),
             listen: free_addr(),
@@ -426,21 +444,27 @@ impl Component {
             nbd: free_addr(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             proc: None,
-        };
+        }
+    }
+
+    fn run_register(&self, cs: &CsNode, more: &[&str]) -> Output {
         let mut args = vec![
             "register".to_string(),
             "--cs".into(),
             cs.addr.clone(),
             "--passphrase-file".into(),
             cs.passphrase_file().display().to_string(),
-            "--name".into(),
-            name.into(),
         ];
-        args.extend(c.flags());
+        args.extend(more.iter().map(|s| s.to_string()));
+        args.extend(self.flags());
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = run(binary, &argv, &[]);
-        assert!(out.status.success(), "{binary} register: {}", text(&out));
-        c
+        run(self.binary, &argv, &[])
+    }
+
+    /// Registers it again with `register --force` in the same data directory (after a
+    /// passphrase change, say): the new identity replaces the old one. Returns the output.
+    pub fn register_again(&self, cs: &CsNode) -> Output {
+        self.run_register(cs, &["--force"])
     }
 
     fn flags(&self) -> Vec<String> {

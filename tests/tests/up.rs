@@ -101,6 +101,21 @@ fn up_runs_the_stack_stops_on_signal_and_resumes() {
         up.log_text().contains("(resumed)")
     });
     assert!(!up.log_text().contains("Connection passphrase"));
+    // A new passphrase revokes the process server and master target: `up` registers them
+    // again and keeps running (it once stopped everything here).
+    let out = lifeboat(&context, &["passphrase", "regenerate", "--yes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until("new identities connected", WAIT, || {
+        let now = connected(&context);
+        now.len() == 3 && now.iter().filter(|c| !before.contains(c)).count() == 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(connected(&context).len(), 3, "{}", up.log_text());
+    assert!(
+        !up.log_text().contains("Lifeboat stopped"),
+        "{}",
+        up.log_text()
+    );
     assert_eq!(up.terminate(), Some(0));
 
     // Started again at another configuration-server address, it refuses at once (its

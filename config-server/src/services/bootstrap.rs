@@ -132,7 +132,7 @@ impl Bootstrap for BootstrapService {
             &req.server_nonce,
             &req.client_nonce,
             role.as_str(),
-            &req.name,
+            &lifeboat_common::passphrase::proof_name(&req.name, &req.replaces),
             &req.csr_der,
             &req.proof,
         ) {
@@ -180,6 +180,7 @@ impl Bootstrap for BootstrapService {
             .write(Command::Register {
                 record,
                 source: source.clone(),
+                replaces: req.replaces.clone(),
             })
             .await?
         {

@@ -54,7 +54,11 @@ pub fn apply(
                 CommandResult::Done
             }
         }
-        Command::Register { record, source } => register(&mut tx, record, source)?,
+        Command::Register {
+            record,
+            source,
+            replaces,
+        } => register(&mut tx, record, source, replaces)?,
         Command::Revoke {
             id,
             reason,
@@ -228,6 +232,7 @@ fn register(
     tx: &mut Overlay<'_, impl KvRead>,
     record: &IdentityRecord,
     source: &str,
+    replaces: &str,
 ) -> Result<CommandResult, KvError> {
     let reader = StateReader(&*tx);
     let current = reader.passphrase()?.map(|p| p.generation).unwrap_or(0);
@@ -243,6 +248,28 @@ fn register(
         )));
     }
     let superseded: Option<String> = tx.get(&keys::name(record.role, &record.name))?;
+    // A name in use by a live component is taken only by that component registering again
+    // (`register --force` in its data directory names the identity it replaces): another
+    // one under the same name — a second host, a cloned VM — would silently stop it.
+    if let Some(old_id) = &superseded {
+        let live = StateReader(&*tx)
+            .identity(old_id)?
+            .is_some_and(|old| old.revoked.is_none());
+        let takes_over = matches!(
+            record.role,
+            lifeboat_common::Role::Agent
+                | lifeboat_common::Role::ProcessServer
+                | lifeboat_common::Role::MasterTarget
+        );
+        if live && takes_over && old_id != replaces {
+            return Ok(CommandResult::Refused(format!(
+                "a {} named {} is already registered ({old_id}); choose another --name, or if \
+                 it is gone for good, `lifeboat servers revoke {old_id}` first. To register \
+                 the same component again, run `register --force` with its data directory",
+                record.role, record.name
+            )));
+        }
+    }
     let mut record = record.clone();
     if record.role == lifeboat_common::Role::ConfigServer {
         let next: u64 = tx.get(keys::NEXT_NODE_ID)?.unwrap_or(1);
@@ -261,6 +288,11 @@ fn register(
         }
     }
     put_identity(tx, &record);
+    let moved = if replaces.is_empty() {
+        0
+    } else {
+        move_references(tx, replaces, &record)?
+    };
     audit(
         tx,
         AuditDraft {
@@ -268,13 +300,60 @@ fn register(
             kind: "registration".into(),
             source: source.to_string(),
             subject: format!("{} {} ({})", record.role, record.name, record.id),
-            detail: format!("passphrase generation {}", record.passphrase_generation),
+            detail: if replaces.is_empty() {
+                format!("passphrase generation {}", record.passphrase_generation)
+            } else {
+                format!(
+                    "passphrase generation {}; replaces {replaces} ({moved} protected \
+                     machine(s) moved to it)",
+                    record.passphrase_generation
+                )
+            },
         },
     )?;
     Ok(CommandResult::Registered {
         id: record.id.clone(),
         node_id: record.node_id,
     })
+}
+
+/// A component registered again (same data directory, new identity) keeps its work:
+/// protected machines naming the identity it replaces as their agent, process server (or the
+/// one a switch moves to) or master target name the new one. Without this the master target
+/// would take its replicas for unprotected disks and delete them. Only an identity of the
+/// same role is replaced. Returns how many machines changed.
+fn move_references(
+    tx: &mut Overlay<'_, impl KvRead>,
+    replaces: &str,
+    record: &IdentityRecord,
+) -> Result<usize, KvError> {
+    let same_role = StateReader(&*tx)
+        .identity(replaces)?
+        .is_some_and(|old| old.role == record.role);
+    if !same_role {
+        return Ok(0);
+    }
+    let mut moved = 0;
+    for mut machine in StateReader(&*tx).machines()? {
+        let before = machine.clone();
+        for id in [
+            &mut machine.agent_id,
+            &mut machine.ps_id,
+            &mut machine.mt_id,
+        ] {
+            if id == replaces {
+                *id = record.id.clone();
+            }
+        }
+        if let Some(s) = machine.switching.as_mut().filter(|s| s.to_ps == replaces) {
+            s.to_ps = record.id.clone();
+        }
+        if machine != before {
+            tx.writes.put(keys::machine(&machine.name), &machine);
+            moved += 1;
+        }
+    }
+    Ok(moved)
 }
 
 fn put_identity(tx: &mut Overlay<'_, impl KvRead>, record: &IdentityRecord) {

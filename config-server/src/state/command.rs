@@ -28,6 +28,9 @@ pub enum Command {
     Register {
         record: IdentityRecord,
         source: String,
+        /// The identity this one replaces (`register --force`): references to it move here.
+        #[serde(default)]
+        replaces: String,
     },
     Revoke {
         id: String,

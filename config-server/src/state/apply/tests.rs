@@ -83,6 +83,7 @@ fn registration_checks_generation_and_supersedes_same_name() {
         Command::Register {
             record: record("ps-1", Role::ProcessServer, "ps", 0),
             source: "t".into(),
+            replaces: String::new(),
         },
     );
     assert!(matches!(stale, CommandResult::Refused(_)));
@@ -93,19 +94,76 @@ fn registration_checks_generation_and_supersedes_same_name() {
         Command::Register {
             record: record("ps-1", Role::ProcessServer, "ps", 1),
             source: "t".into(),
+            replaces: String::new(),
         },
     );
     assert!(matches!(first, CommandResult::Registered { .. }));
+    // Another component under the live one's name is refused...
+    let other = run(
+        &mut kv,
+        Command::Register {
+            record: record("ps-2", Role::ProcessServer, "ps", 1),
+            source: "t".into(),
+            replaces: String::new(),
+        },
+    );
+    assert!(
+        matches!(&other, CommandResult::Refused(why) if why.contains("servers revoke ps-1")),
+        "{other:?}"
+    );
+    assert!(StateReader(&kv).identity("ps-2").unwrap().is_none());
+    // ...the same one registering again supersedes it.
     run(
         &mut kv,
         Command::Register {
             record: record("ps-2", Role::ProcessServer, "ps", 1),
             source: "t".into(),
+            replaces: "ps-1".into(),
         },
     );
     let reader = StateReader(&kv);
     assert!(reader.identity("ps-1").unwrap().unwrap().revoked.is_some());
     assert!(reader.identity("ps-2").unwrap().unwrap().revoked.is_none());
+    // A third component is refused as well: ps-2 is live.
+    let fresh = run(
+        &mut kv,
+        Command::Register {
+            record: record("ps-3", Role::ProcessServer, "ps", 1),
+            source: "t".into(),
+            replaces: String::new(),
+        },
+    );
+    assert!(
+        matches!(fresh, CommandResult::Refused(_)),
+        "ps-2 is live: {fresh:?}"
+    );
+}
+
+#[test]
+fn registering_again_moves_protected_machines_to_the_new_identity() {
+    // web01's agent is agent-1, its master target mt1 (each named as its id).
+    let mut kv = protected();
+    let again = |kv: &mut MemoryKv, id: &str, role: Role, name: &str, replaces: &str| {
+        run(
+            kv,
+            Command::Register {
+                record: record(id, role, name, 1),
+                source: "t".into(),
+                replaces: replaces.into(),
+            },
+        )
+    };
+    let r = again(&mut kv, "mt9", Role::MasterTarget, "mt1", "mt1");
+    assert!(matches!(r, CommandResult::Registered { .. }), "{r:?}");
+    let r = again(&mut kv, "agent-9", Role::Agent, "agent-1", "agent-1");
+    assert!(matches!(r, CommandResult::Registered { .. }), "{r:?}");
+    let m = machine(&kv);
+    assert_eq!((m.mt_id.as_str(), m.agent_id.as_str()), ("mt9", "agent-9"));
+    assert_eq!(m.ps_id, "ps1", "the process server did not register again");
+    // An identity of another role is never taken for the one replaced.
+    let r = again(&mut kv, "ps9", Role::ProcessServer, "ps9", "mt9");
+    assert!(matches!(r, CommandResult::Registered { .. }), "{r:?}");
+    assert_eq!(machine(&kv).mt_id, "mt9");
 }
 
 #[test]
@@ -116,6 +174,7 @@ fn joining_config_servers_get_fresh_node_ids() {
         Command::Register {
             record: record("cs-2", Role::ConfigServer, "node2", 1),
             source: "t".into(),
+            replaces: String::new(),
         },
     );
     let b = run(
@@ -123,6 +182,7 @@ fn joining_config_servers_get_fresh_node_ids() {
         Command::Register {
             record: record("cs-3", Role::ConfigServer, "node3", 1),
             source: "t".into(),
+            replaces: String::new(),
         },
     );
     assert_eq!(
@@ -154,6 +214,7 @@ fn regenerating_the_passphrase_revokes_only_component_identities() {
             Command::Register {
                 record: record(id, role, id, 1),
                 source: "t".into(),
+                replaces: String::new(),
             },
         );
     }
