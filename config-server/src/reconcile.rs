@@ -227,8 +227,11 @@ async fn reconcile_alerts(node: &Node, judge_liveness: bool) -> anyhow::Result<(
                     severity: "critical".into(),
                     subject: subject.clone(),
                     message: format!(
-                        "RPO {:.0}s exceeds the threshold of {threshold}s of policy {}",
-                        lag.rpo_secs, machine.policy
+                        // Raised once and kept as it is: the figure is the one at raising,
+                        // said so, with where to see the current one.
+                        "RPO over the threshold of {threshold}s of policy {} ({:.0}s when \
+                         raised; `lifeboat status` shows it now)",
+                        machine.policy, lag.rpo_secs
                     ),
                     raised_at_ms: now,
                 });
@@ -386,7 +389,8 @@ fn cache_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
         let subject = format!("process server {}", r.name);
         let fill = facts.cache_used_bytes as f64 / facts.cache_quota_bytes as f64;
         let usage = format!(
-            "cache {} MiB of its {} MiB quota ({:.0}%)",
+            "cache {} MiB of the {} MiB it may hold ({:.0}%; its quota, or its file \
+             system's room when that is less)",
             facts.cache_used_bytes >> 20,
             facts.cache_quota_bytes >> 20,
             fill * 100.0
@@ -467,13 +471,14 @@ fn protect_progress(
     machine: Option<&ProtectedMachine>,
     now: i64,
 ) -> Option<Job> {
-    let mut next = job.clone();
     let Some(machine) = machine else {
-        next.state = JobState::Failed;
-        next.error = "the machine was unprotected before replication started".into();
-        next.updated_at_ms = now;
-        return Some(next);
+        // Its steps end too: a failed job showing a step still running misleads.
+        return Some(job.failed(
+            now,
+            "the machine was unprotected before replication started".into(),
+        ));
     };
+    let mut next = job.clone();
     let (mut done, mut total) = (0u64, 0u64);
     for disk in &machine.disks {
         match node.progress.get(&disk.disk_id, Role::Agent) {
@@ -536,24 +541,29 @@ fn unprotect_progress(node: &Node, job: &Job, now: i64) -> anyhow::Result<Option
     let Some(step) = job.steps.get(1) else {
         return Ok(None);
     };
-    let disks: Vec<&str> = step.detail.split(',').filter(|d| !d.is_empty()).collect();
+    // "DISK,DISK on MT" (jobs recorded before the master target was named: the disks only).
+    let (list, holder) = step
+        .detail
+        .split_once(" on ")
+        .unwrap_or((step.detail.as_str(), ""));
+    let disks: Vec<&str> = list.split(',').filter(|d| !d.is_empty()).collect();
     let state = node.state();
-    // Which master target held them: the one whose recent reports listed them, if any.
     let since = job.created_at_ms;
     let still_held = node
         .progress
         .reported_by(Role::MasterTarget, since)
         .iter()
         .any(|d| disks.contains(&d.as_str()));
-    let mts: Vec<_> = state
+    // The slots are free once the master target that held the disks has reported since
+    // without them: another one heartbeating says nothing about it.
+    let heard_since = state
         .identities()?
         .into_iter()
-        .filter(|r| r.role == Role::MasterTarget)
-        .collect();
-    let heard_since = mts.iter().any(|r| {
-        let (last, _, connected) = node.live_view(r);
-        connected && last > since
-    });
+        .filter(|r| r.role == Role::MasterTarget && (holder.is_empty() || r.id == holder))
+        .any(|r| {
+            let (last, _, connected) = node.live_view(&r);
+            connected && last > since
+        });
     let detail = if !still_held && heard_since {
         "disk slots freed"
     } else if now - since > UNREACHABLE_MT_GIVE_UP_MS {

@@ -121,7 +121,10 @@ impl Reporter for PsReporter<'_> {
         );
         let mut facts = self.settings.facts();
         kept_gauges::set("lifeboat_ps_cache_free_bytes", facts.free_bytes as f64);
-        facts.cache_quota_bytes = self.disks.cache.quota.quota_bytes;
+        // What the cache may hold now: its quota, or less when its file system has less room
+        // (`Quota::limit`, as admission judges) — so the configuration server's 75%/90%
+        // alerts, `servers list` and load-balance do not judge by a quota the disk cannot hold.
+        facts.cache_quota_bytes = self.disks.cache.quota.limit(cache_bytes, facts.free_bytes);
         facts.cache_used_bytes = cache_bytes;
         facts.cache_fill_bytes_per_sec = fill_rate;
         facts.cache_drain_bytes_per_sec = drain_rate;

@@ -101,6 +101,13 @@ fn a_full_master_target_refuses_batches_says_why_and_converges_once_it_has_room(
         alerts = text(&lifeboat(&ctx, &["alerts"]));
         alerts.contains("out of space") && alerts.contains("master target mt1")
     });
+    // `wait` gives up saying the same.
+    let waited = lifeboat(&ctx, &["wait", "web01", "--timeout-secs", "2"]);
+    assert!(
+        !waited.status.success() && text(&waited).contains("replication waits"),
+        "{}",
+        text(&waited)
+    );
     // Read to the end but nothing applied: the sync is not done, nor said to be.
     let d = disk_status(&ctx);
     assert_eq!(d["state"], "InitialSync", "{d}");

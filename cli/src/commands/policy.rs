@@ -71,6 +71,12 @@ impl PolicyChangeArgs {
 
 /// A duration in whole seconds (policies count in seconds): `15m`, `2h 30m`, `90s`, `0`.
 fn whole_seconds(text: &str) -> Result<u64, String> {
+    // humantime reads `M` as months: in an RPO or an interval that is a typo for minutes.
+    if text.contains('M') {
+        return Err(format!(
+            "{text:?}: M means months; write minutes as m (15m), months as month (1month)"
+        ));
+    }
     let d = humantime::parse_duration(text)
         .map_err(|_| format!("not a duration; write it like 90s, 15m, 2h or 1day ({text:?})"))?;
     if d.subsec_nanos() != 0 {
@@ -272,4 +278,18 @@ pub async fn run(ctx: &ContextArgs, command: PolicyCommand) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_seconds;
+
+    #[test]
+    fn durations_are_whole_seconds_and_m_is_minutes() {
+        assert_eq!(whole_seconds("15m"), Ok(900));
+        assert_eq!(whole_seconds("2h 30m"), Ok(9000));
+        assert!(whole_seconds("10M").unwrap_err().contains("months"));
+        assert!(whole_seconds("1.5s").is_err());
+        assert!(whole_seconds("soon").is_err());
+    }
 }

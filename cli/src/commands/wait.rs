@@ -183,6 +183,16 @@ pub async fn run(ctx: &ContextArgs, args: WaitArgs) -> anyhow::Result<()> {
         if machine.disks.is_empty() {
             waiting = vec!["the machine has no disks yet".into()];
         }
+        // Nothing moves without the machine's agent: say so first, it is what to fix.
+        if !waiting.is_empty() && !machine.agent_connected {
+            waiting.insert(
+                0,
+                format!(
+                    "the agent of {} is not connected (start it; `lifeboat servers list`)",
+                    args.machine
+                ),
+            );
+        }
         if waiting.is_empty() {
             let what = if args.caught_up {
                 "Protected, nothing pending"

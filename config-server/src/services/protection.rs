@@ -415,7 +415,9 @@ impl Protection for ProtectionService {
                 (
                     "Free disk slots on the master target",
                     JobState::Running,
-                    disks.join(","),
+                    // Read back by `reconcile::unprotect_progress`: which disks, on which
+                    // master target (only that one's word frees them).
+                    format!("{} on {}", disks.join(","), machine.mt_id),
                 ),
             ],
         );
