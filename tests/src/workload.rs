@@ -1,8 +1,11 @@
 //! Helpers for tests that replicate a disk: a real NBD client (`qemu-io`) writing through the
 //! agent's export, waiting for the replica to catch up, and comparing source and replica with
 //! `qemu-img compare`.
-use crate::{lifeboat_json, qemu_check_vpc, servers, text, wait_until, Component};
-use std::path::Path;
+use crate::{
+    lifeboat, lifeboat_json, qemu_check_vpc, servers, sparse_disk, text, wait_until, Component,
+    CsNode,
+};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -137,5 +140,50 @@ pub fn start_connected(ctx: &Path, ps: &mut Component, mt: &mut Component, agent
                 .first()
                 .is_some_and(|a| a["status"] == "Connected")
         });
+    }
+}
+
+/// One protected-to-be machine and the servers for it, started and connected: a
+/// configuration server, a process server, a master target whose data directory is under
+/// `mt_parent` (a file system of the test's choosing), an agent for `name` with one sparse
+/// disk of `mib` MiB (`disk0`), and a policy `gold`. The machine is not protected yet.
+pub struct OneMachine {
+    pub cs: CsNode,
+    pub ctx: PathBuf,
+    pub source: PathBuf,
+    pub ps: Component,
+    pub mt: Component,
+    pub agent: Component,
+}
+
+impl OneMachine {
+    pub fn start(tmp: &Path, mt_parent: &Path, name: &str, mib: u64) -> OneMachine {
+        let (cs, _) = CsNode::init(tmp.join("cs"));
+        let ctx = cs.context();
+        let source = tmp.join(format!("{name}.img"));
+        sparse_disk(&source, mib << 20);
+        let mut ps = Component::register("process-server", "ps1", tmp, &cs, &[]);
+        let mut mt = Component::register("master-target", "mt1", mt_parent, &cs, &[]);
+        let disk_arg = format!("disk0={}", source.display());
+        let mut agent =
+            Component::register("mobility-agent", name, tmp, &cs, &["--disk", &disk_arg]);
+        start_connected(&ctx, &mut ps, &mut mt, &mut agent);
+        let out = lifeboat(&ctx, &["policy", "create", "gold"]);
+        assert!(out.status.success(), "{}", text(&out));
+        OneMachine {
+            cs,
+            ctx,
+            source,
+            ps,
+            mt,
+            agent,
+        }
+    }
+
+    /// Stops the agent, the process server and the master target.
+    pub fn stop(&mut self) {
+        for c in [&mut self.agent, &mut self.ps, &mut self.mt] {
+            c.proc().terminate();
+        }
     }
 }

@@ -64,28 +64,12 @@ fn a_full_master_target_refuses_batches_says_why_and_converges_once_it_has_room(
     let Some(fs) = Tmpfs::mount(&tmp.path().join("mt-fs"), 200) else {
         return;
     };
-    let (cs, _) = CsNode::init(tmp.path().join("cs"));
-    let ctx = cs.context();
-    let source = tmp.path().join("web01.img");
-    sparse_disk(&source, 128 << 20);
+    let mut m = OneMachine::start(tmp.path(), &fs.0, "web01", 128);
+    let ctx = m.ctx.clone();
     qemu_io(
-        &source.display().to_string(),
+        &m.source.display().to_string(),
         &["write -P 0x5a 0 24M", "write -P 0x33 100M 8M"],
     );
-    let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
-    let mut mt = Component::register("master-target", "mt1", &fs.0, &cs, &[]);
-    let disk_arg = format!("disk0={}", source.display());
-    let mut agent = Component::register(
-        "mobility-agent",
-        "web01",
-        tmp.path(),
-        &cs,
-        &["--disk", &disk_arg],
-    );
-    start_connected(&ctx, &mut ps, &mut mt, &mut agent);
-    assert!(lifeboat(&ctx, &["policy", "create", "gold"])
-        .status
-        .success());
     let out = lifeboat(&ctx, &["protect", "web01", "--policy", "gold"]);
     assert!(out.status.success(), "{}", text(&out));
 
@@ -113,7 +97,7 @@ fn a_full_master_target_refuses_batches_says_why_and_converges_once_it_has_room(
     assert_eq!(d["state"], "InitialSync", "{d}");
     assert!(d["sync_progress_pct"].as_f64().unwrap() < 100.0, "{d}");
     assert!(d["pending_bytes"].as_u64().unwrap() > 0, "{d}");
-    let page = http_get(&mt.metrics, "/metrics").unwrap();
+    let page = http_get(&m.mt.metrics, "/metrics").unwrap();
     assert_eq!(
         metric(&page, "lifeboat_mt_apply_bytes_total"),
         0.0,
@@ -129,14 +113,12 @@ fn a_full_master_target_refuses_batches_says_why_and_converges_once_it_has_room(
     assert!(out.status.success(), "{}", text(&out));
     let disk_id = disk_status(&ctx)["disk_id"].as_str().unwrap().to_string();
     assert_identical(
-        &source,
-        &mt.dir.join("replicas").join(&disk_id).join("disk.vhd"),
+        &m.source,
+        &m.mt.dir.join("replicas").join(&disk_id).join("disk.vhd"),
     );
     wait_until("the alerts to clear", WAIT, || {
         !text(&lifeboat(&ctx, &["alerts"])).contains("out of space")
     });
     assert!(!text(&lifeboat(&ctx, &["status"])).contains("replication waits"));
-    for c in [&mut agent, &mut ps, &mut mt] {
-        c.proc().terminate();
-    }
+    m.stop();
 }

@@ -12,24 +12,15 @@ fn registering_again_after_a_passphrase_change_keeps_the_machine_protected() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (cs, _) = CsNode::init(tmp.path().join("cs"));
-    let ctx = cs.context();
-    let source = tmp.path().join("web01.img");
-    sparse_disk(&source, 64 << 20);
-    let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
-    let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
+    let OneMachine {
+        cs,
+        ctx,
+        source,
+        mut ps,
+        mut mt,
+        mut agent,
+    } = OneMachine::start(tmp.path(), tmp.path(), "web01", 64);
     let disk_arg = format!("disk0={}", source.display());
-    let mut agent = Component::register(
-        "mobility-agent",
-        "web01",
-        tmp.path(),
-        &cs,
-        &["--disk", &disk_arg],
-    );
-    start_connected(&ctx, &mut ps, &mut mt, &mut agent);
-    assert!(lifeboat(&ctx, &["policy", "create", "gold"])
-        .status
-        .success());
     assert!(
         lifeboat(&ctx, &["protect", "web01", "--policy", "gold", "--wait"])
             .status
