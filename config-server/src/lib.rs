@@ -7,6 +7,7 @@
 //! - `node`: a running node (writes with forwarding, authorization);
 //! - `services`: the gRPC handlers; `ca`: certificates; `guard`: bootstrap protections;
 //! - `liveness`: heartbeats in memory; `tasks`: background work; `init`, `server`: lifecycle.
+pub mod alerts;
 pub mod balance;
 pub mod ca;
 pub mod groups;

@@ -135,10 +135,11 @@ pub fn start_connected(ctx: &Path, ps: &mut Component, mt: &mut Component, agent
     // All three: protect places disks only on connected servers, and the agent may well be
     // heard from before the process server or master target.
     for role in ["agent", "process-server", "master-target"] {
+        // Any of the role's: an identity registered again leaves the revoked one listed.
         wait_until(&format!("{role} connected"), WAIT, || {
             servers(ctx, role)
-                .first()
-                .is_some_and(|a| a["status"] == "Connected")
+                .iter()
+                .any(|a| a["status"] == "Connected")
         });
     }
 }
