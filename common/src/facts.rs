@@ -21,6 +21,11 @@ pub fn os() -> String {
     )
 }
 
+/// Space a master target always leaves free on its replica file system: below it batches are
+/// refused (the process server keeps them) instead of failing half-written or eating the
+/// retention. Here because the configuration server's retention-space alerts judge by it too.
+pub const MT_SPACE_RESERVE: u64 = 256 * 1024 * 1024;
+
 /// (free, total) bytes of the file system holding `path`; zeros if it cannot be read.
 pub fn space(path: &Path) -> (u64, u64) {
     match rustix::fs::statvfs(path) {

@@ -127,16 +127,8 @@ pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms
         r.rpo_secs + age as f64 / 1000.0
     };
     let syncing = r.phase == "initial_sync" || r.phase == "resync";
-    // A sync is as far as the master target has applied, not as far as the agent has read
-    // (a master target out of space, say, leaves a sync read to the end but applied nowhere
-    // near it). The agent's pending bytes are what it shipped that is not applied; during a
-    // resync they also hold what it has not read yet.
     let unread = r.sync_total_bytes.saturating_sub(r.sync_done_bytes);
-    let unapplied = if r.phase == "resync" {
-        r.pending_bytes.saturating_sub(unread)
-    } else {
-        r.pending_bytes
-    };
+    let unapplied = unapplied_bytes(r);
     let sync_progress_pct = if r.sync_total_bytes == 0 {
         if syncing {
             0.0
@@ -144,8 +136,7 @@ pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms
             100.0
         }
     } else {
-        let applied = r.sync_done_bytes.saturating_sub(unapplied);
-        (applied as f64 * 100.0 / r.sync_total_bytes as f64).min(100.0)
+        (synced_bytes(r) as f64 * 100.0 / r.sync_total_bytes as f64).min(100.0)
     };
     let remaining = if syncing {
         unread + unapplied
@@ -173,6 +164,25 @@ pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms
         eta_secs,
         last_report_ms: received.at_ms,
     }
+}
+
+/// What an agent shipped and the master target has not applied yet. Its pending bytes are
+/// that; during a resync they also hold what it has not read yet.
+fn unapplied_bytes(r: &DiskReport) -> u64 {
+    if r.phase == "resync" {
+        let unread = r.sync_total_bytes.saturating_sub(r.sync_done_bytes);
+        r.pending_bytes.saturating_sub(unread)
+    } else {
+        r.pending_bytes
+    }
+}
+
+/// How far a sync (initial or resync) has come: as far as the master target has applied,
+/// not as far as the agent has read (a master target out of space, say, leaves a sync read
+/// to the end but applied nowhere near it). Status's percentage and the protect job's count
+/// this.
+pub fn synced_bytes(r: &DiskReport) -> u64 {
+    r.sync_done_bytes.saturating_sub(unapplied_bytes(r))
 }
 
 #[cfg(test)]

@@ -193,12 +193,9 @@ fn protect_progress(
     let (mut done, mut total) = (0u64, 0u64);
     for disk in &machine.disks {
         match node.progress.get(&disk.disk_id, Role::Agent) {
-            // What is applied, as `status` counts it (see `progress::lag`).
+            // What is applied, as `status` counts it.
             Some(r) if r.report.phase == "initial_sync" => {
-                done += r
-                    .report
-                    .sync_done_bytes
-                    .saturating_sub(r.report.pending_bytes);
+                done += crate::progress::synced_bytes(&r.report);
                 total += r.report.sync_total_bytes;
             }
             // Streaming: the copy is over, though the disk's state may say so only at the

@@ -5,18 +5,18 @@
 //! process servers hold what it refuses).
 use crate::node::Node;
 use crate::state::protection::Alert;
+use lifeboat_common::facts::MT_SPACE_RESERVE;
 use lifeboat_common::Role;
 
 /// Free space below these fractions raises a warning, then a critical alert.
 const WARN_FREE: f64 = 0.15;
 const CRITICAL_FREE: f64 = 0.05;
-/// The master target keeps this much free (`SPACE_RESERVE` there) and refuses a group that
-/// would take it below: on a small file system the fractions above come too late, so free
-/// space under twice the reserve warns, and under the reserve plus a 64 MiB group's room is
-/// critical (the master target is refusing batches, or about to).
-const RESERVE: u64 = 256 << 20;
-const WARN_BYTES: u64 = 2 * RESERVE;
-const CRITICAL_BYTES: u64 = RESERVE + (128 << 20);
+/// The master target keeps `MT_SPACE_RESERVE` free and refuses a group that would take it
+/// below: on a small file system the fractions above come too late, so free space under
+/// twice the reserve warns, and under the reserve plus a 64 MiB group's room is critical (the
+/// master target is refusing batches, or about to).
+const WARN_BYTES: u64 = 2 * MT_SPACE_RESERVE;
+const CRITICAL_BYTES: u64 = MT_SPACE_RESERVE + (128 << 20);
 
 pub fn retention_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
     let state = node.state();

@@ -232,8 +232,8 @@ fn materialize(
         .lock()
         .map_err(|_| Status::internal("replica lock poisoned"))?
         .view_dir_path(view_id);
-    let tmp = dir.join("disk.vhd.partial");
-    let result = copy_view(entry, view_id, &dir.join("disk.vhd"), &tmp, tx);
+    let tmp = dir.join(crate::views::PARTIAL_COPY_FILE);
+    let result = copy_view(entry, view_id, &dir.join(crate::views::COPY_FILE), &tmp, tx);
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

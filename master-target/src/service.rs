@@ -6,6 +6,7 @@
 use crate::replicas::{ReplicaEntry, Replicas};
 use lifeboat_common::batch;
 use lifeboat_common::blockhash;
+use lifeboat_common::facts::MT_SPACE_RESERVE;
 use lifeboat_common::group::Groups;
 use lifeboat_common::peer::{require_role, Peer};
 use lifeboat_common::Role;
@@ -18,9 +19,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Most payload bytes applied with one flush.
 const GROUP_BYTES: usize = 32 * 1024 * 1024;
-/// Space always left free on the replica file system: below it batches are refused (the
-/// process server keeps them) instead of failing half-written or eating the retention.
-pub const SPACE_RESERVE: u64 = 256 * 1024 * 1024;
 
 pub struct ReplicaService {
     replicas: Arc<Replicas>,
@@ -116,14 +114,14 @@ async fn apply_group(
             let bytes: u64 = fresh.iter().map(batch::covered_bytes).sum();
             // The group may need its size in the replica and again in the journal.
             let (free, _) = lifeboat_common::facts::space(&replicas_dir);
-            if free < SPACE_RESERVE + 2 * bytes {
+            if free < MT_SPACE_RESERVE + 2 * bytes {
                 return Err(Status::resource_exhausted(format!(
                     "master target is out of space for disk {disk_id}: {} MiB free, and it \
                      keeps {} MiB free plus twice the {} MiB of the batches waiting (replica \
                      and retention journal); add space or shorten the policy's retention \
                      (the batches stay in the process server's cache)",
                     free >> 20,
-                    SPACE_RESERVE >> 20,
+                    MT_SPACE_RESERVE >> 20,
                     (bytes + (1 << 20) - 1) >> 20
                 )));
             }

@@ -34,6 +34,11 @@ pub struct OpenView {
     pub writes: PrivateWrites,
 }
 
+/// A view's standalone copy (`--materialize`) in its directory, and the name it is written
+/// under until complete.
+pub const COPY_FILE: &str = "disk.vhd";
+pub const PARTIAL_COPY_FILE: &str = "disk.vhd.partial";
+
 fn refused(message: String) -> ReplicaError {
     ReplicaError::Refused(message)
 }
@@ -91,7 +96,7 @@ impl Replica {
             }
             let dir = self.view_dir_path(&spec.view_id);
             // A copy the master target was writing when it stopped: never handed out.
-            let _ = std::fs::remove_file(dir.join("disk.vhd.partial"));
+            let _ = std::fs::remove_file(dir.join(PARTIAL_COPY_FILE));
             let overlay = PointOverlay::build(&self.journal, spec.point_seq)
                 .map_err(self.io_error("read the retention journal"))?;
             let writes = PrivateWrites::open(&dir).map_err(self.io_error("open a view"))?;

@@ -352,6 +352,19 @@ fn views_of_points_match_the_source_at_those_instants_and_failover_uses_them() {
     s.agent.proc().terminate();
 }
 
+/// Kills the master target, then starts `lifeboat failover MACHINE --planned` in the
+/// background (its output piped): the final sync waits for the master target.
+fn planned_failover_with_the_master_target_away(s: &mut Site) -> std::process::Child {
+    s.mt.proc().kill9();
+    Command::new(bin("lifeboat"))
+        .args(["failover", MACHINE, "--planned"])
+        .env("LIFEBOAT_CONTEXT", &s.ctx)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn a_planned_failover_loses_nothing() {
     if !have_qemu() {
@@ -364,14 +377,7 @@ fn a_planned_failover_loses_nothing() {
     // The master target is away when the planned failover starts: the final sync asks it
     // again until it is back (rather than failing with the source's writes stopped), and
     // meanwhile status says the source refuses writes.
-    s.mt.proc().kill9();
-    let failover = Command::new(bin("lifeboat"))
-        .args(["failover", MACHINE, "--planned"])
-        .env("LIFEBOAT_CONTEXT", &ctx)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let failover = planned_failover_with_the_master_target_away(&mut s);
     wait_until("status to say the source refuses writes", WAIT, || {
         text(&lifeboat(&ctx, &["status"])).contains("refuses writes for a planned failover")
     });
@@ -420,14 +426,7 @@ fn an_interrupted_planned_failover_ends_its_job_and_runs_again() {
     let nbd = s.nbd();
     qemu_io(&nbd, &["write -P 0x41 0 6M"]);
     // The master target is away, so the final sync waits; the configuration server dies.
-    s.mt.proc().kill9();
-    let mut failover = Command::new(bin("lifeboat"))
-        .args(["failover", MACHINE, "--planned"])
-        .env("LIFEBOAT_CONTEXT", &ctx)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut failover = planned_failover_with_the_master_target_away(&mut s);
     wait_until("the final sync to wait", WAIT, || {
         text(&lifeboat(&ctx, &["jobs", "--json"])).contains("asking again")
     });

@@ -100,29 +100,16 @@ async fn put_recovery(node: &Node, machine: &str, recovery: MachineRecovery) -> 
 
 /// Checks, before a job is started for it, that `selector` names a point of `machine` (the job
 /// chooses again: retention may have moved on meanwhile). A typo is so refused at once, with
-/// nothing recorded, rather than as a failed job.
+/// nothing recorded, rather than as a failed job. Returns the disks' points and the point.
 pub async fn check_point(
     node: &Node,
     machine: &ProtectedMachine,
     selector: &str,
-) -> Result<(), String> {
-    let mut mt = master_target(node, machine)?;
-    let disks = disk_points(node, &mut mt, machine).await?;
-    points::choose(&machine.name, &disks, selector).map(|_| ())
-}
-
-/// As `check_point`, for a failover: also refuses to drop a standing failover's writes
-/// unless `discard` (see `points::check_refailover`).
-pub async fn check_failover_point(
-    node: &Node,
-    machine: &ProtectedMachine,
-    selector: &str,
-    discard: bool,
-) -> Result<(), String> {
+) -> Result<(Vec<v1::DiskPoints>, MachinePoint), String> {
     let mut mt = master_target(node, machine)?;
     let disks = disk_points(node, &mut mt, machine).await?;
     let point = points::choose(&machine.name, &disks, selector)?;
-    points::check_refailover(&machine.name, &disks, &point, discard)
+    Ok((disks, point))
 }
 
 fn current(node: &Node, machine: &str) -> Result<ProtectedMachine, String> {

@@ -268,19 +268,14 @@ impl Recovery for RecoveryService {
             )));
         }
         if !r.planned {
-            flows::check_failover_point(&self.node, &machine, &r.point, r.discard_writes)
+            // A standing failover's writes are not dropped unless the operator said so.
+            let (disks, point) = flows::check_point(&self.node, &machine, &r.point)
                 .await
                 .map_err(Status::failed_precondition)?;
+            points::check_refailover(&machine.name, &disks, &point, r.discard_writes)
+                .map_err(Status::failed_precondition)?;
         }
-        let mut steps = Vec::new();
-        if r.planned {
-            steps.extend(["Stop writes at the source", "Final sync"]);
-        }
-        steps.extend([
-            "Choose recovery point",
-            "Fail over disks",
-            "Run recovery hook",
-        ]);
+        let steps = failover_steps(r.planned);
         self.spawn(
             "failover",
             &r.machine.clone(),
