@@ -7,7 +7,7 @@ cargo build --release --quiet --workspace --bins
 PYTHON=$(python3 -c 'import sys; print(sys.executable)')
 python3() { "$PYTHON" "$@"; }
 # PS_CONFIG and MT_CONFIG may name a process-server / master-target config file (e.g. with
-# `cache_direct_io = true`, `replica_direct_io = false`).
+# `cache_direct_io = false`, `replica_direct_io = true`).
 # BIN may name another build of the binaries (for example one with frame pointers, to profile).
 BIN=${BIN:-$PWD/target/release}
 WORK=$(mktemp -d /tmp/lifeboat-bench.XXXXXX)

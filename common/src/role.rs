@@ -34,6 +34,17 @@ impl Role {
         }
     }
 
+    /// The role in words, as messages and alert subjects name it ("process server ps1").
+    pub fn noun(self) -> &'static str {
+        match self {
+            Role::ConfigServer => "configuration server",
+            Role::ProcessServer => "process server",
+            Role::MasterTarget => "master target",
+            Role::Agent => "agent",
+            Role::Admin => "admin",
+        }
+    }
+
     /// DNS name every server certificate of this role carries; clients verify it instead of a
     /// host name, so a component can be reached by any address it is given.
     pub fn server_name(self) -> &'static str {

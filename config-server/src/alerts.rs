@@ -71,16 +71,12 @@ pub async fn reconcile(node: &Node, judge_liveness: bool) -> anyhow::Result<()> 
                     raised_at_ms: now,
                 });
             }
-            let stall = node.stall(machine, disk);
-            if !stall.is_empty() {
+            if let Some(stall) = node.stall(machine, disk) {
                 wanted.push(Alert {
                     key: format!("stall/{}", disk.disk_id),
                     severity: "critical".into(),
                     subject: subject.clone(),
-                    message: format!(
-                        "replication waits: {stall}; the batches stay in the process \
-                         server's cache meanwhile"
-                    ),
+                    message: stall.alert_message(),
                     raised_at_ms: now,
                 });
             }
@@ -166,7 +162,7 @@ pub async fn reconcile(node: &Node, judge_liveness: bool) -> anyhow::Result<()> 
                 wanted.push(Alert {
                     key: format!("down/{}", r.id),
                     severity: if idle_agent { "warning" } else { "critical" }.into(),
-                    subject: format!("{} {}", r.role, r.name),
+                    subject: format!("{} {}", r.role.noun(), r.name),
                     message,
                     raised_at_ms: now,
                 });

@@ -3,7 +3,7 @@
 //! node is a follower), caller authorization against the registry, and cluster addresses.
 use crate::guard::{FailureLimiter, NonceStore};
 use crate::liveness::Liveness;
-use crate::progress::{self, Lag, Progress, Received};
+use crate::progress::{self, Lag, Progress, Received, Stall};
 use crate::raft::state_machine::StateView;
 use crate::raft::{NodeId, Raft};
 use crate::state::model::{now_ms, Facts, IdentityRecord};
@@ -89,21 +89,27 @@ impl Node {
         (report, lag)
     }
 
-    /// Why the disk's replication does not move, as its process server last said (empty
-    /// when it moves, when the report is old — a process server gone quiet has its own
-    /// alert — or when the disk no longer replicates).
-    pub fn stall(&self, machine: &ProtectedMachine, disk: &ProtectedDisk) -> String {
+    /// Why the disk's replication does not move, as its agent (it cannot capture the disk)
+    /// or its process server (it cannot forward) last said. `None` when it moves, when the
+    /// report is old — a component gone quiet has its own alert — or when the disk no longer
+    /// replicates.
+    pub fn stall(&self, machine: &ProtectedMachine, disk: &ProtectedDisk) -> Option<Stall> {
         if disk.state == ReplicationState::FailedOver {
-            return String::new();
+            return None;
+        }
+        let fresh = |r: &Received, from: &str| {
+            r.from == from && now_ms() - r.at_ms <= self.settings.report_overdue_ms()
+        };
+        if let Some(r) = self.progress.capture_error(&disk.disk_id) {
+            if fresh(&r, &machine.agent_id) && !r.report.error.is_empty() {
+                return Some(Stall::Capture(r.report.error));
+            }
         }
         match self.progress.get(&disk.disk_id, Role::ProcessServer) {
-            Some(r)
-                if r.from == machine.ps_id
-                    && now_ms() - r.at_ms <= self.settings.report_overdue_ms() =>
-            {
-                r.report.error
+            Some(r) if fresh(&r, &machine.ps_id) && !r.report.error.is_empty() => {
+                Some(Stall::Forward(r.report.error))
             }
-            _ => String::new(),
+            _ => None,
         }
     }
 

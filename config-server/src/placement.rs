@@ -88,6 +88,36 @@ pub fn choose(
     })
 }
 
+/// The protect job's first step detail: where the machine goes, and `note` if any.
+pub fn detail(ps_name: &str, mt_name: &str, note: Option<String>) -> String {
+    let chosen = format!("process server {ps_name}, master target {mt_name}");
+    match note {
+        Some(note) => format!("{chosen}; note: {note}"),
+        None => chosen,
+    }
+}
+
+/// A note for the operator when master target `mt_id` has less room than a machine's disks
+/// of `disk_bytes` in all could need: replicas are sparse, so disks that hold less data fit,
+/// and protection goes ahead; if they do not fit, replication waits (saying so) once the
+/// master target runs short.
+pub fn space_note(candidates: &[Candidate], mt_id: &str, disk_bytes: u64) -> Option<String> {
+    let mt = candidates.iter().find(|c| c.record.id == mt_id)?;
+    let room = mt
+        .free_bytes
+        .saturating_sub(lifeboat_common::facts::MT_SPACE_RESERVE);
+    (disk_bytes > room).then(|| {
+        format!(
+            "master target {} has {} MiB free for replicas, and the machine's disks total {} \
+             MiB: if they hold more data than fits, replication waits (`lifeboat status` says \
+             so) until space is added",
+            mt.record.name,
+            room >> 20,
+            disk_bytes.div_ceil(1 << 20)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +216,17 @@ mod tests {
         assert!(choose(Role::MasterTarget, "", &[], &[], 1)
             .unwrap_err()
             .contains("register one"));
+    }
+
+    #[test]
+    fn a_master_target_short_of_room_for_the_disks_gets_a_note() {
+        let reserve = lifeboat_common::facts::MT_SPACE_RESERVE;
+        let mt = candidate("mt", Role::MasterTarget, true, reserve + (10 << 30), 8);
+        let c = [mt];
+        assert_eq!(space_note(&c, "mt", 10 << 30), None);
+        let note = space_note(&c, "mt", 12 << 30).unwrap();
+        assert!(note.contains("mt-name has 10240 MiB free"), "{note}");
+        assert!(note.contains("total 12288 MiB"), "{note}");
+        assert_eq!(space_note(&c, "other", 12 << 30), None);
     }
 }

@@ -2,6 +2,10 @@
 //! disk's progress with their heartbeats; the leader keeps the latest report per (disk, role)
 //! in memory. Status, RPO and state transitions are derived from it (see `reconcile`); only
 //! transitions and job progress go into Raft.
+//!
+//! An agent that cannot capture a disk (its source moved or changed size) reports it with
+//! phase [`CANNOT_CAPTURE`] and the reason: that is kept apart (see `capture_errors`), so the
+//! disk's last real report goes on ageing and its RPO keeps growing.
 use lifeboat_common::Role;
 use lifeboat_proto::v1::DiskReport;
 use std::collections::HashMap;
@@ -27,7 +31,13 @@ pub struct Progress {
     /// Per switch job: the most its draining process server held for the machine, as this
     /// leader saw it (the base of the drain step's percentage; see `switching`).
     pub drain_base: Mutex<HashMap<String, u64>>,
+    /// Per disk: why its agent cannot capture it, as last said (cleared by the agent's next
+    /// real report of the disk).
+    capture_errors: Mutex<HashMap<String, Received>>,
 }
+
+/// The phase of an agent's report of a disk it cannot capture (the report's `error` says why).
+pub const CANNOT_CAPTURE: &str = "stopped";
 
 impl Progress {
     pub fn record(&self, role: Role, from: &str, at_ms: i64, reports: Vec<DiskReport>) {
@@ -35,7 +45,22 @@ impl Progress {
             return;
         };
         let mut changed = false;
+        let mut errors = self.capture_errors.lock().ok();
         for report in reports {
+            if role == Role::Agent {
+                if let Some(errors) = errors.as_mut() {
+                    if report.phase == CANNOT_CAPTURE {
+                        let received = Received {
+                            at_ms,
+                            from: from.to_string(),
+                            report,
+                        };
+                        errors.insert(received.report.disk_id.clone(), received);
+                        continue;
+                    }
+                    errors.remove(&report.disk_id);
+                }
+            }
             let key = (report.disk_id.clone(), role);
             changed |= map
                 .get(&key)
@@ -50,6 +75,7 @@ impl Progress {
             );
         }
         drop(map);
+        drop(errors);
         self.changes.send_modify(|n| *n += 1);
         if changed {
             self.phase_changed.notify_one();
@@ -76,6 +102,14 @@ impl Progress {
         if let Ok(mut map) = self.inner.lock() {
             map.retain(|(disk, _), _| keep(disk));
         }
+        if let Ok(mut errors) = self.capture_errors.lock() {
+            errors.retain(|disk, _| keep(disk));
+        }
+    }
+
+    /// Why the disk's agent cannot capture it, as it last said, with when and who said it.
+    pub fn capture_error(&self, disk_id: &str) -> Option<Received> {
+        self.capture_errors.lock().ok()?.get(disk_id).cloned()
     }
 
     /// Disks a component of `role` reported at or after `since_ms`.
@@ -87,6 +121,39 @@ impl Progress {
             .filter(|((_, r), rec)| *r == role && rec.at_ms >= since_ms)
             .map(|((d, _), _)| d.clone())
             .collect()
+    }
+}
+
+/// Why a disk's replication does not move, as the component that is stuck said.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stall {
+    /// The agent cannot capture the disk.
+    Capture(String),
+    /// The process server cannot forward the disk's batches to its master target.
+    Forward(String),
+}
+
+impl Stall {
+    /// The reason, as `status` shows it after "replication waits: ".
+    pub fn reason(&self) -> String {
+        match self {
+            Stall::Capture(why) => format!("the agent cannot capture the disk: {why}"),
+            Stall::Forward(why) => why.clone(),
+        }
+    }
+
+    /// The alert's message.
+    pub fn alert_message(&self) -> String {
+        match self {
+            Stall::Capture(_) => format!(
+                "replication waits: {}; nothing is captured or replicated meanwhile",
+                self.reason()
+            ),
+            Stall::Forward(_) => format!(
+                "replication waits: {}; the batches stay in the process server's cache meanwhile",
+                self.reason()
+            ),
+        }
     }
 }
 
@@ -285,5 +352,33 @@ mod tests {
         progress.record(Role::Agent, "agent", 2, vec![r]);
         assert!(changes.has_changed().unwrap());
         assert_eq!(*changes.borrow(), 2);
+    }
+
+    #[test]
+    fn a_disk_the_agent_cannot_capture_keeps_its_last_report_ageing() {
+        let progress = Progress::default();
+        let mut r = report("streaming", 0.0, 0, 0, 0.0).report;
+        r.disk_id = "d-1".into();
+        progress.record(Role::Agent, "agent", 1_000, vec![r.clone()]);
+        let refused = DiskReport {
+            disk_id: "d-1".into(),
+            phase: CANNOT_CAPTURE.into(),
+            error: "disk disk0 is protected from /a".into(),
+            ..Default::default()
+        };
+        progress.record(Role::Agent, "agent", 60_000, vec![refused]);
+        // The error is kept apart; the report it came with does not count as news.
+        let error = progress.capture_error("d-1").unwrap();
+        assert_eq!(error.report.error, "disk disk0 is protected from /a");
+        assert_eq!(error.at_ms, 60_000);
+        let last = progress.get("d-1", Role::Agent).unwrap();
+        assert_eq!(
+            (last.at_ms, last.report.phase.as_str()),
+            (1_000, "streaming")
+        );
+        assert_eq!(lag(Some(&last), 60_000, 15_000, 0).rpo_secs, 59.0);
+        // Capturing again clears it.
+        progress.record(Role::Agent, "agent", 61_000, vec![r]);
+        assert!(progress.capture_error("d-1").is_none());
     }
 }

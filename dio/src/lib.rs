@@ -15,10 +15,21 @@
 //! for good, the first time the kernel refuses a direct write: a write never fails because of
 //! how it was issued. Durability is unchanged: the caller's `fdatasync` on the file (through
 //! any of its descriptors) also flushes the disk's cache for direct writes.
+//!
+//! Gathered writes ([`DirectFile::gather`]) and [`DirectFile::submit_aligned`] are handed to
+//! writer threads and land while the caller goes on (see `flight`): the caller waits for them
+//! ([`DirectFile::wait`], [`DirectFile::sync_data`], [`DirectFile::end_gather`]) before it
+//! reads, syncs or truncates the file.
+mod flight;
+
+use flight::Flight;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
+
+pub use flight::{MAX_IN_FLIGHT_BYTES, POOL_BYTES};
 
 /// Alignment of [`AlignedBuf`]'s memory: enough for every device's direct I/O.
 pub const MEM_ALIGN: usize = 4096;
@@ -117,14 +128,6 @@ impl AlignedBuf {
         self.len = self.len.min(len);
     }
 
-    /// Drops the first `n` bytes, moving the rest to the front (so it stays aligned).
-    pub fn drain_front(&mut self, n: usize) {
-        let n = n.min(self.len);
-        let (from, to) = (self.start + n, self.start + self.len);
-        self.raw.copy_within(from..to, self.start);
-        self.len -= n;
-    }
-
     pub fn clear(&mut self) {
         self.len = 0;
     }
@@ -152,10 +155,12 @@ fn direct_alignment(file: &File) -> Option<u64> {
 /// the rest, reads, `fdatasync` and length changes.
 #[derive(Debug)]
 pub struct DirectFile {
-    buffered: File,
+    buffered: Arc<File>,
     /// The `O_DIRECT` descriptor and the offset and length multiple it needs; `None` when the
     /// file system does not take direct writes, or once it refused one.
-    direct: Option<(File, u64)>,
+    direct: Option<(Arc<File>, u64)>,
+    /// Direct writes handed to the writer threads and not yet waited for.
+    flight: Arc<Flight>,
     /// Where [`DirectFile::write_at`] copies data that is not in aligned memory; while
     /// gathering, the pieces not yet written.
     staging: AlignedBuf,
@@ -177,11 +182,12 @@ impl DirectFile {
                 .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
                 .open(path)
                 .ok()?;
-            Some((file, align))
+            Some((Arc::new(file), align))
         });
         DirectFile {
-            buffered,
+            buffered: Arc::new(buffered),
             direct,
+            flight: Arc::default(),
             staging: AlignedBuf::new(),
             gathering: false,
             pending_at: None,
@@ -192,8 +198,9 @@ impl DirectFile {
     /// Wraps `buffered` without a direct descriptor: every write goes through the page cache.
     pub fn buffered(buffered: File) -> DirectFile {
         DirectFile {
-            buffered,
+            buffered: Arc::new(buffered),
             direct: None,
+            flight: Arc::default(),
             staging: AlignedBuf::new(),
             gathering: false,
             pending_at: None,
@@ -203,12 +210,30 @@ impl DirectFile {
 
     /// The offset and length multiple direct writes need, while they are in use.
     pub fn alignment(&self) -> Option<u64> {
+        if self.direct.is_some() && self.flight.refused() {
+            return None;
+        }
         self.direct.as_ref().map(|(_, a)| *a)
     }
 
-    /// The ordinary descriptor: for reads, `fdatasync`, `set_len` and advice.
+    /// The ordinary descriptor: for reads, `fdatasync`, `set_len` and advice. It does not see
+    /// writes in flight: [`DirectFile::wait`] first.
     pub fn file(&self) -> &File {
         &self.buffered
+    }
+
+    /// Waits until every write handed to the writer threads has landed in the file; returns
+    /// the first error among them (the caller then takes everything it wrote since its last
+    /// successful wait as not written).
+    pub fn wait(&mut self) -> io::Result<()> {
+        self.flight.wait()
+    }
+
+    /// Makes every write so far durable: writes what is gathered, waits for the writes in
+    /// flight, then `fdatasync`.
+    pub fn sync_data(&mut self) -> io::Result<()> {
+        self.end_gather()?;
+        self.buffered.sync_data()
     }
 
     /// Whether a write of `len` bytes at `offset` can go direct.
@@ -226,22 +251,23 @@ impl DirectFile {
         self.gathering = true;
     }
 
-    /// Writes what [`DirectFile::gather`] held back and stops gathering.
+    /// Writes what [`DirectFile::gather`] held back, waits for every write in flight, and
+    /// stops gathering.
     pub fn end_gather(&mut self) -> io::Result<()> {
         self.gathering = false;
-        self.write_pending()
+        let pending = self.write_pending();
+        let landed = self.flight.wait();
+        pending.and(landed)
     }
 
-    /// Writes the gathered bytes, if any.
+    /// Sends the gathered bytes, if any, on their way (in flight when direct).
     fn write_pending(&mut self) -> io::Result<()> {
         let Some(at) = self.pending_at.take() else {
             return Ok(());
         };
-        let mut staging = std::mem::take(&mut self.staging);
-        let written = self.write_now(&staging, at);
-        staging.clear();
-        self.staging = staging;
-        written
+        let staging = std::mem::take(&mut self.staging);
+        self.staging = self.write_owned(staging, at)?;
+        Ok(())
     }
 
     /// Holds `parts` back to be written with the gathered bytes they continue (or starts a
@@ -263,10 +289,12 @@ impl DirectFile {
     }
 
     /// Writes an aligned buffer at `offset` without copying it: direct when offset and
-    /// length fit, buffered otherwise.
-    pub fn write_aligned_at(&mut self, buf: &AlignedBuf, offset: u64) -> io::Result<()> {
+    /// length fit, handed to a writer thread (in the file once [`DirectFile::wait`]
+    /// returns); buffered otherwise, before this returns. Returns an empty buffer for the
+    /// caller's next data (one a landed write left, or `buf` itself).
+    pub fn submit_aligned(&mut self, buf: AlignedBuf, offset: u64) -> io::Result<AlignedBuf> {
         self.write_pending()?;
-        self.write_now(buf, offset)
+        self.write_owned(buf, offset)
     }
 
     /// Test hook: the next `n` direct writes fail with EIO, as on a failing disk.
@@ -275,20 +303,38 @@ impl DirectFile {
         self.failing = n;
     }
 
-    fn write_now(&mut self, buf: &AlignedBuf, offset: u64) -> io::Result<()> {
+    /// Writes `buf` at `offset`: handed to a writer thread when it can go direct, written
+    /// buffered now otherwise (after any write in flight over the same bytes). Returns an
+    /// empty buffer for the caller's next data.
+    fn write_owned(&mut self, mut buf: AlignedBuf, offset: u64) -> io::Result<AlignedBuf> {
         if self.failing > 0 && self.fits(offset, buf.len()) {
             self.failing -= 1;
             return Err(io::Error::from_raw_os_error(5));
         }
         match &self.direct {
             Some((file, _)) if self.fits(offset, buf.len()) => {
-                match file.write_all_at(buf.as_slice(), offset) {
-                    Ok(()) => Ok(()),
-                    Err(e) => self.refused(e, buf.as_slice(), offset),
-                }
+                self.flight.submit(file, &self.buffered, buf, offset)?;
+                Ok(flight::spare())
             }
-            _ => self.buffered.write_all_at(buf.as_slice(), offset),
+            _ => {
+                self.write_buffered(&[buf.as_slice()], offset)?;
+                buf.clear();
+                Ok(buf)
+            }
         }
+    }
+
+    /// Writes `parts` one after the other from `offset` through the page cache, once no
+    /// write in flight covers those bytes.
+    fn write_buffered(&mut self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.flight.wait_for_range(offset, len as u64);
+        let mut at = offset;
+        for part in parts {
+            self.buffered.write_all_at(part, at)?;
+            at += part.len() as u64;
+        }
+        Ok(())
     }
 
     /// Writes `data`, wherever it lies in memory, at `offset`: when offset and length fit and
@@ -311,46 +357,26 @@ impl DirectFile {
         }
         self.write_pending()?;
         if !direct {
-            let mut at = offset;
-            for part in parts {
-                self.buffered.write_all_at(part, at)?;
-                at += part.len() as u64;
-            }
-            return Ok(());
+            return self.write_buffered(parts, offset);
         }
         let mut staging = std::mem::take(&mut self.staging);
         staging.clear();
         for part in parts {
             staging.extend_from_slice(part);
         }
-        let written = self.write_now(&staging, offset);
-        self.staging = staging;
-        written
-    }
-
-    /// A direct write failed. If the kernel refused the way it was issued (`EINVAL`,
-    /// `EOPNOTSUPP`: some file systems accept `O_DIRECT` at open and refuse it at write),
-    /// writes are buffered
-    /// from now on and `rest` is written that way; any other error is the caller's.
-    fn refused(&mut self, e: io::Error, rest: &[u8], offset: u64) -> io::Result<()> {
-        use rustix::io::Errno;
-        let refusals = [Errno::INVAL, Errno::OPNOTSUPP, Errno::NOTSUP];
-        if !refusals
-            .iter()
-            .any(|r| e.raw_os_error() == Some(r.raw_os_error()))
-        {
-            return Err(e);
-        }
-        self.direct = None;
-        self.buffered.write_all_at(rest, offset)
+        self.staging = self.write_owned(staging, offset)?;
+        // Not gathering: the write is in the file when this returns, as a buffered one is.
+        self.flight.wait()
     }
 }
 
 impl Drop for DirectFile {
-    /// Gathered bytes are written even if the owner forgot [`DirectFile::end_gather`] (an
-    /// error then has nowhere to go; the owner's next sync would not cover them anyway).
+    /// Gathered bytes are written, and writes in flight waited for, even if the owner forgot
+    /// [`DirectFile::end_gather`] (an error then has nowhere to go; the owner's next sync would
+    /// not cover them anyway).
     fn drop(&mut self) {
         let _ = self.write_pending();
+        let _ = self.flight.wait();
     }
 }
 

@@ -6,7 +6,7 @@ fn aligned(buf: &AlignedBuf) -> bool {
 }
 
 #[test]
-fn the_buffer_stays_aligned_and_keeps_its_content_as_it_grows_and_drains() {
+fn the_buffer_stays_aligned_and_keeps_its_content_as_it_grows_and_shrinks() {
     let mut buf = AlignedBuf::new();
     let mut model = Vec::new();
     for i in 0..200u32 {
@@ -16,9 +16,9 @@ fn the_buffer_stays_aligned_and_keeps_its_content_as_it_grows_and_drains() {
         assert!(aligned(&buf));
         assert_eq!(buf.as_slice(), model.as_slice());
         if i % 7 == 0 {
-            let n = model.len() / 3;
-            buf.drain_front(n);
-            model.drain(..n);
+            let n = model.len() * 2 / 3;
+            buf.truncate(n);
+            model.truncate(n);
             assert!(aligned(&buf));
             assert_eq!(buf.as_slice(), model.as_slice());
         }
@@ -157,15 +157,16 @@ fn aligned_and_unaligned_writes_read_back_exactly() {
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + n) as u8).collect();
             let mut staged = AlignedBuf::new();
             staged.extend_from_slice(&data);
-            out.write_aligned_at(&staged, at as u64).unwrap();
+            let spare = out.submit_aligned(staged, at as u64).unwrap();
+            assert!(spare.is_empty());
             model[at..at + len].copy_from_slice(&data);
         }
         let mut staged = AlignedBuf::new();
         staged.extend_from_slice(&[9u8; 1000]);
         staged.pad_to(4096);
-        out.write_aligned_at(&staged, 8192).unwrap();
         model[8192..8192 + 4096].copy_from_slice(staged.as_slice());
-        out.file().sync_data().unwrap();
+        out.submit_aligned(staged, 8192).unwrap();
+        out.sync_data().unwrap();
         let mut back = vec![0u8; model.len()];
         out.file().read_exact_at(&mut back, 0).unwrap();
         assert!(back == model, "content differs in {}", dir.path().display());
@@ -209,6 +210,7 @@ fn gathered_writes_land_in_order_at_the_end() {
     write(&mut out, &mut model, 16 * mb, mb, 7); // continues it, but past GATHER_MAX
     assert_eq!(GATHER_MAX, 8 * mb);
     // So the full run went out, and this piece starts the next.
+    out.wait().unwrap();
     let mut run = vec![0u8; 8 * mb];
     out.file().read_exact_at(&mut run, 8 * mb as u64).unwrap();
     assert!(
@@ -238,4 +240,63 @@ fn gathered_bytes_are_written_on_drop() {
     drop(out);
     let back = std::fs::read(dir.path().join("f")).unwrap();
     assert_eq!(back, piece);
+}
+
+/// Many writes in flight at once, some over others still in flight, land as if made one
+/// after the other: the last write of each byte wins.
+#[test]
+fn writes_in_flight_land_in_the_order_they_were_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut out) = direct_file(dir.path()) else {
+        return;
+    };
+    let mb = 1usize << 20;
+    let mut model = vec![0u8; 8 * mb];
+    let mut seed = 7u64;
+    for n in 0..64u8 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let at = (seed >> 33) as usize % 7 * mb + (seed >> 20) as usize % 4 * 4096;
+        let len = mb / 4 * (1 + n as usize % 4);
+        let mut buf = AlignedBuf::new();
+        buf.extend_from_slice(&vec![n; len]);
+        let spare = out.submit_aligned(buf, at as u64).unwrap();
+        assert!(spare.is_empty());
+        model[at..at + len].fill(n);
+    }
+    // A buffered write over bytes in flight lands after them.
+    out.write_at(&[0xee; 100], 3 * mb as u64 + 1).unwrap();
+    model[3 * mb + 1..3 * mb + 101].fill(0xee);
+    out.wait().unwrap();
+    assert_reads_back(&out, &model);
+}
+
+/// A write that fails in flight is reported by the next wait, once, and the writes after it
+/// still land.
+#[test]
+fn a_write_failing_in_flight_is_reported_by_the_next_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut out) = direct_file(dir.path()) else {
+        return;
+    };
+    // The writer threads write through this descriptor: read-only, every write fails (EBADF).
+    let (good, align) = out.direct.take().unwrap();
+    let read_only = File::open(dir.path().join("f")).unwrap();
+    out.direct = Some((Arc::new(read_only), align));
+    let mut buf = AlignedBuf::new();
+    buf.extend_from_slice(&[1u8; 1 << 20]);
+    out.submit_aligned(buf, 0).unwrap();
+    let e = out.wait().unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(rustix::io::Errno::BADF.raw_os_error())
+    );
+    out.wait().unwrap();
+    out.direct = Some((good, align));
+    let mut buf = AlignedBuf::new();
+    buf.extend_from_slice(&[2u8; 1 << 20]);
+    out.submit_aligned(buf, 0).unwrap();
+    out.wait().unwrap();
+    assert_reads_back(&out, &[2u8; 1 << 20]);
 }

@@ -1,7 +1,9 @@
 //! The agent's protected disks and its NBD server. Assignments arrive with every heartbeat: a
 //! newly protected disk gets its capture started and is exported over NBD (export name = the
 //! disk's name) so the workload can write through the splitter; a disk no longer protected is
-//! stopped, unexported and its local state dropped.
+//! stopped, unexported and its local state dropped. A disk whose capture cannot start (its
+//! source moved, changed size or cannot be opened) is reported with the reason, so `status`
+//! and the alerts say why nothing replicates, and is tried again at every heartbeat.
 use crate::disk::{DiskAgent, DiskStart};
 use crate::settings::{CaptureMode, DiskConfig, Tuning};
 use crate::splitter::Splitter;
@@ -10,8 +12,8 @@ use lifeboat_common::component::EarlyReports;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::{DiskAssignment, DiskReport};
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 pub struct Agent {
@@ -20,8 +22,10 @@ pub struct Agent {
     pub nbd: nbd::Server,
     pub cancel: CancellationToken,
     pub tuning: Tuning,
-    /// How each disk (by name) is captured.
-    modes: HashMap<String, CaptureMode>,
+    /// Each configured disk (by name): its path and how it is captured.
+    configured: HashMap<String, DiskConfig>,
+    /// Protected disks whose capture could not start, by disk id: why.
+    not_started: Mutex<HashMap<String, String>>,
     /// This machine's answer to a group barrier ("held:<id>", ...), reported with every disk.
     pub barrier_answer: std::sync::Mutex<String>,
     /// Notified when a disk changes phase: the configuration server hears of it at once.
@@ -40,7 +44,8 @@ impl Agent {
         Arc::new(Agent {
             identity,
             tuning,
-            modes: disks.iter().map(|d| (d.name.clone(), d.mode)).collect(),
+            configured: disks.iter().map(|d| (d.name.clone(), d.clone())).collect(),
+            not_started: Mutex::default(),
             barrier_answer: Default::default(),
             early_reports: Default::default(),
             state_dir,
@@ -59,7 +64,8 @@ impl Agent {
 
     pub fn reports(&self) -> Vec<DiskReport> {
         let barrier = self.barrier_answer();
-        self.disks
+        let mut reports: Vec<DiskReport> = self
+            .disks
             .all()
             .iter()
             .filter_map(|d| d.report())
@@ -67,7 +73,35 @@ impl Agent {
                 barrier: barrier.clone(),
                 ..r
             })
-            .collect()
+            .collect();
+        if let Ok(failed) = self.not_started.lock() {
+            reports.extend(failed.iter().map(|(id, why)| DiskReport {
+                disk_id: id.clone(),
+                phase: "stopped".into(),
+                error: why.clone(),
+                ..Default::default()
+            }));
+        }
+        reports
+    }
+
+    /// Records why disk `id`'s capture could not start (`None`: it started, or is gone), and
+    /// logs it when the reason is new.
+    fn set_not_started(&self, id: &str, why: Option<String>) {
+        let Ok(mut failed) = self.not_started.lock() else {
+            return;
+        };
+        match why {
+            Some(why) => {
+                if failed.get(id) != Some(&why) {
+                    tracing::error!(disk = %id, "cannot start capture: {why}");
+                    failed.insert(id.to_string(), why);
+                }
+            }
+            None => {
+                failed.remove(id);
+            }
+        }
     }
 
     pub fn barrier_answer(&self) -> String {
@@ -91,6 +125,7 @@ impl Agent {
         self.disks.follow(
             assignments,
             |id, disk| {
+                self.set_not_started(id, None);
                 disk.stop.cancel();
                 self.nbd.remove_export(&disk.assignment().disk_name);
                 let _ = std::fs::remove_dir_all(self.state_dir.join(id));
@@ -99,7 +134,12 @@ impl Agent {
             |disk, assignment| disk.set_assignment(assignment),
             |assignment| {
                 let (id, name) = (assignment.disk_id.clone(), assignment.disk_name.clone());
-                let mode = self.modes.get(&name).copied().unwrap_or_default();
+                let config = self.configured.get(&name);
+                if let Err(why) = check_source(config, &assignment) {
+                    self.set_not_started(&id, Some(why));
+                    return None;
+                }
+                let mode = config.map(|c| c.mode).unwrap_or_default();
                 let start = DiskStart {
                     identity: self.identity.clone(),
                     assignment,
@@ -112,10 +152,11 @@ impl Agent {
                 let disk = match DiskAgent::start(start) {
                     Ok(disk) => disk,
                     Err(e) => {
-                        tracing::error!(disk = %id, "cannot start capture: {e:#}");
+                        self.set_not_started(&id, Some(format!("{e:#}")));
                         return None;
                     }
                 };
+                self.set_not_started(&id, None);
                 if mode == CaptureMode::Scan {
                     tracing::info!(disk = %id, "disk protected: capturing changes by periodic scans");
                     return Some(disk);
@@ -130,4 +171,44 @@ impl Agent {
             },
         );
     }
+}
+
+/// Whether the disk an assignment protects is still the one this agent is configured with:
+/// the same path (the protected one is what the replica holds; replicating another file
+/// into it, or capturing writes for a path the workload no longer uses, would be silent
+/// damage) and the same size (the replica's size is fixed at protection).
+fn check_source(config: Option<&DiskConfig>, assignment: &DiskAssignment) -> Result<(), String> {
+    let protected = Path::new(&assignment.source_path);
+    let name = &assignment.disk_name;
+    if let Some(config) = config {
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if !same(&config.path, protected) {
+            return Err(format!(
+                "disk {name} is protected from {}, but this agent is configured with {} for \
+                 it; configure {name} with {} again, or unprotect {} and protect it again to \
+                 replicate the new path (a new initial sync)",
+                protected.display(),
+                config.path.display(),
+                protected.display(),
+                assignment.machine
+            ));
+        }
+    }
+    let size = std::fs::File::open(protected)
+        .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+        .map_err(|e| format!("cannot open disk {name} ({}): {e}", protected.display()))?;
+    if size != assignment.size_bytes {
+        return Err(format!(
+            "disk {name} ({}) is {size} bytes now, but was protected at {} bytes; its replica \
+             keeps the protected size: restore that size, or unprotect {} and protect it \
+             again (a new initial sync)",
+            protected.display(),
+            assignment.size_bytes,
+            assignment.machine
+        ));
+    }
+    Ok(())
 }

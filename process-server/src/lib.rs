@@ -30,7 +30,7 @@ pub const DEFAULTS: RoleDefaults = RoleDefaults {
 };
 
 /// Whether cache segments are written with `O_DIRECT` unless configured (`cache_direct_io`).
-pub const DEFAULT_CACHE_DIRECT_IO: bool = false;
+pub const DEFAULT_CACHE_DIRECT_IO: bool = true;
 
 /// The `--config` file.
 #[derive(Debug, Default, Deserialize)]

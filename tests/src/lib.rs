@@ -484,6 +484,12 @@ impl Component {
         f
     }
 
+    /// Replaces the flags given to `run` (and `register`) besides the standard ones: the
+    /// next `start` runs with these.
+    pub fn set_extra(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Starts (or restarts) `run`, logging to a new file in its directory.
     pub fn start(&mut self) {
         let mut args = vec!["run".to_string()];

@@ -316,7 +316,7 @@ fn policies_protect_status_jobs_and_unprotect() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|a| a["subject"] == "process-server ps1" && a["severity"] == "critical")
+            .any(|a| a["subject"] == "process server ps1" && a["severity"] == "critical")
     };
     wait_until("process server down alert", WAIT, || alert_about_ps(&ctx));
     ps.start();

@@ -57,9 +57,15 @@ impl Freshness {
 }
 
 /// Why a disk is not there yet (`None`: it is), with what holds replication up if something
-/// does. `waited`: seconds since the wait began.
+/// does: a disk whose replication waits (its agent cannot capture it, its process server
+/// cannot forward) is not there even in the state waited for. `waited`: seconds since the
+/// wait began.
 fn not_yet(d: &DiskStatus, caught_up: bool, freshness: Freshness, waited: f64) -> Option<String> {
-    let why = position(d, caught_up, freshness, waited)?;
+    let why = match position(d, caught_up, freshness, waited) {
+        Some(why) => why,
+        None if d.stall.is_empty() => return None,
+        None => format!("disk {} is {}", d.name, d.state),
+    };
     Some(if d.stall.is_empty() {
         why
     } else {

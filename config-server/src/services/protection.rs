@@ -330,6 +330,8 @@ impl Protection for ProtectionService {
             disks,
         )
         .map_err(Status::failed_precondition)?;
+        let disk_bytes = facts.disks.iter().map(|d| d.size_bytes).sum();
+        let space_note = placement::space_note(&candidates, &mt.id, disk_bytes);
         let now = now_ms();
         let machine = ProtectedMachine {
             name: req.machine.clone(),
@@ -365,7 +367,7 @@ impl Protection for ProtectionService {
                 (
                     "Choose process server and master target",
                     JobState::Succeeded,
-                    format!("process server {}, master target {}", ps.name, mt.name),
+                    placement::detail(&ps.name, &mt.name, space_note),
                 ),
                 (
                     "Initial sync",
@@ -591,7 +593,11 @@ impl ProtectionService {
                     rpo_exceeded: threshold > 0 && lag.rpo_secs > threshold as f64,
                     last_report_unix_ms: lag.last_report_ms,
                     capture: capture.into(),
-                    stall: self.node.stall(m, d),
+                    stall: self
+                        .node
+                        .stall(m, d)
+                        .map(|s| s.reason())
+                        .unwrap_or_default(),
                 }
             })
             .collect();

@@ -15,20 +15,20 @@
 //! page of a record that was never written back reads as zeros either way.
 //!
 //! A cached batch is forwarded from memory and read back from the file only after a restart
-//! or a long backlog. By default records go through the page cache: each staged write's
-//! write-back is started at once, so a group's fdatasync waits for its last stage only, and
-//! the pages are dropped from the cache once synced. The kernel's write-back keeps several
-//! large requests in flight while the next batches are sealed. `cache_direct_io = true`
-//! writes them with `O_DIRECT` instead, where the file system allows (see the `dio` crate):
-//! that saves the page cache's copy, write-back and reclaim (10–18% of the process server's
-//! CPU and 8–20% faster initial syncs on a VM with a fast disk), but each direct write waits
-//! for its I/O, and on two VMs whose virtual disks want many large requests in flight,
-//! initial syncs were 2–4 times slower with them.
+//! or a long backlog, so by default records bypass the page cache (`O_DIRECT`, where the file
+//! system allows; see the `dio` crate): that saves the page cache's copy, write-back and
+//! reclaim (7–10% of an initial sync's CPU on the benchmark VM). Each 4 MiB stage is handed
+//! to `dio`'s writer threads while the next batches are sealed, several in flight, as the
+//! kernel's write-back would keep them (one direct write at a time made initial syncs 2–4
+//! times slower on two VMs whose virtual disks want several large requests in flight); the
+//! sync waits for them before its fdatasync. `cache_direct_io = false` writes through the
+//! page cache instead: each stage's write-back is started at once, so a group's fdatasync
+//! waits for its last stage only, and the pages are dropped from the cache once synced.
 //!
 //! Direct writes must cover whole aligned blocks, so the writer stages records in an aligned
-//! buffer, writes whole blocks, and rewrites the last, partly filled block with the records
-//! that follow (the bytes already in it are rewritten unchanged, so a torn rewrite cannot
-//! damage them). A segment's file can therefore end in up to one block of zeros after its
+//! buffer and writes whole blocks; at a sync the last, partly filled block is written too,
+//! padded, and rewritten with the records that follow (the bytes already in it are
+//! rewritten unchanged, so a torn rewrite cannot damage them). A segment's file can therefore end in up to one block of zeros after its
 //! last record, which readers take as its end.
 use super::crypto::{new_salt, CacheKey, TAG_LEN};
 use dio::{AlignedBuf, DirectFile};
@@ -198,7 +198,7 @@ impl SegmentWriter {
     ) -> io::Result<(usize, usize)> {
         let sizes = self.append_record(key, batch, compress)?;
         if self.staged.len() >= STAGE_BYTES {
-            self.write_staged()?;
+            self.write_staged(false)?;
         }
         Ok(sizes)
     }
@@ -270,26 +270,38 @@ impl SegmentWriter {
         Ok((plain_len, RECORD_HEADER + sealed_len))
     }
 
-    /// Writes the staged records: whole blocks, the last one padded with zeros when writes are
-    /// direct. The last, partly filled block stays staged, to be rewritten with what follows.
-    fn write_staged(&mut self) -> io::Result<()> {
+    /// Sends the staged records on their way to the file. Direct writes take whole blocks:
+    /// before a sync (`to_sync`) the last, partly filled block goes too, padded with zeros,
+    /// and stays staged as well, to be rewritten with what follows; between syncs it only
+    /// stays staged. Direct writes are in flight when this returns (see `dio`), so the
+    /// staging buffer is handed over and the partly filled block copied into a new one.
+    fn write_staged(&mut self, to_sync: bool) -> io::Result<()> {
         let logical = self.staged.len();
         match self.file.alignment() {
             Some(align) => {
-                self.staged.pad_to(align as usize);
-                let written = self.file.write_aligned_at(&self.staged, self.staged_at);
-                self.staged.truncate(logical);
-                written?;
                 let whole = logical - logical % align as usize;
-                self.staged.drain_front(whole);
+                let tail = self.staged.as_slice()[whole..].to_vec();
+                let mut out = std::mem::take(&mut self.staged);
+                if to_sync {
+                    out.pad_to(align as usize);
+                } else {
+                    out.truncate(whole);
+                }
+                // On failure nothing stays staged: `rollback` restages from the last sync.
+                let mut next = match out.is_empty() {
+                    true => out,
+                    false => self.file.submit_aligned(out, self.staged_at)?,
+                };
+                next.extend_from_slice(&tail);
+                self.staged = next;
                 self.staged_at += whole as u64;
             }
             None => {
-                self.file.write_aligned_at(&self.staged, self.staged_at)?;
+                let out = std::mem::take(&mut self.staged);
+                self.staged = self.file.submit_aligned(out, self.staged_at)?;
                 // Through the page cache: start these pages' write-back now, so the group's
                 // fdatasync waits for the last stage only.
                 dio::start_writeback(self.file.file(), self.staged_at, logical as u64);
-                self.staged.clear();
                 self.staged_at += logical as u64;
             }
         }
@@ -298,8 +310,9 @@ impl SegmentWriter {
 
     /// Makes every record appended so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
-        self.write_staged()?;
-        self.file.file().sync_data()?;
+        self.write_staged(true)?;
+        // Waits for the direct writes in flight, then fdatasync.
+        self.file.sync_data()?;
         if self.file.alignment().is_none() {
             // Written through the page cache (no direct writes here): forwarding reads fresh
             // records from memory and the file only after a restart or a long backlog, so
@@ -324,6 +337,8 @@ impl SegmentWriter {
     pub fn rollback(&mut self) -> u64 {
         let (len, index, seq) = self.synced;
         let dropped = self.len - len;
+        // No write in flight may land after the cut.
+        let _ = self.file.wait();
         let _ = self.file.file().set_len(len);
         let (at, tail) = &self.synced_tail;
         self.staged_at = *at;
