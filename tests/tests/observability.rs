@@ -102,7 +102,9 @@ fn services_answer_health_checks_and_serve_valid_metrics() {
             "--log-format",
             "json",
         ];
-        if binary == "mobility-agent" {
+        // Agents serve disks and master targets views over NBD: a free port each, not the
+        // default one (something else on the machine may hold it).
+        if binary == "mobility-agent" || binary == "master-target" {
             args.extend(["--nbd-listen", nbd.as_str()]);
         }
         procs.push(Proc::start(binary, binary, &args, dir.join("run.log")));
