@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 pub struct Rate {
     window: Duration,
     samples: VecDeque<(Instant, u64)>,
+    /// When the count last grew (or was first sampled).
+    last_growth: Option<Instant>,
 }
 
 impl Rate {
@@ -14,6 +16,16 @@ impl Rate {
         Rate {
             window,
             samples: VecDeque::new(),
+            last_growth: None,
+        }
+    }
+
+    /// How long the count had not grown as of the last sample: a rate over a window goes on
+    /// showing the window's average for as long as the window after the count stops.
+    pub fn unchanged_for(&self) -> Duration {
+        match (self.samples.back(), self.last_growth) {
+            (Some(&(at, _)), Some(grew)) => at.saturating_duration_since(grew),
+            _ => Duration::ZERO,
         }
     }
 
@@ -24,6 +36,9 @@ impl Rate {
     }
 
     fn sample_at(&mut self, now: Instant, total: u64) -> f64 {
+        if self.samples.back().is_none_or(|&(_, last)| total > last) {
+            self.last_growth = Some(now);
+        }
         self.samples.push_back((now, total));
         while self.samples.len() > 2 && now - self.samples[1].0 >= self.window {
             self.samples.pop_front();
@@ -50,5 +65,21 @@ mod tests {
         // Old samples fall out of the window: only the last ~10 s count.
         r.sample_at(t + Duration::from_secs(20), 500);
         assert_eq!(r.sample_at(t + Duration::from_secs(30), 1500), 100.0);
+    }
+
+    #[test]
+    fn it_says_how_long_the_count_has_stood_still() {
+        let mut r = Rate::new(Duration::from_secs(15));
+        let t = Instant::now();
+        r.sample_at(t, 100);
+        assert_eq!(r.unchanged_for(), Duration::ZERO);
+        r.sample_at(t + Duration::from_secs(2), 300);
+        r.sample_at(t + Duration::from_secs(4), 300);
+        r.sample_at(t + Duration::from_secs(9), 300);
+        assert_eq!(r.unchanged_for(), Duration::from_secs(7));
+        // The window's average still shows the earlier growth.
+        assert!(r.sample_at(t + Duration::from_secs(10), 300) > 0.0);
+        r.sample_at(t + Duration::from_secs(11), 301);
+        assert_eq!(r.unchanged_for(), Duration::ZERO);
     }
 }

@@ -45,6 +45,10 @@ pub struct InFlight {
 /// Window of the change rate the agent reports: long enough that a burst does not make a
 /// machine look busy to the load balancer, short enough to follow a workload that changed.
 pub const CHANGE_RATE_WINDOW: Duration = Duration::from_secs(300);
+/// With bytes pending and nothing applied for this long, the drain rate reported is 0: a
+/// master target applies a group in well under a second, so 5 s without one is a stop, not a
+/// slow patch.
+const DRAIN_STOPPED: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Progress {
@@ -163,6 +167,13 @@ impl Progress {
             rpo = rpo.max((now_ms - since).max(0) as f64 / 1000.0);
         }
         let pending = pending + dirty_bytes;
+        let mut drain = self.drain.sample(self.applied_bytes);
+        if pending > 0 && self.drain.unchanged_for() >= DRAIN_STOPPED {
+            // Nothing applied for a while with work waiting: the master target (or the way
+            // to it) is not draining now, whatever the window's average says. Reported as 0,
+            // so the ETA says unknown instead of counting up for the rest of the window.
+            drain = 0.0;
+        }
         DiskReport {
             disk_id: disk_id.to_string(),
             phase: self.phase.name().into(),
@@ -171,7 +182,7 @@ impl Progress {
             applied_seq: self.applied_seq,
             pending_bytes: pending,
             rpo_secs: rpo,
-            drain_bytes_per_sec: self.drain.sample(self.applied_bytes),
+            drain_bytes_per_sec: drain,
             sync_total_bytes: self.sync_total,
             sync_done_bytes: self.sync_done,
             sync_bytes_per_sec: rate,
