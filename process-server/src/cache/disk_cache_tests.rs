@@ -117,6 +117,33 @@ fn a_record_with_a_page_never_written_back_is_a_torn_tail_in(direct: bool) {
     assert_tail_cut_after_1_and_appends_continue(dir.path(), direct);
 }
 
+/// A crash between a 4 MiB stage's direct write and the group's sync leaves the last record
+/// of the stage without its end: the part of its last sector that the next write was to
+/// carry reads as zeros (a reused segment) from a sector's start, often less than a page.
+/// That too is a torn tail, not damage.
+#[test]
+fn a_record_without_its_last_sector_part_is_a_torn_tail() {
+    both_ways(a_record_without_its_last_sector_part_is_a_torn_tail_in);
+}
+
+fn a_record_without_its_last_sector_part_is_a_torn_tail_in(direct: bool) {
+    for extra in [0u64, 40, 300] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = open(dir.path(), direct).unwrap();
+        c.append(&[batch(1, 1, 20_000)], false).unwrap();
+        c.append(&[batch(2, 2, 20_000 + extra as usize)], false)
+            .unwrap();
+        let (seg, len) = c.segments_after(0)[0].clone();
+        drop(c);
+        // From the last sector start at least 4 bytes before the end, to the end.
+        let from = (len - 4) / 512 * 512;
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        let zeros = vec![0u8; (len - from) as usize];
+        std::os::unix::fs::FileExt::write_all_at(&f, &zeros, from).unwrap();
+        assert_tail_cut_after_1_and_appends_continue(dir.path(), direct);
+    }
+}
+
 /// Groups bigger than the staging buffer, odd record sizes, and segments closed by
 /// restarts (each ending in the padding of its last direct write, if writes are direct)
 /// all read back whole, in order.

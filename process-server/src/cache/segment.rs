@@ -12,7 +12,8 @@
 //! A segment file may be a reused one, longer than its records: `DiskCache` zeroes released
 //! segments in place and renames them into service. The records therefore end at the end of
 //! the file or at the first record header that is all zeros (space not written since). A
-//! page of a record that was never written back reads as zeros either way.
+//! page of a record that was never written back, or the end of a record a stage left to the
+//! next write, reads as zeros either way: from a sector's start (see `has_unwritten_part`).
 //!
 //! A cached batch is forwarded from memory and read back from the file only after a restart
 //! or a long backlog, so by default records bypass the page cache (`O_DIRECT`, where the file
@@ -78,21 +79,29 @@ fn worth_compressing(zstd: &mut Compressor<'static>, plain: &[u8]) -> io::Result
 /// The page size the kernel writes buffered data back in (the smallest on Linux).
 const PAGE: u64 = 4096;
 
-/// Whether a record whose header starts at file offset `at` has a page of its sealed bytes
-/// that reads as zeros from the page's start: the mark of a crash before that page was
-/// written back (buffered writes reach the disk page by page, in any order, until the
-/// fdatasync). Sealed bytes look random, so 32 zeros at a page start are not chance, while a
-/// flipped bit (real damage) leaves none.
-fn has_unwritten_page(at: u64, sealed: &[u8]) -> bool {
+/// The smallest piece direct writes are made of: `dio` aligns them to the file system's
+/// direct-I/O unit, 512 bytes or a multiple of it.
+const SECTOR: u64 = 512;
+
+/// Whether a record whose header starts at file offset `at` has sealed bytes that read as
+/// zeros from a sector's start: the mark of a crash before that part was written. Buffered
+/// writes reach the disk page by page, in any order, until the fdatasync; direct writes in
+/// whole sectors, and each 4 MiB stage leaves the partly filled last sector of its last
+/// record to the next write (or the sync). Sealed bytes look random: 32 zeros from a sector's
+/// start are not chance, nor are a record's last bytes from a sector's start (at least 4,
+/// part of the tag every record ends with), while a flipped bit (real damage) leaves none.
+fn has_unwritten_part(at: u64, sealed: &[u8]) -> bool {
     let start = at + RECORD_HEADER as u64;
     let end = start + sealed.len() as u64;
-    let mut page = start.next_multiple_of(PAGE);
-    while page < end {
-        let part = &sealed[(page - start) as usize..((page + PAGE).min(end) - start) as usize];
-        if part.len() >= 32 && part.iter().all(|&b| b == 0) {
+    let mut sector = start.next_multiple_of(SECTOR);
+    while sector < end {
+        let upto = (sector + SECTOR).min(end);
+        let part = &sealed[(sector - start) as usize..(upto - start) as usize];
+        let telling = part.len() >= 32 || (upto == end && part.len() >= 4);
+        if telling && part.iter().all(|&b| b == 0) {
             return true;
         }
-        page += PAGE;
+        sector += SECTOR;
     }
     false
 }
@@ -510,7 +519,7 @@ impl SegmentReader {
             self.tail = Tail::Torn;
             return None;
         }
-        let unwritten = has_unwritten_page(self.valid_len, &sealed);
+        let unwritten = has_unwritten_part(self.valid_len, &sealed);
         let Some(body) = key.open(
             self.salt,
             self.index,
