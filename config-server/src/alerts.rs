@@ -217,7 +217,7 @@ fn cache_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
         if !connected || facts.cache_quota_bytes == 0 {
             continue;
         }
-        let subject = format!("process server {}", r.name);
+        let subject = format!("{} {}", r.role.noun(), r.name);
         let fill = facts.cache_used_bytes as f64 / facts.cache_quota_bytes as f64;
         let usage = format!(
             "cache {} MiB of the {} MiB it may hold ({:.0}%; its quota, or its file \

@@ -51,7 +51,7 @@ pub fn retention_alerts(node: &Node, now: i64) -> anyhow::Result<Vec<Alert>> {
                 out.push(Alert {
                     key: format!("{key}/{}", r.id),
                     severity: severity.into(),
-                    subject: format!("master target {}", r.name),
+                    subject: format!("{} {}", r.role.noun(), r.name),
                     message: format!(
                         "{} MiB free of {} MiB ({:.0}%); retention journals hold {} MiB. \
                          Shorten the policies' retention or add space: at 256 MiB free the \

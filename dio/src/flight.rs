@@ -26,11 +26,11 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 /// Most bytes of one file in direct writes in flight at once: four of the process server's
 /// 4 MiB stages, two of the master target's 8 MiB gathered writes.
-pub const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
+const MAX_IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 /// Threads issuing direct writes, for every file of the process together.
 const WRITERS: usize = 4;
 /// Most bytes of buffers kept for reuse, for every file of the process together.
-pub const POOL_BYTES: usize = 64 * 1024 * 1024;
+const POOL_BYTES: usize = 64 * 1024 * 1024;
 
 /// Buffers of landed writes, and the bytes they hold.
 static POOL: Mutex<(Vec<AlignedBuf>, usize)> = Mutex::new((Vec::new(), 0));

@@ -29,8 +29,6 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-pub use flight::{MAX_IN_FLIGHT_BYTES, POOL_BYTES};
-
 /// Alignment of [`AlignedBuf`]'s memory: enough for every device's direct I/O.
 pub const MEM_ALIGN: usize = 4096;
 

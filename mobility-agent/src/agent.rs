@@ -197,8 +197,7 @@ fn check_source(config: Option<&DiskConfig>, assignment: &DiskAssignment) -> Res
             ));
         }
     }
-    let size = std::fs::File::open(protected)
-        .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+    let size = crate::settings::disk_size(protected)
         .map_err(|e| format!("cannot open disk {name} ({}): {e}", protected.display()))?;
     if size != assignment.size_bytes {
         return Err(format!(

@@ -230,7 +230,7 @@ impl Settings {
 }
 
 /// Size of an image file or block device (seeking to the end works for both).
-fn disk_size(path: &Path) -> std::io::Result<u64> {
+pub(crate) fn disk_size(path: &Path) -> std::io::Result<u64> {
     use std::io::Seek;
     std::fs::File::open(path)?.seek(std::io::SeekFrom::End(0))
 }
