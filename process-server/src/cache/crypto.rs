@@ -4,14 +4,20 @@
 //! nonce is never reused under the key (segments never exceed 2^32 records). The record's
 //! disk id, sequence number and flags are authenticated with it, so a record cannot be moved
 //! to another disk or position unnoticed.
+use super::gcm_stream::{self, GcmStream};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use prost::Message;
 use std::io;
 use std::path::Path;
 
-pub const TAG_LEN: usize = 16;
+pub const TAG_LEN: usize = gcm_stream::TAG_LEN;
 
-pub struct CacheKey(LessSafeKey);
+pub struct CacheKey {
+    aead: LessSafeKey,
+    /// The same key for `gcm_stream`, which seals records as they are encoded.
+    raw: [u8; gcm_stream::KEY_LEN],
+}
 
 impl CacheKey {
     /// Loads the key, or makes one if the file does not exist.
@@ -40,16 +46,38 @@ impl CacheKey {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Option<CacheKey> {
-        UnboundKey::new(&AES_256_GCM, bytes)
-            .ok()
-            .map(|k| CacheKey(LessSafeKey::new(k)))
+        let raw = bytes.try_into().ok()?;
+        let aead = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).ok()?);
+        Some(CacheKey { aead, raw })
+    }
+
+    fn nonce_bytes(salt: u64, index: u32) -> [u8; gcm_stream::NONCE_LEN] {
+        let mut n = [0u8; gcm_stream::NONCE_LEN];
+        n[..8].copy_from_slice(&salt.to_be_bytes());
+        n[8..].copy_from_slice(&index.to_be_bytes());
+        n
     }
 
     fn nonce(salt: u64, index: u32) -> Nonce {
-        let mut n = [0u8; 12];
-        n[..8].copy_from_slice(&salt.to_be_bytes());
-        n[8..].copy_from_slice(&index.to_be_bytes());
-        Nonce::assume_unique_for_key(n)
+        Nonce::assume_unique_for_key(Self::nonce_bytes(salt, index))
+    }
+
+    /// Encodes `message` sealed into `out` (exactly its encoded length); returns the tag.
+    /// The same bytes as encoding it and then `seal`, without the copy in between.
+    pub fn seal_encoding(
+        &self,
+        salt: u64,
+        index: u32,
+        aad: &[u8],
+        message: &impl Message,
+        out: &mut [u8],
+    ) -> io::Result<[u8; TAG_LEN]> {
+        let nonce = Self::nonce_bytes(salt, index);
+        let mut stream = GcmStream::new(&self.raw, &nonce, aad, out)?;
+        message
+            .encode(&mut stream)
+            .map_err(|e| io::Error::other(format!("encoding a batch: {e}")))?;
+        stream.finish()
     }
 
     /// Encrypts `plain` in place; returns the tag, which follows the ciphertext on disk.
@@ -61,7 +89,7 @@ impl CacheKey {
         plain: &mut [u8],
     ) -> io::Result<[u8; TAG_LEN]> {
         let tag = self
-            .0
+            .aead
             .seal_in_place_separate_tag(Self::nonce(salt, index), Aad::from(aad), plain)
             .map_err(|_| io::Error::other("encryption failed"))?;
         let mut out = [0u8; TAG_LEN];
@@ -72,7 +100,7 @@ impl CacheKey {
     /// Decrypts and authenticates; `None` if the record was altered.
     pub fn open(&self, salt: u64, index: u32, aad: &[u8], mut sealed: Vec<u8>) -> Option<Vec<u8>> {
         let len = self
-            .0
+            .aead
             .open_in_place(Self::nonce(salt, index), Aad::from(aad), &mut sealed)
             .ok()?
             .len();

@@ -5,7 +5,8 @@
 //! record : "LBRC" | seq u64 | flags u8 | plain_len u32 | sealed_len u32 | sealed bytes
 //! ```
 //! `sealed` is AES-256-GCM (see `crypto`) of the prost-encoded batch, zstd-compressed when
-//! flag bit 0 is set. Records are written unsynced and made durable together by `sync`
+//! flag bit 0 is set. A batch that is not compressed is sealed as it is encoded, without
+//! an encoded copy in between (see `gcm_stream`); the record's bytes are the same. Records are written unsynced and made durable together by `sync`
 //! (fdatasync); a crash can therefore leave a torn or missing tail, which `scan` detects and
 //! the owner truncates — those batches were never acknowledged.
 //!
@@ -31,6 +32,7 @@
 //! padded, and rewritten with the records that follow (the bytes already in it are
 //! rewritten unchanged, so a torn rewrite cannot damage them). A segment's file can therefore end in up to one block of zeros after its
 //! last record, which readers take as its end.
+use super::compress_probe::{probe_shrinks, probe_window, worth_compressing};
 use super::crypto::{new_salt, CacheKey, TAG_LEN};
 use dio::{AlignedBuf, DirectFile};
 use lifeboat_common::batch::MAX_BATCH_BYTES;
@@ -59,21 +61,6 @@ fn aad(disk_id: &str, seq: u64, flags: u8, plain_len: u32) -> Vec<u8> {
     a.push(flags);
     a.extend_from_slice(&plain_len.to_be_bytes());
     a
-}
-
-/// Bytes of a batch compressed to judge whether the rest is worth compressing.
-const PROBE: usize = 64 * 1024;
-
-/// Whether zstd is likely to shrink `plain`: a probe from its middle (past the framing) must
-/// shrink by at least an eighth. Already-compressed or encrypted data is stored as it is, which
-/// saves compressing it and decompressing it again on the way to the master target.
-fn worth_compressing(zstd: &mut Compressor<'static>, plain: &[u8]) -> io::Result<bool> {
-    if plain.len() <= PROBE {
-        return Ok(true);
-    }
-    let start = (plain.len() - PROBE) / 2;
-    let probe = zstd.compress(&plain[start..start + PROBE])?;
-    Ok(probe.len() < PROBE - PROBE / 8)
 }
 
 /// The page size the kernel writes buffered data back in (the smallest on Linux).
@@ -244,6 +231,44 @@ impl SegmentWriter {
         // Filled in below, every byte, once the sealed length is known.
         self.staged.grow(RECORD_HEADER);
         let plain_len = batch.encoded_len();
+        // Whether to compress: judged on the largest extent's data where it holds a probe,
+        // else on the encoding (below). Batches that will not shrink (disk data already
+        // compressed or encrypted; the benchmark's random data) are sealed as they are
+        // encoded, the others encoded, compressed and sealed in place.
+        let compress = match (compress, probe_window(batch)) {
+            (false, _) => Some(false),
+            (true, Some(window)) => Some(probe_shrinks(&mut self.zstd, window)?),
+            (true, None) => None,
+        };
+        let flags = if compress == Some(false) {
+            let aad = aad(&batch.disk_id, batch.seq, 0, plain_len as u32);
+            let body = self.staged.grow(plain_len);
+            let tag = key.seal_encoding(self.salt, self.next_index, &aad, batch, body)?;
+            self.staged.extend_from_slice(&tag);
+            0
+        } else {
+            self.stage_encoded(key, batch, plain_len, body_at, compress)?
+        };
+        let sealed_len = self.staged.len() - body_at;
+        let header = &mut self.staged.as_mut_slice()[start..body_at];
+        header[..4].copy_from_slice(RECORD_MAGIC);
+        header[4..12].copy_from_slice(&batch.seq.to_be_bytes());
+        header[12] = flags;
+        header[13..17].copy_from_slice(&(plain_len as u32).to_be_bytes());
+        header[17..21].copy_from_slice(&(sealed_len as u32).to_be_bytes());
+        Ok((plain_len, RECORD_HEADER + sealed_len))
+    }
+
+    /// Encodes the batch at `body_at`, compresses it (if `compress`; if `None`, if its
+    /// encoding is worth it), and seals it in place; returns the record's flags.
+    fn stage_encoded(
+        &mut self,
+        key: &CacheKey,
+        batch: &ChangeBatch,
+        plain_len: usize,
+        body_at: usize,
+        compress: Option<bool>,
+    ) -> io::Result<u8> {
         // Every byte of it is written by the encoding (exactly `encoded_len` bytes).
         let mut plain = self.staged.grow(plain_len);
         batch
@@ -253,7 +278,11 @@ impl SegmentWriter {
             return Err(io::Error::other("a batch encoded shorter than its length"));
         }
         let body = &self.staged.as_slice()[body_at..];
-        let flags = if compress && worth_compressing(&mut self.zstd, body)? {
+        let compress = match compress {
+            Some(decided) => decided,
+            None => worth_compressing(&mut self.zstd, body)?,
+        };
+        let flags = if compress {
             let compressed = self.zstd.compress(body)?;
             self.staged.truncate(body_at);
             self.staged.extend_from_slice(&compressed);
@@ -269,14 +298,7 @@ impl SegmentWriter {
             &mut self.staged.as_mut_slice()[body_at..],
         )?;
         self.staged.extend_from_slice(&tag);
-        let sealed_len = self.staged.len() - body_at;
-        let header = &mut self.staged.as_mut_slice()[start..body_at];
-        header[..4].copy_from_slice(RECORD_MAGIC);
-        header[4..12].copy_from_slice(&batch.seq.to_be_bytes());
-        header[12] = flags;
-        header[13..17].copy_from_slice(&(plain_len as u32).to_be_bytes());
-        header[17..21].copy_from_slice(&(sealed_len as u32).to_be_bytes());
-        Ok((plain_len, RECORD_HEADER + sealed_len))
+        Ok(flags)
     }
 
     /// Sends the staged records on their way to the file. Direct writes take whole blocks:
@@ -567,25 +589,5 @@ impl SegmentReader {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_compressible_batches_are_compressed() {
-        let mut z = Compressor::new(1).unwrap();
-        assert!(worth_compressing(&mut z, &vec![0u8; 1 << 20]).unwrap());
-        // xorshift64: noise zstd cannot shrink.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        assert!(!worth_compressing(&mut z, &noise).unwrap());
-        // Small batches are always compressed (the probe would be most of the batch).
-        assert!(worth_compressing(&mut z, &noise[..1000]).unwrap());
-    }
-}
+#[path = "segment_tests.rs"]
+mod tests;
