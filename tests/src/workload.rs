@@ -80,11 +80,19 @@ pub fn disk_status(ctx: &Path) -> serde_json::Value {
 }
 
 /// Waits until the (only) disk is Protected with nothing pending, in a report made after
-/// `since` (Unix ms).
+/// `since` (Unix ms): take it once the writes waited for have returned.
 pub fn caught_up(ctx: &Path, since: i64) {
+    // The first report received after `since` may have been put together before it (in
+    // flight meanwhile); an agent sends its next report only once that one is answered, so
+    // any later one was made after `since` (as `lifeboat wait` does it).
+    let mut first_after = None;
     wait_until("replication caught up", WAIT, || {
         let d = disk_status(ctx);
-        d["last_report_unix_ms"].as_i64().unwrap_or(0) > since
+        let at = d["last_report_unix_ms"].as_i64().unwrap_or(0);
+        if at <= since {
+            return false;
+        }
+        at > *first_after.get_or_insert(at)
             && d["pending_bytes"] == 0
             && d["rpo_secs"].as_f64() == Some(0.0)
             && d["state"] == "Protected"

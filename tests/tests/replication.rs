@@ -95,9 +95,8 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     ps.proc.as_mut().unwrap().kill9();
     writer.join().unwrap();
     ps.start();
-    let t = now_ms();
     qemu_io(&url, &["write -P 0xc1 150M 2M"]);
-    caught_up(&ctx, t);
+    caught_up(&ctx, now_ms());
     assert_identical(&source, &replica);
 
     // kill -9 of the master target while writes flow.
@@ -114,9 +113,8 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
         text(&lifeboat(&ctx, &["alerts"])).contains("replication of web01 waits for it")
     });
     mt.start();
-    let t = now_ms();
     qemu_io(&url, &["write -P 0xd1 170M 2M"]);
-    caught_up(&ctx, t);
+    caught_up(&ctx, now_ms());
     assert_identical(&source, &replica);
 
     // The agent and the configuration server publish the lag.
@@ -140,9 +138,8 @@ fn writes_through_the_nbd_export_reach_an_identical_replica_across_crashes() {
     }
     ps.start();
     mt.start();
-    let t = now_ms();
     qemu_io(&url, &["write -P 0xd2 180M 1M"]);
-    caught_up(&ctx, t);
+    caught_up(&ctx, now_ms());
     assert_identical(&source, &replica);
 
     // Unprotect: the master target deletes the replica and the export goes away.

@@ -125,9 +125,8 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
     });
 
     // Writes after it reach the replica through ps2.
-    let t = now_ms();
     qemu_io(&url, &["write -P 0x41 40M 3M", "write -z 21M 64k"]);
-    caught_up(&ctx, t);
+    caught_up(&ctx, now_ms());
     assert_identical(&source, &replica);
     let agent_metrics = http_get(&agent.metrics, "/metrics").unwrap();
     assert_eq!(
@@ -164,9 +163,8 @@ fn a_machine_moves_to_another_process_server_without_a_resync() {
     );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(newest_job(&ctx, "switch")["state"], "Succeeded");
-    let t = now_ms();
     qemu_io(&url, &["write -P 0x61 60M 1M"]);
-    caught_up(&ctx, t);
+    caught_up(&ctx, now_ms());
     assert_identical(&source, &replica);
     assert_eq!(disk_status(&ctx)["process_server"], "ps1");
     // The lost write was found by comparing the regions written since the replica's

@@ -340,6 +340,7 @@ async fn wait_caught_up(
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;
+    let mut first_after = None;
     loop {
         let s = client
             .status(StatusRequest {
@@ -350,11 +351,11 @@ async fn wait_caught_up(
             .map_err(status_error)?
             .into_inner();
         if let Some(d) = s.machines.first().and_then(|m| m.disks.first()) {
-            if d.state == "Protected"
-                && d.pending_bytes == 0
-                && d.rpo_secs == 0.0
-                && d.last_report_unix_ms > since
-            {
+            // The first report received after `since` may have been put together before
+            // (in flight meanwhile); the agent's next one was made after it was answered.
+            let fresh = d.last_report_unix_ms > since
+                && d.last_report_unix_ms > *first_after.get_or_insert(d.last_report_unix_ms);
+            if fresh && d.state == "Protected" && d.pending_bytes == 0 && d.rpo_secs == 0.0 {
                 return Ok(d.disk_id.clone());
             }
         }
