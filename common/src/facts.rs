@@ -5,6 +5,10 @@ use std::path::Path;
 /// Version of this Lifeboat build, reported in every heartbeat.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The phase of an agent's report of a disk it is assigned but cannot capture (its source
+/// moved, changed size or cannot be opened); the report's `error` says why.
+pub const CANNOT_CAPTURE_PHASE: &str = "stopped";
+
 pub fn hostname() -> String {
     rustix::system::uname()
         .nodename()

@@ -4,8 +4,9 @@
 //! transitions and job progress go into Raft.
 //!
 //! An agent that cannot capture a disk (its source moved or changed size) reports it with
-//! phase [`CANNOT_CAPTURE`] and the reason: that is kept apart (see `capture_errors`), so the
+//! phase [`CANNOT_CAPTURE_PHASE`] and the reason: that is kept apart (see `capture_errors`), so the
 //! disk's last real report goes on ageing and its RPO keeps growing.
+use lifeboat_common::facts::CANNOT_CAPTURE_PHASE;
 use lifeboat_common::Role;
 use lifeboat_proto::v1::DiskReport;
 use std::collections::HashMap;
@@ -36,9 +37,6 @@ pub struct Progress {
     capture_errors: Mutex<HashMap<String, Received>>,
 }
 
-/// The phase of an agent's report of a disk it cannot capture (the report's `error` says why).
-pub const CANNOT_CAPTURE: &str = "stopped";
-
 impl Progress {
     pub fn record(&self, role: Role, from: &str, at_ms: i64, reports: Vec<DiskReport>) {
         let Ok(mut map) = self.inner.lock() else {
@@ -49,7 +47,7 @@ impl Progress {
         for report in reports {
             if role == Role::Agent {
                 if let Some(errors) = errors.as_mut() {
-                    if report.phase == CANNOT_CAPTURE {
+                    if report.phase == CANNOT_CAPTURE_PHASE {
                         let received = Received {
                             at_ms,
                             from: from.to_string(),
@@ -362,7 +360,7 @@ mod tests {
         progress.record(Role::Agent, "agent", 1_000, vec![r.clone()]);
         let refused = DiskReport {
             disk_id: "d-1".into(),
-            phase: CANNOT_CAPTURE.into(),
+            phase: CANNOT_CAPTURE_PHASE.into(),
             error: "disk disk0 is protected from /a".into(),
             ..Default::default()
         };

@@ -22,6 +22,7 @@ use crate::AlignedBuf;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 /// Most bytes of one file in direct writes in flight at once: four of the process server's
@@ -64,6 +65,10 @@ fn recycle(mut buf: AlignedBuf) {
 pub(crate) struct Flight {
     state: Mutex<State>,
     landed: Condvar,
+    /// The kernel refused a direct write of this file (`EINVAL`, `EOPNOTSUPP`): its file
+    /// system takes them at open but not at write. That write was made buffered instead.
+    /// Read before every write (see `DirectFile::alignment`), so kept out of the lock.
+    refused: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -74,9 +79,6 @@ struct State {
     bytes: usize,
     /// The first error of a write that ended since the caller last heard of one.
     error: Option<io::Error>,
-    /// The kernel refused a direct write of this file (`EINVAL`, `EOPNOTSUPP`): its file
-    /// system takes them at open but not at write. That write was made buffered instead.
-    refused: bool,
 }
 
 impl State {
@@ -96,7 +98,7 @@ struct Job {
 }
 
 /// Whether `e` is the kernel refusing how a write was issued rather than failing it.
-pub(crate) fn is_refusal(e: &io::Error) -> bool {
+fn is_refusal(e: &io::Error) -> bool {
     use rustix::io::Errno;
     [Errno::INVAL, Errno::OPNOTSUPP, Errno::NOTSUP]
         .iter()
@@ -211,7 +213,9 @@ impl Flight {
             state.ranges.swap_remove(i);
         }
         state.bytes -= len.min(state.bytes);
-        state.refused |= refused;
+        if refused {
+            self.refused.store(true, Ordering::Relaxed);
+        }
         if let Err(e) = result {
             state.error.get_or_insert(e);
         }
@@ -242,6 +246,6 @@ impl Flight {
 
     /// Whether the kernel refused a direct write of this file.
     pub(crate) fn refused(&self) -> bool {
-        self.lock().refused
+        self.refused.load(Ordering::Relaxed)
     }
 }

@@ -77,7 +77,7 @@ impl Agent {
         if let Ok(failed) = self.not_started.lock() {
             reports.extend(failed.iter().map(|(id, why)| DiskReport {
                 disk_id: id.clone(),
-                phase: "stopped".into(),
+                phase: lifeboat_common::facts::CANNOT_CAPTURE_PHASE.into(),
                 error: why.clone(),
                 ..Default::default()
             }));

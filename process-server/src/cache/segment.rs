@@ -6,9 +6,10 @@
 //! ```
 //! `sealed` is AES-256-GCM (see `crypto`) of the prost-encoded batch, zstd-compressed when
 //! flag bit 0 is set. A batch that is not compressed is sealed as it is encoded, without
-//! an encoded copy in between (see `gcm_stream`); the record's bytes are the same. Records are written unsynced and made durable together by `sync`
-//! (fdatasync); a crash can therefore leave a torn or missing tail, which `scan` detects and
-//! the owner truncates — those batches were never acknowledged.
+//! an encoded copy in between (see `gcm_stream`); the record's bytes are the same. Records
+//! are written unsynced and made durable together by `sync` (fdatasync); a crash can
+//! therefore leave a torn or missing tail, which `scan` detects and the owner truncates —
+//! those batches were never acknowledged.
 //!
 //! A segment file may be a reused one, longer than its records: `DiskCache` zeroes released
 //! segments in place and renames them into service. The records therefore end at the end of
@@ -30,8 +31,9 @@
 //! Direct writes must cover whole aligned blocks, so the writer stages records in an aligned
 //! buffer and writes whole blocks; at a sync the last, partly filled block is written too,
 //! padded, and rewritten with the records that follow (the bytes already in it are
-//! rewritten unchanged, so a torn rewrite cannot damage them). A segment's file can therefore end in up to one block of zeros after its
-//! last record, which readers take as its end.
+//! rewritten unchanged, so a torn rewrite cannot damage them). A segment's file can
+//! therefore end in up to one block of zeros after its last record, which readers take as
+//! its end.
 use super::compress_probe::{probe_shrinks, probe_window, worth_compressing};
 use super::crypto::{new_salt, CacheKey, TAG_LEN};
 use dio::{AlignedBuf, DirectFile};
