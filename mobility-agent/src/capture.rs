@@ -7,6 +7,7 @@
 //! recorded for replication (in the queue, and durably in the dirty map until shipped).
 use crate::dirty::DirtyMap;
 use crate::spill::{Spill, Spilled};
+use bytes::Bytes;
 use lifeboat_common::blockhash::{self, BlockHash};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -62,8 +63,9 @@ pub struct Captured {
     pub index: u64,
     pub at_ms: i64,
     pub offset: u64,
-    /// Empty for a zero-fill of `zero_length` bytes.
-    pub data: Vec<u8>,
+    /// Empty for a zero-fill of `zero_length` bytes. The pieces of a large write are slices
+    /// of the buffer it arrived in, not copies.
+    pub data: Bytes,
     pub zero_length: u64,
     /// Initial-sync data rather than a workload write.
     pub sync: bool,
@@ -154,7 +156,7 @@ pub fn tag_all(captures: &[Arc<Capture>], tag: &str) -> io::Result<()> {
             index: 0,
             at_ms: now_ms(),
             offset: 0,
-            data: Vec::new(),
+            data: Bytes::new(),
             zero_length: 0,
             sync: true,
             tag: Some(tag.to_string()),
@@ -318,7 +320,7 @@ impl Capture {
         // written (disk full) ends the stream: the write is on the source and in the dirty
         // map, so a resync ships it; the workload never sees the error.
         let spill = self.spills(&q) && !q.overflowed;
-        let mut data = data;
+        let data = Bytes::from(data);
         let len = data.len();
         for i in 0..pieces {
             let range = i * MAX_ITEM..((i + 1) * MAX_ITEM).min(len);
@@ -328,7 +330,7 @@ impl Capture {
                     Ok(spilled) => {
                         metrics::counter!("lifeboat_agent_spilled_bytes_total")
                             .increment(spilled.len);
-                        (Vec::new(), Some(spilled))
+                        (Bytes::new(), Some(spilled))
                     }
                     Err(e) => {
                         tracing::warn!("cannot write the capture spill file ({e}): falling back to dirty-region tracking; the disk needs a resync");
@@ -336,10 +338,8 @@ impl Capture {
                         break;
                     }
                 }
-            } else if pieces == 1 {
-                (std::mem::take(&mut data), None)
             } else {
-                (data[range].to_vec(), None)
+                (data.slice(range), None)
             };
             let item = Captured {
                 index: 0,
@@ -386,7 +386,7 @@ impl Capture {
             index,
             at_ms: now_ms(),
             offset,
-            data: Vec::new(),
+            data: Bytes::new(),
             zero_length: len,
             sync: false,
             tag: None,
@@ -414,7 +414,7 @@ impl Capture {
             index: 0,
             at_ms: now_ms(),
             offset,
-            data: if zero { Vec::new() } else { data },
+            data: if zero { Bytes::new() } else { data },
             zero_length: if zero { len } else { 0 },
             sync: true,
             tag: None,
@@ -460,7 +460,7 @@ impl Capture {
                     index: 0,
                     at_ms: now_ms(),
                     offset: at,
-                    data: Vec::new(),
+                    data: Bytes::new(),
                     zero_length: bytes.len() as u64,
                     sync: true,
                     tag: None,
@@ -471,7 +471,9 @@ impl Capture {
                     index: 0,
                     at_ms: now_ms(),
                     offset: at,
-                    data: bytes.to_vec(),
+                    // A copy: a slice would keep the whole read alive for a small run,
+                    // memory the queue's limit does not count.
+                    data: Bytes::copy_from_slice(bytes),
                     zero_length: 0,
                     sync: true,
                     tag: None,
@@ -551,7 +553,7 @@ impl Capture {
             q.bytes -= item.data.len() as u64;
             if let Some(piece) = item.spilled.take() {
                 match q.spill.take(&piece) {
-                    Ok(data) => item.data = data,
+                    Ok(data) => item.data = data.into(),
                     Err(e) => {
                         // The write is in the dirty map: a resync ships it.
                         tracing::warn!("cannot read the capture spill file back ({e}): falling back to dirty-region tracking; the disk needs a resync");
@@ -597,8 +599,9 @@ impl Capture {
 }
 
 /// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first (the
-/// initial sync reads its whole disk through here: zeroing cost as much as the check below).
-fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+/// initial sync may read its whole disk through here: zeroing cost as much as its all-zero
+/// check of what was read).
+fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Bytes> {
     let mut data = Vec::with_capacity(len);
     while data.len() < len {
         let at = offset + data.len() as u64;
@@ -617,5 +620,9 @@ fn read_new_at(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     }
     // The capacity may exceed `len`, and so may the last read.
     data.truncate(len);
-    Ok(data)
+    Ok(data.into())
 }
+
+#[cfg(test)]
+#[path = "capture_tests.rs"]
+mod tests;

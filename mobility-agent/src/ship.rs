@@ -56,7 +56,7 @@ fn build(disk_id: &str, seq: u64, items: Vec<Captured>) -> (ChangeBatch, InFligh
             Some(tag) => tags.push(tag),
             None => extents.push(Extent {
                 offset: i.offset,
-                data: i.data.into(),
+                data: i.data,
                 zero_length: i.zero_length,
             }),
         }

@@ -427,10 +427,10 @@ impl Image {
     /// Writes `buf` at `offset`. Any alignment works; all-zero data over an unallocated block
     /// (whose content is already zero) allocates nothing. Not durable until [`Image::flush`].
     ///
-    /// Every 4 MiB written, the kernel is asked to start writing the file's dirty pages
-    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, no durability promised), so
-    /// the disk works while the caller keeps writing and the next flush has little left to
-    /// do. Without it nothing reaches the disk before the flush of a batch smaller than the
+    /// Every 4 MiB written through the page cache, the kernel is asked to start writing the
+    /// file's dirty pages (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, no
+    /// durability promised), so the disk works while the caller keeps writing and the next
+    /// flush has little left to do. Without it nothing reaches the disk before the flush of a batch smaller than the
     /// kernel's dirty threshold, and writing and flushing happen one after the other.
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
@@ -448,8 +448,14 @@ impl Image {
                 s.write(&self.file, &mut out, self.parent.as_deref(), buf, offset)?
             }
         }
+        // Direct data writes leave next to nothing in the page cache to start on (the flush's
+        // `fdatasync` takes the few pieces that went buffered).
+        let direct = self
+            .direct
+            .as_ref()
+            .is_some_and(|d| d.alignment().is_some());
         self.since_writeback += buf.len() as u64;
-        if self.since_writeback >= EARLY_WRITEBACK {
+        if self.since_writeback >= EARLY_WRITEBACK && !direct {
             self.since_writeback = 0;
             dio::start_writeback(&self.file, 0, 0);
         }
