@@ -55,6 +55,16 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// An RPO in seconds to a tenth, for a disk with `pending_bytes` waiting: with a backlog it is
+/// never shown as 0 (a write captured 40 ms ago is not on the replica yet), but as `<0.1`.
+pub fn rpo(secs: f64, pending_bytes: u64) -> String {
+    if pending_bytes > 0 && secs < 0.05 {
+        "<0.1".into()
+    } else {
+        format!("{secs:.1}")
+    }
+}
+
 pub fn role_name(proto_role: i32) -> &'static str {
     Role::from_proto(proto_role)
         .map(Role::as_str)
@@ -63,6 +73,14 @@ pub fn role_name(proto_role: i32) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_rpo_beside_a_backlog_is_never_zero() {
+        assert_eq!(super::rpo(0.0, 0), "0.0");
+        assert_eq!(super::rpo(0.04, 576 << 10), "<0.1");
+        assert_eq!(super::rpo(0.06, 576 << 10), "0.1");
+        assert_eq!(super::rpo(12.34, 1), "12.3");
+    }
+
     use super::*;
 
     #[test]

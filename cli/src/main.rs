@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod commands;
 mod context;
 mod demo;
+mod durations;
 mod format;
 mod up;
 
@@ -68,7 +69,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Wait until a machine's disks are Protected (and, with --caught-up, nothing is pending).
+    /// Wait until a machine's agent is connected and its disks are Protected, none stalled (and,
+    /// with --caught-up, nothing is pending).
     Wait(wait::WaitArgs),
     /// Jobs with their steps and progress.
     Jobs(jobs::JobsArgs),

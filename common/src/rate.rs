@@ -1,5 +1,8 @@
 //! A rate over a sliding window, from a cumulative counter sampled when the rate is asked for
-//! (heartbeats and reports do it every few seconds). Used for ETAs and drain forecasts.
+//! (heartbeats and reports do it every few seconds). Used for ETAs and drain forecasts, which
+//! measure from when the count started to grow ([`Rate::while_busy`]): a drain that began
+//! three seconds ago, averaged with the twelve idle seconds before it, read as a fifth of its
+//! speed, and a burst's ETA as five times too long.
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -9,14 +12,27 @@ pub struct Rate {
     samples: VecDeque<(Instant, u64)>,
     /// When the count last grew (or was first sampled).
     last_growth: Option<Instant>,
+    /// Whether the time before the count started to grow is left out (`while_busy`).
+    busy_only: bool,
 }
 
 impl Rate {
+    /// The average over the window: for a workload's rate of change, idle time included.
     pub fn new(window: Duration) -> Rate {
         Rate {
             window,
             samples: VecDeque::new(),
             last_growth: None,
+            busy_only: false,
+        }
+    }
+
+    /// The rate since the count started to grow, within the window: for how fast something
+    /// drains, which matters while it does (pauses after the start still count).
+    pub fn while_busy(window: Duration) -> Rate {
+        Rate {
+            busy_only: true,
+            ..Rate::new(window)
         }
     }
 
@@ -43,6 +59,10 @@ impl Rate {
         while self.samples.len() > 2 && now - self.samples[1].0 >= self.window {
             self.samples.pop_front();
         }
+        // The growth began after the last sample that still had the first count.
+        while self.busy_only && self.samples.len() > 2 && self.samples[0].1 == self.samples[1].1 {
+            self.samples.pop_front();
+        }
         let (t0, first) = self.samples[0];
         let secs = (now - t0).as_secs_f64();
         if secs < 0.5 {
@@ -65,6 +85,31 @@ mod tests {
         // Old samples fall out of the window: only the last ~10 s count.
         r.sample_at(t + Duration::from_secs(20), 500);
         assert_eq!(r.sample_at(t + Duration::from_secs(30), 1500), 100.0);
+    }
+
+    #[test]
+    fn a_busy_rate_starts_when_the_count_starts_to_grow() {
+        let t = Instant::now();
+        let at = |s: f64| t + Duration::from_secs_f64(s);
+        let mut average = Rate::new(Duration::from_secs(15));
+        let mut busy = Rate::while_busy(Duration::from_secs(15));
+        for r in [&mut average, &mut busy] {
+            // Twelve idle seconds, then 100 units a second.
+            r.sample_at(at(0.0), 1000);
+            r.sample_at(at(6.0), 1000);
+            r.sample_at(at(12.0), 1000);
+            r.sample_at(at(13.0), 1100);
+        }
+        assert_eq!(average.sample_at(at(15.0), 1300), 20.0);
+        assert_eq!(busy.sample_at(at(15.0), 1300), 100.0);
+        // A pause once it is busy counts.
+        assert_eq!(busy.sample_at(at(17.0), 1300), 60.0);
+        assert_eq!(busy.sample_at(at(18.0), 1600), 100.0);
+        // Nothing grew: no rate.
+        let mut idle = Rate::while_busy(Duration::from_secs(15));
+        idle.sample_at(at(0.0), 5);
+        idle.sample_at(at(1.0), 5);
+        assert_eq!(idle.sample_at(at(2.0), 5), 0.0);
     }
 
     #[test]

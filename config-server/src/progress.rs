@@ -194,7 +194,11 @@ pub fn lag(agent: Option<&Received>, now_ms: i64, fresh_ms: i64, protected_at_ms
     let syncing = r.phase == "initial_sync" || r.phase == "resync";
     let unread = r.sync_total_bytes.saturating_sub(r.sync_done_bytes);
     let unapplied = unapplied_bytes(r);
-    let sync_progress_pct = if r.sync_total_bytes == 0 {
+    let sync_progress_pct = if r.phase == "streaming" {
+        // The sync is over: the session's sync figures less today's backlog would read as a
+        // sync going backwards during a burst.
+        100.0
+    } else if r.sync_total_bytes == 0 {
         if syncing {
             0.0
         } else {
@@ -318,6 +322,10 @@ mod tests {
         let l = lag(Some(&r), 10_000, 15_000, 0);
         assert_eq!(l.sync_progress_pct, 20.0);
         assert_eq!(l.eta_secs, 16);
+        // Streaming, the sync is over: a burst's backlog does not take it back.
+        let mut r = report("streaming", 0.5, 100, 100, 0.0);
+        r.report.pending_bytes = 53;
+        assert_eq!(lag(Some(&r), 10_000, 15_000, 0).sync_progress_pct, 100.0);
     }
 
     #[test]

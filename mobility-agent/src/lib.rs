@@ -142,8 +142,14 @@ pub async fn run(settings: Settings, cancel: CancellationToken) -> anyhow::Resul
     );
     metrics::describe_counter!(
         "lifeboat_agent_app_point_failures_total",
-        "App-consistent points not placed because a freeze hook failed"
+        "App-consistent points the policy asked for and that were not placed, by reason \
+         (no_freeze_hook: the agent has none; freeze_failed: the hook failed or timed out)"
     );
+    // Present from the start (at 0), so an alert rule can watch it before the first failure.
+    for reason in [points::NO_HOOK, points::FREEZE_FAILED] {
+        metrics::counter!("lifeboat_agent_app_point_failures_total", "reason" => reason)
+            .absolute(0);
+    }
     let identity = Arc::new(lifeboat_common::Identity::load(&settings.common.data_dir)?);
     background::configure(settings.tuning.replication_nice);
     let agent = Agent::new(

@@ -221,6 +221,11 @@ async fn tick(disks: &[Arc<DiskAgent>], s: &mut Schedule) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `reason` of `lifeboat_agent_app_point_failures_total`: the agent has no freeze hook.
+pub const NO_HOOK: &str = "no_freeze_hook";
+/// `reason` of `lifeboat_agent_app_point_failures_total`: the hook failed or timed out.
+pub const FREEZE_FAILED: &str = "freeze_failed";
+
 /// Freeze, tag, thaw. Returns whether the app-consistent point was placed.
 async fn app_point(
     disks: &[Arc<DiskAgent>],
@@ -229,7 +234,18 @@ async fn app_point(
 ) -> anyhow::Result<bool> {
     let Some(hook) = hook else {
         // Without a hook the application is not asked to make its data consistent: the
-        // point is crash-consistent and is tagged so.
+        // point is crash-consistent and is tagged so. The operator hears of it now, not when
+        // a recovery asks for an app point and there is none.
+        metrics::counter!("lifeboat_agent_app_point_failures_total", "reason" => NO_HOOK)
+            .increment(1);
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "the policy asks for app-consistent points, but this agent has no freeze hook: \
+                 none are made (only crash-consistent ones); give the agent --freeze-hook \
+                 HOOK, or set the policy's --app-consistent-every to 0"
+            )
+        });
         return Ok(false);
     };
     let mut frozen = Vec::new();
@@ -246,7 +262,8 @@ async fn app_point(
         capture::tag_all(captures, &format!("app:{}", now_ms()))?;
         metrics::counter!("lifeboat_agent_points_total", "kind" => "app").increment(1);
     } else {
-        metrics::counter!("lifeboat_agent_app_point_failures_total").increment(1);
+        metrics::counter!("lifeboat_agent_app_point_failures_total", "reason" => FREEZE_FAILED)
+            .increment(1);
     }
     for d in frozen.iter().rev() {
         run_hook(hook, "thaw", d).await;

@@ -87,7 +87,7 @@ impl Progress {
             sync_started: None,
             sync_last_index: None,
             applied_bytes: 0,
-            drain: Rate::new(Duration::from_secs(15)),
+            drain: Rate::while_busy(Duration::from_secs(15)),
             change: Rate::new(CHANGE_RATE_WINDOW),
         }
     }

@@ -53,7 +53,9 @@ impl Quota {
             quota_bytes,
             stored_total: AtomicU64::new(0),
             released_total: AtomicU64::new(0),
-            rates: Mutex::new((Rate::new(RATE_WINDOW), Rate::new(RATE_WINDOW))),
+            // Drained at the pace of a drain that started within the window, not averaged with
+            // the idle time before it.
+            rates: Mutex::new((Rate::new(RATE_WINDOW), Rate::while_busy(RATE_WINDOW))),
         }
     }
 

@@ -133,6 +133,13 @@ fn services_answer_health_checks_and_serve_valid_metrics() {
                 "lifeboat_grpc_requests_total",
                 "lifeboat_components{role=\"agent\"} 1",
             ]
+        } else if name == "mobility-agent" {
+            // A failure counter an alert rule can watch is there before its first failure.
+            &[
+                "lifeboat_build_info",
+                "lifeboat_cs_connected 1",
+                "lifeboat_agent_app_point_failures_total{reason=\"no_freeze_hook\"} 0",
+            ]
         } else {
             &["lifeboat_build_info", "lifeboat_cs_connected 1"]
         };

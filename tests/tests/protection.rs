@@ -53,7 +53,7 @@ fn policies_protect_status_jobs_and_unprotect() {
     let d1 = format!("disk1={}", disk1.display());
     let mut ps = start_component("process-server", "ps1", tmp.path(), &cs, &[]);
     let _mt = start_component("master-target", "mt1", tmp.path(), &cs, &[]);
-    let _agent = start_component(
+    let mut agent = start_component(
         "mobility-agent",
         "web01",
         tmp.path(),
@@ -69,6 +69,19 @@ fn policies_protect_status_jobs_and_unprotect() {
             .count()
             == 3
     });
+    // A component is found by the name operators know it by, as by its id.
+    let shown = lifeboat_json(&ctx, &["servers", "show", "ps1", "--json"]);
+    assert_eq!(shown["name"], "ps1", "{shown}");
+    let by_id = shown["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        lifeboat_json(&ctx, &["servers", "show", &by_id, "--json"])["name"],
+        "ps1"
+    );
+    fails(
+        &ctx,
+        &["servers", "show", "nosuch"],
+        "no server with id or name",
+    );
 
     // Policies come in pairs.
     ok(
@@ -166,6 +179,12 @@ fn policies_protect_status_jobs_and_unprotect() {
         &["policy", "update", "nosuch", "--retention", "1h"],
         "no policy \"nosuch\"",
     );
+    fails(
+        &ctx,
+        &["policy", "update", "gold"],
+        "required arguments were not provided",
+    );
+    fails(&ctx, &["audit", "--since", "15M"], "M means months");
     assert_eq!(
         lifeboat_json(&ctx, &["policy", "show", "gold", "--json"])["rpo_threshold_secs"],
         600,
@@ -273,6 +292,22 @@ fn policies_protect_status_jobs_and_unprotect() {
         "has not reported since the wait began",
     );
     fails(&ctx, &["wait", "nosuch"], "no machine named nosuch");
+    // A machine whose agent is away replicates nothing, whatever state its disks were left
+    // in: `wait` does not report it Protected, and says what to fix.
+    assert_eq!(agent.proc().terminate(), Some(0));
+    wait_until("agent disconnected", WAIT, || {
+        servers(&ctx, "agent")
+            .iter()
+            .any(|s| s["name"] == "web01" && s["status"] == "Disconnected")
+    });
+    fails(
+        &ctx,
+        &["wait", "web01", "--timeout-secs", "1"],
+        "the agent of web01 is not connected",
+    );
+    agent.start();
+    let out = ok(&ctx, &["wait", "web01", "--timeout-secs", "60"]);
+    assert!(out.contains("every disk Protected"), "{out}");
     fails(
         &ctx,
         &["status", "nosuch"],

@@ -10,8 +10,8 @@ pub struct AuditArgs {
     #[arg(long, default_value_t = 50)]
     limit: u32,
     /// Only entries newer than this (e.g. 30m, 2h, 7d).
-    #[arg(long)]
-    since: Option<humantime::Duration>,
+    #[arg(long, value_parser = crate::durations::whole_seconds)]
+    since: Option<u64>,
     #[arg(long)]
     json: bool,
 }
@@ -21,7 +21,8 @@ pub async fn run(ctx: &ContextArgs, args: AuditArgs) -> anyhow::Result<()> {
         None => 0,
         Some(d) => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-            now.saturating_sub(*d).as_millis() as i64
+            now.saturating_sub(std::time::Duration::from_secs(d))
+                .as_millis() as i64
         }
     };
     let mut admin = ctx.admin().await?;

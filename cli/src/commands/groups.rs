@@ -13,8 +13,8 @@ pub enum GroupCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         machines: Vec<String>,
         /// A group-consistent point this often.
-        #[arg(long, default_value = "15m")]
-        every: humantime::Duration,
+        #[arg(long, default_value = "15m", value_parser = crate::durations::whole_seconds)]
+        every: u64,
     },
     /// Groups, their machines and their last point.
     List {
@@ -37,7 +37,7 @@ pub async fn run(ctx: &ContextArgs, command: GroupCommand) -> anyhow::Result<()>
                 .create_group(GroupSpec {
                     name,
                     machines,
-                    every_secs: every.as_secs(),
+                    every_secs: every,
                 })
                 .await
                 .map_err(status_error)?

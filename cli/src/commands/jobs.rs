@@ -146,6 +146,10 @@ pub async fn watch(
         .progress_chars("=> ");
     let mut shown: HashMap<String, ProgressBar> = HashMap::new();
     let mut failed = Vec::new();
+    // Without a terminal no bars are drawn: a log or a pipe gets a line whenever a job's
+    // progress or step changes instead.
+    let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_line: HashMap<String, String> = HashMap::new();
     loop {
         let jobs: Vec<v1::JobInfo> = match &only {
             Some(ids) => {
@@ -205,6 +209,18 @@ pub async fn watch(
                             .map(|s| format!("{}: {}", s.name, s.detail.replace('\n', " ")))
                             .unwrap_or_default(),
                     );
+                    let line = format!(
+                        "job {} {} {}: {:.0}% {}",
+                        j.id,
+                        j.kind,
+                        j.target,
+                        j.progress_pct,
+                        bar.message()
+                    );
+                    if plain && last_line.get(&j.id) != Some(&line) {
+                        println!("{line}");
+                        last_line.insert(j.id.clone(), line);
+                    }
                 }
                 "Failed" => {
                     if !bar.is_finished() {
@@ -227,7 +243,7 @@ pub async fn watch(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if plain {
         // No progress bars were drawn: say how each job ended.
         for (id, bar) in &shown {
             println!("job {id}: {}", bar.message());

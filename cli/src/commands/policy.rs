@@ -1,6 +1,7 @@
 //! `lifeboat policy create|list|show|update|assign|delete`: replication policies. Creating `P`
 //! also creates its failback twin `P-failback`.
 use crate::context::{status_error, ContextArgs};
+use crate::durations::whole_seconds;
 use crate::format::{table, time};
 use lifeboat_proto::v1::{self, Empty, NameRequest};
 use serde_json::json;
@@ -14,7 +15,8 @@ pub struct PolicySpecArgs {
     /// Keep recovery points this long (e.g. 24h).
     #[arg(long, default_value = "24h", value_parser = whole_seconds)]
     retention: u64,
-    /// Take an app-consistent point this often (0 for none).
+    /// Take an app-consistent point this often (0 for none; only agents given a --freeze-hook
+    /// make them).
     #[arg(long, default_value = "60m", value_parser = whole_seconds)]
     app_consistent_every: u64,
     /// Take a crash-consistent point this often.
@@ -25,8 +27,10 @@ pub struct PolicySpecArgs {
     no_compression: bool,
 }
 
-/// What `policy update` changes: only the settings given; the others keep their values.
+/// What `policy update` changes: only the settings given (at least one); the others keep
+/// their values.
 #[derive(Debug, clap::Args)]
+#[group(required = true, multiple = true)]
 pub struct PolicyChangeArgs {
     /// Alert when a disk's RPO exceeds this (e.g. 15m).
     #[arg(long, value_parser = whole_seconds)]
@@ -34,7 +38,8 @@ pub struct PolicyChangeArgs {
     /// Keep recovery points this long (e.g. 24h).
     #[arg(long, value_parser = whole_seconds)]
     retention: Option<u64>,
-    /// Take an app-consistent point this often (0 for none).
+    /// Take an app-consistent point this often (0 for none; only agents given a --freeze-hook
+    /// make them).
     #[arg(long, value_parser = whole_seconds)]
     app_consistent_every: Option<u64>,
     /// Take a crash-consistent point this often.
@@ -67,24 +72,6 @@ impl PolicyChangeArgs {
         }
         current
     }
-}
-
-/// A duration in whole seconds (policies count in seconds): `15m`, `2h 30m`, `90s`, `0`.
-fn whole_seconds(text: &str) -> Result<u64, String> {
-    // humantime reads `M` as months: in an RPO or an interval that is a typo for minutes.
-    if text.contains('M') {
-        return Err(format!(
-            "{text:?}: M means months; write minutes as m (15m), months as month (1month)"
-        ));
-    }
-    let d = humantime::parse_duration(text)
-        .map_err(|_| format!("not a duration; write it like 90s, 15m, 2h or 1day ({text:?})"))?;
-    if d.subsec_nanos() != 0 {
-        return Err(format!(
-            "policies count whole seconds; {text} is not a whole number of them"
-        ));
-    }
-    Ok(d.as_secs())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -278,18 +265,4 @@ pub async fn run(ctx: &ContextArgs, command: PolicyCommand) -> anyhow::Result<()
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::whole_seconds;
-
-    #[test]
-    fn durations_are_whole_seconds_and_m_is_minutes() {
-        assert_eq!(whole_seconds("15m"), Ok(900));
-        assert_eq!(whole_seconds("2h 30m"), Ok(9000));
-        assert!(whole_seconds("10M").unwrap_err().contains("months"));
-        assert!(whole_seconds("1.5s").is_err());
-        assert!(whole_seconds("soon").is_err());
-    }
 }

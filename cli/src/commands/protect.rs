@@ -233,8 +233,8 @@ pub async fn status(
                 "-".to_string()
             } else {
                 format!(
-                    "{:.1}s{}",
-                    d.rpo_secs,
+                    "{}s{}",
+                    crate::format::rpo(d.rpo_secs, d.pending_bytes),
                     if d.rpo_exceeded {
                         " (over threshold!)"
                     } else {

@@ -11,8 +11,8 @@ use serde_json::json;
 pub struct PointsArgs {
     machine: String,
     /// Only points newer than this (e.g. 30m, 2h, 1d).
-    #[arg(long)]
-    since: Option<humantime::Duration>,
+    #[arg(long, value_parser = crate::durations::whole_seconds)]
+    since: Option<u64>,
     #[arg(long)]
     json: bool,
 }
@@ -62,7 +62,7 @@ pub async fn points(ctx: &ContextArgs, args: PointsArgs) -> anyhow::Result<()> {
     let list = client
         .list_points(PointsRequest {
             machine: args.machine,
-            since_secs: args.since.map(|d| d.as_secs()).unwrap_or(0),
+            since_secs: args.since.unwrap_or(0),
         })
         .await
         .map_err(status_error)?

@@ -19,7 +19,7 @@ pub enum ServersCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Everything known about one component.
+    /// Everything known about one component (by id, or by name when one has it).
     Show {
         id: String,
         #[arg(long)]

@@ -189,8 +189,9 @@ pub async fn run(ctx: &ContextArgs, args: WaitArgs) -> anyhow::Result<()> {
         if machine.disks.is_empty() {
             waiting = vec!["the machine has no disks yet".into()];
         }
-        // Nothing moves without the machine's agent: say so first, it is what to fix.
-        if !waiting.is_empty() && !machine.agent_connected {
+        // Nothing moves without the machine's agent: a machine whose agent is away is not
+        // replicating, whatever state its disks were left in. Said first: it is what to fix.
+        if !machine.agent_connected {
             waiting.insert(
                 0,
                 format!(

@@ -115,8 +115,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let stopped = stack.stop().await;
     outcome.and(stopped)?;
     println!(
-        "Done. Everything the demo made is in {}; delete it when you like.",
-        data_dir.display()
+        "Done. Everything the demo made is in {}; delete it when you like.\n\
+         Next: `lifeboat up` runs the same stack on this host until you stop it, for your own \
+         machines (docs/install.md). While a demo runs, \
+         `LIFEBOAT_CONTEXT={} lifeboat status` looks at it from another terminal.",
+        data_dir.display(),
+        data_dir.join("context.toml").display()
     );
     Ok(())
 }
@@ -289,9 +293,9 @@ async fn write_load(
                     .and_then(|m| m.disks.first())
                 {
                     let line = format!(
-                        "{}  RPO {:.1} s  pending {}  written {}",
+                        "{}  RPO {} s  pending {}  written {}",
                         d.state,
-                        d.rpo_secs,
+                        crate::format::rpo(d.rpo_secs, d.pending_bytes),
                         bytes(d.pending_bytes),
                         bytes(written)
                     );

@@ -48,6 +48,38 @@ impl AdminService {
                 ))
             })
     }
+
+    /// The identity `key` names: its id, or else the name of exactly one identity that is
+    /// not revoked (names are what operators type; `protect --ps NAME` takes them too).
+    fn find_id_or_name(&self, key: &str) -> Result<IdentityRecord, Status> {
+        let by_id = self.find(key);
+        if by_id.is_ok() {
+            return by_id;
+        }
+        let named: Vec<IdentityRecord> = self
+            .node
+            .state()
+            .identities()
+            .map_err(storage_status)?
+            .into_iter()
+            .filter(|r| r.name == key && r.revoked.is_none())
+            .collect();
+        match <[IdentityRecord; 1]>::try_from(named) {
+            Ok([record]) => Ok(record),
+            Err(named) if named.is_empty() => Err(Status::not_found(format!(
+                "no server with id or name {key:?}; see `lifeboat servers list`"
+            ))),
+            Err(named) => Err(Status::invalid_argument(format!(
+                "{} servers are named {key:?} ({}); give its id",
+                named.len(),
+                named
+                    .iter()
+                    .map(|r| format!("{} {}", r.role.as_str(), r.id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -92,7 +124,7 @@ impl Admin for AdminService {
         request: Request<v1::GetServerRequest>,
     ) -> Result<Response<v1::ServerInfo>, Status> {
         self.node.authorize(&request, &[Role::Admin])?;
-        let record = self.find(&request.get_ref().id)?;
+        let record = self.find_id_or_name(&request.get_ref().id)?;
         Ok(Response::new(self.server_info(record)))
     }
 
