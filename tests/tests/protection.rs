@@ -82,6 +82,12 @@ fn policies_protect_status_jobs_and_unprotect() {
         &["servers", "show", "nosuch"],
         "no server with id or name",
     );
+    // An empty master target shows every replica slot free; the retention volume's apart.
+    let listed = ok(&ctx, &["servers", "list"]);
+    assert!(
+        listed.contains("30/30 disk slots free (1 more for the retention volume)"),
+        "{listed}"
+    );
 
     // Policies come in pairs.
     ok(
@@ -148,6 +154,13 @@ fn policies_protect_status_jobs_and_unprotect() {
             "--no-compression",
         ],
     );
+    let shown = ok(&ctx, &["policy", "show", "gold"]);
+    assert!(
+        shown.contains("Failback twin:           gold-failback"),
+        "{shown}"
+    );
+    let shown = ok(&ctx, &["policy", "show", "gold-failback"]);
+    assert!(shown.contains("Failback twin of:        gold"), "{shown}");
     let gold = lifeboat_json(&ctx, &["policy", "show", "gold", "--json"]);
     assert_eq!(gold["rpo_threshold_secs"], 600);
     assert_eq!(gold["crash_consistent_every_secs"], 600);

@@ -219,7 +219,10 @@ pub async fn run(ctx: &ContextArgs, command: PolicyCommand) -> anyhow::Result<()
             }
             let s = p.spec.clone().unwrap_or_default();
             println!("Name:                    {}", s.name);
-            if !p.failback_of.is_empty() {
+            if p.failback_of.is_empty() {
+                // Created and deleted with it (`policy create` made it); failback uses it.
+                println!("Failback twin:           {}-failback", s.name);
+            } else {
                 println!("Failback twin of:        {}", p.failback_of);
             }
             println!("RPO threshold:           {}", d(s.rpo_threshold_secs));

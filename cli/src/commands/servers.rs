@@ -52,10 +52,14 @@ fn details(s: &v1::ServerInfo) -> String {
     };
     match Role::from_proto(s.role) {
         Some(Role::ProcessServer) => format!("cache {} free", bytes(f.free_bytes)),
+        // Some slots are the retention volume's: counted among the total without saying so,
+        // an empty master target would seem to have lost them.
         Some(Role::MasterTarget) => format!(
-            "{}/{} disk slots free, {} free",
+            "{}/{} disk slots free ({} more for the retention volume), {} free",
             f.disk_slots_free,
-            f.disk_slots_total,
+            f.disk_slots_total
+                .saturating_sub(lifeboat_master_target::RESERVED_SLOTS),
+            lifeboat_master_target::RESERVED_SLOTS,
             bytes(f.free_bytes)
         ),
         Some(Role::Agent) => {
