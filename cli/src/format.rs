@@ -73,15 +73,15 @@ pub fn role_name(proto_role: i32) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn an_rpo_beside_a_backlog_is_never_zero() {
-        assert_eq!(super::rpo(0.0, 0), "0.0");
-        assert_eq!(super::rpo(0.04, 576 << 10), "<0.1");
-        assert_eq!(super::rpo(0.06, 576 << 10), "0.1");
-        assert_eq!(super::rpo(12.34, 1), "12.3");
+        assert_eq!(rpo(0.0, 0), "0.0");
+        assert_eq!(rpo(0.04, 576 << 10), "<0.1");
+        assert_eq!(rpo(0.06, 576 << 10), "0.1");
+        assert_eq!(rpo(12.34, 1), "12.3");
     }
-
-    use super::*;
 
     #[test]
     fn sizes_read_naturally() {

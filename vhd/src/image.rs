@@ -430,8 +430,9 @@ impl Image {
     /// Every 4 MiB written through the page cache, the kernel is asked to start writing the
     /// file's dirty pages (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: asynchronous, no
     /// durability promised), so the disk works while the caller keeps writing and the next
-    /// flush has little left to do. Without it nothing reaches the disk before the flush of a batch smaller than the
-    /// kernel's dirty threshold, and writing and flushing happen one after the other.
+    /// flush has little left to do. Without it nothing reaches the disk before the flush of a
+    /// batch smaller than the kernel's dirty threshold, and writing and flushing happen one
+    /// after the other.
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
         if !self.writable {
             return Err(Error::ReadOnly);
@@ -448,14 +449,10 @@ impl Image {
                 s.write(&self.file, &mut out, self.parent.as_deref(), buf, offset)?
             }
         }
+        self.since_writeback += buf.len() as u64;
         // Direct data writes leave next to nothing in the page cache to start on (the flush's
         // `fdatasync` takes the few pieces that went buffered).
-        let direct = self
-            .direct
-            .as_ref()
-            .is_some_and(|d| d.alignment().is_some());
-        self.since_writeback += buf.len() as u64;
-        if self.since_writeback >= EARLY_WRITEBACK && !direct {
+        if self.since_writeback >= EARLY_WRITEBACK && !self.writes_direct() {
             self.since_writeback = 0;
             dio::start_writeback(&self.file, 0, 0);
         }
@@ -480,10 +477,14 @@ impl Image {
                 .map_err(Error::io("open the image for direct writes"))?;
             self.direct = Some(dio::DirectFile::new(file, &self.path));
         }
-        Ok(self
-            .direct
+        Ok(self.writes_direct())
+    }
+
+    /// Whether data writes go direct (set up, and not refused by the file system since).
+    fn writes_direct(&self) -> bool {
+        self.direct
             .as_ref()
-            .is_some_and(|d| d.alignment().is_some()))
+            .is_some_and(|d| d.alignment().is_some())
     }
 
     /// Runs `writes`, which only writes, zeroes and discards (no reads, no flush), with the

@@ -209,17 +209,19 @@ pub async fn watch(
                             .map(|s| format!("{}: {}", s.name, s.detail.replace('\n', " ")))
                             .unwrap_or_default(),
                     );
-                    let line = format!(
-                        "job {} {} {}: {:.0}% {}",
-                        j.id,
-                        j.kind,
-                        j.target,
-                        j.progress_pct,
-                        bar.message()
-                    );
-                    if plain && last_line.get(&j.id) != Some(&line) {
-                        println!("{line}");
-                        last_line.insert(j.id.clone(), line);
+                    if plain {
+                        let line = format!(
+                            "job {} {} {}: {:.0}% {}",
+                            j.id,
+                            j.kind,
+                            j.target,
+                            j.progress_pct,
+                            bar.message()
+                        );
+                        if last_line.get(&j.id) != Some(&line) {
+                            println!("{line}");
+                            last_line.insert(j.id.clone(), line);
+                        }
                     }
                 }
                 "Failed" => {

@@ -37,7 +37,7 @@ const HOLD: Duration = Duration::from_secs(1);
 /// previous one is answered. Times are the configuration server's, so clock skew between
 /// hosts does not matter.
 #[derive(Debug, Clone, Copy)]
-enum Freshness {
+pub(crate) enum Freshness {
     /// The last report seen when the wait began was received at this time.
     Before(i64),
     /// A first report arrived after the wait began, at this time.
@@ -47,7 +47,7 @@ enum Freshness {
 }
 
 impl Freshness {
-    fn advance(self, last_report_ms: i64) -> Freshness {
+    pub(crate) fn advance(self, last_report_ms: i64) -> Freshness {
         match self {
             Freshness::Before(t) if last_report_ms > t => Freshness::First(last_report_ms),
             Freshness::First(t) if last_report_ms > t => Freshness::Fresh,

@@ -6,6 +6,7 @@
 mod nbd_client;
 
 use crate::commands::jobs;
+use crate::commands::wait::Freshness;
 use crate::context::{status_error, ContextArgs};
 use crate::format::bytes;
 use crate::up::{wait_for_servers, Stack, UpArgs};
@@ -84,8 +85,9 @@ impl Ports {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     lifeboat_common::fsutil::create_private_dir(&args.data_dir)?;
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let context_file = data_dir.join("context.toml");
     let ctx = ContextArgs {
-        context: Some(data_dir.join("context.toml")),
+        context: Some(context_file.clone()),
         cs: Vec::new(),
     };
     let ports = Ports::load_or_choose(&data_dir)?;
@@ -120,7 +122,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
          machines (docs/install.md). While a demo runs, \
          `LIFEBOAT_CONTEXT={} lifeboat status` looks at it from another terminal.",
         data_dir.display(),
-        data_dir.join("context.toml").display()
+        context_file.display()
     );
     Ok(())
 }
@@ -344,7 +346,8 @@ async fn wait_caught_up(
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_millis() as i64;
-    let mut first_after = None;
+    // Judged as `lifeboat wait --caught-up` judges it: on a report made after `since`.
+    let mut freshness = Freshness::Before(since);
     loop {
         let s = client
             .status(StatusRequest {
@@ -355,10 +358,8 @@ async fn wait_caught_up(
             .map_err(status_error)?
             .into_inner();
         if let Some(d) = s.machines.first().and_then(|m| m.disks.first()) {
-            // The first report received after `since` may have been put together before
-            // (in flight meanwhile); the agent's next one was made after it was answered.
-            let fresh = d.last_report_unix_ms > since
-                && d.last_report_unix_ms > *first_after.get_or_insert(d.last_report_unix_ms);
+            freshness = freshness.advance(d.last_report_unix_ms);
+            let fresh = matches!(freshness, Freshness::Fresh);
             if fresh && d.state == "Protected" && d.pending_bytes == 0 && d.rpo_secs == 0.0 {
                 return Ok(d.disk_id.clone());
             }

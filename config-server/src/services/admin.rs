@@ -56,7 +56,7 @@ impl AdminService {
         if by_id.is_ok() {
             return by_id;
         }
-        let named: Vec<IdentityRecord> = self
+        let mut named: Vec<IdentityRecord> = self
             .node
             .state()
             .identities()
@@ -64,12 +64,12 @@ impl AdminService {
             .into_iter()
             .filter(|r| r.name == key && r.revoked.is_none())
             .collect();
-        match <[IdentityRecord; 1]>::try_from(named) {
-            Ok([record]) => Ok(record),
-            Err(named) if named.is_empty() => Err(Status::not_found(format!(
+        match named.len() {
+            1 => Ok(named.remove(0)),
+            0 => Err(Status::not_found(format!(
                 "no server with id or name {key:?}; see `lifeboat servers list`"
             ))),
-            Err(named) => Err(Status::invalid_argument(format!(
+            _ => Err(Status::invalid_argument(format!(
                 "{} servers are named {key:?} ({}); give its id",
                 named.len(),
                 named

@@ -11,7 +11,11 @@ const PROBE: usize = 64 * 1024;
 /// The probe of a batch's data: from the middle of its largest extent, if that holds a
 /// whole probe (else the batch is judged on its encoding, with `worth_compressing`).
 pub fn probe_window(batch: &ChangeBatch) -> Option<&[u8]> {
-    let data = &batch.extents.iter().max_by_key(|e| e.data.len())?.data;
+    middle(&batch.extents.iter().max_by_key(|e| e.data.len())?.data)
+}
+
+/// The probe from the middle of `data`, if it holds one.
+fn middle(data: &[u8]) -> Option<&[u8]> {
     let start = data.len().checked_sub(PROBE)? / 2;
     Some(&data[start..start + PROBE])
 }
@@ -20,11 +24,10 @@ pub fn probe_window(batch: &ChangeBatch) -> Option<&[u8]> {
 /// framing) must shrink by at least an eighth. Small batches are always compressed (the
 /// probe would be most of the batch).
 pub fn worth_compressing(zstd: &mut Compressor<'static>, plain: &[u8]) -> io::Result<bool> {
-    if plain.len() <= PROBE {
-        return Ok(true);
+    match middle(plain) {
+        Some(probe) if plain.len() > PROBE => probe_shrinks(zstd, probe),
+        _ => Ok(true),
     }
-    let start = (plain.len() - PROBE) / 2;
-    probe_shrinks(zstd, &plain[start..start + PROBE])
 }
 
 /// Whether zstd shrinks `probe` by at least an eighth.
