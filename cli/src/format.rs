@@ -65,6 +65,22 @@ pub fn rpo(secs: f64, pending_bytes: u64) -> String {
     }
 }
 
+/// The RPO column of `status`: the figure in seconds, marked when over the policy's
+/// threshold; `-` where there is no RPO to speak of — a failed-over disk no longer
+/// replicates, and no replica is usable before the initial sync ends (SYNC and ETA say how
+/// far that is; the figure would be the age of the oldest unapplied read, 0.0 at the start).
+pub fn rpo_cell(state: &str, secs: f64, pending_bytes: u64, over_threshold: bool) -> String {
+    if matches!(state, "FailedOver" | "Enabling" | "InitialSync") {
+        return "-".into();
+    }
+    let mark = if over_threshold {
+        " (over threshold!)"
+    } else {
+        ""
+    };
+    format!("{}s{mark}", rpo(secs, pending_bytes))
+}
+
 pub fn role_name(proto_role: i32) -> &'static str {
     Role::from_proto(proto_role)
         .map(Role::as_str)
@@ -81,6 +97,18 @@ mod tests {
         assert_eq!(rpo(0.04, 576 << 10), "<0.1");
         assert_eq!(rpo(0.06, 576 << 10), "0.1");
         assert_eq!(rpo(12.34, 1), "12.3");
+    }
+
+    #[test]
+    fn no_rpo_before_the_initial_sync_ends_or_after_failover() {
+        assert_eq!(rpo_cell("InitialSync", 0.0, 1 << 20, false), "-");
+        assert_eq!(rpo_cell("FailedOver", 0.0, 0, false), "-");
+        assert_eq!(rpo_cell("Enabling", 0.0, 0, false), "-");
+        assert_eq!(rpo_cell("Protected", 0.0, 0, false), "0.0s");
+        assert_eq!(
+            rpo_cell("Resync", 930.0, 1, true),
+            "930.0s (over threshold!)"
+        );
     }
 
     #[test]

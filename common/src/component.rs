@@ -272,6 +272,7 @@ async fn heartbeats(
         let request = v1::HeartbeatRequest {
             facts: Some(reporter.facts()),
             disks: disk_reports(reporter),
+            signing_off: false,
         };
         let result = send_one(&identity, &mut connection, request).await;
         let connected = match result {
@@ -338,8 +339,37 @@ async fn heartbeats(
             _ = tokio::time::sleep(wait) => {}
             for_figures = nudged => if for_figures { follow_ups = FOLLOW_UPS },
             _ = reconnected.notified() => {}
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => {
+                if connected {
+                    sign_off(&identity, &mut connection, reporter).await;
+                }
+                return Ok(());
+            }
         }
+    }
+}
+
+/// Longest a stopping component waits for the configuration server to take its last
+/// heartbeat: stopping must not hang on an unreachable one.
+const SIGN_OFF_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Tells the configuration server this component is stopping cleanly, with its last disk
+/// reports, so operators see it disconnected at once rather than after three missed
+/// heartbeats (an agent stopped cleanly otherwise showed its machine Protected for ~15 s).
+async fn sign_off(
+    identity: &Identity,
+    connection: &mut Option<(String, Channel)>,
+    reporter: &impl Reporter,
+) {
+    let request = v1::HeartbeatRequest {
+        facts: Some(reporter.facts()),
+        disks: disk_reports(reporter),
+        signing_off: true,
+    };
+    match tokio::time::timeout(SIGN_OFF_TIMEOUT, send_one(identity, connection, request)).await {
+        Ok(Ok(_)) => tracing::info!("signed off at the configuration server"),
+        Ok(Err(status)) => tracing::debug!("cannot sign off: {}", status.message()),
+        Err(_) => tracing::debug!("cannot sign off: no answer within {SIGN_OFF_TIMEOUT:?}"),
     }
 }
 

@@ -98,6 +98,7 @@ pub fn init(settings: &Settings) -> anyhow::Result<InitOutcome> {
             revoked: None,
             facts: Default::default(),
             last_heartbeat_ms: 0,
+            signed_off: false,
         });
     }
 

@@ -14,7 +14,18 @@ pub const SUMMARY_EVERY_MS: i64 = 60_000;
 struct Live {
     last_ms: i64,
     facts: Facts,
+    /// The last heartbeat said the component was stopping cleanly.
+    signed_off: bool,
     summarised_ms: Option<i64>,
+}
+
+/// What this node last heard from a component.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub last_ms: i64,
+    pub facts: Facts,
+    /// It signed off (stopped cleanly) and has not been heard from since.
+    pub signed_off: bool,
 }
 
 #[derive(Debug, Default)]
@@ -23,23 +34,40 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    pub fn record(&self, id: &str, at_ms: i64, facts: Facts) {
+    /// Records a heartbeat; `signing_off` when it was the component's last (a clean stop).
+    pub fn record(&self, id: &str, at_ms: i64, facts: Facts, signing_off: bool) {
         let Ok(mut map) = self.inner.lock() else {
             return;
         };
         let entry = map.entry(id.to_string()).or_insert(Live {
             last_ms: at_ms,
             facts: facts.clone(),
+            signed_off: false,
             summarised_ms: None,
         });
         entry.last_ms = entry.last_ms.max(at_ms);
         entry.facts = facts;
+        if entry.signed_off != signing_off {
+            // A stop (or a return after one) reaches Raft at once, not at the low summary
+            // rate: another node leading next must not show a stopped component connected.
+            entry.signed_off = signing_off;
+            entry.summarised_ms = None;
+        }
     }
 
-    /// Latest heartbeat time and facts seen by this node.
-    pub fn get(&self, id: &str) -> Option<(i64, Facts)> {
+    /// Latest heartbeat seen by this node.
+    pub fn get(&self, id: &str) -> Option<Seen> {
         let map = self.inner.lock().ok()?;
-        map.get(id).map(|l| (l.last_ms, l.facts.clone()))
+        map.get(id).map(|l| Seen {
+            last_ms: l.last_ms,
+            facts: l.facts.clone(),
+            signed_off: l.signed_off,
+        })
+    }
+
+    /// Whether the component signed off and has not been heard from since.
+    pub fn signed_off(&self, id: &str) -> bool {
+        self.get(id).is_some_and(|s| s.signed_off)
     }
 
     /// Updates to summarise into Raft now; marks them summarised.
@@ -59,6 +87,7 @@ impl Liveness {
                     id: id.clone(),
                     last_heartbeat_ms: live.last_ms,
                     facts: live.facts.clone(),
+                    signed_off: live.signed_off,
                 });
             }
         }
@@ -82,14 +111,14 @@ mod tests {
     #[test]
     fn summarises_first_sight_then_at_low_rate() {
         let l = Liveness::default();
-        l.record("a", 1_000, Facts::default());
+        l.record("a", 1_000, Facts::default(), false);
         assert_eq!(l.due(1_000).len(), 1);
-        l.record("a", 6_000, Facts::default());
+        l.record("a", 6_000, Facts::default(), false);
         assert!(
             l.due(6_000).is_empty(),
             "not again within the summary period"
         );
-        l.record("a", 70_000, Facts::default());
+        l.record("a", 70_000, Facts::default(), false);
         let due = l.due(70_000);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].last_heartbeat_ms, 70_000);
@@ -97,5 +126,24 @@ mod tests {
             l.due(200_000).is_empty(),
             "no heartbeat since: nothing new to say"
         );
+    }
+
+    #[test]
+    fn a_sign_off_and_the_return_after_it_are_summarised_at_once() {
+        let l = Liveness::default();
+        l.record("a", 1_000, Facts::default(), false);
+        l.due(1_000);
+        assert!(!l.signed_off("a"));
+        l.record("a", 2_000, Facts::default(), true);
+        assert!(l.signed_off("a"));
+        let due = l.due(2_000);
+        assert_eq!(due.len(), 1, "within the summary period all the same");
+        assert!(due[0].signed_off);
+        l.record("a", 3_000, Facts::default(), false);
+        assert!(!l.signed_off("a"), "an ordinary heartbeat undoes it");
+        let due = l.due(3_000);
+        assert_eq!(due.len(), 1);
+        assert!(!due[0].signed_off);
+        assert!(!l.signed_off("b"), "never heard of");
     }
 }

@@ -77,12 +77,14 @@ impl Node {
         now_ms: i64,
     ) -> (Option<Received>, Lag) {
         let report = self.progress.get(&disk.disk_id, Role::Agent);
-        let mut lag = progress::lag(
-            report.as_ref(),
-            now_ms,
-            self.settings.report_overdue_ms(),
-            machine.protected_at_ms,
-        );
+        // An agent that signed off captures nothing more: its last report is final, and the
+        // RPO grows from it at once.
+        let fresh_ms = if self.liveness.signed_off(&machine.agent_id) {
+            0
+        } else {
+            self.settings.report_overdue_ms()
+        };
+        let mut lag = progress::lag(report.as_ref(), now_ms, fresh_ms, machine.protected_at_ms);
         if disk.state == ReplicationState::FailedOver {
             lag.rpo_secs = 0.0;
         }
@@ -230,12 +232,19 @@ impl Node {
     /// (last heartbeat, facts, connected) of a registered identity: the live heartbeat this
     /// node holds if it is newer than the summary in Raft.
     pub fn live_view(&self, record: &IdentityRecord) -> (i64, Facts, bool) {
-        let (last_ms, facts) = match self.liveness.get(&record.id) {
-            Some((at, facts)) if at >= record.last_heartbeat_ms => (at, facts),
-            _ => (record.last_heartbeat_ms, record.facts.clone()),
+        let (last_ms, facts, signed_off) = match self.liveness.get(&record.id) {
+            Some(seen) if seen.last_ms >= record.last_heartbeat_ms => {
+                (seen.last_ms, seen.facts, seen.signed_off)
+            }
+            _ => (
+                record.last_heartbeat_ms,
+                record.facts.clone(),
+                record.signed_off,
+            ),
         };
         let connected = record.revoked.is_none()
             && last_ms > 0
+            && !signed_off
             && now_ms() - last_ms <= self.settings.disconnected_after_ms;
         (last_ms, facts, connected)
     }

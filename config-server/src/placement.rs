@@ -135,6 +135,7 @@ mod tests {
                 revoked: None,
                 facts: Default::default(),
                 last_heartbeat_ms: 0,
+                signed_off: false,
             },
             connected,
             free_bytes: free,

@@ -223,9 +223,23 @@ fn protect_progress(
     } else {
         (done as f64 * 100.0 / total as f64).floor()
     };
+    // An agent that is not running replicates nothing: the step says what it waits for.
+    let agent_away = !all_protected
+        && node
+            .state()
+            .identity(&machine.agent_id)
+            .ok()
+            .flatten()
+            .is_some_and(|r| !node.live_view(&r).2);
     if let Some(step) = next.steps.get_mut(1) {
         step.progress_pct = pct;
         step.detail = format!("{} of {} MiB", done >> 20, total >> 20);
+        if agent_away {
+            step.detail += &format!(
+                "; waiting for the agent of {} to connect (is `mobility-agent run` running there?)",
+                machine.name
+            );
+        }
         if all_protected {
             step.state = JobState::Succeeded;
         }

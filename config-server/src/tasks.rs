@@ -127,6 +127,7 @@ pub async fn self_heartbeat(
         let request = lifeboat_proto::v1::HeartbeatRequest {
             facts: Some(lifeboat_common::facts::base_facts(&advertise, &data_dir)),
             disks: Vec::new(),
+            signing_off: false,
         };
         crate::services::component::accept_heartbeat(
             &node,

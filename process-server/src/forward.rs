@@ -12,7 +12,7 @@ use lifeboat_proto::v1::{
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -26,10 +26,15 @@ pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
     tokio::spawn(release_applied(entry.clone()));
     let mut backoff = Duration::from_millis(200);
     let mut last_error = String::new();
+    let mut failing_since: Option<Instant> = None;
     while !entry.stop.is_cancelled() {
         match session(&identity, &entry).await {
-            Ok(()) => backoff = Duration::from_millis(200),
+            Ok(()) => {
+                backoff = Duration::from_millis(200);
+                failing_since = None;
+            }
             Err(e) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
                 entry.forward_failed(format!("{e:#}"));
                 // Nothing is being taken from memory until the next session catches up by
                 // reading the file: leave the shared budget to the disks that are moving.
@@ -38,8 +43,14 @@ pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
                 }
                 let text = e.to_string();
                 if text != last_error {
-                    tracing::warn!(disk = %entry.disk_id, "forwarding to the master target: {text}");
-                    last_error = text;
+                    if not_told_yet(&e) && since.elapsed() < MT_TOLD_WITHIN {
+                        // Just protected: the master target hears of the disk a moment after
+                        // this process server does. Worth a warning only if it lasts.
+                        tracing::debug!(disk = %entry.disk_id, "forwarding to the master target: {text}");
+                    } else {
+                        tracing::warn!(disk = %entry.disk_id, "forwarding to the master target: {text}");
+                        last_error = text;
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -49,6 +60,18 @@ pub async fn run(identity: Arc<Identity>, entry: Arc<DiskEntry>) {
             _ = entry.stop.cancelled() => return,
         }
     }
+}
+
+/// How long a master target may take to hear of a newly assigned disk (it follows
+/// assignments as this process server does) before being refused for it is worth a warning.
+const MT_TOLD_WITHIN: Duration = Duration::from_secs(10);
+
+/// Whether the master target refused the disk as not (yet) assigned to it.
+fn not_told_yet(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<tonic::Status>()
+            .is_some_and(|s| s.code() == tonic::Code::NotFound)
+    })
 }
 
 /// A client of the disk's master target.

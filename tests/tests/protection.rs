@@ -220,6 +220,19 @@ fn policies_protect_status_jobs_and_unprotect() {
         &["protect", "bare", "--policy", "gold"],
         "reports no disks",
     );
+    // Registered, never started: protecting it says to start it.
+    let _idle = Component::register(
+        "mobility-agent",
+        "idle01",
+        tmp.path(),
+        &cs,
+        &["--disk", &d1],
+    );
+    fails(
+        &ctx,
+        &["protect", "idle01", "--policy", "gold"],
+        "has registered but never connected: start it there",
+    );
     fails(
         &ctx,
         &["protect", "web01", "--policy", "gold", "--mt", "nosuch"],
@@ -306,13 +319,13 @@ fn policies_protect_status_jobs_and_unprotect() {
     );
     fails(&ctx, &["wait", "nosuch"], "no machine named nosuch");
     // A machine whose agent is away replicates nothing, whatever state its disks were left
-    // in: `wait` does not report it Protected, and says what to fix.
+    // in: `wait` does not report it Protected, and says what to fix. An agent stopped
+    // cleanly signs off with its last heartbeat: it shows Disconnected at once, not after
+    // three missed heartbeats.
     assert_eq!(agent.proc().terminate(), Some(0));
-    wait_until("agent disconnected", WAIT, || {
-        servers(&ctx, "agent")
-            .iter()
-            .any(|s| s["name"] == "web01" && s["status"] == "Disconnected")
-    });
+    let agents = servers(&ctx, "agent");
+    let web01 = agents.iter().find(|s| s["name"] == "web01").unwrap();
+    assert_eq!(web01["status"], "Disconnected", "{web01}");
     fails(
         &ctx,
         &["wait", "web01", "--timeout-secs", "1"],

@@ -229,19 +229,8 @@ pub async fn status(
     ]);
     for m in &reply.machines {
         for d in &m.disks {
-            let rpo = if d.state == "FailedOver" {
-                "-".to_string()
-            } else {
-                format!(
-                    "{}s{}",
-                    crate::format::rpo(d.rpo_secs, d.pending_bytes),
-                    if d.rpo_exceeded {
-                        " (over threshold!)"
-                    } else {
-                        ""
-                    }
-                )
-            };
+            let rpo =
+                crate::format::rpo_cell(&d.state, d.rpo_secs, d.pending_bytes, d.rpo_exceeded);
             t.add_row(vec![
                 m.name.clone(),
                 d.name.clone(),

@@ -174,6 +174,7 @@ impl Bootstrap for BootstrapService {
             revoked: None,
             facts,
             last_heartbeat_ms: 0,
+            signed_off: false,
         };
         let node_id = match self
             .node

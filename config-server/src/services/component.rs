@@ -43,7 +43,7 @@ pub async fn accept_heartbeat(
         .as_ref()
         .map(Facts::from_proto)
         .unwrap_or_default();
-    node.liveness.record(id, now, facts);
+    node.liveness.record(id, now, facts, request.signing_off);
     node.progress.record(role, id, now, request.disks.clone());
     if !forward || node.is_leader() {
         return;

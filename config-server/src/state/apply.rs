@@ -130,6 +130,9 @@ pub fn apply(
         Command::RecordLiveness { updates } => {
             for update in updates {
                 if let Some(mut record) = StateReader(&tx).identity(&update.id)? {
+                    if update.last_heartbeat_ms >= record.last_heartbeat_ms {
+                        record.signed_off = update.signed_off;
+                    }
                     record.last_heartbeat_ms =
                         record.last_heartbeat_ms.max(update.last_heartbeat_ms);
                     record.facts = update.facts.clone();

@@ -152,6 +152,9 @@ pub struct LivenessUpdate {
     pub id: String,
     pub last_heartbeat_ms: i64,
     pub facts: Facts,
+    /// That heartbeat was the component's last: it stopped cleanly.
+    #[serde(default)]
+    pub signed_off: bool,
 }
 
 /// An audit record before the state machine gives it a sequence number.

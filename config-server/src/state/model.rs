@@ -83,6 +83,9 @@ pub struct IdentityRecord {
     /// Last heartbeat as summarised into Raft; 0 if none yet.
     #[serde(default)]
     pub last_heartbeat_ms: i64,
+    /// That heartbeat was the component's last: it stopped cleanly (shown disconnected).
+    #[serde(default)]
+    pub signed_off: bool,
 }
 
 /// One line of the audit log.

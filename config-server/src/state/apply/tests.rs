@@ -17,6 +17,7 @@ fn record(id: &str, role: Role, name: &str, generation: u64) -> IdentityRecord {
         revoked: None,
         facts: Default::default(),
         last_heartbeat_ms: 0,
+        signed_off: false,
     }
 }
 
