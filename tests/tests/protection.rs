@@ -221,12 +221,15 @@ fn policies_protect_status_jobs_and_unprotect() {
         "reports no disks",
     );
     // Registered, never started: protecting it says to start it.
-    let _idle = Component::register(
+    let idle_disk = tmp.path().join("idle.img");
+    sparse_disk(&idle_disk, 4 << 20);
+    let idle_disk = format!("disk0={}", idle_disk.display());
+    let mut idle = Component::register(
         "mobility-agent",
         "idle01",
         tmp.path(),
         &cs,
-        &["--disk", &d1],
+        &["--disk", &idle_disk],
     );
     fails(
         &ctx,
@@ -362,6 +365,28 @@ fn policies_protect_status_jobs_and_unprotect() {
         .unwrap()
         .is_empty());
     fails(&ctx, &["unprotect", "web01"], "not protected");
+
+    // A protect job waiting on an agent that has stopped says what it waits for.
+    idle.start();
+    wait_until("idle01 connected", WAIT, || {
+        servers(&ctx, "agent")
+            .iter()
+            .any(|s| s["name"] == "idle01" && s["status"] == "Connected")
+    });
+    assert_eq!(idle.proc().terminate(), Some(0));
+    ok(&ctx, &["protect", "idle01", "--policy", "gold"]);
+    wait_until("the protect job to say what it waits for", WAIT, || {
+        lifeboat_json(&ctx, &["jobs", "--json"])["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| {
+                j["kind"] == "protect"
+                    && j.to_string()
+                        .contains("waiting for the agent of idle01 to connect")
+            })
+    });
+    ok(&ctx, &["unprotect", "idle01", "--wait"]);
     ok(&ctx, &["policy", "delete", "gold"]);
     assert!(
         lifeboat_json(&ctx, &["policy", "list", "--json"])["policies"]
