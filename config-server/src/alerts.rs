@@ -110,10 +110,12 @@ pub async fn reconcile(node: &Node, judge_liveness: bool) -> anyhow::Result<()> 
                 } else {
                     // A time, not an age: the alert is raised once and keeps its message.
                     let at = std::time::UNIX_EPOCH + Duration::from_millis(last as u64);
-                    format!(
-                        "no heartbeat since {}",
-                        humantime::format_rfc3339_seconds(at)
-                    )
+                    let at = humantime::format_rfc3339_seconds(at);
+                    if node.liveness.signed_off(&r.id) {
+                        format!("stopped at {at} (signed off: a clean stop)")
+                    } else {
+                        format!("no heartbeat since {at}")
+                    }
                 };
                 // A failed-over machine no longer replicates: it runs from views on its
                 // master target, and needs nothing of its process server.

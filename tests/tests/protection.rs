@@ -405,6 +405,11 @@ fn policies_protect_status_jobs_and_unprotect() {
             .any(|a| a["subject"] == "process server ps1" && a["severity"] == "critical")
     };
     wait_until("process server down alert", WAIT, || alert_about_ps(&ctx));
+    let alerts = lifeboat_json(&ctx, &["alerts", "--json"]);
+    assert!(
+        alerts.to_string().contains("(signed off: a clean stop)"),
+        "a clean stop is told apart from a lost heartbeat: {alerts}"
+    );
     ps.start();
     wait_until("alert cleared", WAIT, || !alert_about_ps(&ctx));
     let audit = lifeboat_json(&ctx, &["audit", "--json"]);
