@@ -304,14 +304,9 @@ impl Protection for ProtectionService {
                 req.machine
             ))
         })?;
-        let (last_ms, facts, _) = self.node.live_view(agent);
-        if last_ms == 0 {
-            return Err(Status::failed_precondition(format!(
-                "the agent of {} has registered but never connected: start it there \
-                 (`mobility-agent run --data-dir DIR --disk NAME=PATH`), then protect again",
-                req.machine
-            )));
-        }
+        // An agent registered with its disks may be protected before it first runs (its
+        // protect job says it waits for the agent).
+        let (_, facts, _) = self.node.live_view(agent);
         if facts.disks.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "the agent of {} reports no disks; start it with --disk NAME=PATH",
