@@ -246,6 +246,15 @@ fn disk_reports(reporter: &impl Reporter) -> Vec<v1::DiskReport> {
     }
 }
 
+/// A heartbeat: the component's facts and disk reports; `signing_off` for its last.
+fn heartbeat_request(reporter: &impl Reporter, signing_off: bool) -> v1::HeartbeatRequest {
+    v1::HeartbeatRequest {
+        facts: Some(reporter.facts()),
+        disks: disk_reports(reporter),
+        signing_off,
+    }
+}
+
 async fn heartbeats(
     mut identity: Identity,
     data_dir: PathBuf,
@@ -269,11 +278,7 @@ async fn heartbeats(
     // began: the first may have been put together before).
     let mut follow_ups = 0u8;
     loop {
-        let request = v1::HeartbeatRequest {
-            facts: Some(reporter.facts()),
-            disks: disk_reports(reporter),
-            signing_off: false,
-        };
+        let request = heartbeat_request(reporter, false);
         let result = send_one(&identity, &mut connection, request).await;
         let connected = match result {
             Ok(response) => {
@@ -361,11 +366,7 @@ async fn sign_off(
     connection: &mut Option<(String, Channel)>,
     reporter: &impl Reporter,
 ) {
-    let request = v1::HeartbeatRequest {
-        facts: Some(reporter.facts()),
-        disks: disk_reports(reporter),
-        signing_off: true,
-    };
+    let request = heartbeat_request(reporter, true);
     match tokio::time::timeout(SIGN_OFF_TIMEOUT, send_one(identity, connection, request)).await {
         Ok(Ok(_)) => tracing::info!("signed off at the configuration server"),
         Ok(Err(status)) => tracing::debug!("cannot sign off: {}", status.message()),

@@ -103,15 +103,16 @@ pub async fn reconcile(node: &Node, judge_liveness: bool) -> anyhow::Result<()> 
             {
                 continue;
             }
-            let (last, _, connected) = node.live_view(&r);
-            if !connected {
+            let live = node.live(&r);
+            let last = live.seen.last_ms;
+            if !live.connected {
                 let mut message = if last == 0 {
                     "has never sent a heartbeat".to_string()
                 } else {
                     // A time, not an age: the alert is raised once and keeps its message.
                     let at = std::time::UNIX_EPOCH + Duration::from_millis(last as u64);
                     let at = humantime::format_rfc3339_seconds(at);
-                    if node.liveness.signed_off(&r.id) {
+                    if live.seen.signed_off {
                         format!("stopped at {at} (signed off: a clean stop)")
                     } else {
                         format!("no heartbeat since {at}")

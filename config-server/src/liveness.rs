@@ -67,7 +67,10 @@ impl Liveness {
 
     /// Whether the component signed off and has not been heard from since.
     pub fn signed_off(&self, id: &str) -> bool {
-        self.get(id).is_some_and(|s| s.signed_off)
+        let Ok(map) = self.inner.lock() else {
+            return false;
+        };
+        map.get(id).is_some_and(|l| l.signed_off)
     }
 
     /// Updates to summarise into Raft now; marks them summarised.

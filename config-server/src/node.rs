@@ -2,7 +2,7 @@
 //! its identity, and the shared services' plumbing — writes (forwarded to the leader when this
 //! node is a follower), caller authorization against the registry, and cluster addresses.
 use crate::guard::{FailureLimiter, NonceStore};
-use crate::liveness::Liveness;
+use crate::liveness::{Liveness, Seen};
 use crate::progress::{self, Lag, Progress, Received, Stall};
 use crate::raft::state_machine::StateView;
 use crate::raft::{NodeId, Raft};
@@ -36,6 +36,12 @@ impl NodeSettings {
     pub fn report_overdue_ms(&self) -> i64 {
         self.heartbeat_interval_secs as i64 * 1500
     }
+}
+
+/// A registered identity's liveness as this node judges it (see [`Node::live`]).
+pub struct LiveView {
+    pub seen: Seen,
+    pub connected: bool,
 }
 
 pub struct Node {
@@ -229,24 +235,29 @@ impl Node {
         Ok(peer)
     }
 
-    /// (last heartbeat, facts, connected) of a registered identity: the live heartbeat this
-    /// node holds if it is newer than the summary in Raft.
+    /// (last heartbeat, facts, connected) of a registered identity: see [`Node::live`].
     pub fn live_view(&self, record: &IdentityRecord) -> (i64, Facts, bool) {
-        let (last_ms, facts, signed_off) = match self.liveness.get(&record.id) {
-            Some(seen) if seen.last_ms >= record.last_heartbeat_ms => {
-                (seen.last_ms, seen.facts, seen.signed_off)
-            }
-            _ => (
-                record.last_heartbeat_ms,
-                record.facts.clone(),
-                record.signed_off,
-            ),
+        let live = self.live(record);
+        (live.seen.last_ms, live.seen.facts, live.connected)
+    }
+
+    /// What is known of a registered identity's liveness: the live heartbeat this node holds
+    /// if it is newer than the summary in Raft, and whether that makes it connected (a
+    /// heartbeat within `disconnected_after_ms`, not its last: a sign-off).
+    pub fn live(&self, record: &IdentityRecord) -> LiveView {
+        let seen = match self.liveness.get(&record.id) {
+            Some(seen) if seen.last_ms >= record.last_heartbeat_ms => seen,
+            _ => Seen {
+                last_ms: record.last_heartbeat_ms,
+                facts: record.facts.clone(),
+                signed_off: record.signed_off,
+            },
         };
         let connected = record.revoked.is_none()
-            && last_ms > 0
-            && !signed_off
-            && now_ms() - last_ms <= self.settings.disconnected_after_ms;
-        (last_ms, facts, connected)
+            && seen.last_ms > 0
+            && !seen.signed_off
+            && now_ms() - seen.last_ms <= self.settings.disconnected_after_ms;
+        LiveView { seen, connected }
     }
 
     /// Proposes `command` and waits until it is committed and applied. On a follower the

@@ -230,7 +230,7 @@ fn protect_progress(
             .identity(&machine.agent_id)
             .ok()
             .flatten()
-            .is_some_and(|r| !node.live_view(&r).2);
+            .is_some_and(|r| !node.live(&r).connected);
     if let Some(step) = next.steps.get_mut(1) {
         step.progress_pct = pct;
         step.detail = format!("{} of {} MiB", done >> 20, total >> 20);
