@@ -40,6 +40,9 @@ pub struct DiskEntry {
     /// the new process uses, and the new batch would be dropped as a replay. Set and checked
     /// under the cache lock. `None` until the first resume (after a process-server start).
     pub stream_owner: Mutex<Option<SocketAddr>>,
+    /// The highest seq received and held in memory without the cache (initial-sync batches,
+    /// see `ingest`); 0 if none since the process started. Raised under the cache lock.
+    pub held_through: AtomicU64,
     /// Signalled after every append, to wake the forwarder.
     pub appended: Notify,
     pub applied: watch::Sender<Applied>,
@@ -82,6 +85,13 @@ impl DiskEntry {
     /// switch's drain report), read it under the lock instead.
     pub fn durable_seq(&self) -> u64 {
         self.cache_durable.load(Ordering::Acquire)
+    }
+
+    /// The highest seq received: durable in the cache, or held in memory until applied.
+    /// The next batch of the disk's stream follows it.
+    pub fn received_seq(&self) -> u64 {
+        self.durable_seq()
+            .max(self.held_through.load(Ordering::Acquire))
     }
 
     pub fn applied(&self) -> Applied {
@@ -221,6 +231,7 @@ impl Disks {
                     assignment: RwLock::new(assignment),
                     cache_bytes: cache.bytes_counter(),
                     cache_durable: cache.durable_counter(),
+                    held_through: AtomicU64::new(0),
                     cache: Mutex::new(cache),
                     stream_owner: Mutex::new(None),
                     appended: Notify::new(),

@@ -192,7 +192,8 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
             metrics::counter!("lifeboat_ps_forwarded_bytes_total").increment(bytes);
             sent = seq;
         }
-        let caught_up = pending.is_empty() && sent >= entry.durable_seq();
+        // Held batches (initial sync, not in the cache) count: they wait to be sent too.
+        let caught_up = pending.is_empty() && sent >= entry.received_seq();
         if caught_up && applied >= sent {
             entry.forward_ok();
         }
@@ -280,7 +281,10 @@ async fn release(entry: &Arc<DiskEntry>, applied: u64) -> anyhow::Result<()> {
         if cache.durable_seq() < applied {
             // The master target holds more than this cache ever did (the cache was lost or
             // the disk moved here): continue after what it has.
-            cache.skip_to(applied);
+            cache.skip_to(applied)?;
+        }
+        if let Ok(mut recent) = e.recent.lock() {
+            recent.release_held(applied);
         }
         let before = cache.bytes();
         cache.release_through(applied)?;

@@ -5,6 +5,7 @@
 //! written again; a gap, a bad checksum or a foreign disk ends the stream with an error and
 //! nothing from the bad batch on is stored.
 use crate::disks::{DiskEntry, Disks};
+use crate::held;
 use crate::quota::Admission;
 use lifeboat_common::batch;
 use lifeboat_common::blockhash;
@@ -14,7 +15,6 @@ use lifeboat_common::Role;
 use lifeboat_proto::v1::{self, ingest_server::Ingest, ChangeBatch, IngestAck};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,7 +63,8 @@ fn ack(disks: &Disks, entry: &DiskEntry, durable: u64) -> IngestAck {
     let (applied_seq, applied_write_unix_ms) = entry.applied();
     IngestAck {
         disk_id: entry.disk_id.clone(),
-        durable_seq: durable,
+        // Applied on the master target is durable too: held batches count once applied.
+        durable_seq: durable.max(applied_seq),
         applied_seq,
         applied_write_unix_ms,
         cache_fill_percent: disks.cache.quota.fill_percent(disks.cache_used()),
@@ -160,7 +161,7 @@ async fn store(
         let entry = owned_disk(disks, peer, &disk_id)?;
         let assignment = entry.assignment();
         let mut fresh = Vec::new();
-        let durable_now = durable_position(&entry).await?;
+        let durable_now = durable_position(&entry).await?.max(entry.received_seq());
         let mut expected = durable_now + 1;
         let mut error = None;
         for b in batches {
@@ -170,7 +171,7 @@ async fn store(
                 break;
             }
             if b.seq < expected {
-                continue; // replayed: already durable here
+                continue; // replayed: already durable (or held) here
             }
             if b.seq > expected {
                 error = Some(Status::failed_precondition(format!(
@@ -186,67 +187,32 @@ async fn store(
         // Store the good prefix even if a later batch was bad: it is acknowledged below only
         // if there is no error, and kept either way (the agent resumes after it).
         let compress = assignment.compression;
-        let mut durable = expected - 1;
+        let mut durable = entry.durable_seq();
         let mut rest = fresh;
         while !rest.is_empty() {
+            // Initial-sync batches are held in memory until applied, not cached (see `held`).
+            let sync_run = rest.iter().take_while(|b| held::holds(b)).count();
+            if sync_run > 0 {
+                held::hold(&entry, remote, rest.drain(..sync_run).collect()).await?;
+                continue;
+            }
+            let stream_run = rest.iter().take_while(|b| !held::holds(b)).count();
             // As much of the group as the quota admits, with one fsync for it.
-            let take = admitted(disks, &entry, &rest).await;
+            let take = admitted(disks, &entry, &rest[..stream_run]).await;
             let chunk: Vec<ChangeBatch> = rest.drain(..take).collect();
             let payload: u64 = chunk.iter().map(|b| batch::payload_bytes(b) as u64).sum();
             let entry2 = entry.clone();
-            let (now_durable, plain, stored) = tokio::task::spawn_blocking(move || {
+            let now_durable = tokio::task::spawn_blocking(move || {
                 let mut cache = entry2
                     .cache
                     .lock()
                     .map_err(|_| Status::internal("cache lock poisoned"))?;
-                // Under the lock, as `disk_reports` reads it: once a report says "draining"
-                // with its durable seq, no store adds to that seq (see `draining_refusal`).
-                if let Some(refusal) = draining_refusal(&entry2) {
-                    return Err(refusal);
-                }
-                let owner = *entry2
-                    .stream_owner
-                    .lock()
-                    .map_err(|_| Status::internal("stream owner lock poisoned"))?;
-                if owner.is_some() && owner != remote {
-                    return Err(Status::failed_precondition(format!(
-                        "disk {}: the agent resumed on another connection, which now owns the \
-                         disk's stream; resume",
-                        entry2.disk_id
-                    )));
-                }
-                // Checked again under the lock: another stream of the same disk (an agent
-                // that reconnected while this one waited for room) may have stored them.
-                let durable = cache.durable_seq();
-                let chunk: Vec<ChangeBatch> =
-                    chunk.into_iter().filter(|b| b.seq > durable).collect();
-                if chunk.first().is_some_and(|b| b.seq != durable + 1) {
-                    return Err(Status::failed_precondition(format!(
-                        "disk {}: batch {} arrived but {} is next",
-                        entry2.disk_id,
-                        chunk[0].seq,
-                        durable + 1
-                    )));
-                }
-                let (seq, plain, stored, cursors) = cache
-                    .append_tracked(&chunk, compress)
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                // Durable now: the forwarder may send them from memory.
-                if let Ok(mut recent) = entry2.recent.lock() {
-                    recent.push(chunk.into_iter().zip(cursors).collect());
-                }
-                Ok::<_, Status>((seq, plain, stored))
+                may_store(&entry2, remote)?;
+                held::store_after_held(&mut cache, &entry2, compress, chunk)
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
             durable = now_durable;
-            entry.plain_bytes.fetch_add(plain, Ordering::Relaxed);
-            entry.stored_bytes.fetch_add(stored, Ordering::Relaxed);
-            disks
-                .cache
-                .quota
-                .stored_total
-                .fetch_add(stored, Ordering::Relaxed);
             metrics::counter!("lifeboat_ps_ingest_bytes_total").increment(payload);
             entry.appended.notify_one();
         }
@@ -257,6 +223,28 @@ async fn store(
         acks.push(ack(disks, &entry, durable));
     }
     Ok(acks)
+}
+
+/// Whether a push stream from `remote` may store (or hold) batches of the disk now: not while
+/// the disk drains for a switch, and only on the connection that owns the disk's stream.
+/// Called under the cache lock, as `disk_reports` reads it: once a report says "draining"
+/// with its durable seq, no store adds to that seq (see `draining_refusal`).
+pub(crate) fn may_store(entry: &DiskEntry, remote: Option<SocketAddr>) -> Result<(), Status> {
+    if let Some(refusal) = draining_refusal(entry) {
+        return Err(refusal);
+    }
+    let owner = *entry
+        .stream_owner
+        .lock()
+        .map_err(|_| Status::internal("stream owner lock poisoned"))?;
+    if owner.is_some() && owner != remote {
+        return Err(Status::failed_precondition(format!(
+            "disk {}: the agent resumed on another connection, which now owns the disk's \
+             stream; resume",
+            entry.disk_id
+        )));
+    }
+    Ok(())
 }
 
 /// A disk whose machine moves to another process server (a switch) is drained: nothing more
@@ -327,8 +315,9 @@ impl Ingest for IngestService {
             // counted in the answer, and none stores after it (`DiskEntry::stream_owner`). A
             // position question needs no lock (it would wait out a store's fsync).
             let owned = entry.clone();
+            let compress = entry.assignment().compression;
             durable = tokio::task::spawn_blocking(move || -> Result<u64, Status> {
-                let cache = owned
+                let mut cache = owned
                     .cache
                     .lock()
                     .map_err(|_| Status::internal("cache lock poisoned"))?;
@@ -336,7 +325,10 @@ impl Ingest for IngestService {
                     .stream_owner
                     .lock()
                     .map_err(|_| Status::internal("stream owner lock poisoned"))? = remote;
-                Ok(cache.durable_seq())
+                // What the older stream left held may already be on its way to the master
+                // target: it is cached now, and the new stream numbers on after it (a
+                // restarted agent would otherwise reuse its seqs for other contents).
+                held::store_after_held(&mut cache, &owned, compress, Vec::new())
             })
             .await
             .map_err(|e| Status::internal(format!("resume: {e}")))??;

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod disks;
 mod forward;
+mod held;
 pub mod ingest;
 pub mod quota;
 pub mod recent;
@@ -141,7 +142,13 @@ impl Reporter for PsReporter<'_> {
                 let draining = d.assignment().draining;
                 // Nothing is said of a disk whose cache state is unknown (a poisoned lock):
                 // "durable 0" would let a switch believe it drained.
-                let (seq, bytes) = d.cache.lock().map(|c| (c.durable_seq(), c.bytes())).ok()?;
+                // Held batches count as here (see `held`): a drain is over once they are
+                // applied too. Read under the cache lock, which a hold takes.
+                let (seq, bytes) = d
+                    .cache
+                    .lock()
+                    .map(|c| (d.received_seq().max(c.durable_seq()), c.bytes()))
+                    .ok()?;
                 // Read after the seq, so durable == applied cannot be claimed too early.
                 let applied_seq = d.applied().0;
                 Some(v1::DiskReport {
@@ -174,6 +181,11 @@ fn describe_metrics() {
         "lifeboat_ps_cache_quota_bytes",
         metrics::Unit::Bytes,
         "Most bytes the disk cache may hold"
+    );
+    metrics::describe_counter!(
+        "lifeboat_ps_held_bytes_total",
+        metrics::Unit::Bytes,
+        "Initial-sync payload bytes passed to the master target without the cache"
     );
     metrics::describe_counter!(
         "lifeboat_ps_flow_control_delays_total",

@@ -12,6 +12,11 @@
 //! reached) shrinks to the floor; so the budget goes to the disks being synchronised, whose
 //! master targets trail by whole groups. `lifeboat_ps_cache_read_back_bytes_total` counts
 //! what forwarders read back from the file.
+//!
+//! Initial-sync batches are not in the cache file at all (see `ingest`): they are *held*
+//! here, outside the budget, until the master target has applied them. A held batch is never
+//! dropped for memory and is copied (not taken) when forwarded, so a forwarding session that
+//! fails sends it again from memory.
 use crate::cache::Cursor;
 use lifeboat_common::batch::payload_bytes;
 use lifeboat_proto::v1::ChangeBatch;
@@ -57,6 +62,9 @@ pub struct Recent {
     /// Each batch with the cache-file cursor just after it.
     batches: VecDeque<(ChangeBatch, Cursor)>,
     bytes: usize,
+    /// Initial-sync batches not in the cache file, in seq order, until applied.
+    held: VecDeque<ChangeBatch>,
+    held_bytes: usize,
 }
 
 impl Recent {
@@ -65,7 +73,39 @@ impl Recent {
             budget,
             batches: VecDeque::new(),
             bytes: 0,
+            held: VecDeque::new(),
+            held_bytes: 0,
         }
+    }
+
+    /// Holds initial-sync batches that are not written to the cache file (consecutive, after
+    /// everything held or stored), until [`Recent::release_held`] says they are applied.
+    pub fn hold(&mut self, batches: Vec<ChangeBatch>) {
+        for b in batches {
+            self.held_bytes += payload_bytes(&b);
+            self.held.push_back(b);
+        }
+    }
+
+    /// Drops the held batches the master target has applied (seq up to `applied`).
+    pub fn release_held(&mut self, applied: u64) {
+        while self.held.front().is_some_and(|b| b.seq <= applied) {
+            if let Some(b) = self.held.pop_front() {
+                self.held_bytes -= payload_bytes(&b);
+            }
+        }
+    }
+
+    /// Takes every held batch out, returning those after `seq` (the rest are applied): they
+    /// are being cached (see `held`).
+    pub fn take_held_after(&mut self, seq: u64) -> Vec<ChangeBatch> {
+        self.held_bytes = 0;
+        self.held.drain(..).filter(|b| b.seq > seq).collect()
+    }
+
+    /// Payload bytes held (not in the cache file) and not yet applied.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Adds batches just made durable (consecutive, after everything held), then drops the
@@ -89,6 +129,21 @@ impl Recent {
         sent: u64,
         max_bytes: usize,
     ) -> (Vec<ChangeBatch>, Option<Cursor>) {
+        if let Some(first) = self.held.front().map(|b| b.seq) {
+            if (first..first + self.held.len() as u64).contains(&(sent + 1)) {
+                // Copies: a held batch stays until applied (it is nowhere else to read from).
+                let mut out = Vec::new();
+                let mut size = 0;
+                for b in self.held.range((sent + 1 - first) as usize..) {
+                    if !out.is_empty() && size >= max_bytes {
+                        break;
+                    }
+                    size += payload_bytes(b);
+                    out.push(b.clone());
+                }
+                return (out, None);
+            }
+        }
         while self.batches.front().is_some_and(|b| b.0.seq <= sent) {
             self.pop_front();
         }
@@ -223,5 +278,32 @@ mod tests {
         drop(b);
         assert_eq!(budget.used(), 0, "a disk that leaves gives its share back");
         assert_eq!(a.bytes(), 0);
+    }
+
+    #[test]
+    fn held_batches_stay_until_applied_and_outside_the_budget() {
+        let budget = Budget::new(MIB);
+        let mut r = Recent::new(budget.clone());
+        r.push((1..=2).map(|s| batch(s, 10)).collect());
+        r.hold((3..=40).map(|s| batch(s, 4 * MIB).0).collect());
+        assert_eq!(r.held_bytes(), 38 * 4 * MIB, "never dropped for memory");
+        assert_eq!(budget.used(), 20, "nor counted in the shared budget");
+        let seqs = |v: Vec<ChangeBatch>| v.iter().map(|b| b.seq).collect::<Vec<_>>();
+        // Stored batches first, then the held ones, in order.
+        assert_eq!(seqs(r.take_after(0, usize::MAX).0), vec![1, 2]);
+        let (got, cursor) = r.take_after(2, 8 * MIB);
+        assert_eq!(seqs(got), vec![3, 4]);
+        assert!(cursor.is_none(), "held batches are not in the file");
+        // A forwarding session that failed after sending 3 to 10 starts over from memory.
+        assert_eq!(seqs(r.take_after(10, 4 * MIB).0), vec![11]);
+        assert_eq!(seqs(r.take_after(2, 4 * MIB).0), vec![3]);
+        r.release_held(39);
+        assert_eq!(r.held_bytes(), 4 * MIB);
+        assert_eq!(seqs(r.take_after(39, usize::MAX).0), vec![40]);
+        assert!(r.take_after(40, usize::MAX).0.is_empty());
+        r.hold((41..=43).map(|s| batch(s, 10).0).collect());
+        assert_eq!(seqs(r.take_held_after(41)), vec![42, 43]);
+        assert_eq!(r.held_bytes(), 0);
+        assert!(r.take_after(40, usize::MAX).0.is_empty());
     }
 }

@@ -358,6 +358,140 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     });
 }
 
+/// `b` as an initial-sync batch (the process server holds those in memory, not in its cache).
+fn as_sync(mut b: ChangeBatch) -> ChangeBatch {
+    b.kind = batch::KIND_SYNC.into();
+    batch::seal(&mut b);
+    b
+}
+
+/// Initial-sync batches skip the process server's cache: each is acknowledged only once the
+/// master target has applied it, a kill -9 of the process server loses nothing acknowledged,
+/// and held batches are cached when a workload write follows them or a new stream takes the
+/// disk over.
+#[test]
+fn initial_sync_batches_are_acknowledged_once_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cs, _) = CsNode::init(tmp.path().join("cs"));
+    let ctx = cs.context();
+    let img = tmp.path().join("web01.img");
+    sparse_disk(&img, DISK);
+    let disk = format!("disk0={}", img.display());
+    Component::register(
+        "mobility-agent",
+        "web01",
+        tmp.path(),
+        &cs,
+        &["--disk", &disk],
+    );
+    let mut ps = Component::register("process-server", "ps1", tmp.path(), &cs, &[]);
+    let mut mt = Component::register("master-target", "mt1", tmp.path(), &cs, &[]);
+    ps.start();
+    mt.start();
+    for args in [
+        &["policy", "create", "gold"][..],
+        &["protect", "web01", "--policy", "gold"],
+    ] {
+        let out = lifeboat(&ctx, args);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let status = lifeboat_json(&ctx, &["status", "--json"]);
+    let web = status["disks"][0]["disk_id"].as_str().unwrap().to_string();
+    wait_until("replica created", WAIT, || replica_path(&mt, &web).exists());
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let agent_dir = tmp.path().join("web01");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut model = vec![0u8; DISK as usize];
+    // 21 and 26 are workload writes made during the sync; the rest are the sync's reads.
+    let batches: Vec<ChangeBatch> = (1..=31)
+        .map(|s| make_batch(&mut rng, &web, s, &mut model))
+        .map(|b| match b.seq {
+            21 | 26 | 31 => b,
+            _ => as_sync(b),
+        })
+        .collect();
+    let held_total = || {
+        let m = http_get(&ps.metrics, "/metrics").unwrap_or_default();
+        m.lines()
+            .find_map(|l| l.strip_prefix("lifeboat_ps_held_bytes_total "))
+            .map_or(0.0, |v| v.parse::<f64>().unwrap())
+    };
+
+    runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        wait_until_async(|| async { c.clone().resume(take(&web, false)).await.is_ok() }).await;
+        // Every acknowledgement counts only what the master target has applied.
+        let mut acks = c
+            .push(tokio_stream::iter(batches[..10].to_vec()))
+            .await
+            .unwrap()
+            .into_inner();
+        while let Some(ack) = acks.message().await.unwrap() {
+            assert!(ack.durable_seq <= ack.applied_seq, "{ack:?}");
+        }
+    });
+    assert_replica_matches(&ps, &mt, &web, 10, &model_at(&batches[..10]), tmp.path());
+    assert!(held_total() > 0.0, "the sync's batches were not held");
+
+    // kill -9 of the process server while held batches flow: nothing acknowledged is lost.
+    let acked = runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        let stream = tokio_stream::iter(batches[10..20].to_vec());
+        let mut acks = c.push(stream).await.unwrap().into_inner();
+        acks.message().await.unwrap().unwrap().durable_seq
+    });
+    ps.proc.as_mut().unwrap().kill9();
+    ps.start();
+    runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        wait_until_async(|| async { c.clone().resume(take(&web, false)).await.is_ok() }).await;
+        let (durable_after, applied) = durable(&mut c, &web).await;
+        assert!(
+            durable_after >= acked,
+            "acknowledged {acked} lost: {durable_after}"
+        );
+        assert_eq!(
+            durable_after, applied,
+            "held batches are never cached by themselves"
+        );
+        push(&mut c, batches[durable_after as usize..20].to_vec())
+            .await
+            .unwrap();
+    });
+    assert_replica_matches(&ps, &mt, &web, 20, &model_at(&batches[..20]), tmp.path());
+
+    runtime.block_on(async {
+        let mut c = client(&agent_dir, &ps.listen).await;
+        // A workload write after held batches: those not yet applied are cached with it, so
+        // the write is acknowledged at once, durable in the cache.
+        let ack = push(&mut c, batches[20..26].to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ack.durable_seq, 26);
+        // A new stream takes the disk over while batches are held: they are cached, and the
+        // new stream numbers on after them.
+        push(&mut c, batches[26..30].to_vec()).await.unwrap();
+        let mut new = client(&agent_dir, &ps.listen).await;
+        let resumed = new.resume(take(&web, true)).await.unwrap().into_inner();
+        assert_eq!(resumed.durable_seq, 30);
+        let ack = push(&mut new, batches[30..].to_vec())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ack.durable_seq, 31);
+    });
+    assert_replica_matches(&ps, &mt, &web, 31, &model, tmp.path());
+}
+
+fn take(disk: &str, take_stream: bool) -> ResumeRequest {
+    ResumeRequest {
+        disk_id: disk.into(),
+        take_stream,
+    }
+}
+
 /// The disk content after applying `batches` to zeros.
 fn model_at(batches: &[ChangeBatch]) -> Vec<u8> {
     let mut model = vec![0u8; DISK as usize];

@@ -176,10 +176,21 @@ impl DiskCache {
         self.durable.clone()
     }
 
-    /// Raises the durable position without data: used when the master target already holds
-    /// batches this cache never saw (after a cache loss or a switch of process server).
-    pub fn skip_to(&mut self, seq: u64) {
+    /// Raises the durable position without data, to `seq`, which the master target already
+    /// holds: batches this cache never saw (after a cache loss, a switch of process server,
+    /// or initial-sync batches passed through without the cache). Everything cached is older,
+    /// so applied too: it is released, and the next batch starts a segment of its own. (A
+    /// segment that went on after a gap would read back as damaged: a reopened cache takes a
+    /// gap in its seqs for a lost segment.)
+    pub fn skip_to(&mut self, seq: u64) -> Result<(), CacheError> {
+        let durable = self.durable_seq();
+        if seq <= durable {
+            return Ok(());
+        }
+        self.close_writer()?;
+        self.release_through(durable)?;
         self.durable.fetch_max(seq, Ordering::AcqRel);
+        Ok(())
     }
 
     pub fn bytes(&self) -> u64 {

@@ -382,3 +382,26 @@ fn a_reused_segment_closed_when_full_ends_where_its_records_do_in(direct: bool) 
     assert_eq!(c.durable_seq(), 77);
     assert!(c.read_after(12, usize::MAX).unwrap() == second);
 }
+
+#[test]
+fn a_skip_past_what_the_master_target_holds_reads_back_after_reopen() {
+    both_ways(a_skip_past_what_the_master_target_holds_reads_back_after_reopen_in);
+}
+
+/// Batches 4 to 9 went to the master target without the cache (an initial sync): the cache
+/// skips them, and what follows is not taken for a damaged file when it is opened again.
+fn a_skip_past_what_the_master_target_holds_reads_back_after_reopen_in(direct: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = open(dir.path(), direct).unwrap();
+    let before: Vec<_> = (1..=3).map(|s| batch(s, s as u8, 1000)).collect();
+    c.append(&before, false).unwrap();
+    c.skip_to(9).unwrap();
+    c.skip_to(5).unwrap(); // never back
+    assert_eq!(c.durable_seq(), 9);
+    let after: Vec<_> = (10..=12).map(|s| batch(s, s as u8, 1000)).collect();
+    assert_eq!(c.append(&after, false).unwrap().0, 12);
+    drop(c);
+    let c = open(dir.path(), direct).unwrap();
+    assert_eq!(c.durable_seq(), 12);
+    assert_eq!(c.read_after(9, usize::MAX).unwrap(), after);
+}
