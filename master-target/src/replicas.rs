@@ -15,6 +15,12 @@ pub struct ReplicaEntry {
     pub disk_id: String,
     pub assignment: RwLock<DiskAssignment>,
     pub replica: Mutex<Replica>,
+    /// The connection of the latest `Replica.Status` with `take_stream`: only apply streams on
+    /// it may apply. A process server that restarted learns the applied seq and the agent
+    /// numbers on from there with new contents, while batches read ahead from its dead
+    /// connection may still be waiting here: applied after that answer, they would take those
+    /// seqs. Set and checked under the replica lock. `None` until the first such call.
+    pub stream_owner: Mutex<Option<std::net::SocketAddr>>,
 }
 
 impl ReplicaEntry {
@@ -116,6 +122,7 @@ impl Replicas {
                             disk_id: id,
                             assignment: RwLock::new(assignment),
                             replica: Mutex::new(replica),
+                            stream_owner: Mutex::new(None),
                         });
                         self.exports.export_all(&entry);
                         Some(entry)

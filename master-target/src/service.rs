@@ -63,9 +63,11 @@ fn replicated_through(entry: &ReplicaEntry, process_server: &str) -> Result<(), 
 }
 
 /// Checks and applies a group of one disk's batches; returns the ack.
+/// `remote`: the stream's connection (see [`ReplicaEntry::stream_owner`]).
 async fn apply_group(
     entry: Arc<ReplicaEntry>,
     peer: &Peer,
+    remote: Option<std::net::SocketAddr>,
     batches: Vec<ChangeBatch>,
     replicas_dir: std::path::PathBuf,
 ) -> Result<ApplyAck, Status> {
@@ -80,6 +82,16 @@ async fn apply_group(
         // since (a switch), whose `Status` reads the applied seq under this lock. Either this
         // group is applied before that read, or it is refused.
         replicated_through(&entry, &sender)?;
+        let owner = *entry
+            .stream_owner
+            .lock()
+            .map_err(|_| Status::internal("stream owner lock poisoned"))?;
+        if owner.is_some() && owner != remote {
+            return Err(Status::failed_precondition(format!(
+                "disk {}: a newer stream of the process server owns the disk; resume",
+                entry.disk_id
+            )));
+        }
         let mut expected = replica.state().applied_seq + 1;
         let mut fresh = Vec::new();
         let mut error = None;
@@ -152,11 +164,20 @@ impl ReplicaRpc for ReplicaService {
         request: Request<v1::ResumeRequest>,
     ) -> Result<Response<v1::ReplicaStatus>, Status> {
         let peer = self.authorize(&request)?;
+        let remote = lifeboat_common::peer::remote_addr(&request);
         let entry = owned(&self.replicas, &peer, &request.get_ref().disk_id)?;
         let replica = entry
             .replica
             .lock()
             .map_err(|_| Status::internal("replica lock poisoned"))?;
+        if request.get_ref().take_stream {
+            // Under the replica lock: a group of an older stream being applied now is in the
+            // answer, and none applies after it.
+            *entry
+                .stream_owner
+                .lock()
+                .map_err(|_| Status::internal("stream owner lock poisoned"))? = remote;
+        }
         let state = replica.state();
         Ok(Response::new(v1::ReplicaStatus {
             disk_id: state.disk_id.clone(),
@@ -201,6 +222,7 @@ impl ReplicaRpc for ReplicaService {
         request: Request<Streaming<ChangeBatch>>,
     ) -> Result<Response<Self::ApplyStream>, Status> {
         let peer = self.authorize(&request)?;
+        let remote = lifeboat_common::peer::remote_addr(&request);
         let mut groups = Groups::of_call(request);
         let replicas = self.replicas.clone();
         let (tx, rx) = mpsc::channel(64);
@@ -209,7 +231,9 @@ impl ReplicaRpc for ReplicaService {
             while let Some(group) = groups.next(GROUP_BYTES).await {
                 let disk_id = group.first().map(|b| b.disk_id.clone()).unwrap_or_default();
                 let result = match owned(&replicas, &peer, &disk_id) {
-                    Ok(entry) => apply_group(entry, &peer, group, replicas.dir.clone()).await,
+                    Ok(entry) => {
+                        apply_group(entry, &peer, remote, group, replicas.dir.clone()).await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(status) = &result {

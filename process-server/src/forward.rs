@@ -109,7 +109,9 @@ async fn session(identity: &Identity, entry: &Arc<DiskEntry>) -> anyhow::Result<
     let status = client
         .status(ResumeRequest {
             disk_id: entry.disk_id.clone(),
-            take_stream: false,
+            // The apply stream below goes on this connection: what the master target still
+            // reads from an older one (this process before a restart) is refused from now on.
+            take_stream: true,
         })
         .await?
         .into_inner();

@@ -1,5 +1,6 @@
-//! Initial-sync batches: forwarded from memory and acknowledged once the master target has
-//! applied them, never written to the cache.
+//! Initial-sync batches (and any batch of data the agent read from its disk: resyncs, scans):
+//! forwarded from memory and acknowledged once the master target has applied them, not
+//! written to the cache.
 //!
 //! Every other batch is acknowledged once durable in the cache, which lets the agent forget it
 //! while the master target is slow or away. An initial sync gains nothing from that (it is
@@ -35,7 +36,8 @@ pub const HELD_MAX: usize = 128 * 1024 * 1024;
 /// retry (the master target is unreachable, or far behind).
 const HELD_WAIT: Duration = Duration::from_secs(30);
 
-/// Whether `b` is held rather than cached: a batch of initial-sync reads only.
+/// Whether `b` is held rather than cached: a batch of data the agent read from its disk
+/// (initial sync, resync, scans; tags may ride along), never of captured workload writes.
 pub fn holds(b: &ChangeBatch) -> bool {
     b.kind == KIND_SYNC
 }
@@ -104,6 +106,8 @@ pub fn store_after_held(
 ) -> Result<u64, Status> {
     let held_through = entry.held_through.load(Ordering::Acquire);
     let received = cache.durable_seq().max(held_through);
+    // Copies: the held batches stay held until the append below is durable (a failed write
+    // must leave them where the forwarder and the next store find them).
     let mut chunk = Vec::new();
     if cache.durable_seq() < held_through {
         // Applied ones need no cache: the position moves past them.
@@ -113,12 +117,13 @@ pub fn store_after_held(
                 .skip_to(applied)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
         }
-        let mut recent = entry
+        let recent = entry
             .recent
             .lock()
             .map_err(|_| Status::internal("held batches lock poisoned"))?;
-        chunk = recent.take_held_after(cache.durable_seq());
+        chunk = recent.held_after(cache.durable_seq());
     }
+    let caching_held = !chunk.is_empty();
     chunk.extend(batches.into_iter().filter(|b| b.seq > received));
     let durable = cache.durable_seq();
     if chunk.first().is_some_and(|b| b.seq != durable + 1) {
@@ -141,8 +146,11 @@ pub fn store_after_held(
         .quota
         .stored_total
         .fetch_add(stored, Ordering::Relaxed);
-    // Durable now: the forwarder may send them from memory.
+    // Durable now: the forwarder may send them from memory, and none is held any more.
     if let Ok(mut recent) = entry.recent.lock() {
+        if caching_held {
+            recent.clear_held();
+        }
         recent.push(chunk.into_iter().zip(cursors).collect());
     }
     Ok(seq)

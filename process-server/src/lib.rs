@@ -185,7 +185,7 @@ fn describe_metrics() {
     metrics::describe_counter!(
         "lifeboat_ps_held_bytes_total",
         metrics::Unit::Bytes,
-        "Initial-sync payload bytes passed to the master target without the cache"
+        "Payload bytes the agents read from their disks (sync, resync, scans) held for the master target instead of cached"
     );
     metrics::describe_counter!(
         "lifeboat_ps_flow_control_delays_total",

@@ -96,11 +96,15 @@ impl Recent {
         }
     }
 
-    /// Takes every held batch out, returning those after `seq` (the rest are applied): they
-    /// are being cached (see `held`).
-    pub fn take_held_after(&mut self, seq: u64) -> Vec<ChangeBatch> {
+    /// Copies of the held batches after `seq`: to be cached (see `held`).
+    pub fn held_after(&self, seq: u64) -> Vec<ChangeBatch> {
+        self.held.iter().filter(|b| b.seq > seq).cloned().collect()
+    }
+
+    /// Drops every held batch: they are cached now, or applied.
+    pub fn clear_held(&mut self) {
+        self.held.clear();
         self.held_bytes = 0;
-        self.held.drain(..).filter(|b| b.seq > seq).collect()
     }
 
     /// Payload bytes held (not in the cache file) and not yet applied.
@@ -302,7 +306,9 @@ mod tests {
         assert_eq!(seqs(r.take_after(39, usize::MAX).0), vec![40]);
         assert!(r.take_after(40, usize::MAX).0.is_empty());
         r.hold((41..=43).map(|s| batch(s, 10).0).collect());
-        assert_eq!(seqs(r.take_held_after(41)), vec![42, 43]);
+        assert_eq!(seqs(r.held_after(41)), vec![42, 43]);
+        assert_eq!(r.held_bytes(), 4 * MIB + 30, "copies: still held until cached");
+        r.clear_held();
         assert_eq!(r.held_bytes(), 0);
         assert!(r.take_after(40, usize::MAX).0.is_empty());
     }

@@ -483,6 +483,47 @@ fn initial_sync_batches_are_acknowledged_once_applied() {
         assert_eq!(ack.durable_seq, 31);
     });
     assert_replica_matches(&ps, &mt, &web, 31, &model, tmp.path());
+
+    // The master target fences apply streams as the process server fences agents' streams:
+    // once a newer connection of the process server asked with `take_stream` (a restart),
+    // what an older one still sends is refused, so it cannot take a seq the agent numbers on
+    // with after that answer.
+    let mut scratch = vec![0u8; DISK as usize];
+    let late = make_batch(&mut rng, &web, 32, &mut scratch);
+    runtime.block_on(async {
+        let identity = Identity::load(&ps.dir).unwrap();
+        let connect = || {
+            ReplicaClient::new(
+                tls::mtls_channel(&identity, &mt.listen, Role::MasterTarget).unwrap(),
+            )
+        };
+        let (mut old, mut new) = (connect(), connect());
+        old.status(take(&web, true)).await.unwrap();
+        assert_eq!(
+            new.status(take(&web, true))
+                .await
+                .unwrap()
+                .into_inner()
+                .applied_seq,
+            31
+        );
+        let refused = async {
+            let mut acks = old
+                .apply(tokio_stream::iter(vec![late.clone()]))
+                .await?
+                .into_inner();
+            while acks.message().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        };
+        let err = refused.await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        let mut acks = new
+            .apply(tokio_stream::iter(vec![late]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(acks.message().await.unwrap().unwrap().applied_seq, 32);
+    });
 }
 
 fn take(disk: &str, take_stream: bool) -> ResumeRequest {
