@@ -307,7 +307,11 @@ mod tests {
         assert!(r.take_after(40, usize::MAX).0.is_empty());
         r.hold((41..=43).map(|s| batch(s, 10).0).collect());
         assert_eq!(seqs(r.held_after(41)), vec![42, 43]);
-        assert_eq!(r.held_bytes(), 4 * MIB + 30, "copies: still held until cached");
+        assert_eq!(
+            r.held_bytes(),
+            4 * MIB + 30,
+            "copies: still held until cached"
+        );
         r.clear_held();
         assert_eq!(r.held_bytes(), 0);
         assert!(r.take_after(40, usize::MAX).0.is_empty());
