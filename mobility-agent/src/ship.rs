@@ -22,8 +22,22 @@ use tonic::transport::Channel;
 /// Largest batch the agent builds (payload bytes) and most extents in it.
 const BATCH_BYTES: u64 = 4 * 1024 * 1024;
 const BATCH_EXTENTS: usize = 1024;
-/// Payload bytes sent but not yet durable at the process server before the agent waits.
+/// Payload bytes sent but not yet acknowledged before the agent waits.
 const WINDOW_BYTES: u64 = 64 * 1024 * 1024;
+/// The same during an initial sync or a resync: batches of data read from the disk are
+/// acknowledged only once the master target has applied them (the process server does not
+/// cache them), so the window spans that whole trip; 64 MiB left the initial-sync benchmark
+/// 5-8% slower. Streaming keeps the smaller window: unacknowledged batches are memory on top
+/// of the capture queue, which a burst of workload writes should overflow into the dirty map.
+const SYNC_WINDOW_BYTES: u64 = 128 * 1024 * 1024;
+
+/// The window for the disk's phase.
+fn window(phase: &Phase) -> u64 {
+    match phase {
+        Phase::InitialSync | Phase::Resyncing => SYNC_WINDOW_BYTES,
+        _ => WINDOW_BYTES,
+    }
+}
 
 /// The shipper's stream ended because the disk's batches go elsewhere now (or nowhere while
 /// its process server drains for a switch).
@@ -305,7 +319,7 @@ async fn session(
             .progress
             .lock()
             .map(|p| {
-                p.unacked.iter().map(batch::payload_bytes).sum::<usize>() as u64 >= WINDOW_BYTES
+                p.unacked.iter().map(batch::payload_bytes).sum::<usize>() as u64 >= window(&p.phase)
             })
             .unwrap_or(true);
         tokio::select! {
@@ -355,7 +369,7 @@ async fn send_ready(agent: &Arc<DiskAgent>, tx: &mpsc::Sender<ChangeBatch>) -> a
                 .iter()
                 .map(|b| batch::payload_bytes(b) as u64)
                 .sum();
-            if unacked >= WINDOW_BYTES {
+            if unacked >= window(&p.phase) {
                 return Ok(());
             }
             let items = agent.capture.take(BATCH_BYTES, BATCH_EXTENTS);

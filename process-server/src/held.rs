@@ -30,8 +30,8 @@ use std::time::Duration;
 use tonic::Status;
 
 /// Most payload bytes of one disk held and not yet applied; past it the stream waits for the
-/// master target. (The agent keeps at most 64 MiB unacknowledged, so it never waits here.)
-pub const HELD_MAX: usize = 128 * 1024 * 1024;
+/// master target. (The agent keeps at most 128 MiB unacknowledged, so it never waits here.)
+pub const HELD_MAX: usize = 256 * 1024 * 1024;
 /// How long a stream waits for the master target to apply held batches before it is told to
 /// retry (the master target is unreachable, or far behind).
 const HELD_WAIT: Duration = Duration::from_secs(30);
