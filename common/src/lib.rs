@@ -25,6 +25,7 @@ pub mod role;
 pub mod serve;
 pub mod service_args;
 pub mod shutdown;
+pub mod stream_owner;
 pub mod telemetry;
 pub mod tls;
 pub mod tls_connect;

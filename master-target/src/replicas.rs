@@ -15,12 +15,10 @@ pub struct ReplicaEntry {
     pub disk_id: String,
     pub assignment: RwLock<DiskAssignment>,
     pub replica: Mutex<Replica>,
-    /// The connection of the latest `Replica.Status` with `take_stream`: only apply streams on
-    /// it may apply. A process server that restarted learns the applied seq and the agent
-    /// numbers on from there with new contents, while batches read ahead from its dead
-    /// connection may still be waiting here: applied after that answer, they would take those
-    /// seqs. Set and checked under the replica lock. `None` until the first such call.
-    pub stream_owner: Mutex<Option<std::net::SocketAddr>>,
+    /// The connection of the latest `Replica.Status` with `take_stream`: only apply streams
+    /// on it may apply (see `lifeboat_common::stream_owner`). Taken and checked under the
+    /// replica lock.
+    pub stream_owner: lifeboat_common::stream_owner::StreamOwner,
 }
 
 impl ReplicaEntry {
@@ -122,7 +120,7 @@ impl Replicas {
                             disk_id: id,
                             assignment: RwLock::new(assignment),
                             replica: Mutex::new(replica),
-                            stream_owner: Mutex::new(None),
+                            stream_owner: Default::default(),
                         });
                         self.exports.export_all(&entry);
                         Some(entry)

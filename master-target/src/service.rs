@@ -82,16 +82,12 @@ async fn apply_group(
         // since (a switch), whose `Status` reads the applied seq under this lock. Either this
         // group is applied before that read, or it is refused.
         replicated_through(&entry, &sender)?;
-        let owner = *entry
-            .stream_owner
-            .lock()
-            .map_err(|_| Status::internal("stream owner lock poisoned"))?;
-        if owner.is_some() && owner != remote {
-            return Err(Status::failed_precondition(format!(
+        entry.stream_owner.check(remote, || {
+            format!(
                 "disk {}: a newer stream of the process server owns the disk; resume",
                 entry.disk_id
-            )));
-        }
+            )
+        })?;
         let mut expected = replica.state().applied_seq + 1;
         let mut fresh = Vec::new();
         let mut error = None;
@@ -173,10 +169,7 @@ impl ReplicaRpc for ReplicaService {
         if request.get_ref().take_stream {
             // Under the replica lock: a group of an older stream being applied now is in the
             // answer, and none applies after it.
-            *entry
-                .stream_owner
-                .lock()
-                .map_err(|_| Status::internal("stream owner lock poisoned"))? = remote;
+            entry.stream_owner.take(remote)?;
         }
         let state = replica.state();
         Ok(Response::new(v1::ReplicaStatus {

@@ -12,7 +12,6 @@ use lifeboat_common::component::RevocationList;
 use lifeboat_common::Identity;
 use lifeboat_proto::v1::replica_client::ReplicaClient;
 use lifeboat_proto::v1::DiskAssignment;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,7 +38,7 @@ pub struct DiskEntry {
     /// stream stored after that resume (read late from a dead connection) would take a seq
     /// the new process uses, and the new batch would be dropped as a replay. Set and checked
     /// under the cache lock. `None` until the first resume (after a process-server start).
-    pub stream_owner: Mutex<Option<SocketAddr>>,
+    pub stream_owner: lifeboat_common::stream_owner::StreamOwner,
     /// The highest seq received and held in memory without the cache (initial-sync batches,
     /// see `ingest`); 0 if none since the process started. Raised under the cache lock.
     pub held_through: AtomicU64,
@@ -233,7 +232,7 @@ impl Disks {
                     cache_durable: cache.durable_counter(),
                     held_through: AtomicU64::new(0),
                     cache: Mutex::new(cache),
-                    stream_owner: Mutex::new(None),
+                    stream_owner: Default::default(),
                     appended: Notify::new(),
                     applied,
                     plain_bytes: AtomicU64::new(0),

@@ -233,18 +233,13 @@ pub(crate) fn may_store(entry: &DiskEntry, remote: Option<SocketAddr>) -> Result
     if let Some(refusal) = draining_refusal(entry) {
         return Err(refusal);
     }
-    let owner = *entry
-        .stream_owner
-        .lock()
-        .map_err(|_| Status::internal("stream owner lock poisoned"))?;
-    if owner.is_some() && owner != remote {
-        return Err(Status::failed_precondition(format!(
+    entry.stream_owner.check(remote, || {
+        format!(
             "disk {}: the agent resumed on another connection, which now owns the disk's \
              stream; resume",
             entry.disk_id
-        )));
-    }
-    Ok(())
+        )
+    })
 }
 
 /// A disk whose machine moves to another process server (a switch) is drained: nothing more
@@ -321,10 +316,7 @@ impl Ingest for IngestService {
                     .cache
                     .lock()
                     .map_err(|_| Status::internal("cache lock poisoned"))?;
-                *owned
-                    .stream_owner
-                    .lock()
-                    .map_err(|_| Status::internal("stream owner lock poisoned"))? = remote;
+                owned.stream_owner.take(remote)?;
                 // What the older stream left held may already be on its way to the master
                 // target: it is cached now, and the new stream numbers on after it (a
                 // restarted agent would otherwise reuse its seqs for other contents).

@@ -77,14 +77,7 @@ async fn push(
 }
 
 async fn durable(client: &mut IngestClient<Channel>, disk: &str) -> (u64, u64) {
-    let r = client
-        .resume(ResumeRequest {
-            disk_id: disk.into(),
-            take_stream: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = client.resume(take(disk, false)).await.unwrap().into_inner();
     (r.durable_seq, r.applied_seq)
 }
 
@@ -102,10 +95,7 @@ fn applied_on_mt(ps: &Component, mt: &Component, disk: &str) -> Option<u64> {
         .unwrap();
     runtime.block_on(async {
         let channel = tls::mtls_channel(&identity, &mt.listen, Role::MasterTarget).ok()?;
-        let request = ResumeRequest {
-            disk_id: disk.into(),
-            take_stream: false,
-        };
+        let request = take(disk, false);
         let status = ReplicaClient::new(channel).status(request).await.ok()?;
         Some(status.into_inner().applied_seq)
     })
@@ -197,16 +187,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     runtime.block_on(async {
         // Wait for the process server to learn of the disk.
         let mut c = client(&agent_dir, &ps.listen).await;
-        wait_until_async(|| async {
-            c.clone()
-                .resume(ResumeRequest {
-                    disk_id: web.clone(),
-                    take_stream: false,
-                })
-                .await
-                .is_ok()
-        })
-        .await;
+        wait_until_async(|| async { c.clone().resume(take(&web, false)).await.is_ok() }).await;
         let ack = push(&mut c, batches[..20].to_vec()).await.unwrap().unwrap();
         assert_eq!(ack.durable_seq, 20);
 
@@ -253,16 +234,7 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     ps.start();
     runtime.block_on(async {
         let mut c = client(&agent_dir, &ps.listen).await;
-        wait_until_async(|| async {
-            c.clone()
-                .resume(ResumeRequest {
-                    disk_id: web.clone(),
-                    take_stream: false,
-                })
-                .await
-                .is_ok()
-        })
-        .await;
+        wait_until_async(|| async { c.clone().resume(take(&web, false)).await.is_ok() }).await;
         let (durable_after, _) = durable(&mut c, &web).await;
         assert!(
             durable_after >= acked,
@@ -336,14 +308,14 @@ fn batches_reach_the_replica_exactly_once_through_crashes_and_bad_input() {
     let mut scratch = vec![0u8; DISK as usize];
     let late = make_batch(&mut rng, &web, 46, &mut scratch);
     runtime.block_on(async {
-        let take = ResumeRequest {
-            disk_id: web.clone(),
-            take_stream: true,
-        };
+        let claim = take(&web, true);
         let mut old = client(&agent_dir, &ps.listen).await;
-        old.resume(take.clone()).await.unwrap();
+        old.resume(claim.clone()).await.unwrap();
         let mut new = client(&agent_dir, &ps.listen).await;
-        assert_eq!(new.resume(take).await.unwrap().into_inner().durable_seq, 45);
+        assert_eq!(
+            new.resume(claim).await.unwrap().into_inner().durable_seq,
+            45
+        );
         let err = push(&mut old, vec![late.clone()]).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
         assert_eq!(durable(&mut new, &web).await.0, 45);
